@@ -1,0 +1,155 @@
+"""ModelAdapter: one decoder model seen layer by layer, so the blend can compute chosen tokens only.
+
+Tensors are unbatched and token-major: hidden states [T, hidden], q [T, H_q, D], k/v [T, H_kv, D].
+Attention takes the layer's whole key/value buffer in transformers' layout [1, H_kv, N, D] plus the
+query tokens' positions, so selected tokens attend over cached and fresh keys alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC
+
+import torch
+import torch.nn.functional as F
+
+from .rope import check_rope, inv_freq, rotate_half
+
+_RECIPE = "ragkv-precompute-v1"
+
+
+class ModelAdapter(ABC):
+    """Base adapter for transformers decoders with the Llama layer structure."""
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model, tokenizer=None, sink_ids: tuple[int, ...] | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        check_rope(cfg)
+        self.config = cfg
+        self.layers = model.model.layers
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.inv_freq = inv_freq(model)  # [D/2] fp32
+        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        limits = [x for x in (window, getattr(cfg, "max_position_embeddings", None)) if x]
+        self.max_context: int | None = min(limits) if limits else None  # longest prompt we handle exactly
+        if sink_ids is None:
+            bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+            bos = bos if bos is not None else getattr(cfg, "bos_token_id", None)
+            sink_ids = (int(bos),) if bos is not None else ()
+        self.sink_ids = tuple(sink_ids)
+        self.fingerprint = self._fingerprint()
+        self.tokenizer_fingerprint = _tokenizer_fingerprint(tokenizer)
+
+    # -- device -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    # -- per-layer pieces -----------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T] -> hidden states [T, hidden]."""
+        return self.model.model.embed_tokens(ids.to(self.device))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D] for `positions` [T], exactly as the model's own forward computes them."""
+        pos = positions.to(self.device)[None]  # [1, T]
+        cos, sin = self.model.model.rotary_emb(self.model.model.embed_tokens.weight[:1], pos)
+        return cos[0], sin[0]
+
+    def qkv(
+        self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s q [T, H_q, D], k, v [T, H_kv, D] for hidden states h [T, hidden]; q, k rotated."""
+        block = self.layers[layer]
+        attn = block.self_attn
+        x = block.input_layernorm(h)
+        t = x.shape[0]
+        q = attn.q_proj(x).view(t, -1, self.head_dim)  # [T, H_q, D]
+        k = attn.k_proj(x).view(t, -1, self.head_dim)  # [T, H_kv, D]
+        v = attn.v_proj(x).view(t, -1, self.head_dim)  # [T, H_kv, D]
+        q, k = self.norm_qk(attn, q, k)
+        c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, D]
+        return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s, v
+
+    def norm_qk(self, attn, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook for per-head q/k norms (Qwen3); identity for the Llama family."""
+        return q, k
+
+    def attend(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention of q [T, H_q, D] over keys/values [1, H_kv, N, D], then MLP: new h [T, hidden].
+
+        `mask` [T, N] bool (True = may attend); None means plain causal with T == N.
+        """
+        block = self.layers[layer]
+        qh = q.transpose(0, 1)[None]  # [1, H_q, T, D]
+        o = F.scaled_dot_product_attention(
+            qh, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
+        )  # [1, H_q, T, D]
+        o = o[0].transpose(0, 1).reshape(h.shape[0], -1)  # [T, H_q * D]
+        h = h + block.self_attn.o_proj(o)
+        return h + block.mlp(block.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] after the last layer -> logits [T, vocab] (fp32)."""
+        return self.model.lm_head(self.model.model.norm(h)).float()
+
+    # -- whole passes ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_kv(
+        self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every layer's K/V of `ids` [T]: [2, L, T, H_kv, D]. `segments` [T] gives a block-diagonal mask."""
+        t = ids.shape[0]
+        mask = None
+        if segments is not None:
+            seg = segments.to(self.device)
+            idx = torch.arange(t, device=self.device)
+            mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # [T, T]
+        kv = torch.empty(2, self.num_layers, t, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        h = self.embed(ids)  # [T, hidden]
+        cos, sin = self.rope(positions)
+        for layer in range(self.num_layers):
+            q, k, v = self.qkv(layer, h, cos, sin)
+            kv[0, layer], kv[1, layer] = k, v
+            h = self.attend(layer, h, q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask)
+        return kv
+
+    # -- identity -------------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        """Changes with the architecture, the weights, the sink context and the precompute recipe."""
+        h = hashlib.sha256(_RECIPE.encode())
+        h.update(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
+        h.update(repr(self.sink_ids).encode())
+        m = self.model.model
+        for t in (m.embed_tokens.weight[:8], m.norm.weight, self.layers[0].self_attn.q_proj.weight[:4],
+                  self.layers[-1].mlp.down_proj.weight[:4]):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:32]
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    if tokenizer is None:
+        return "no-tokenizer"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -1,0 +1,63 @@
+"""ChunkKey: the stable, position-independent identity of a cached chunk.
+
+A key is a SHA-256 over (model fingerprint, tokenizer fingerprint, token ids) plus a namespace (the
+tenant). It never uses Python's `hash()`, which changes per process, so keys survive restarts and
+are shared between machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+_KEY_VERSION = b"ragkv-chunk-v1"
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, order=True)
+class ChunkKey:
+    """Identity of one chunk's KV: `namespace/digest`."""
+
+    namespace: str
+    digest: str
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE_RE.match(self.namespace):
+            raise ValueError(
+                f"invalid namespace {self.namespace!r}: use 1-64 characters from A-Z a-z 0-9 _ . -"
+            )
+        if not _DIGEST_RE.match(self.digest):
+            raise ValueError(f"invalid digest {self.digest!r}: expected 64 lowercase hex characters")
+
+    @classmethod
+    def of(
+        cls,
+        model_fingerprint: str,
+        tokenizer_fingerprint: str,
+        token_ids: Sequence[int],
+        namespace: str = "default",
+    ) -> ChunkKey:
+        """Key of `token_ids` as computed by the model and tokenizer with these fingerprints."""
+        if len(token_ids) == 0:
+            raise ValueError("a chunk needs at least one token")
+        h = hashlib.sha256(_KEY_VERSION)
+        for part in (model_fingerprint, tokenizer_fingerprint):
+            h.update(b"\0" + part.encode())
+        h.update(b"\0" + np.asarray(token_ids, dtype=np.int64).tobytes())
+        return cls(namespace=namespace, digest=h.hexdigest())
+
+    @classmethod
+    def parse(cls, text: str) -> ChunkKey:
+        """Inverse of `str(key)`: `"namespace/digest"`."""
+        namespace, sep, digest = text.partition("/")
+        if not sep:
+            raise ValueError(f"invalid chunk key {text!r}: expected 'namespace/<64 hex digits>'")
+        return cls(namespace=namespace, digest=digest)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.digest}"

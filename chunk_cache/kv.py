@@ -1,0 +1,87 @@
+"""ChunkKV: the one KV layout of a cached chunk, and the `LayeredKV` protocol readers accept.
+
+`kv[2, num_layers, num_tokens, num_kv_heads, head_dim]` (K then V, keys already RoPE-rotated at
+positions `pos0 .. pos0 + num_tokens - 1`). Token-major, so slicing and concatenation are on dim 2.
+Anything with `pos0`, `num_tokens`, `num_layers` and `layer(l)` (e.g. a lazily decoded entry) can be
+fed to the blend loop in place of a ChunkKV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class LayeredKV(Protocol):
+    """A chunk's KV readable one layer at a time (what the blend loop consumes)."""
+
+    pos0: int
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def layer(self, index: int) -> torch.Tensor:
+        """KV of one layer: [2, num_tokens, num_kv_heads, head_dim]."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkKV:
+    """A chunk's KV for every layer, with the position its keys were rotated at."""
+
+    kv: torch.Tensor  # [2, L, T, H_kv, D]
+    pos0: int
+
+    def __post_init__(self) -> None:
+        if self.kv.ndim != 5 or self.kv.shape[0] != 2:
+            raise ValueError(
+                f"ChunkKV.kv must have shape [2, layers, tokens, kv_heads, head_dim], got {tuple(self.kv.shape)}"
+            )
+        if self.kv.shape[2] == 0:
+            raise ValueError("ChunkKV needs at least one token")
+        if self.pos0 < 0:
+            raise ValueError(f"pos0 must be >= 0, got {self.pos0}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.kv.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv.shape[3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv.shape[4]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def layer(self, index: int) -> torch.Tensor:
+        return self.kv[:, index]  # [2, T, H_kv, D]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ChunkKV:
+        return ChunkKV(self.kv.to(device=device, dtype=dtype), self.pos0)
+
+    def tokens(self, start: int, end: int) -> ChunkKV:
+        """Rows [start, end) of the chunk (keys keep their rotation: pos0 moves with them)."""
+        return ChunkKV(self.kv[:, :, start:end], self.pos0 + start)

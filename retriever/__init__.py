@@ -1,0 +1,1 @@
+"""Retrieval: token-aware chunking, embeddings, the faiss index and the document catalog."""

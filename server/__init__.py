@@ -1,0 +1,1 @@
+"""Composition root: configuration, the Engine facade, the REST app and the CLI."""

@@ -1,0 +1,1 @@
+"""The evaluation harness: datasets, quality metrics, the runner and its report."""

@@ -1,0 +1,29 @@
+"""Tiny random-init decoders of every supported family, for fast exact tests on CPU."""
+
+import torch
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "llama3")
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A random-init decoder of `family` (llama, qwen2, qwen3, or llama3 = llama with llama3-scaled RoPE)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+    elif family == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=rope))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    else:
+        raise ValueError(family)
+    model.config._attn_implementation = "eager"  # the reference path: plain transformers math
+    return model.float().eval()
