@@ -50,15 +50,13 @@ def blend(
 
     # 1. Which rows come from cache, and the rotation that moves each cached key to its target row.
     cached = torch.zeros(n, dtype=torch.bool)  # [N]
-    rows_list, deltas = [], []
+    deltas = []
     for start, kv in sources:
-        rows = torch.arange(start, start + kv.num_tokens)  # [T]
-        assert kv.num_tokens > 0 and rows[-1] < n, "cached source must lie inside the plan"
-        cached[rows] = True
-        rows_list.append(rows)
-        deltas.append(rows - (kv.pos0 + torch.arange(kv.num_tokens)))
-    cached_rows = torch.cat(rows_list).to(dev) if rows_list else torch.zeros(0, dtype=torch.long, device=dev)
-    num_cached = int(cached_rows.numel())
+        assert 0 <= start and start + kv.num_tokens <= n, "cached source must lie inside the plan"
+        cached[start : start + kv.num_tokens] = True
+        deltas.append(torch.full((kv.num_tokens,), start - kv.pos0))  # [T]
+    spans = [(start, kv.num_tokens) for start, kv in sources]  # target rows of each source, in loader order
+    num_cached = sum(count for _, count in spans)
     assert int(cached.sum()) == num_cached, "cached sources must not overlap"
     if num_cached:
         rot_cos, rot_sin = rotation(torch.cat(deltas), model.inv_freq)  # [Nc, D] each
@@ -83,8 +81,12 @@ def blend(
             t0 = time.perf_counter()
             rows = next(loader)  # [2, Nc, H, D]
             t1 = time.perf_counter()
-            k_buf[0][:, cached_rows] = rerotate(rows[0], rot_cos, rot_sin).to(dtype).transpose(0, 1)
-            v_buf[0][:, cached_rows] = rows[1].transpose(0, 1)
+            rotated = rerotate(rows[0], rot_cos, rot_sin)  # [Nc, H, D] fp32
+            offset = 0
+            for start, count in spans:
+                k_buf[0, :, start : start + count] = rotated[offset : offset + count].transpose(0, 1)
+                v_buf[0, :, start : start + count] = rows[1, offset : offset + count].transpose(0, 1)
+                offset += count
             seconds["rerotate"] += time.perf_counter() - t1
             seconds["load"] += t1 - t0
         t0 = time.perf_counter()
@@ -103,8 +105,8 @@ def blend(
         v_buf[0][:, active] = v.transpose(0, 1)
         recomputed += int(cached_dev[active].sum())
         # 7. Active queries attend over all keys, causally by position.
-        mask = None if active.numel() == n else positions[None, :] <= positions[active][:, None]  # [S, N]
-        h = model.attend(layer, h, q, k_buf, v_buf, mask)
+        query_positions = None if active.numel() == n else positions[active]  # [S]
+        h = model.attend(layer, h, q, k_buf, v_buf, query_positions)
         keys.append(k_buf)
         values.append(v_buf)
         seconds["recompute"] += time.perf_counter() - t0
