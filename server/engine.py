@@ -119,6 +119,30 @@ class Engine:
         parts.update({k: v * 1e3 for k, v in result.seconds.items() if k != "total"})
         return plan, result, parts, hits, misses
 
+    def decode_answer(self, result: BlendResult, max_new_tokens: int, temperature: float = 0.0) -> list[int]:
+        """Greedy (or sampled) answer token ids from a blend result, EOS excluded."""
+        eos = self.eos_ids
+        tokens = []
+        for token in decode(self.model.model, to_dynamic_cache(result), result.logits, max_new_tokens, eos, temperature):
+            if token in eos:
+                break
+            tokens.append(token)
+        return tokens
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, result: BlendResult, forced: torch.Tensor) -> torch.Tensor:
+        """Logits [P, vocab] at each of the P positions of `forced` [P] fed after the prompt."""
+        if forced.numel() == 1:
+            return result.logits[None]
+        out = self.model.model(input_ids=forced[None, :-1].to(self.model.device),
+                               past_key_values=to_dynamic_cache(result), use_cache=True)
+        return torch.cat([result.logits[None], out.logits[0].float()])  # [P, vocab]
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = (self.tokenizer.eos_token_id, getattr(self.model.config, "eos_token_id", None))
+        return {i for i in ids if isinstance(i, int)}
+
     def prepare(self, question: str, documents: Sequence[str] | None = None, **kwargs):
         """(DynamicCache of all but the last prompt token, input_ids [1, N]) for `model.generate`."""
         plan, result, *_ = self.run(question, documents, **kwargs)
@@ -143,8 +167,7 @@ class Engine:
                                                      recompute_ratio=ratio, namespace=namespace)
         ttft = (time.perf_counter() - t0) * 1e3
         cache = to_dynamic_cache(result)
-        eos = {i for i in (self.tokenizer.eos_token_id, getattr(self.model.config, "eos_token_id", None))
-               if isinstance(i, int)}
+        eos = self.eos_ids
         tokens: list[int] = []
         text = ""
         for token in decode(self.model.model, cache, result.logits, max_new_tokens, eos, temperature):

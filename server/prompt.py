@@ -48,3 +48,19 @@ class PromptTemplate:
     def chunk_ids(tokenizer, text: str) -> list[int]:
         """A chunk's own token ids (no special tokens)."""
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+SUMMARY = PromptTemplate(
+    instruction="You will be given several documents. Read them, then follow the instruction.\nDocuments:\n",
+    question="\n\n{question}\nSummary:",
+)
+FEW_SHOT = PromptTemplate(
+    instruction="Summarize the dialogue into a few short sentences. The following are some examples.\n\n",
+    question="\n{question}",
+    separator="\n",
+)
+
+
+def template_for(dataset_format: str) -> PromptTemplate:
+    """The prompt template an eval dataset format is asked with."""
+    return {"multinews": SUMMARY, "samsum": FEW_SHOT}.get(dataset_format, PromptTemplate())
