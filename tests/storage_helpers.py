@@ -12,7 +12,7 @@ import torch
 from ragkv.chunk_cache import ChunkKey, ChunkKV
 from ragkv.compression import IdentityCodec
 
-SHAPE = (2, 3, 5, 2, 4)  # [2, L, T, H, D]: 240 fp16 values, 480 bytes
+SHAPE = (2, 3, 8, 2, 16)  # [2, L, T, H, D]: 1536 fp16 values, 3 KiB
 _PG_FILE = Path(__file__).resolve().parent.parent / ".ci" / "pg_url"
 
 

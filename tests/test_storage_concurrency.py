@@ -31,7 +31,7 @@ def _worker(store: TieredStore, seed: int, errors: list, ops: int = 30) -> None:
 
 
 def test_threads_read_and_write_consistently(tmp_path):
-    disk = DiskTier(tmp_path / "d", 5 * 1000)
+    disk = DiskTier(tmp_path / "d", 5 * (EXPECTED[0].nbytes + 400))  # ~5 entries with headers
     store = TieredStore([MemoryTier(3 * EXPECTED[0].nbytes), disk], policy="cost")
     errors: list[str] = []
     threads = [threading.Thread(target=_worker, args=(store, s, errors)) for s in range(4)]

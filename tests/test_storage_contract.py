@@ -62,12 +62,12 @@ def test_roundtrip_layer_by_layer(make_tier, codec):
     info = tier.put(key(1), kv)
     got = tier.get(key(1))
     assert isinstance(got, LayeredKV)
-    assert got.pos0 == kv.pos0 and got.num_layers == 3 and got.num_tokens == 5
+    assert got.pos0 == kv.pos0 and got.num_layers == 3 and got.num_tokens == 8
     if _codec(codec).lossless:
         assert same(got, kv)
     else:  # lossy codecs: shape and finiteness here; their error bounds are compression's tests
         assert all(torch.isfinite(got.layer(i).float()).all() for i in range(3))
-    assert info.num_tokens == 5 and info.cost == 5.0 and info.nbytes > 0
+    assert info.num_tokens == 8 and info.cost == 8.0 and info.nbytes > 0
     assert tier.nbytes == info.nbytes and len(tier) == 1 and tier.keys() == [key(1)]
 
 

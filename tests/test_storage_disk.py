@@ -50,8 +50,8 @@ def _flip_payload(path):
 
 def _flip_header(path):
     data = bytearray(path.read_bytes())
-    i = data.index(b'"num_tokens":5')
-    data[i + 13] = ord("6")
+    i = data.index(b'"num_tokens":8')
+    data[i + 13] = ord("9")
     path.write_bytes(bytes(data))
 
 
@@ -184,7 +184,7 @@ def test_recency_and_clock_survive_restart(tmp_path):
     size = DiskTier(tmp_path / "probe", 1 << 20).put(key(0), chunk(0)).nbytes
 
     def open_store():
-        return TieredStore([DiskTier(tmp_path / "d", 3 * size)], policy="lru")
+        return TieredStore([DiskTier(tmp_path / "d", int(3.5 * size))], policy="lru")  # room for 3
 
     store = open_store()
     for i in range(3):

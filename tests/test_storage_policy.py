@@ -9,7 +9,7 @@ from ragkv.storage import (
     DiskTier, MemoryTier, StorageConfig, TierConfig, TieredStore, build_store, make_policy, parse_bytes,
 )  # fmt: skip
 
-ENTRY = chunk(0).nbytes  # 480 bytes per tiny entry in an identity memory tier
+ENTRY = chunk(0).nbytes  # bytes of one tiny entry in an identity memory tier
 
 
 def _store(policy: str = "lru", slots: int = 3, below: bool = False, tmp_path=None) -> TieredStore:
@@ -54,12 +54,13 @@ def test_cost_aware_keeps_most_recompute_per_byte():
 
 def test_cost_defaults_to_tokens_per_byte():
     store = _store("cost", slots=2)
-    small = chunk(0, shape=(2, 3, 5, 2, 4))  # 5 tokens in 480 bytes
-    dense = chunk(1, shape=(2, 3, 6, 1, 4))  # 6 tokens in 288 bytes: more recompute per byte
-    store.put(key(0), small)
-    store.put(key(1), dense)
-    store.put(key(2), chunk(2, shape=(2, 3, 6, 1, 4)))
-    assert _held(store, 3) == [None, "cpu", "cpu"]
+    wide = chunk(0)  # 8 tokens x 2 heads x 16 dims
+    dense = (2, 3, 8, 1, 16)  # 8 tokens in half the bytes: twice the recompute per byte
+    store.put(key(0), wide)
+    store.put(key(1), chunk(1, shape=dense))
+    store.put(key(2), chunk(2, shape=dense))
+    store.put(key(3), chunk(3, shape=dense))  # over budget: the wide one saves least per byte
+    assert _held(store, 4) == [None, "cpu", "cpu", "cpu"]
 
 
 def test_demotion_then_promotion_on_hit(tmp_path):
