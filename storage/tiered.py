@@ -13,6 +13,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 class TieredStore:
     """Ordered tiers, fastest first, with one eviction policy (`lru` or `cost`) per tier."""
 
-    def __init__(self, tiers: Sequence[Tier], policy: str = "lru", promote: bool = True) -> None:
+    def __init__(
+        self, tiers: Sequence[Tier], policy: str = "lru", promote: bool = True, read_threads: int = 4
+    ) -> None:
         if not tiers:
             raise ValueError("TieredStore needs at least one tier")
         names = [t.name for t in tiers]
@@ -50,6 +53,8 @@ class TieredStore:
         self._evictions = Counter({n: 0 for n in names})
         self._count = Counter()
         self._last_error: str | None = None
+        self.read_threads = read_threads
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- the read path: lookup -> pin -> get_layered (per layer) -> unpin ---------------------------
     def lookup(self, keys: Sequence[ChunkKey]) -> list[str | None]:
@@ -83,6 +88,17 @@ class TieredStore:
         with self._lock:
             self._count["misses"] += 1
         return None
+
+    def get_layered_many(
+        self, keys: Sequence[ChunkKey], device: torch.device | str | None = None
+    ) -> list[LayeredKV | None]:
+        """`get_layered` for several keys, read and verified in parallel threads (file reads and
+        checksums release the GIL), in the order of `keys`."""
+        if len(keys) <= 1:
+            return [self.get_layered(k, device) for k in keys]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="ragkv-store-read")
+        return list(self._pool.map(lambda k: self.get_layered(k, device), keys))
 
     def get(self, key: ChunkKey, device: torch.device | str | None = None) -> ChunkKV | None:
         """The whole entry as one ChunkKV (all layers decoded), or None on a miss."""
@@ -160,6 +176,8 @@ class TieredStore:
                 t.flush()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         with self._lock:
             for t in self.tiers:
                 t.close()

@@ -142,5 +142,9 @@ def test_store_over_tier_reads_and_counts(make_tier):
     with store.pinned([key(1)]):
         assert same(store.get_layered(key(1)), chunk(1))
     assert store.get_layered(key(2)) is None
+    store.put(key(3), chunk(3))
+    many = store.get_layered_many([key(3), key(2), key(1)])
+    assert many[1] is None and same(many[0], chunk(3)) and same(many[2], chunk(1))
     s = store.stats()
-    assert s.hits == {store.tiers[0].name: 1} and s.misses == 1 and s.puts == 1
+    assert s.hits == {store.tiers[0].name: 3} and s.misses == 2 and s.puts == 2
+    store.close()
