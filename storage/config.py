@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 from .disk import DiskTier
 from .memory import MemoryTier
 from .policy import POLICIES
@@ -16,6 +18,7 @@ from .tier import Tier
 from .tiered import TieredStore
 
 KINDS = ("gpu", "cpu", "disk")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
 
@@ -47,10 +50,13 @@ class StorageConfig:
     catalog_url: str | None = None  # default: sqlite:///{disk_dir}/catalog.sqlite
     policy: str = "lru"  # lru | cost
     promote: bool = True
+    kv_dtype: str | None = "float16"  # entries are stored in this dtype (None: as computed)
 
     def __post_init__(self) -> None:
         if not self.tiers:
             raise ValueError("StorageConfig needs at least one tier")
+        if self.kv_dtype is not None and self.kv_dtype not in _DTYPES:
+            raise ValueError(f"unknown kv_dtype {self.kv_dtype!r}; accepted: {', '.join(_DTYPES)} or None")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {self.policy!r}; accepted: {', '.join(POLICIES)}")
         disks = [i for i, t in enumerate(self.tiers) if t.kind == "disk"]
@@ -61,10 +67,11 @@ class StorageConfig:
 def build_tier(cfg: TierConfig, storage: StorageConfig) -> Tier:
     """The tier described by `cfg`."""
     name = cfg.name or cfg.kind
+    dtype = _DTYPES[storage.kv_dtype] if storage.kv_dtype else None
     if cfg.kind == "disk":
-        return DiskTier(storage.disk_dir, cfg.capacity_bytes, cfg.codec, storage.catalog_url, name=name)
+        return DiskTier(storage.disk_dir, cfg.capacity_bytes, cfg.codec, storage.catalog_url, name=name, dtype=dtype)
     device = "cuda" if cfg.kind == "gpu" else "cpu"
-    return MemoryTier(cfg.capacity_bytes, device=device, codec=cfg.codec, name=name)
+    return MemoryTier(cfg.capacity_bytes, device=device, codec=cfg.codec, name=name, dtype=dtype)
 
 
 def build_store(config: StorageConfig) -> TieredStore:

@@ -49,12 +49,14 @@ class DiskTier(Tier):
         codec: str | Codec = "identity",
         catalog_url: str | None = None,
         name: str = "disk",
+        dtype: torch.dtype | None = None,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
         self.root = Path(root)
         self.name = name
         self.capacity_bytes = capacity_bytes
+        self.dtype = dtype  # entries are cast to this dtype before encoding (None: keep theirs)
         self.codec = resolve_codec(codec)
         self.device = torch.device("cpu")
         self.corrupt = 0
@@ -115,6 +117,7 @@ class DiskTier(Tier):
 
     # -- writes ----------------------------------------------------------------------------------
     def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, hits: int = 0) -> EntryInfo:
+        kv = kv if self.dtype is None else kv.to(dtype=self.dtype)
         enc = self.codec.encode(kv)
         header, checksum = pack_header(key, enc, kv.pos0, kv.num_tokens, kv.num_layers)
         rel = f"data/{key.namespace}/{key.digest}.{uuid.uuid4().hex[:12]}.kv"

@@ -18,7 +18,7 @@ from .tier import EntryInfo, Tier, resolve_codec
 
 
 class MemoryTier(Tier):
-    """Entries in memory on `device`, within `capacity_bytes` (enforced by the TieredStore)."""
+    """Entries in memory on `device` (cast to `dtype` if given), within `capacity_bytes` (the store enforces it)."""
 
     def __init__(
         self,
@@ -27,6 +27,7 @@ class MemoryTier(Tier):
         codec: str | Codec = "identity",
         name: str | None = None,
         pin: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
@@ -34,6 +35,7 @@ class MemoryTier(Tier):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"memory tier on {self.device} needs CUDA, which is not available; use device='cpu'")
         self.capacity_bytes = capacity_bytes
+        self.dtype = dtype  # entries are cast to this dtype on put (None: keep theirs)
         self.codec = resolve_codec(codec)
         self.name = name or ("gpu" if self.device.type == "cuda" else "cpu")
         self.pin = (self.device.type == "cpu" and torch.cuda.is_available()) if pin is None else pin
@@ -69,6 +71,7 @@ class MemoryTier(Tier):
         return EncodedLayers(data, self.codec, pos0, num_tokens, num_layers, target)
 
     def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, hits: int = 0) -> EntryInfo:
+        kv = kv if self.dtype is None else kv.to(dtype=self.dtype)
         if self._raw:
             # a private copy (callers may reuse their tensor), pinned when a GPU will read it
             buf = torch.empty(kv.kv.shape, dtype=kv.dtype, device=self.device, pin_memory=self.pin)  # [2, L, T, H, D]

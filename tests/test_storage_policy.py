@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from storage_helpers import chunk, key, same
 
 from ragkv.storage import (
@@ -147,6 +148,8 @@ def test_config_builds_and_validates(tmp_path):
     store = build_store(cfg)
     assert [t.name for t in store.tiers] == ["cpu", "disk"] and store.tiers[0].capacity_bytes == 1024
     assert store.policies[0].name == "cost" and (tmp_path / "c" / "catalog.sqlite").exists()
+    store.put(key(0), chunk(0, dtype=torch.float32))  # stored as kv_dtype (float16 by default)
+    assert store.get_layered(key(0)).layer(0).dtype == torch.float16
     store.close()
     with pytest.raises(ValueError, match="accepted: gpu, cpu, disk"):
         TierConfig("ssd", 1)
