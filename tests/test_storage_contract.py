@@ -148,3 +148,19 @@ def test_store_over_tier_reads_and_counts(make_tier):
     s = store.stats()
     assert s.hits == {store.tiers[0].name: 3} and s.misses == 2 and s.puts == 2
     store.close()
+
+
+def test_layered_views_materialize_to_the_same_chunk():
+    from ragkv.storage import EncodedLayers, ResidentKV, materialize
+
+    kv = chunk(5)
+    codec = BytesCodec()
+    views = [
+        ResidentKV(kv, torch.device("cpu")),
+        EncodedLayers(codec.encode(kv), codec, kv.pos0, kv.num_tokens, kv.num_layers, torch.device("cpu")),
+    ]
+    for view in views:
+        assert isinstance(view, LayeredKV) and same(view, kv)
+        assert torch.equal(materialize(view).kv, kv.kv) and materialize(view).pos0 == kv.pos0
+    with pytest.raises(IndexError, match="out of range"):
+        views[1].layer(3)
