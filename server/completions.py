@@ -1,0 +1,192 @@
+"""The OpenAI-compatible endpoints: `POST /v1/chat/completions` and `POST /v1/completions`.
+
+A request becomes a `Job` (question, chunks to fuse, blend options, namespace) that runs on the model
+worker; the reply is the OpenAI body plus `usage` and a `ragkv` object (TTFT and its parts, hits per
+tier, misses, recompute fraction). With `stream: true` it is server-sent events ending in `[DONE]`;
+the last chunk carries `finish_reason`, `usage` and `ragkv`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .answer import Answer
+from .auth import tenant
+from .errors import ApiError
+from .schemas import ChatRequest, ChunkRef, CompletionRequest, TextDocument, chat_question
+
+router = APIRouter()
+
+
+@dataclass
+class Job:
+    """One generation, resolved from a request; runs on the model worker."""
+
+    question: str
+    texts: list[tuple[int, str]]  # (position, text) of documents given as text
+    refs: list[tuple[int, int]]  # (position, chunk_id) of documents given as ingested chunk ids
+    retrieve_query: str | None
+    retrieve_k: int
+    strategy: str | None
+    ratio: float | None
+    max_new_tokens: int
+    temperature: float
+    namespace: str
+    retrieved: list[dict] = field(default_factory=list)
+
+    def run(self, engine, documents) -> Iterator[str | Answer]:
+        """Resolve the chunks (texts, chunk ids, retrieval) and generate: text pieces, then the Answer."""
+        chunks: list[list[int] | None] = [None] * (len(self.texts) + len(self.refs))
+        for (pos, _), ids in zip(self.texts, engine.tokenize_chunks([t for _, t in self.texts])):
+            chunks[pos] = ids
+        if self.refs:
+            for (pos, _), ids in zip(self.refs, documents.chunk_ids(self.namespace, [c for _, c in self.refs])):
+                chunks[pos] = ids
+        if self.retrieve_query is not None:
+            for hit in documents.search(self.namespace, self.retrieve_query, self.retrieve_k):
+                chunks.append(list(hit.token_ids))
+                self.retrieved.append({"chunk_id": hit.chunk_id, "doc_id": hit.doc_id, "score": round(hit.score, 6)})
+        yield from engine.generate(self.question, chunks=chunks, strategy=self.strategy, recompute_ratio=self.ratio,
+                                   max_new_tokens=self.max_new_tokens, stream=True, namespace=self.namespace,
+                                   temperature=self.temperature)
+
+
+def make_job(req: ChatRequest | CompletionRequest, question: str, namespace: str, settings) -> Job:
+    """Check the request against the server's limits and resolve it into a Job."""
+    if len(question) > settings.max_question_chars:
+        raise ApiError(400, f"the question has {len(question)} characters; the limit is {settings.max_question_chars}",
+                       "messages" if isinstance(req, ChatRequest) else "prompt")
+    docs = req.documents or []
+    if len(docs) > settings.max_documents:
+        raise ApiError(400, f"too many documents: {len(docs)}; the limit is {settings.max_documents}", "documents")
+    texts, refs = [], []
+    for i, d in enumerate(docs):
+        if isinstance(d, ChunkRef):
+            refs.append((i, d.chunk_id))
+            continue
+        text = d.text if isinstance(d, TextDocument) else d
+        if not text.strip():
+            raise ApiError(400, f"documents[{i}] is empty: every document needs some text", "documents")
+        if len(text) > settings.max_document_chars:
+            raise ApiError(400, f"documents[{i}] has {len(text)} characters; the limit is "
+                                f"{settings.max_document_chars}", "documents")
+        texts.append((i, text))
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or settings.max_new_tokens
+    if max_tokens > settings.max_tokens_limit:
+        raise ApiError(400, f"max_tokens {max_tokens} is over the limit of {settings.max_tokens_limit}", "max_tokens")
+    r = req.retrieve
+    if r is not None and r.k > settings.max_retrieve_k:
+        raise ApiError(400, f"retrieve.k {r.k} is over the limit of {settings.max_retrieve_k}", "retrieve")
+    if r is not None and len(docs) + r.k > settings.max_documents:
+        raise ApiError(400, f"documents + retrieve.k = {len(docs) + r.k} chunks; the limit is "
+                            f"{settings.max_documents}", "retrieve")
+    blend = req.blend
+    return Job(question=question, texts=texts, refs=refs,
+               retrieve_query=None if r is None else (r.query or question), retrieve_k=0 if r is None else r.k,
+               strategy=blend.strategy if blend else None, ratio=blend.recompute_ratio if blend else None,
+               max_new_tokens=max_tokens, temperature=req.temperature or 0.0, namespace=namespace)
+
+
+def usage_and_ragkv(answer: Answer, job: Job, queue_ms: float) -> dict:
+    """The `usage` and `ragkv` members of a response."""
+    n = len(answer.token_ids)
+    ragkv = {k: v for k, v in answer.to_dict().items() if k not in ("text", "token_ids")}
+    ragkv.update(namespace=job.namespace, queue_ms=queue_ms, chunks=len(job.texts) + len(job.refs) + len(job.retrieved),
+                 retrieved=job.retrieved)
+    return {"usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": n,
+                      "total_tokens": answer.prompt_tokens + n}, "ragkv": ragkv}
+
+
+def _finish(answer: Answer, job: Job) -> str:
+    return "length" if len(answer.token_ids) >= job.max_new_tokens else "stop"
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, namespace: str = Depends(tenant)):
+    try:
+        question = chat_question(body.messages)
+    except ValueError as err:
+        raise ApiError(400, str(err), "messages") from None
+    job = make_job(body, question, namespace, request.app.state.settings)
+    return await _respond(request, body, job, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, namespace: str = Depends(tenant)):
+    question = (body.prompt if isinstance(body.prompt, str) else body.prompt[0]).strip()
+    job = make_job(body, question, namespace, request.app.state.settings)
+    return await _respond(request, body, job, chat=False)
+
+
+async def _respond(request: Request, body, job: Job, chat: bool):
+    state = request.app.state
+    model = body.model or state.settings.model
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    t0 = time.perf_counter()
+    events = state.worker.stream(lambda: job.run(state.engine, state.documents))
+    first = await _first(events)  # errors before the first token become a 4xx/5xx JSON reply
+
+    def envelope(choice: dict, **extra) -> dict:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra}
+
+    if not body.stream:
+        answer = first
+        async for item in _chain(first, events):
+            if isinstance(item, Answer):
+                answer = item
+        state.metrics.observe_answer(answer)
+        queue_ms = max(0.0, (time.perf_counter() - t0) * 1e3 - answer.ttft_ms - answer.decode_ms)
+        extra = usage_and_ragkv(answer, job, queue_ms)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
+                      "finish_reason": _finish(answer, job), "logprobs": None}
+            return JSONResponse({**envelope(choice), "object": "chat.completion", **extra})
+        choice = {"index": 0, "text": answer.text, "finish_reason": _finish(answer, job), "logprobs": None}
+        return JSONResponse({**envelope(choice), **extra})
+
+    async def sse() -> AsyncIterator[str]:
+        if chat:
+            yield _data(envelope({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}))
+        try:
+            async for item in _chain(first, events):
+                if isinstance(item, Answer):
+                    state.metrics.observe_answer(item)
+                    qms = max(0.0, (time.perf_counter() - t0) * 1e3 - item.ttft_ms - item.decode_ms)
+                    last = {"index": 0, "delta": {}, "finish_reason": _finish(item, job)} if chat else \
+                        {"index": 0, "text": "", "finish_reason": _finish(item, job), "logprobs": None}
+                    yield _data(envelope(last, **usage_and_ragkv(item, job, qms)))
+                else:
+                    piece = {"index": 0, "delta": {"content": item}, "finish_reason": None} if chat else \
+                        {"index": 0, "text": item, "finish_reason": None, "logprobs": None}
+                    yield _data(envelope(piece))
+        except Exception as err:  # noqa: BLE001 - the stream has started: report in-band
+            yield _data({"error": {"message": f"generation failed: {err}", "type": "server_error"}})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _first(events: AsyncIterator):
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        raise ApiError(500, "generation produced no answer") from None
+
+
+async def _chain(first, events: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in events:
+        yield item
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
