@@ -32,7 +32,7 @@ class EngineConfig:
         if self.storage is not None:
             return self.storage
         first = "gpu" if self.device.startswith("cuda") else "cpu"
-        return StorageConfig(tiers=(TierConfig(first, 2 << 30), TierConfig("disk", 32 << 30)),
+        return StorageConfig(tiers=(TierConfig(first, 2 << 30), TierConfig("disk", 32 << 30, codec="lz4")),
                              disk_dir=str(Path(self.data_dir).expanduser() / "cache"), kv_dtype=self.kv_dtype)
 
     @classmethod

@@ -1,25 +1,12 @@
-"""`ragkv bench codecs` pieces that need no model: dataset loading, the per-codec statistics, the table."""
+"""`ragkv bench codecs` pieces that need no model: the per-codec statistics and the table."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
 import torch
 from test_codecs import make_kv
 
 from ragkv.compression import get_codec
-from ragkv.server.commands.bench import codec_stats, load_musique, markdown_table
-
-
-def test_load_musique_takes_the_first_records_and_rejects_other_files(tmp_path):
-    good = tmp_path / "m.json"
-    good.write_text(json.dumps([{"ctxs": [{"title": "t", "text": "x"}], "question": "q", "answers": ["a"]}] * 3))
-    assert len(load_musique(good, 2)) == 2
-    bad = tmp_path / "b.json"
-    bad.write_text(json.dumps({"data": []}))
-    with pytest.raises(ValueError, match="musique JSON list"):
-        load_musique(bad, 2)
+from ragkv.server.commands.bench import codec_stats, markdown_table
 
 
 def test_codec_stats_measure_size_and_error():
