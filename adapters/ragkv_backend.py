@@ -59,14 +59,15 @@ def _passage(p: Passage | str) -> Passage:
 
 
 class LocalBackend(Backend):
-    """An in-process Engine (and the namespace's document index under `tenants_dir`)."""
+    """An in-process Engine and the namespace's document index (under `index_dir`, default DATA_DIR)."""
 
-    def __init__(self, engine, namespace: str | None = None, tenants_dir: str | Path | None = None) -> None:
+    def __init__(self, engine, namespace: str | None = None, index_dir: str | Path | None = None) -> None:
         from ..server.documents import DocumentService
 
         self.engine = engine
         self.namespace = namespace or engine.config.namespace
-        self.documents = DocumentService(engine, tenants_dir or Path(engine.config.data_dir).expanduser() / "tenants")
+        self.documents = DocumentService(engine, index_dir or Path(engine.config.data_dir).expanduser(),
+                                         engine.config.namespace)
 
     def retrieve(self, query: str, k: int) -> list[Passage]:
         return [Passage(h.text, h.chunk_id, h.doc_id, h.score) for h in self.documents.search(self.namespace, query, k)]
@@ -112,10 +113,10 @@ class HttpBackend(Backend):
 
 
 def backend_for(engine=None, url: str | None = None, api_key: str | None = None, namespace: str | None = None,
-                tenants_dir: str | Path | None = None) -> Backend:
+                index_dir: str | Path | None = None) -> Backend:
     """`LocalBackend(engine)` or `HttpBackend(url)`; exactly one of `engine` and `url`."""
     if (engine is None) == (url is None):
         raise ValueError("give exactly one of engine= (in-process) and url= (a running `ragkv serve`)")
     if isinstance(engine, Backend):
         return engine
-    return LocalBackend(engine, namespace, tenants_dir) if engine is not None else HttpBackend(url, api_key)
+    return LocalBackend(engine, namespace, index_dir) if engine is not None else HttpBackend(url, api_key)

@@ -51,7 +51,7 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
     app.state.engine = engine
     app.state.worker = ModelWorker(settings.queue_size, init=init)
     app.state.metrics = Metrics()
-    app.state.documents = DocumentService(engine, settings.tenants_dir, settings.chunk_min_tokens,
+    app.state.documents = DocumentService(engine, settings.index_root, settings.namespace, settings.chunk_min_tokens,
                                           settings.chunk_max_tokens)
     errors.install(app, settings.retry_after_s)
     app.add_middleware(_Observe)

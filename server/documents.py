@@ -1,7 +1,8 @@
 """DocumentService: ingested documents per namespace (tenant) for the HTTP API and the plugins.
 
-Each namespace has its own catalog and faiss index under `tenants_dir/NAMESPACE`, and its chunk keys
-carry that namespace, so one tenant can neither retrieve nor hit another's chunks. Chunk KV goes to
+Each namespace has its own catalog and faiss index: the default namespace's in `index_dir` itself
+(where `ragkv ingest` writes), any other's in `index_dir/tenants/NAMESPACE`; chunk keys carry the
+namespace, so one tenant can neither retrieve nor hit another's chunks. Chunk KV goes to
 the Engine's store. Everything here runs on the model worker thread (it uses the model and SQLite).
 """
 
@@ -18,9 +19,11 @@ class RetrievalUnavailable(RuntimeError):
 class DocumentService:
     """Ingest, look up, delete and search documents of one namespace at a time."""
 
-    def __init__(self, engine, tenants_dir: str | Path, chunk_min_tokens: int = 256, chunk_max_tokens: int = 512) -> None:
+    def __init__(self, engine, index_dir: str | Path, default_namespace: str = "default", chunk_min_tokens: int = 256,
+                 chunk_max_tokens: int = 512) -> None:
         self.engine = engine
-        self.tenants_dir = Path(tenants_dir).expanduser()
+        self.index_dir = Path(index_dir).expanduser()
+        self.default_namespace = default_namespace
         self.chunk_min_tokens = chunk_min_tokens
         self.chunk_max_tokens = chunk_max_tokens
         self._retrievers: dict = {}
@@ -53,10 +56,14 @@ class DocumentService:
                                      chunk_max_tokens=self.chunk_max_tokens)
             if self._embedder is None:
                 self._embedder = HFEmbedder(config.embedder_path, config.embed_batch_size, config.embed_max_length)
-            folder = self.tenants_dir / namespace
+            folder = self.folder(namespace)
             folder.mkdir(parents=True, exist_ok=True)
             self._retrievers[namespace] = Retriever.open(folder, self.engine.model, config, embedder=self._embedder)
         return self._retrievers[namespace]
+
+    def folder(self, namespace: str) -> Path:
+        """Where the namespace's catalog and index live."""
+        return self.index_dir if namespace == self.default_namespace else self.index_dir / "tenants" / namespace
 
     def ingest(self, namespace: str, documents: Sequence[dict]) -> dict:
         """Add (or replace) `documents` ({id, text, metadata}) and precompute their chunk KV; a report dict."""

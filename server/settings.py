@@ -53,8 +53,8 @@ class ServerSettings(BaseSettings):
     queue_size: int = Field(64, ge=1)  # requests waiting for the one model worker; more get 429
     retry_after_s: int = Field(1, ge=1)
     shutdown_timeout_s: float = Field(30.0, gt=0)
-    # -- retrieval: one catalog + faiss index per namespace under INDEX_DIR/NAMESPACE ---------------
-    index_dir: str | None = None  # default: DATA_DIR/tenants
+    # -- retrieval: catalog + faiss index in INDEX_DIR (default namespace), INDEX_DIR/tenants/NS ----
+    index_dir: str | None = None  # default: DATA_DIR (where `ragkv ingest` writes)
     chunk_min_tokens: int = Field(256, ge=1)
     chunk_max_tokens: int = Field(512, ge=1)
     retrieve_k: int = Field(4, ge=1)
@@ -103,9 +103,9 @@ class ServerSettings(BaseSettings):
                             blend=BlendConfig(strategy=self.strategy, recompute_ratio=self.recompute_ratio))
 
     @property
-    def tenants_dir(self) -> Path:
-        """Where each namespace's document catalog and index live."""
-        return Path(self.index_dir or Path(self.data_dir) / "tenants").expanduser()
+    def index_root(self) -> Path:
+        """The default namespace's catalog and index folder (other namespaces below it, in tenants/)."""
+        return Path(self.index_dir or self.data_dir).expanduser()
 
     @property
     def auth_enabled(self) -> bool:

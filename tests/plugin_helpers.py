@@ -32,7 +32,7 @@ def local_backend(smollm2, tmp_path):
     from ragkv.server.engine import Engine
     from ragkv.storage import MemoryTier, TieredStore
 
-    backend = LocalBackend(Engine(smollm2, TieredStore([MemoryTier(1 << 30)])), tenants_dir=tmp_path / "tenants")
+    backend = LocalBackend(Engine(smollm2, TieredStore([MemoryTier(1 << 30)])), index_dir=tmp_path / "index")
     report = backend.add_documents(DOCS)
     assert report["added"] == 3 and report["kv_computed"] == 3
     return backend

@@ -35,7 +35,7 @@ def running_server(tmp: Path, api_keys: dict[str, str] | None = None, startup_s:
     if not link.exists():
         link.symlink_to(ROOT)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tmp / "py"), "RAGKV_STORE": "memory", "RAGKV_INDEX_DIR": str(tmp / "tenants"),
+    env = {**os.environ, "PYTHONPATH": str(tmp / "py"), "RAGKV_STORE": "memory", "RAGKV_INDEX_DIR": str(tmp / "index"),
            "RAGKV_API_KEYS": json.dumps(api_keys or {})}
     env.update({f"RAGKV_{k.upper()}": str(v) for k, v in settings.items()})
     log = open(tmp / f"server-{port}.log", "w")

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             stats = store.stats().to_dict()
             print(json.dumps(stats, indent=2) if args.json else _table(stats))
             return 0
-        report = gc(store, Path(config.data_dir).expanduser() / "tenants", args.namespace, args.unreferenced,
+        report = gc(store, Path(config.data_dir).expanduser(), args.namespace, args.unreferenced,
                     args.dry_run)
         print(json.dumps(report, indent=2) if args.json else
               ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report.items()))
@@ -52,13 +52,13 @@ def run(args: argparse.Namespace) -> int:
         store.close()
 
 
-def gc(store, tenants_dir: Path, namespace: str | None, unreferenced: bool, dry_run: bool) -> dict:
+def gc(store, index_dir: Path, namespace: str | None, unreferenced: bool, dry_run: bool) -> dict:
     """Drop the entries `namespace` / `unreferenced` select; a report of what was (or would be) dropped."""
     from tqdm import tqdm
 
     checks = {t.name: vars(t.last_check) for t in store.tiers if getattr(t, "last_check", None) is not None}
     keys = sorted({k for t in store.tiers for k in t.keys()})
-    referenced = _referenced_keys(tenants_dir) if unreferenced else set()
+    referenced = _referenced_keys(index_dir) if unreferenced else set()
     drop = [k for k in keys if (namespace is not None and k.namespace == namespace)
             or (unreferenced and str(k) not in referenced)]
     if not dry_run:
@@ -69,12 +69,12 @@ def gc(store, tenants_dir: Path, namespace: str | None, unreferenced: bool, dry_
             "disk_check": checks}
 
 
-def _referenced_keys(tenants_dir: Path) -> set[str]:
-    """Chunk keys of every namespace's catalog under `tenants_dir` (and none when there is no catalog)."""
+def _referenced_keys(index_dir: Path) -> set[str]:
+    """Chunk keys of every namespace's catalog (`index_dir` and `index_dir/tenants/*`; none without a catalog)."""
     from ...retriever import Catalog
 
     keys: set[str] = set()
-    for db in sorted(tenants_dir.glob("*/catalog.sqlite")):
+    for db in sorted([*index_dir.glob("catalog.sqlite"), *index_dir.glob("tenants/*/catalog.sqlite")]):
         catalog = Catalog(f"sqlite:///{db}")
         keys.update(catalog.chunk_keys())
         catalog.close()

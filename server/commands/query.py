@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.retrieve:
         from ..documents import DocumentService
 
-        service = DocumentService(engine, Path(engine.config.data_dir) / "tenants")
+        service = DocumentService(engine, Path(engine.config.data_dir), engine.config.namespace)
         chunks += [list(h.token_ids) for h in service.search(engine.config.namespace, args.question, args.retrieve)]
     events = engine.generate(args.question, chunks=chunks, strategy=args.strategy, recompute_ratio=args.ratio,
                              max_new_tokens=args.max_new_tokens, stream=True)
