@@ -153,6 +153,10 @@ class Retriever:
             for srow, irow in zip(scores, ids)
         ]  # fmt: skip
 
+    def chunk_keys(self) -> list[ChunkKey]:
+        """The key of every chunk in the catalog (what the store should hold KV for)."""
+        return [ChunkKey.parse(k) for k in self.catalog.chunk_keys()]
+
     def close(self) -> None:
         self.catalog.close()
 

@@ -59,3 +59,48 @@ def paragraphs(n: int, seed: int = 0) -> str:
         sents = [" ".join(rng.choice(words, size=rng.integers(4, 12))).capitalize() + "." for _ in range(rng.integers(3, 7))]
         paras.append(" ".join(sents))
     return "\n\n".join(paras)
+
+
+class DictStore:
+    """The store surface ingestion uses (lookup / put / get / remove), in a dict; `fail_after` puts raise."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.entries = {}
+        self.fail_after = fail_after
+        self.puts = 0
+
+    def lookup(self, keys):
+        return ["dict" if k in self.entries else None for k in keys]
+
+    def put(self, key, kv) -> None:
+        if self.fail_after is not None and self.puts >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.entries[key] = kv
+        self.puts += 1
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def remove(self, key) -> bool:
+        return self.entries.pop(key, None) is not None
+
+
+def minimal_pdf(text: str) -> bytes:
+    """A one-page PDF showing `text` in Helvetica (hand-built, with a correct xref table)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = b"%PDF-1.4\n", []
+    for i, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return out
