@@ -22,6 +22,7 @@ from .chunker import Chunker
 from .config import RetrieverConfig
 from .embedder import Embedder, HFEmbedder
 from .index import VectorIndex
+from .loaders import Document
 
 
 class TokenizedModel(Protocol):
@@ -91,32 +92,47 @@ class Retriever:
     # -- writes ----------------------------------------------------------------------------------
     def add_document(self, doc_id: str, text: str, metadata: dict | None = None, source: str = "") -> DocumentUpdate:
         """Chunk, embed and index `text` as `doc_id` (replacing an older version; unchanged is a no-op)."""
-        metadata = dict(metadata or {})
-        digest = self._content_hash(text, metadata)
-        old = self.catalog.document(doc_id)
-        if old is not None and old.content_hash == digest:
-            rows = self.catalog.chunks([i for i, _, _ in old.chunks])
-            chunks = tuple((ChunkKey.parse(k), rows[i].token_ids) for i, k, _ in old.chunks)
-            return DocumentUpdate(doc_id, "unchanged", old.num_tokens, chunks, 0)
-        pieces = self.chunker.split(text)
-        if not pieces:
-            raise ValueError(f"document {doc_id!r} has no tokens (empty or whitespace only)")
-        keys = [str(self.key(p.token_ids)) for p in pieces]
-        known = self.catalog.known_keys(keys)
-        todo: dict[str, int] = {}  # one embedding per distinct chunk new to the catalog
-        for i, k in enumerate(keys):
-            if k not in known and k not in todo:
-                todo[k] = i
-        vectors = self.embedder.embed([pieces[i].text for i in todo.values()]) if todo else []  # [N, dim]
-        vec_of = dict(zip(todo, vectors))
-        new = [NewChunk(k, p.token_ids, p.text, p.overlap, vec_of.get(k)) for k, p in zip(keys, pieces)]
-        change = self.catalog.put_document(doc_id, source, digest, metadata, pieces[-1].end, new)
-        self._apply(change)
-        return DocumentUpdate(
-            doc_id, "added" if old is None else "replaced", pieces[-1].end,
-            tuple((ChunkKey.parse(k), p.token_ids) for k, p in zip(keys, pieces)), len(change.added_ids),
-            tuple(ChunkKey.parse(k) for k in change.removed_keys),
-        )  # fmt: skip
+        (result,) = self.add_documents([Document(doc_id, text, dict(metadata or {}), source)])
+        if isinstance(result, ValueError):
+            raise result
+        return result
+
+    def add_documents(self, docs: Sequence[Document]) -> list[DocumentUpdate | ValueError]:
+        """`add_document` for several documents with one embedding batch; each is committed on its own,
+        and a document that cannot be added gets a ValueError in its place."""
+        results: list[DocumentUpdate | ValueError | None] = [None] * len(docs)
+        staged = []
+        for n, d in enumerate(docs):
+            digest = self._content_hash(d.text, d.metadata)
+            old = self.catalog.document(d.id)
+            if old is not None and old.content_hash == digest:
+                rows = self.catalog.chunks([i for i, _, _ in old.chunks])
+                chunks = tuple((ChunkKey.parse(k), rows[i].token_ids) for i, k, _ in old.chunks)
+                results[n] = DocumentUpdate(d.id, "unchanged", old.num_tokens, chunks, 0)
+                continue
+            pieces = self.chunker.split(d.text)
+            if not pieces:
+                results[n] = ValueError(f"document {d.id!r} has no tokens (empty or whitespace only)")
+                continue
+            staged.append((n, d, digest, old, pieces, [str(self.key(p.token_ids)) for p in pieces]))
+        known = self.catalog.known_keys([k for *_, keys in staged for k in keys])
+        todo = {k: p.text for *_, pieces, keys in staged for p, k in zip(pieces, keys) if k not in known}
+        vec_of = dict(zip(todo, self.embedder.embed(list(todo.values())))) if todo else {}  # one vector per new chunk
+        for n, d, digest, old, pieces, keys in staged:
+            lacking = {k for k in keys if k not in vec_of}
+            lacking -= self.catalog.known_keys(sorted(lacking))  # dropped meanwhile by a replaced document
+            if lacking:
+                texts = {k: p.text for p, k in zip(pieces, keys) if k in lacking}
+                vec_of.update(zip(texts, self.embedder.embed(list(texts.values()))))
+            new = [NewChunk(k, p.token_ids, p.text, p.overlap, vec_of.get(k)) for k, p in zip(keys, pieces)]
+            change = self.catalog.put_document(d.id, d.source, digest, d.metadata, pieces[-1].end, new)
+            self._apply(change)
+            results[n] = DocumentUpdate(
+                d.id, "added" if old is None else "replaced", pieces[-1].end,
+                tuple((ChunkKey.parse(k), p.token_ids) for k, p in zip(keys, pieces)), len(change.added_ids),
+                tuple(ChunkKey.parse(k) for k in change.removed_keys),
+            )  # fmt: skip
+        return results  # type: ignore[return-value]
 
     def remove_document(self, doc_id: str) -> tuple[ChunkKey, ...] | None:
         """Drop `doc_id`; the keys of its chunks no other document contains (their KV is invalid). None if absent."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..chunk_cache import ChunkKey, precompute_many
-from ..retriever import Document, LoadError, Retriever, find_files, load_file
+from ..retriever import Document, DocumentUpdate, LoadError, Retriever, RetrieverConfig, find_files, load_file
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class IngestConfig:
     compute_kv: bool = True  # False: only catalog + index (KV is then computed on first use)
     kv_batch_tokens: int = 8192  # pending chunk tokens that trigger a precompute batch
     max_tokens_per_pass: int = 2048  # prepacking budget of one forward pass (0 = one chunk per pass)
+    documents_per_batch: int = 32  # documents chunked and embedded together (each still committed alone)
     save_every_documents: int = 200  # also save the faiss index this often (it is rebuilt if stale anyway)
     progress: bool = True
 
@@ -105,6 +106,7 @@ class Ingester:
                     run.errors.append(IngestError(doc.path, doc.message, doc.line))
                 else:
                     run.add(doc)
+            run.add_batch()
             run.flush()
         finally:
             run.close()
@@ -134,6 +136,7 @@ class _Run:
         self.kv_seconds = 0.0
         self.errors: list[IngestError] = []
         self.invalidated: list[ChunkKey] = []
+        self.batch: list[Document] = []
         self.pending: dict[ChunkKey, tuple[int, ...]] = {}
         self.pending_tokens = 0
         self.since_save = 0
@@ -142,17 +145,28 @@ class _Run:
         self.kv_bar = tqdm(desc="KV tokens", unit="tok", total=0, disable=off, position=2)
 
     def add(self, doc: Document) -> None:
-        r = self.ing.retriever
+        limit = self.ing.retriever.config.max_document_bytes
         size = len(doc.text.encode())
-        if size > r.config.max_document_bytes:
-            self.errors.append(IngestError(doc.id, f"document of {size} bytes is over the limit of "
-                                                   f"{r.config.max_document_bytes} bytes (max_document_bytes)"))  # fmt: skip
+        if size > limit:
+            self.errors.append(IngestError(doc.source or doc.id, f"document {doc.id!r} of {size} bytes is over the "
+                                           f"limit of {limit} bytes (max_document_bytes)"))  # fmt: skip
             return
-        try:
-            update = r.add_document(doc.id, doc.text, doc.metadata, doc.source)
-        except ValueError as err:
-            self.errors.append(IngestError(doc.source or doc.id, str(err)))
+        self.batch.append(doc)
+        if len(self.batch) >= self.ing.config.documents_per_batch:
+            self.add_batch()
+
+    def add_batch(self) -> None:
+        """Chunk, embed and commit the buffered documents, then queue their missing KV."""
+        docs, self.batch = self.batch, []
+        if not docs:
             return
+        for doc, update in zip(docs, self.ing.retriever.add_documents(docs)):
+            if isinstance(update, ValueError):
+                self.errors.append(IngestError(doc.source or doc.id, str(update)))
+            else:
+                self._count(update)
+
+    def _count(self, update: DocumentUpdate) -> None:
         self.counts[f"documents_{update.status}"] += 1
         self.counts["tokens"] += update.num_tokens
         self.counts["chunks"] += len(update.chunks)
@@ -166,7 +180,7 @@ class _Run:
         self.doc_bar.set_postfix(tokens=self.counts["tokens"], refresh=False)
         self.since_save += 1
         if self.since_save >= self.ing.config.save_every_documents:
-            r.save()
+            self.ing.retriever.save()
             self.since_save = 0
         if self.ing.config.compute_kv:
             self._queue(update.chunks)
@@ -215,3 +229,42 @@ def _with(report: IngestReport, **changes) -> IngestReport:
     from dataclasses import replace
 
     return replace(report, **changes)
+
+
+# -- composition for the CLI (the Engine will own this) ---------------------------------------------
+def catalog_url_for(data_dir: str | Path, catalog_url: str | None = None) -> str:
+    """The catalog database: `catalog_url`, else `sqlite:///DATA_DIR/catalog.sqlite` (shared with the disk tier)."""
+    return catalog_url or f"sqlite:///{Path(data_dir).expanduser() / 'catalog.sqlite'}"
+
+
+def open_store(data_dir: str | Path, catalog_url: str | None = None):
+    """(store, persistent): the configured tiered store with its disk tier under DATA_DIR/cache when this
+    build has one, else an in-memory store (KV then lives only for this process)."""
+    from .. import storage
+
+    if hasattr(storage, "build_store") and hasattr(storage, "StorageConfig"):
+        cfg = storage.StorageConfig(disk_dir=str(Path(data_dir).expanduser() / "cache"),
+                                    catalog_url=catalog_url_for(data_dir, catalog_url))  # fmt: skip
+        return storage.build_store(cfg), True
+    return storage.TieredStore([storage.MemoryTier()]), False
+
+
+def open_retriever(data_dir: str | Path, model: str = "smollm2", config: RetrieverConfig | None = None,
+                   catalog_url: str | None = None, adapter=None) -> Retriever:  # fmt: skip
+    """The retriever of DATA_DIR for `model` (loaded from DATA_DIR/models unless `adapter` is given)."""
+    if adapter is None:
+        from ..adapters import load_adapter
+
+        adapter = load_adapter(model, data_dir=data_dir)
+    return Retriever.open(Path(data_dir).expanduser(), adapter, config, catalog_url=catalog_url_for(data_dir, catalog_url))
+
+
+def open_parts(data_dir: str | Path, model: str = "smollm2", config: RetrieverConfig | None = None,
+               catalog_url: str | None = None):  # fmt: skip
+    """(adapter, store, retriever, store_is_persistent) for DATA_DIR."""
+    from ..adapters import load_adapter
+
+    adapter = load_adapter(model, data_dir=data_dir)
+    retriever = open_retriever(data_dir, model, config, catalog_url, adapter=adapter)
+    store, persistent = open_store(data_dir, catalog_url)
+    return adapter, store, retriever, persistent

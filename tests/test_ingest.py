@@ -13,7 +13,7 @@ from ragkv.retriever import Retriever, RetrieverConfig
 from ragkv.server.ingest import IngestConfig, Ingester
 
 CFG = RetrieverConfig(chunk_min_tokens=60, chunk_max_tokens=120, max_document_bytes=4000)
-ICFG = IngestConfig(kv_batch_tokens=300, max_tokens_per_pass=256, progress=False)
+ICFG = IngestConfig(kv_batch_tokens=300, max_tokens_per_pass=256, documents_per_batch=2, progress=False)
 
 
 @pytest.fixture(scope="module")
