@@ -100,12 +100,29 @@ class ModelAdapter(ABC):
 
         `mask` [T, N] bool (True = may attend); None means plain causal with T == N.
         """
-        block = self.layers[layer]
         qh = q.transpose(0, 1)[None]  # [1, H_q, T, D]
         o = F.scaled_dot_product_attention(
             qh, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
         )  # [1, H_q, T, D]
-        o = o[0].transpose(0, 1).reshape(h.shape[0], -1)  # [T, H_q * D]
+        return self.finish(layer, h, o[0].transpose(0, 1).reshape(h.shape[0], -1))
+
+    def attend_segments(
+        self, layer: int, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        bounds: list[tuple[int, int]],
+    ) -> torch.Tensor:  # fmt: skip
+        """Varlen attention: q [T, H_q, D] attends causally to k, v [T, H_kv, D] only within its own
+        run [start, end) of `bounds` (one causal SDPA per run, no [T, T] mask); then MLP: new h [T, hidden]."""
+        qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
+        o = torch.cat([
+            F.scaled_dot_product_attention(qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], is_causal=True,
+                                           scale=self.scaling, enable_gqa=True)
+            for a, b in bounds
+        ], dim=2)  # [1, H_q, T, D]  # fmt: skip
+        return self.finish(layer, h, o[0].transpose(0, 1).reshape(h.shape[0], -1))
+
+    def finish(self, layer: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Output projection of the attention output o [T, H_q * D], residual, then MLP: new h [T, hidden]."""
+        block = self.layers[layer]
         h = h + block.self_attn.o_proj(o)
         return h + block.mlp(block.post_attention_layernorm(h))
 
@@ -118,7 +135,24 @@ class ModelAdapter(ABC):
     def forward_kv(
         self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Every layer's K/V of `ids` [T]: [2, L, T, H_kv, D]. `segments` [T] gives a block-diagonal mask."""
+        """Every layer's K/V of `ids` [T]: [2, L, T, H_kv, D]. `segments` [T] (contiguous runs, e.g. packed
+        chunks) keeps attention within each run; computed varlen, equal to `forward_kv_masked`."""
+        t = ids.shape[0]
+        bounds = segment_bounds(segments) if segments is not None else [(0, t)]
+        kv = torch.empty(2, self.num_layers, t, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        h = self.embed(ids)  # [T, hidden]
+        cos, sin = self.rope(positions)
+        for layer in range(self.num_layers):
+            q, k, v = self.qkv(layer, h, cos, sin)
+            kv[0, layer], kv[1, layer] = k, v
+            h = self.attend_segments(layer, h, q, k, v, bounds)
+        return kv
+
+    @torch.inference_mode()
+    def forward_kv_masked(
+        self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Reference for `forward_kv`: one attention over all T tokens with a block-diagonal [T, T] mask."""
         t = ids.shape[0]
         mask = None
         if segments is not None:
@@ -153,3 +187,13 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def segment_bounds(segments: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of equal values in `segments` [T]; every segment id must form one run."""
+    seg = segments.cpu()
+    change = (torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1).tolist()
+    starts = [0] + change
+    bounds = list(zip(starts, change + [len(seg)]))
+    assert len(bounds) == len(torch.unique(seg)), "forward_kv: each segment id must be one contiguous run"
+    return bounds

@@ -93,6 +93,15 @@ class VectorIndex:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         return self.index.search(queries, k)
 
+    def describe(self) -> str:
+        """The built structure and its search parameters, e.g. `ivf nlist=206 nprobe=8`."""
+        inner = faiss.downcast_index(self.index.index)
+        if isinstance(inner, faiss.IndexIVF):
+            return f"ivf nlist={inner.nlist} nprobe={inner.nprobe}"
+        if isinstance(inner, faiss.IndexHNSW):
+            return f"hnsw M={self.config.hnsw_m} efSearch={inner.hnsw.efSearch}"
+        return "flat (exact)"
+
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write `path` (faiss) and `path.json` (manifest) atomically, the manifest last."""
