@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,37 +95,46 @@ class ModelAdapter(ABC):
         q: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        mask: torch.Tensor | None,
+        query_positions: torch.Tensor | None = None,
+        segments: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        """Attention of q [T, H_q, D] over keys/values [1, H_kv, N, D], then MLP: new h [T, hidden].
+        """Attention of q [T, H_q, D] over keys/values [1, H_kv, N, D] (key j at position j), then MLP.
 
-        `mask` [T, N] bool (True = may attend); None means plain causal with T == N.
+        Masks: plain causal when T == N and nothing else is given; `query_positions` [T] (sorted) for
+        a subset of queries attending causally by position; `segments` for independent causal
+        sequences packed side by side (block-diagonal). Returns the new hidden states [T, hidden].
         """
-        qh = q.transpose(0, 1)[None]  # [1, H_q, T, D]
-        o = F.scaled_dot_product_attention(
-            qh, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
-        )  # [1, H_q, T, D]
-        return self.finish(layer, h, o[0].transpose(0, 1).reshape(h.shape[0], -1))
-
-    def attend_segments(
-        self, layer: int, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        bounds: list[tuple[int, int]],
-    ) -> torch.Tensor:  # fmt: skip
-        """Varlen attention: q [T, H_q, D] attends causally to k, v [T, H_kv, D] only within its own
-        run [start, end) of `bounds` (one causal SDPA per run, no [T, T] mask); then MLP: new h [T, hidden]."""
-        qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
-        o = torch.cat([
-            F.scaled_dot_product_attention(qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], is_causal=True,
-                                           scale=self.scaling, enable_gqa=True)
-            for a, b in bounds
-        ], dim=2)  # [1, H_q, T, D]  # fmt: skip
-        return self.finish(layer, h, o[0].transpose(0, 1).reshape(h.shape[0], -1))
-
-    def finish(self, layer: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """Output projection of the attention output o [T, H_q * D], residual, then MLP: new h [T, hidden]."""
         block = self.layers[layer]
+        qh = q.transpose(0, 1)[None]  # [1, H_q, T, D]
+        if segments is not None:
+            o = torch.cat([self._sdpa(qh[:, :, s:e], keys[:, :, s:e], values[:, :, s:e]) for s, e in segments], dim=2)
+        elif query_positions is not None:
+            o = self._sdpa_by_position(qh, keys, values, query_positions)
+        else:
+            o = self._sdpa(qh, keys, values)
+        o = o[0].transpose(0, 1).reshape(h.shape[0], -1)  # [T, H_q * D]
         h = h + block.self_attn.o_proj(o)
         return h + block.mlp(block.post_attention_layernorm(h))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[1, H_q, T, D] over [1, H_kv, N, D]; causal when no mask is given."""
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
+        )
+
+    def _sdpa_by_position(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Queries at sorted positions `pos` [T] attend keys 0..pos. Queries are split into blocks and
+        each block reads keys only up to its last position, so masked-out work stays small."""
+        t = q.shape[2]
+        blocks = max(1, min(8, t // 64))
+        key_pos = torch.arange(k.shape[2], device=k.device)  # [N]
+        out = []
+        for idx in torch.arange(t, device=q.device).tensor_split(blocks):
+            p = pos[idx]  # [t_b]
+            end = int(p[-1]) + 1
+            mask = key_pos[None, :end] <= p[:, None]  # [t_b, end]
+            out.append(self._sdpa(q[:, :, idx], k[:, :, :end], v[:, :, :end], mask))
+        return torch.cat(out, dim=2)  # [1, H_q, T, D]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] after the last layer -> logits [T, vocab] (fp32)."""
@@ -135,37 +145,21 @@ class ModelAdapter(ABC):
     def forward_kv(
         self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Every layer's K/V of `ids` [T]: [2, L, T, H_kv, D]. `segments` [T] (contiguous runs, e.g. packed
-        chunks) keeps attention within each run; computed varlen, equal to `forward_kv_masked`."""
+        """Every layer's K/V of `ids` [T]: [2, L, T, H_kv, D]. `segments` [T] (contiguous ids) packs
+        independent sequences: each attends only within itself."""
         t = ids.shape[0]
-        bounds = segment_bounds(segments) if segments is not None else [(0, t)]
-        kv = torch.empty(2, self.num_layers, t, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
-        h = self.embed(ids)  # [T, hidden]
-        cos, sin = self.rope(positions)
-        for layer in range(self.num_layers):
-            q, k, v = self.qkv(layer, h, cos, sin)
-            kv[0, layer], kv[1, layer] = k, v
-            h = self.attend_segments(layer, h, q, k, v, bounds)
-        return kv
-
-    @torch.inference_mode()
-    def forward_kv_masked(
-        self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Reference for `forward_kv`: one attention over all T tokens with a block-diagonal [T, T] mask."""
-        t = ids.shape[0]
-        mask = None
+        spans = None
         if segments is not None:
-            seg = segments.to(self.device)
-            idx = torch.arange(t, device=self.device)
-            mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # [T, T]
+            change = (segments[1:] != segments[:-1]).nonzero().flatten() + 1  # segment boundaries
+            edges = [0, *change.tolist(), t]
+            spans = list(zip(edges[:-1], edges[1:]))
         kv = torch.empty(2, self.num_layers, t, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
         h = self.embed(ids)  # [T, hidden]
         cos, sin = self.rope(positions)
         for layer in range(self.num_layers):
             q, k, v = self.qkv(layer, h, cos, sin)
             kv[0, layer], kv[1, layer] = k, v
-            h = self.attend(layer, h, q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask)
+            h = self.attend(layer, h, q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], segments=spans)
         return kv
 
     # -- identity -------------------------------------------------------------------------------
@@ -187,13 +181,3 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def segment_bounds(segments: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) of each run of equal values in `segments` [T]; every segment id must form one run."""
-    seg = segments.cpu()
-    change = (torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1).tolist()
-    starts = [0] + change
-    bounds = list(zip(starts, change + [len(seg)]))
-    assert len(bounds) == len(torch.unique(seg)), "forward_kv: each segment id must be one contiguous run"
-    return bounds

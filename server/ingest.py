@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..chunk_cache import ChunkKey, precompute_many
 from ..retriever import Document, DocumentUpdate, LoadError, Retriever, RetrieverConfig, find_files, load_file
+from ..storage import StorageConfig, TierConfig, TieredStore, build_store
 
 
 @dataclass(frozen=True)
@@ -237,16 +238,12 @@ def catalog_url_for(data_dir: str | Path, catalog_url: str | None = None) -> str
     return catalog_url or f"sqlite:///{Path(data_dir).expanduser() / 'catalog.sqlite'}"
 
 
-def open_store(data_dir: str | Path, catalog_url: str | None = None):
-    """(store, persistent): the configured tiered store with its disk tier under DATA_DIR/cache when this
-    build has one, else an in-memory store (KV then lives only for this process)."""
-    from .. import storage
-
-    if hasattr(storage, "build_store") and hasattr(storage, "StorageConfig"):
-        cfg = storage.StorageConfig(disk_dir=str(Path(data_dir).expanduser() / "cache"),
-                                    catalog_url=catalog_url_for(data_dir, catalog_url))  # fmt: skip
-        return storage.build_store(cfg), True
-    return storage.TieredStore([storage.MemoryTier()]), False
+def open_store(data_dir: str | Path, catalog_url: str | None = None, capacity_bytes: int = 32 << 30) -> TieredStore:
+    """A store whose `put` lands on the disk tier under DATA_DIR/cache (sharing the catalog database),
+    so KV precomputed by an ingest process outlives it."""
+    cfg = StorageConfig(tiers=(TierConfig("disk", capacity_bytes),), disk_dir=str(Path(data_dir).expanduser() / "cache"),
+                        catalog_url=catalog_url_for(data_dir, catalog_url))  # fmt: skip
+    return build_store(cfg)
 
 
 def open_retriever(data_dir: str | Path, model: str = "smollm2", config: RetrieverConfig | None = None,
@@ -261,10 +258,9 @@ def open_retriever(data_dir: str | Path, model: str = "smollm2", config: Retriev
 
 def open_parts(data_dir: str | Path, model: str = "smollm2", config: RetrieverConfig | None = None,
                catalog_url: str | None = None):  # fmt: skip
-    """(adapter, store, retriever, store_is_persistent) for DATA_DIR."""
+    """(adapter, store, retriever) for DATA_DIR."""
     from ..adapters import load_adapter
 
     adapter = load_adapter(model, data_dir=data_dir)
     retriever = open_retriever(data_dir, model, config, catalog_url, adapter=adapter)
-    store, persistent = open_store(data_dir, catalog_url)
-    return adapter, store, retriever, persistent
+    return adapter, open_store(data_dir, catalog_url), retriever

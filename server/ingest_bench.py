@@ -1,8 +1,8 @@
 """Ingestion-throughput benchmark: chunk KV precompute one chunk per pass vs prepacked passes.
 
-Modes: `one-by-one` (max_tokens_per_pass=0), `packed-mask` (prepacked with the reference
-block-diagonal [T, T] mask, `forward_kv_masked`) and `packed-varlen` (prepacked, one causal
-attention per chunk: what `precompute_many` uses). Modes are interleaved and repeated; the table shows
+Modes: `one-by-one` (max_tokens_per_pass=0), `packed-mask` (prepacked, one attention over the pass
+with a block-diagonal [T, T] mask: the first prepacked path) and `packed-varlen` (prepacked, one
+causal attention per chunk: what `ModelAdapter.forward_kv` does now). Modes are interleaved and repeated; the table shows
 the median tokens/s. `python -m ragkv.server.ingest_bench --chunk-tokens 64,256 --out results.json`
 """
 
@@ -22,12 +22,33 @@ from ..chunk_cache import precompute_many
 
 
 class _Masked:
-    """The adapter seen through its mask-based reference forward (for the `packed-mask` mode)."""
+    """The adapter with the previous prepacked path: one attention over the whole pass with a
+    block-diagonal [T, T] mask (for the `packed-mask` mode; same math as `forward_kv`)."""
 
     def __init__(self, adapter) -> None:
+        self.a = adapter
         self.fingerprint, self.tokenizer_fingerprint = adapter.fingerprint, adapter.tokenizer_fingerprint
         self.sink_ids = adapter.sink_ids
-        self.forward_kv = adapter.forward_kv_masked
+
+    @torch.inference_mode()
+    def forward_kv(self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        a, t = self.a, ids.shape[0]
+        mask = None
+        if segments is not None:
+            idx = torch.arange(t, device=a.device)
+            seg = segments.to(a.device)
+            mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # [T, T]
+        kv = torch.empty(2, a.num_layers, t, a.num_kv_heads, a.head_dim, dtype=a.dtype, device=a.device)
+        h = a.embed(ids)  # [T, hidden]
+        cos, sin = a.rope(positions)
+        for layer in range(a.num_layers):
+            q, k, v = a.qkv(layer, h, cos, sin)
+            kv[0, layer], kv[1, layer] = k, v
+            o = a._sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask)  # [1, H_q, T, D]
+            block = a.layers[layer]
+            h = h + block.self_attn.o_proj(o[0].transpose(0, 1).reshape(t, -1))
+            h = h + block.mlp(block.post_attention_layernorm(h))
+        return kv
 
 
 def main(argv: list[str] | None = None) -> int:

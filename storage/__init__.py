@@ -1,7 +1,21 @@
-"""Where chunk KV bytes live: tiers (GPU/CPU memory, disk, remote) and the TieredStore policy."""
+"""Where chunk KV bytes live: tiers (GPU/CPU memory, disk + SQL catalog) and the TieredStore policy.
 
+Read path for the Engine: `lookup(keys)` -> `with pinned(keys):` -> `get_layered(key, device)` and
+`.layer(l)` per layer -> (unpin promotes lower-tier hits). Write path: `put(key, kv)` after precompute.
+"""
+
+from .config import StorageConfig, TierConfig, build_store, parse_bytes
+from .disk import CheckReport, DiskTier
+from .layered import EncodedLayers, ResidentKV, materialize
 from .memory import MemoryTier
-from .tier import Tier
-from .tiered import StoreStats, TieredStore
+from .policy import POLICIES, CostAwarePolicy, LRUPolicy, Policy, make_policy
+from .stats import StoreStats, TierStats
+from .tier import EntryInfo, Tier, TierWriteError
+from .tiered import TieredStore
 
-__all__ = ["Tier", "MemoryTier", "TieredStore", "StoreStats"]
+__all__ = [
+    "Tier", "EntryInfo", "TierWriteError", "MemoryTier", "DiskTier", "CheckReport", "TieredStore",
+    "StoreStats", "TierStats", "StorageConfig", "TierConfig", "build_store", "parse_bytes",
+    "Policy", "LRUPolicy", "CostAwarePolicy", "POLICIES", "make_policy",
+    "EncodedLayers", "ResidentKV", "materialize",
+]  # fmt: skip

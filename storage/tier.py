@@ -1,41 +1,94 @@
 """The `Tier` interface: one place chunk KV bytes can live (GPU, CPU, disk, remote).
 
-`lookup` is cheap and side-effect free (no I/O, no LRU touch); `get`/`put`/`remove` do the I/O.
-A miss is `None`, never an exception.
+`lookup` and `info` are cheap and side-effect free (no I/O, no recency update); `get`/`put`/`remove`
+do the I/O. `get` returns a `LayeredKV` that may decode one layer at a time. A miss is `None`,
+never an exception; a write that cannot be done raises `TierWriteError` and keeps existing entries.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from dataclasses import dataclass
 
-from ..chunk_cache import ChunkKey, ChunkKV
+import torch
+
+from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
+from ..compression import Codec, get_codec
+
+
+class TierWriteError(RuntimeError):
+    """A tier could not store an entry (full disk, unwritable directory, catalog down)."""
+
+
+@dataclass
+class EntryInfo:
+    """What a tier knows about one entry without reading it; the eviction policy's input."""
+
+    key: ChunkKey
+    nbytes: int  # bytes the entry takes in this tier
+    num_tokens: int
+    cost: float  # recompute cost (defaults to num_tokens)
+    hits: int = 0  # reuse frequency
+    last_access: int = 0  # logical clock of the store
+    priority: float = 0.0  # the policy's score (lowest is evicted first)
+
+
+def resolve_codec(codec: str | Codec) -> Codec:
+    """A codec instance from a name or an instance."""
+    return get_codec(codec) if isinstance(codec, str) else codec
 
 
 class Tier(ABC):
-    """One storage tier."""
+    """One storage tier with a byte budget; the `TieredStore` decides what to evict."""
 
     name: str
+    capacity_bytes: int
+    codec: Codec
+    device: torch.device  # where `get` decodes to by default
+    corrupt: int = 0  # entries found corrupt on read (dropped, never served)
 
     @abstractmethod
     def lookup(self, key: ChunkKey) -> bool:
         """Whether `key` is here, without I/O or side effects."""
 
     @abstractmethod
-    def get(self, key: ChunkKey) -> ChunkKV | None:
-        """The entry, or None on a miss."""
+    def info(self, key: ChunkKey) -> EntryInfo | None:
+        """The entry's bookkeeping (mutable, owned by the tier), without I/O."""
 
     @abstractmethod
-    def put(self, key: ChunkKey, kv: ChunkKV) -> None:
-        """Store (or replace) an entry."""
+    def infos(self) -> list[EntryInfo]:
+        """Bookkeeping of every entry (a snapshot list)."""
+
+    @abstractmethod
+    def get(self, key: ChunkKey, device: torch.device | str | None = None) -> LayeredKV | None:
+        """The entry, readable layer by layer on `device`, or None (missing or corrupt)."""
+
+    @abstractmethod
+    def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, hits: int = 0) -> EntryInfo:
+        """Store (or replace) an entry through this tier's codec; raises TierWriteError if it cannot."""
 
     @abstractmethod
     def remove(self, key: ChunkKey) -> bool:
         """Drop an entry; True if it was there."""
 
+    @property
     @abstractmethod
-    def keys(self) -> Iterator[ChunkKey]:
+    def nbytes(self) -> int:
+        """Bytes held by all entries."""
+
+    def keys(self) -> list[ChunkKey]:
         """Every key held here."""
+        return [i.key for i in self.infos()]
+
+    def touched(self, key: ChunkKey) -> None:
+        """The store changed this entry's hits/recency/priority; persistent tiers note it for `flush`."""
+
+    def flush(self) -> None:
+        """Persist bookkeeping (hits, recency); a no-op for memory tiers."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
+        self.flush()
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.keys())
+        return len(self.infos())

@@ -1,51 +1,237 @@
-"""TieredStore: the store the Engine reads chunk KV through, over an ordered list of tiers.
+"""TieredStore: the policy over an ordered list of tiers (fastest first) that the Engine reads through.
 
-`lookup` says which tier holds each key without I/O; `get` reads from the fastest tier that has it.
+`lookup` says where each key lives without I/O; `get_layered` reads from the fastest tier holding it
+(lazily, layer by layer) and promotes a lower-tier hit to the first tier (after the request, when
+the key is pinned); `put` stores in the first tier; a tier over budget evicts by its policy and
+demotes the victim to the next tier. Pinned keys are never evicted. Copies are inclusive: a promoted
+entry keeps its lower copy, so demoting it again costs no write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
-from ..chunk_cache import ChunkKey, ChunkKV
-from .tier import Tier
+import torch
 
+from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
+from .layered import materialize
+from .policy import make_policy
+from .stats import StoreStats, TierStats
+from .tier import Tier, TierWriteError
 
-@dataclass
-class StoreStats:
-    """Counters of a TieredStore."""
-
-    hits: dict[str, int] = field(default_factory=dict)
-    misses: int = 0
-    puts: int = 0
+log = logging.getLogger(__name__)
 
 
 class TieredStore:
-    """Ordered tiers, fastest first."""
+    """Ordered tiers, fastest first, with one eviction policy (`lru` or `cost`) per tier."""
 
-    def __init__(self, tiers: Sequence[Tier]) -> None:
+    def __init__(
+        self, tiers: Sequence[Tier], policy: str = "lru", promote: bool = True, read_threads: int = 4
+    ) -> None:
         if not tiers:
             raise ValueError("TieredStore needs at least one tier")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
         self.tiers = list(tiers)
-        self.stats = StoreStats(hits={t.name: 0 for t in self.tiers})
+        self.policy = policy
+        self.policies = [make_policy(policy) for _ in self.tiers]
+        self.promote = promote
+        infos = [t.infos() for t in self.tiers]
+        for p, tier_infos in zip(self.policies, infos):
+            p.restore(tier_infos)
+        self._clock = 1 + max((i.last_access for ti in infos for i in ti), default=0)
+        self._lock = threading.RLock()
+        self._pins: Counter[ChunkKey] = Counter()
+        self._pending: dict[ChunkKey, int] = {}  # deferred promotions: key -> tier index of the hit
+        self._hits = Counter({n: 0 for n in names})
+        self._evictions = Counter({n: 0 for n in names})
+        self._count = Counter()
+        self._last_error: str | None = None
+        self.read_threads = read_threads
+        self._pool: ThreadPoolExecutor | None = None
 
+    # -- the read path: lookup -> pin -> get_layered (per layer) -> unpin ---------------------------
     def lookup(self, keys: Sequence[ChunkKey]) -> list[str | None]:
-        """For each key, the name of the fastest tier holding it, or None."""
+        """For each key, the name of the fastest tier holding it, or None; no I/O, no side effects."""
         return [next((t.name for t in self.tiers if t.lookup(k)), None) for k in keys]
 
-    def get(self, key: ChunkKey) -> ChunkKV | None:
-        for tier in self.tiers:
-            kv = tier.get(key)
-            if kv is not None:
-                self.stats.hits[tier.name] += 1
-                return kv
-        self.stats.misses += 1
+    def get_layered(self, key: ChunkKey, device: torch.device | str | None = None) -> LayeredKV | None:
+        """The entry from the fastest tier holding it, decoded layer by layer on `device`; None on a miss.
+
+        A corrupt entry is dropped by its tier and the next tier is tried; a hit below the first tier
+        is promoted now, or when the key is unpinned if a request holds it.
+        """
+        for i, tier in enumerate(self.tiers):
+            if not tier.lookup(key):
+                continue
+            kv = tier.get(key, device)  # I/O and checksum outside the store lock
+            if kv is None:
+                continue
+            with self._lock:
+                self._hits[tier.name] += 1
+                info = tier.info(key)
+                if info is not None:
+                    self.policies[i].on_hit(info, self._tick())
+                    tier.touched(key)
+                if i > 0 and self.promote:
+                    if self._pins[key]:
+                        self._pending[key] = i
+                    else:
+                        self._promote(key, i, kv)
+            return kv
+        with self._lock:
+            self._count["misses"] += 1
         return None
 
-    def put(self, key: ChunkKey, kv: ChunkKV) -> None:
-        self.tiers[0].put(key, kv)
-        self.stats.puts += 1
+    def get_layered_many(
+        self, keys: Sequence[ChunkKey], device: torch.device | str | None = None
+    ) -> list[LayeredKV | None]:
+        """`get_layered` for several keys, read and verified in parallel threads (file reads and
+        checksums release the GIL), in the order of `keys`."""
+        if len(keys) <= 1:
+            return [self.get_layered(k, device) for k in keys]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="ragkv-store-read")
+        return list(self._pool.map(lambda k: self.get_layered(k, device), keys))
+
+    def get(self, key: ChunkKey, device: torch.device | str | None = None) -> ChunkKV | None:
+        """The whole entry as one ChunkKV (all layers decoded), or None on a miss."""
+        kv = self.get_layered(key, device)
+        return None if kv is None else materialize(kv, device)
+
+    def pin(self, keys: Iterable[ChunkKey]) -> None:
+        """Keep `keys` from being evicted until as many `unpin` calls."""
+        with self._lock:
+            self._pins.update(keys)
+
+    def unpin(self, keys: Iterable[ChunkKey]) -> None:
+        """Release pins; runs promotions deferred while a key was pinned."""
+        with self._lock:
+            for key in keys:
+                assert self._pins[key] > 0, f"unpin of {key}, which is not pinned"
+                self._pins[key] -= 1
+                if self._pins[key] == 0:
+                    del self._pins[key]
+                    i = self._pending.pop(key, None)
+                    if i is not None and self.tiers[i].lookup(key) and not self.tiers[0].lookup(key):
+                        kv = self.tiers[i].get(key, self.tiers[0].device)
+                        if kv is not None:
+                            self._promote(key, i, kv)
+
+    @contextmanager
+    def pinned(self, keys: Iterable[ChunkKey]) -> Iterator[TieredStore]:
+        """`with store.pinned(keys):` the entries of `keys` stay put while a request uses them."""
+        keys = list(keys)
+        self.pin(keys)
+        try:
+            yield self
+        finally:
+            self.unpin(keys)
+
+    # -- the write path ------------------------------------------------------------------------------
+    def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None) -> str | None:
+        """Store in the first tier that accepts it (recompute `cost` defaults to the token count).
+
+        Returns the tier now holding it, or None if no tier could (errors are logged and counted).
+        """
+        with self._lock:
+            self._count["puts"] += 1
+            for i in range(len(self.tiers)):
+                if self._insert(i, key, kv, cost, 0):
+                    break
+            return self.lookup([key])[0]
 
     def remove(self, key: ChunkKey) -> bool:
-        return any([t.remove(key) for t in self.tiers])
+        """Drop `key` from every tier; True if any held it."""
+        with self._lock:
+            self._pending.pop(key, None)
+            return any([t.remove(key) for t in self.tiers])
+
+    # -- stats and lifecycle ------------------------------------------------------------------------
+    def stats(self) -> StoreStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            tiers = [
+                TierStats(t.name, t.codec.name, len(t), t.nbytes, t.capacity_bytes, self._hits[t.name],
+                          self._evictions[t.name], t.corrupt)
+                for t in self.tiers
+            ]  # fmt: skip
+            c = self._count
+            return StoreStats(
+                tiers, misses=c["misses"], puts=c["puts"], promotions=c["promotions"],
+                demotions=c["demotions"], dropped=c["dropped"], write_errors=c["write_errors"],
+                last_error=self._last_error,
+            )  # fmt: skip
+
+    def flush(self) -> None:
+        """Persist bookkeeping of persistent tiers."""
+        with self._lock:
+            for t in self.tiers:
+                t.flush()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        with self._lock:
+            for t in self.tiers:
+                t.close()
+
+    # -- internals (called with the lock held) ------------------------------------------------------
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _insert(self, i: int, key: ChunkKey, kv: ChunkKV, cost: float | None, hits: int) -> bool:
+        """Put into tier i and fit it to its budget; True if the entry is in tier i or below after."""
+        tier = self.tiers[i]
+        try:
+            info = tier.put(key, kv, cost, hits)
+        except TierWriteError as err:
+            log.warning("%s", err)
+            self._count["write_errors"] += 1
+            self._last_error = str(err)
+            return False
+        self.policies[i].on_insert(info, self._tick())
+        tier.touched(key)
+        self._fit(i)
+        return True
+
+    def _fit(self, i: int) -> None:
+        tier = self.tiers[i]
+        while tier.nbytes > tier.capacity_bytes:
+            victim = self.policies[i].victim(tier.infos(), exclude=set(self._pins))
+            if victim is None:
+                log.warning("tier %r over budget (%d > %d bytes): every entry is pinned",
+                            tier.name, tier.nbytes, tier.capacity_bytes)  # fmt: skip
+                return
+            self._evict(i, victim.key)
+
+    def _evict(self, i: int, key: ChunkKey) -> None:
+        """Move `key` out of tier i: demoted to tier i+1 (unless already there), dropped from the last."""
+        tier = self.tiers[i]
+        below = self.tiers[i + 1] if i + 1 < len(self.tiers) else None
+        info = tier.info(key)
+        kv = tier.get(key, below.device) if below is not None and not below.lookup(key) else None
+        chunk = materialize(kv) if kv is not None else None
+        tier.remove(key)
+        if info is not None:
+            self.policies[i].on_evict(info)
+        self._evictions[tier.name] += 1
+        if below is None:
+            self._count["dropped"] += 1
+        elif below.lookup(key):
+            self._count["demotions"] += 1
+        elif chunk is not None and self._insert(i + 1, key, chunk, info.cost if info else None, info.hits if info else 0):
+            self._count["demotions"] += 1
+
+    def _promote(self, key: ChunkKey, i: int, kv: LayeredKV) -> None:
+        info = self.tiers[i].info(key)
+        chunk = materialize(kv, self.tiers[0].device)
+        if self._insert(0, key, chunk, info.cost if info else None, info.hits if info else 0):
+            self._count["promotions"] += 1

@@ -51,6 +51,10 @@ def test_cli_ingest_then_retrieve(tmp_path, capsys, smollm2):
     assert _cli(["ingest", str(docs), "--data-dir", str(data_dir), "--quiet", "--json"]) == 1  # bad.bin failed
     report = json.loads(capsys.readouterr().out)
     assert report["documents_added"] == 2 and len(report["errors"]) == 1 and "bad.bin" in report["errors"][0]["path"]
+    assert report["kv_computed"] == 2 and (data_dir / "cache").is_dir()  # KV went to the persistent disk tier
+    assert _cli(["ingest", str(docs / "paris.txt"), "--data-dir", str(data_dir), "--quiet", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["documents_unchanged"] == 1 and again["kv_cached"] == 1 and again["kv_computed"] == 0
     assert _cli(["retrieve", "When was the Eiffel Tower built?", "-k", "2", "--data-dir", str(data_dir), "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert [Path(h["doc_id"]).name for h in hits] == ["paris.txt", "tokyo.md"]

@@ -48,17 +48,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("nothing to do: give PATH... to ingest and/or --remove DOC_ID...")
     ingest_cfg = IngestConfig(compute_kv=not args.no_kv, kv_batch_tokens=args.batch_tokens,
                               max_tokens_per_pass=args.pass_tokens, progress=not args.quiet)  # fmt: skip
-    adapter, store, retriever, persistent = open_parts(args.data_dir, args.model, retriever_config(args),
+    adapter, store, retriever = open_parts(args.data_dir, args.model, retriever_config(args),
                                                        args.catalog_url)  # fmt: skip
-    if not persistent and ingest_cfg.compute_kv:
-        print("note: this build has no persistent KV store; writing catalog and index only "
-              "(chunk KV is computed on first use)", file=sys.stderr)  # fmt: skip
-        ingest_cfg = IngestConfig(**{**asdict(ingest_cfg), "compute_kv": False})
     ingester = Ingester(adapter, store, retriever, ingest_cfg)
     removed = ingester.remove(args.remove) if args.remove else ()
     report = ingester.ingest(args.paths) if args.paths else None
-    if hasattr(store, "close"):
-        store.close()
+    store.close()
     retriever.close()
     if args.json:
         out = asdict(report) if report else {}

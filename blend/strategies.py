@@ -1,0 +1,110 @@
+"""Fusion strategies behind one interface: which tokens are computed from layer 0, which cached KV
+is reused, and how the computed set is narrowed at check layers.
+
+`full` reuses nothing (the baseline); `prefix` reuses only an exact prompt prefix (what vLLM/SGLang
+do); `naive` reuses every chunk and computes only fresh tokens; `cacheblend` recomputes the tokens
+whose KV deviates most; `epic` recomputes the first tokens of every chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+from .config import BlendConfig, validate
+from .plan import BlendPlan
+from .select import budget, keep_top
+
+
+class Strategy(ABC):
+    """How one plan is fused."""
+
+    name: str
+    reuse: str = "chunks"  # which cached KV the engine loads: "none", "prefix" or "chunks"
+
+    def __init__(self, ratio: float = 0.0, config: BlendConfig = BlendConfig()) -> None:
+        validate(self.name, ratio)
+        self.ratio = float(ratio)
+        self.config = config
+
+    @abstractmethod
+    def initial_tokens(self, plan: BlendPlan, cached: torch.Tensor) -> torch.Tensor:
+        """[N] bool of tokens computed from layer 0 on; `cached` [N] marks rows loaded from cache."""
+
+    def check_layers(self) -> tuple[int, ...]:
+        """Layers at which `narrow` is called (none by default)."""
+        return ()
+
+    def narrow(self, step: int, is_cached: torch.Tensor, deviation: torch.Tensor, num_cached: int) -> torch.Tensor:
+        """At the `step`-th check layer: [S] bool of active tokens to keep computing."""
+        return torch.ones_like(is_cached)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name in ("full", "prefix", "naive") else f"{self.name}@{self.ratio:g}"
+
+
+class Full(Strategy):
+    name, reuse = "full", "none"
+
+    def initial_tokens(self, plan, cached):
+        return torch.ones(plan.num_tokens, dtype=torch.bool)
+
+
+class Prefix(Strategy):
+    name, reuse = "prefix", "prefix"
+
+    def initial_tokens(self, plan, cached):
+        return ~cached
+
+
+class Naive(Strategy):
+    name = "naive"
+
+    def initial_tokens(self, plan, cached):
+        return ~cached
+
+
+class CacheBlend(Strategy):
+    """Layers before the first check layer run in full; each check layer keeps the most deviating
+    tokens, a larger set first (gradual filtering), `ratio` of the chunk tokens at the last."""
+
+    name = "cacheblend"
+
+    def initial_tokens(self, plan, cached):
+        if self.ratio == 0.0:  # nothing to recompute: exactly naive, no full layers
+            return ~cached
+        return torch.ones(plan.num_tokens, dtype=torch.bool)
+
+    def check_layers(self):
+        return self.config.check_layers if self.ratio > 0.0 else ()
+
+    def fraction(self, step: int) -> float:
+        later = len(self.check_layers()) - 1 - step
+        return min(1.0, self.ratio * self.config.gradual_factor**later)
+
+    def narrow(self, step, is_cached, deviation, num_cached):
+        return keep_top(is_cached, deviation, budget(self.fraction(step), num_cached))
+
+
+class Epic(Strategy):
+    """EPIC's position-independent caching: recompute the first ceil(ratio * len) tokens of each chunk."""
+
+    name = "epic"
+
+    def initial_tokens(self, plan, cached):
+        active = ~cached
+        for start, end in plan.chunk_spans:
+            active[start : start + math.ceil(self.ratio * (end - start) - 1e-9)] = True
+        return active
+
+
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {c.name: c for c in (Full, Prefix, Naive, CacheBlend, Epic)}
+
+
+def make_strategy(name: str, ratio: float = 0.0, config: BlendConfig = BlendConfig()) -> Strategy:
+    """The strategy called `name` at recompute ratio `ratio` (unknown names fail listing the known)."""
+    validate(name, ratio)
+    return STRATEGY_CLASSES[name](ratio, config)

@@ -1,0 +1,28 @@
+"""Answer: what `Engine.generate` returns: the text and where the time to first token went."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer with its TTFT breakdown (milliseconds) and cache accounting."""
+
+    text: str
+    token_ids: list[int]
+    strategy: str
+    recompute_ratio: float
+    ttft_ms: float
+    parts_ms: dict[str, float]  # lookup, precompute (misses), load, rerotate, recompute, first_token
+    recompute_fraction: float
+    prompt_tokens: int
+    hits: dict[str, int] = field(default_factory=dict)  # per tier
+    misses: int = 0
+    decode_ms: float = 0.0
+    first_logits: object = None  # torch.Tensor [vocab]; kept out of to_dict()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("first_logits")
+        return d

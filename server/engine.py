@@ -1,0 +1,195 @@
+"""Engine: the one facade. Chunk KV is looked up (precomputed on a miss), laid out in a plan, fused
+by a strategy in the blend loop, and decoded: `prepare(...)` returns the merged cache for
+`model.generate`; `generate(...)` returns an `Answer` with TTFT and its parts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..adapters import ModelAdapter, load_adapter
+from ..blend import BlendPlan, blend, make_plan, make_strategy, to_dynamic_cache
+from ..blend.loop import BlendResult
+from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
+from ..storage import MemoryTier, TieredStore
+from .answer import Answer
+from .config import EngineConfig
+from .decode import decode
+from .prompt import PromptTemplate
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Engine:
+    """RAG generation over cached chunk KV."""
+
+    def __init__(self, model: ModelAdapter, store: TieredStore, config: EngineConfig = EngineConfig(),
+                 template: PromptTemplate = PromptTemplate()) -> None:
+        self.model = model
+        self.store = store
+        self.config = config
+        self.template = template
+
+    @classmethod
+    def from_pretrained(cls, model: str = "smollm2", config: EngineConfig | None = None, **overrides) -> Engine:
+        """Load `model` (alias `smollm2`, a local path or a cached HF id) with an in-memory chunk store."""
+        config = config or EngineConfig.from_env(model=model, **overrides)
+        adapter = load_adapter(config.model, data_dir=config.data_dir, device=config.device,
+                               dtype=_dtype(config.dtype))
+        tier = MemoryTier(config.memory_bytes, device=config.device, dtype=_dtype(config.kv_dtype))
+        return cls(adapter, TieredStore([tier]), config)
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def tokenize_chunks(self, documents: Sequence[str]) -> list[list[int]]:
+        """Each document's own token ids (one chunk per document)."""
+        ids = [self.template.chunk_ids(self.tokenizer, d) for d in documents]
+        for i, c in enumerate(ids):
+            if not c:
+                raise ValueError(f"document {i} is empty: every document needs at least one token")
+        return ids
+
+    def ensure_cached(self, chunks: Sequence[Sequence[int]], namespace: str | None = None
+                      ) -> tuple[list[ChunkKey], dict[str, int], int]:
+        """Keys of `chunks`, precomputing and storing the misses; returns (keys, hits per tier, misses)."""
+        keys = [chunk_key(self.model, c, namespace or self.config.namespace) for c in chunks]
+        where = self.store.lookup(keys)
+        hits: dict[str, int] = {}
+        for tier in where:
+            if tier is not None:
+                hits[tier] = hits.get(tier, 0) + 1
+        missing = {k: c for k, c, w in zip(keys, chunks, where) if w is None}  # dedup repeated chunks
+        if missing:
+            computed = precompute_many(self.model, list(missing.values()), self.config.prepack_tokens)
+            for key, kv in zip(missing, computed):
+                self.store.put(key, kv)
+        return keys, hits, sum(w is None for w in where)
+
+    def _sources(self, plan: BlendPlan, keys: Sequence[ChunkKey]) -> list[tuple[int, LayeredKV]]:
+        sources = []
+        for (start, _), key in zip(plan.chunk_spans, keys):
+            kv = self.store.get(key)
+            if kv is None:  # evicted between lookup and read: the caller retries via ensure_cached
+                raise LookupError(f"chunk {key} vanished from the store")
+            sources.append((start, kv))
+        return sources
+
+    def _prefix_source(self, plan: BlendPlan, namespace: str) -> list[tuple[int, LayeredKV]]:
+        """Exact-prefix reuse: the KV of the prompt's prefix, computed from position 0."""
+        prefix = plan.input_ids[: plan.prefix_len].tolist()
+        key = ChunkKey.of(self.model.fingerprint + ":prefix", self.model.tokenizer_fingerprint, prefix, namespace)
+        kv = self.store.get(key)
+        if kv is None:
+            kv = ChunkKV(self.model.forward_kv(torch.tensor(prefix), torch.arange(len(prefix))), pos0=0)
+            self.store.put(key, kv)
+        return [(0, kv)]
+
+    # -- the query path -------------------------------------------------------------------------
+    def plan(self, question: str, chunks: Sequence[Sequence[int]]) -> BlendPlan:
+        prefix, query, sep = self.template.render(self.tokenizer, question)
+        return make_plan(prefix, chunks, query, sep)
+
+    def run(self, question: str, documents: Sequence[str] | None = None, *, chunks: Sequence[Sequence[int]] | None = None,
+            strategy: str | None = None, recompute_ratio: float | None = None, namespace: str | None = None
+            ) -> tuple[BlendPlan, BlendResult, dict[str, float], dict[str, int], int]:
+        """Plan and fuse one prompt: (plan, blend result, parts in ms, hits per tier, misses)."""
+        name = strategy or self.config.blend.strategy
+        ratio = self.config.blend.recompute_ratio if recompute_ratio is None else recompute_ratio
+        fuse = make_strategy(name, ratio, self.config.blend)
+        namespace = namespace or self.config.namespace
+        t0 = time.perf_counter()
+        chunk_ids = list(chunks) if chunks is not None else self.tokenize_chunks(documents or [])
+        plan = self.plan(question, chunk_ids)
+        hits, misses, sources = {}, 0, []
+        t1 = time.perf_counter()
+        if fuse.reuse == "chunks" and chunk_ids:
+            keys, hits, misses = self.ensure_cached(chunk_ids, namespace)
+            sources = self._sources(plan, keys)
+        elif fuse.reuse == "prefix" and plan.prefix_len > 1:
+            sources = self._prefix_source(plan, namespace)
+        t2 = time.perf_counter()
+        result = blend(self.model, plan, fuse, sources)
+        parts = {"lookup": (t1 - t0) * 1e3, "precompute": (t2 - t1) * 1e3}
+        parts.update({k: v * 1e3 for k, v in result.seconds.items() if k != "total"})
+        return plan, result, parts, hits, misses
+
+    def decode_answer(self, result: BlendResult, max_new_tokens: int, temperature: float = 0.0) -> list[int]:
+        """Greedy (or sampled) answer token ids from a blend result, EOS excluded."""
+        eos = self.eos_ids
+        tokens = []
+        for token in decode(self.model.model, to_dynamic_cache(result), result.logits, max_new_tokens, eos, temperature):
+            if token in eos:
+                break
+            tokens.append(token)
+        return tokens
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, result: BlendResult, forced: torch.Tensor) -> torch.Tensor:
+        """Logits [P, vocab] at each of the P positions of `forced` [P] fed after the prompt."""
+        if forced.numel() == 1:
+            return result.logits[None]
+        out = self.model.model(input_ids=forced[None, :-1].to(self.model.device),
+                               past_key_values=to_dynamic_cache(result), use_cache=True)
+        return torch.cat([result.logits[None], out.logits[0].float()])  # [P, vocab]
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = (self.tokenizer.eos_token_id, getattr(self.model.config, "eos_token_id", None))
+        return {i for i in ids if isinstance(i, int)}
+
+    def prepare(self, question: str, documents: Sequence[str] | None = None, **kwargs):
+        """(DynamicCache of all but the last prompt token, input_ids [1, N]) for `model.generate`."""
+        plan, result, *_ = self.run(question, documents, **kwargs)
+        return to_dynamic_cache(result, plan.num_tokens - 1), plan.input_ids[None].to(self.model.device)
+
+    def generate(self, question: str, documents: Sequence[str] | None = None, *, chunks=None,
+                 strategy: str | None = None, recompute_ratio: float | None = None, max_new_tokens: int | None = None,
+                 stream: bool = False, namespace: str | None = None, temperature: float = 0.0):
+        """Answer `question` over `documents` (texts) or `chunks` (token ids): an `Answer`, or with
+        `stream=True` an iterator of text pieces whose last item is the `Answer`."""
+        events = self._generate(question, documents, chunks, strategy, recompute_ratio,
+                                max_new_tokens or self.config.max_new_tokens, namespace, temperature)
+        if stream:
+            return events
+        *_, answer = events
+        return answer
+
+    def _generate(self, question, documents, chunks, strategy, ratio, max_new_tokens, namespace, temperature
+                  ) -> Iterator[str | Answer]:
+        t0 = time.perf_counter()
+        plan, result, parts, hits, misses = self.run(question, documents, chunks=chunks, strategy=strategy,
+                                                     recompute_ratio=ratio, namespace=namespace)
+        ttft = (time.perf_counter() - t0) * 1e3
+        cache = to_dynamic_cache(result)
+        eos = self.eos_ids
+        tokens: list[int] = []
+        text = ""
+        for token in decode(self.model.model, cache, result.logits, max_new_tokens, eos, temperature):
+            if token in eos:
+                break
+            tokens.append(token)
+            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            piece, text = full[len(text):], full
+            if piece:
+                yield piece
+        name = strategy or self.config.blend.strategy
+        yield Answer(
+            text=text.strip(), token_ids=tokens, strategy=name,
+            recompute_ratio=self.config.blend.recompute_ratio if ratio is None else ratio,
+            ttft_ms=ttft, parts_ms=parts, recompute_fraction=result.recompute_fraction,
+            prompt_tokens=plan.num_tokens, hits=hits, misses=misses,
+            decode_ms=(time.perf_counter() - t0) * 1e3 - ttft, first_logits=result.logits,
+        )
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join(_DTYPES)}") from None

@@ -1,0 +1,89 @@
+"""StorageConfig: which tiers, their budgets and codecs, where the disk tier lives, which policy.
+
+`server/` composes it (reading `RAGKV_*` there); `build_store(config)` turns it into a TieredStore.
+Capacities are bytes; `parse_bytes("4GiB")` reads the human form for config files and the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .disk import DiskTier
+from .memory import MemoryTier
+from .policy import POLICIES
+from .tier import Tier
+from .tiered import TieredStore
+
+KINDS = ("gpu", "cpu", "disk")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """One tier: `kind` in gpu|cpu|disk, a byte budget, and the codec its entries are stored with."""
+
+    kind: str
+    capacity_bytes: int
+    codec: str = "identity"
+    name: str | None = None  # defaults to `kind`
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown tier kind {self.kind!r}; accepted: {', '.join(KINDS)}")
+        if self.capacity_bytes <= 0:
+            raise ValueError(f"tier {self.kind!r}: capacity_bytes must be > 0, got {self.capacity_bytes}")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The whole store; tiers fastest first (at most one disk tier, last)."""
+
+    tiers: tuple[TierConfig, ...] = field(
+        default_factory=lambda: (TierConfig("cpu", 2 << 30), TierConfig("disk", 32 << 30))
+    )
+    disk_dir: str = ".ragkv/cache"
+    catalog_url: str | None = None  # default: sqlite:///{disk_dir}/catalog.sqlite
+    policy: str = "lru"  # lru | cost
+    promote: bool = True
+    kv_dtype: str | None = "float16"  # entries are stored in this dtype (None: as computed)
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise ValueError("StorageConfig needs at least one tier")
+        if self.kv_dtype is not None and self.kv_dtype not in _DTYPES:
+            raise ValueError(f"unknown kv_dtype {self.kv_dtype!r}; accepted: {', '.join(_DTYPES)} or None")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown eviction policy {self.policy!r}; accepted: {', '.join(POLICIES)}")
+        disks = [i for i, t in enumerate(self.tiers) if t.kind == "disk"]
+        if len(disks) > 1 or (disks and disks[0] != len(self.tiers) - 1):
+            raise ValueError("StorageConfig: at most one disk tier, and it must be the last (slowest)")
+
+
+def build_tier(cfg: TierConfig, storage: StorageConfig) -> Tier:
+    """The tier described by `cfg`."""
+    name = cfg.name or cfg.kind
+    dtype = _DTYPES[storage.kv_dtype] if storage.kv_dtype else None
+    if cfg.kind == "disk":
+        return DiskTier(storage.disk_dir, cfg.capacity_bytes, cfg.codec, storage.catalog_url, name=name, dtype=dtype)
+    device = "cuda" if cfg.kind == "gpu" else "cpu"
+    return MemoryTier(cfg.capacity_bytes, device=device, codec=cfg.codec, name=name, dtype=dtype)
+
+
+def build_store(config: StorageConfig) -> TieredStore:
+    """A TieredStore over the configured tiers (a disk tier reconciles its catalog on the way)."""
+    return TieredStore([build_tier(t, config) for t in config.tiers], policy=config.policy, promote=config.promote)
+
+
+def parse_bytes(text: str | int) -> int:
+    """`"4GiB"`, `"512MB"`, `"1e9"` or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read a byte size from {text!r}; use e.g. 4GiB, 512MB, 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -1,0 +1,74 @@
+"""Lazy `LayeredKV` views that tiers return: one layer is moved or decoded only when it is read.
+
+`ResidentKV` wraps a ChunkKV already in memory (moved to the target device per layer);
+`EncodedLayers` wraps an encoded payload (decoded per layer by its codec). `materialize` turns
+any LayeredKV back into a whole ChunkKV (used when entries move between tiers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..chunk_cache import ChunkKV, LayeredKV
+from ..compression import Codec, EncodedKV
+
+
+class ResidentKV:
+    """A stored ChunkKV read on another device, one layer at a time."""
+
+    def __init__(self, chunk: ChunkKV, device: torch.device) -> None:
+        self.chunk = chunk
+        self.pos0 = chunk.pos0
+        self.device = device
+
+    @property
+    def num_tokens(self) -> int:
+        return self.chunk.num_tokens
+
+    @property
+    def num_layers(self) -> int:
+        return self.chunk.num_layers
+
+    def layer(self, index: int) -> torch.Tensor:
+        """KV of one layer on the target device: [2, T, H_kv, D]."""
+        return self.chunk.layer(index).to(self.device, non_blocking=True)  # [2, T, H, D]
+
+
+class EncodedLayers:
+    """An encoded payload decoded layer by layer on `device` (the bytes are already verified)."""
+
+    def __init__(
+        self, enc: EncodedKV, codec: Codec, pos0: int, num_tokens: int, num_layers: int, device: torch.device
+    ) -> None:
+        self.enc = enc
+        self.codec = codec
+        self.pos0 = pos0
+        self._num_tokens = num_tokens
+        self._num_layers = num_layers
+        self.device = device
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    def layer(self, index: int) -> torch.Tensor:
+        """KV of one layer decoded on the target device: [2, T, H_kv, D]."""
+        if not 0 <= index < self._num_layers:
+            raise IndexError(f"layer {index} out of range for a chunk of {self._num_layers} layers")
+        return self.codec.decode_layer(self.enc, index, device=self.device)  # [2, T, H, D]
+
+
+def materialize(kv: LayeredKV, device: torch.device | str | None = None) -> ChunkKV:
+    """All layers of `kv` as one ChunkKV (on `device`, else where the layers are)."""
+    if isinstance(kv, ChunkKV):
+        return kv if device is None else kv.to(device)
+    if isinstance(kv, ResidentKV):
+        return kv.chunk if device is None else kv.chunk.to(device)
+    if isinstance(kv, EncodedLayers):
+        return ChunkKV(kv.codec.decode(kv.enc, device=device or kv.device).kv, kv.pos0)
+    layers = [kv.layer(i) for i in range(kv.num_layers)]
+    return ChunkKV(torch.stack(layers, dim=1).to(device), kv.pos0)  # [2, L, T, H, D]

@@ -1,0 +1,65 @@
+"""Helpers for the storage tests: tiny chunk KV, keys, a bytes-held codec, the PostgreSQL URL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+import torch
+
+from ragkv.chunk_cache import ChunkKey, ChunkKV
+from ragkv.compression import IdentityCodec
+
+SHAPE = (2, 3, 8, 2, 16)  # [2, L, T, H, D]: 1536 fp16 values, 3 KiB
+_PG_FILE = Path(__file__).resolve().parent.parent / ".ci" / "pg_url"
+
+
+class BytesCodec(IdentityCodec):
+    """Identity bytes under another name, so memory tiers take their encoded (non-tensor) path."""
+
+    name = "test-bytes"
+
+
+def key(i: int, namespace: str = "default") -> ChunkKey:
+    return ChunkKey.of("model", "tok", [i, i + 1], namespace)
+
+
+def chunk(i: int, shape=SHAPE, dtype=torch.float16, pos0: int = 1) -> ChunkKV:
+    g = torch.Generator().manual_seed(i)
+    return ChunkKV(torch.randn(shape, generator=g).to(dtype), pos0)  # [2, L, T, H, D]
+
+
+def same(kv, expected: ChunkKV) -> bool:
+    """Every layer of a LayeredKV equals `expected`, bit for bit."""
+    return (
+        kv.pos0 == expected.pos0
+        and kv.num_layers == expected.num_layers
+        and kv.num_tokens == expected.num_tokens
+        and all(torch.equal(kv.layer(i).cpu(), expected.layer(i)) for i in range(expected.num_layers))
+    )
+
+
+def pg_url() -> str | None:
+    """RAGKV_TEST_PG_URL, else the URL `.ci/postgres.sh` wrote, else None."""
+    url = os.environ.get("RAGKV_TEST_PG_URL")
+    if not url and _PG_FILE.exists():
+        url = _PG_FILE.read_text().strip()
+    return url or None
+
+
+def pg_reachable(url: str) -> str | None:
+    """None if PostgreSQL answers at `url`, else why not."""
+    try:
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        engine.dispose()
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure means: skip
+        return f"{type(err).__name__}: {err}"
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,127 @@
+"""Correctness anchors of the blend on tiny random-init models of every supported family."""
+
+import pytest
+import torch
+
+from ragkv.blend import BlendConfig, blend, kv_tensor, make_plan, make_strategy, rerotate, rotation, to_dynamic_cache
+from ragkv.chunk_cache import precompute, precompute_many
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def _prompt(seed: int = 0, repeat: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    chunks = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (23, 31, 17)]
+    if repeat:
+        chunks.append(chunks[0])
+    prefix = [1] + torch.randint(3, 256, (5,), generator=g).tolist()
+    query = torch.randint(3, 256, (7,), generator=g).tolist()
+    return prefix, chunks, query
+
+
+def _sources(adapter, plan, chunks):
+    return [(start, precompute(adapter, c)) for (start, _), c in zip(plan.chunk_spans, chunks)]
+
+
+def _reference(adapter, plan):
+    with torch.inference_mode():
+        out = adapter.model(plan.input_ids[None], use_cache=True)
+    ref_kv = torch.stack([torch.stack([l.keys[0].transpose(0, 1), l.values[0].transpose(0, 1)])
+                          for l in out.past_key_values.layers], dim=1)  # [2, L, N, H, D]
+    return ref_kv, out.logits[0, -1].float()
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_ratio_one_equals_full_prefill(tiny_adapter, repeat):
+    prefix, chunks, query = _prompt(repeat=repeat)
+    plan = make_plan(prefix, chunks, query, separator_ids=[5])
+    ref_kv, ref_logits = _reference(tiny_adapter, plan)
+    for strategy in (make_strategy("cacheblend", 1.0), make_strategy("epic", 1.0), make_strategy("full")):
+        result = blend(tiny_adapter, plan, strategy, _sources(tiny_adapter, plan, chunks))
+        torch.testing.assert_close(kv_tensor(result), ref_kv, **TOL)
+        torch.testing.assert_close(result.logits, ref_logits, **TOL)
+        assert result.recompute_fraction == 1.0
+
+
+def test_gradual_filtering_at_ratio_one_equals_full(tiny_adapter):
+    prefix, chunks, query = _prompt(seed=3)
+    plan = make_plan(prefix, chunks, query)
+    ref_kv, ref_logits = _reference(tiny_adapter, plan)
+    strategy = make_strategy("cacheblend", 1.0, BlendConfig(check_layers=(1, 2)))
+    result = blend(tiny_adapter, plan, strategy, _sources(tiny_adapter, plan, chunks))
+    torch.testing.assert_close(kv_tensor(result), ref_kv, **TOL)
+    torch.testing.assert_close(result.logits, ref_logits, **TOL)
+
+
+@pytest.mark.parametrize("name", ["naive", "cacheblend"])
+def test_ratio_zero_keeps_rerotated_chunk_rows(tiny_adapter, name):
+    prefix, chunks, query = _prompt(seed=1, repeat=True)
+    plan = make_plan(prefix, chunks, query)
+    sources = _sources(tiny_adapter, plan, chunks)
+    result = blend(tiny_adapter, plan, make_strategy(name, 0.0), sources)
+    merged = kv_tensor(result)  # [2, L, N, H, D]
+    for start, kv in sources:
+        rows = slice(start, start + kv.num_tokens)
+        delta = torch.full((kv.num_tokens,), start - kv.pos0)
+        cos, sin = rotation(delta, tiny_adapter.inv_freq)
+        for layer in range(tiny_adapter.num_layers):
+            torch.testing.assert_close(merged[0, layer, rows], rerotate(kv.kv[0, layer], cos, sin), **TOL)
+            assert torch.equal(merged[1, layer, rows], kv.kv[1, layer])
+    assert result.recompute_fraction == 0.0
+    # The prefix is computed fresh and sees only itself: it must match a full prefill exactly.
+    ref_kv, _ = _reference(tiny_adapter, plan)
+    torch.testing.assert_close(merged[:, :, : plan.prefix_len], ref_kv[:, :, : plan.prefix_len], **TOL)
+    # Query rows are fresh: they differ from what a cached copy would hold only through context.
+    assert torch.isfinite(result.logits).all()
+
+
+def test_cacheblend_recomputes_the_requested_fraction(tiny_adapter):
+    prefix, chunks, query = _prompt(seed=2)
+    plan = make_plan(prefix, chunks, query)
+    result = blend(tiny_adapter, plan, make_strategy("cacheblend", 0.25), _sources(tiny_adapter, plan, chunks))
+    layers = tiny_adapter.num_layers
+    expected = (1 + 1 + (layers - 2) * 0.25) / layers  # layer 0 full, then ceil(0.25 * 71) = 18 of 71
+    assert result.recompute_fraction == pytest.approx((71 + 18 * (layers - 1)) / (71 * layers))
+    assert result.recompute_fraction < expected + 0.05
+
+
+def test_rerotation_by_d_equals_computing_at_d(tiny_adapter):
+    ids = torch.randint(3, 256, (29,), generator=torch.Generator().manual_seed(4))
+    d = 1000
+    at0 = tiny_adapter.forward_kv(ids, torch.arange(29))
+    atd = tiny_adapter.forward_kv(ids, torch.arange(29) + d)
+    cos, sin = rotation(torch.full((29,), d), tiny_adapter.inv_freq)
+    for layer in range(tiny_adapter.num_layers):
+        torch.testing.assert_close(rerotate(at0[0, layer], cos, sin), atd[0, layer], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(at0[1, layer], atd[1, layer], atol=1e-4, rtol=1e-4)
+
+
+def test_prepacked_precompute_equals_one_by_one(tiny_adapter):
+    _, chunks, _ = _prompt(seed=5, repeat=True)
+    packed = precompute_many(tiny_adapter, chunks, max_tokens_per_pass=80)
+    for c, p in zip(chunks, packed):
+        single = precompute(tiny_adapter, c)
+        assert p.pos0 == single.pos0 == len(tiny_adapter.sink_ids)
+        torch.testing.assert_close(p.kv, single.kv, **TOL)
+
+
+def test_dynamic_cache_feeds_generate(tiny_adapter):
+    prefix, chunks, query = _prompt(seed=6)
+    plan = make_plan(prefix, chunks, query)
+    result = blend(tiny_adapter, plan, make_strategy("cacheblend", 1.0), _sources(tiny_adapter, plan, chunks))
+    ids = plan.input_ids[None]
+    with torch.inference_mode():
+        ref = tiny_adapter.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        out = tiny_adapter.model.generate(ids, past_key_values=to_dynamic_cache(result, plan.num_tokens - 1),
+                                          max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert int(out[0, plan.num_tokens]) == int(result.logits.argmax())
+
+
+def test_bad_strategy_and_ratio_are_refused():
+    with pytest.raises(ValueError, match="unknown strategy 'blend'; accepted: full, prefix, naive, cacheblend, epic"):
+        make_strategy("blend", 0.1)
+    with pytest.raises(ValueError, match=r"within \[0, 1\], got 1.5"):
+        make_strategy("cacheblend", 1.5)
+    with pytest.raises(ValueError, match="check layers start at 1"):
+        BlendConfig(check_layers=(0,))

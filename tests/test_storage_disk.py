@@ -1,0 +1,197 @@
+"""Disk tier failure modes: corrupt payloads are misses, crashes leave nothing half-visible, full or
+unwritable disks are reported without losing entries, and a store survives a restart."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from storage_helpers import chunk, key, same
+
+from ragkv.storage import DiskTier, MemoryTier, TieredStore, TierWriteError
+from ragkv.storage import disk as disk_module
+
+
+class Crash(BaseException):
+    """A process dying mid-write: nothing below catches it."""
+
+
+def _files(root):
+    return sorted(p.name for p in (root / "data").rglob("*.kv"))
+
+
+def _tmpfiles(root):
+    return list((root / "tmp").iterdir())
+
+
+def _path(tier: DiskTier, i: int):
+    return tier.root / tier._index[key(i)].file
+
+
+@pytest.fixture
+def tier(tmp_path):
+    t = DiskTier(tmp_path / "cache", 1 << 20)
+    for i in range(2):
+        t.put(key(i), chunk(i))
+    yield t
+    t.close()
+
+
+def _truncate(path):
+    os.truncate(path, path.stat().st_size - 7)
+
+
+def _flip_payload(path):
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _flip_header(path):
+    data = bytearray(path.read_bytes())
+    i = data.index(b'"num_tokens":8')
+    data[i + 13] = ord("9")
+    path.write_bytes(bytes(data))
+
+
+def _foreign(path, other):
+    path.write_bytes(other.read_bytes())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_payload", "flip_header", "foreign"])
+def test_corrupt_payload_is_a_counted_miss(tier, damage):
+    path = _path(tier, 0)
+    {"truncate": _truncate, "flip_payload": _flip_payload, "flip_header": _flip_header,
+     "foreign": lambda p: _foreign(p, _path(tier, 1))}[damage](path)  # fmt: skip
+    store = TieredStore([tier])
+    assert store.get_layered(key(0)) is None
+    s = store.stats()
+    assert s.misses == 1 and s.corrupt == 1 and s.hits == {"disk": 0}
+    assert not tier.lookup(key(0)) and not path.exists() and len(tier.catalog.rows()) == 1
+    assert same(store.get_layered(key(1)), chunk(1))  # the neighbour is untouched
+    store.put(key(0), chunk(0))  # recomputed and stored again
+    assert same(store.get_layered(key(0)), chunk(0))
+
+
+def test_corrupt_lower_copy_falls_back_to_a_miss_then_recompute(tmp_path):
+    disk = DiskTier(tmp_path / "d", 1 << 20)
+    store = TieredStore([MemoryTier(chunk(0).nbytes), disk])
+    store.put(key(0), chunk(0))
+    store.put(key(1), chunk(1))  # 0 demoted to disk
+    _flip_payload(_path(disk, 0))
+    assert store.lookup([key(0)]) == ["disk"] and store.get_layered(key(0)) is None
+    assert store.stats().corrupt == 1 and store.lookup([key(0)]) == [None]
+
+
+def test_crash_between_file_and_catalog_leaves_nothing_visible(tier, tmp_path, monkeypatch):
+    def die(row):
+        raise Crash()
+
+    monkeypatch.setattr(tier.catalog, "upsert", die)
+    with pytest.raises(Crash):
+        tier.put(key(5), chunk(5))
+    assert not tier.lookup(key(5)) and len(_files(tier.root)) == 3  # an orphan file, invisible
+    monkeypatch.undo()
+    tier.close()
+    again = DiskTier(tmp_path / "cache", 1 << 20)
+    assert again.last_check.orphan_files_removed == 1 and again.last_check.entries == 2
+    assert len(_files(again.root)) == 2 and not again.lookup(key(5))
+    assert all(same(again.get(key(i)), chunk(i)) for i in range(2))
+    again.close()
+
+
+def test_crash_while_writing_the_file_leaves_only_a_temp_file(tier, tmp_path, monkeypatch):
+    def die(fd):
+        raise Crash()
+
+    monkeypatch.setattr(disk_module.os, "fsync", die)
+    with pytest.raises(Crash):
+        tier.put(key(5), chunk(5))
+    monkeypatch.undo()
+    assert len(_tmpfiles(tier.root)) == 1 and not tier.lookup(key(5))
+    tier.close()
+    again = DiskTier(tmp_path / "cache", 1 << 20)
+    assert again.last_check.temp_files_removed == 1 and _tmpfiles(again.root) == []
+    again.close()
+
+
+def test_missing_or_resized_file_drops_its_row_at_start(tier, tmp_path):
+    _path(tier, 0).unlink()
+    _truncate(_path(tier, 1))
+    tier.close()
+    again = DiskTier(tmp_path / "cache", 1 << 20)
+    assert again.last_check.rows_dropped == 2 and len(again) == 0 and again.nbytes == 0
+    assert again.catalog.rows() == []
+    again.close()
+
+
+@pytest.mark.parametrize(
+    "err, where, words",
+    [(errno.ENOSPC, "fsync", "disk full"), (errno.EACCES, "replace", "permission denied"),
+     (errno.EROFS, "replace", "read-only")],
+)  # fmt: skip
+def test_full_or_unwritable_disk_is_reported_and_keeps_entries(tier, monkeypatch, err, where, words):
+    def fail(*args):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(disk_module.os, where, fail)
+    with pytest.raises(TierWriteError, match=f"could not write .*{words}.*existing entries are kept"):
+        tier.put(key(5), chunk(5))
+    with pytest.raises(TierWriteError, match=words):
+        tier.put(key(0), chunk(7))  # a failed replace keeps the old entry
+    monkeypatch.undo()
+    assert not tier.lookup(key(5)) and _tmpfiles(tier.root) == [] and len(_files(tier.root)) == 2
+    assert all(same(tier.get(key(i)), chunk(i)) for i in range(2))
+
+
+def test_store_counts_a_failed_demotion_and_goes_on(tmp_path, monkeypatch):
+    disk = DiskTier(tmp_path / "d", 1 << 20)
+    store = TieredStore([MemoryTier(chunk(0).nbytes), disk])
+    store.put(key(0), chunk(0))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk_module.os, "fsync", full)
+    assert store.put(key(1), chunk(1)) == "cpu"  # 0 could not be demoted: dropped, reported
+    s = store.stats()
+    assert s.write_errors == 1 and "disk full" in s.last_error and s.demotions == 0
+    assert store.lookup([key(0), key(1)]) == [None, "cpu"]
+
+
+def test_unusable_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(TierWriteError, match="cannot create"):
+        DiskTier(tmp_path / "file" / "cache")
+
+
+def test_store_restart_keeps_disk_entries(tmp_path):
+    def open_store():
+        return TieredStore([MemoryTier(chunk(0).nbytes), DiskTier(tmp_path / "d", 1 << 20)])
+
+    store = open_store()
+    for i in range(2):
+        store.put(key(i), chunk(i))  # 0 demoted to disk
+    store.close()
+    store = open_store()
+    assert store.lookup([key(0), key(1)]) == ["disk", None]  # memory is gone, disk is not
+    assert same(store.get_layered(key(0)), chunk(0)) and store.lookup([key(0)]) == ["cpu"]
+    store.close()
+
+
+def test_recency_and_clock_survive_restart(tmp_path):
+    size = DiskTier(tmp_path / "probe", 1 << 20).put(key(0), chunk(0)).nbytes
+
+    def open_store():
+        return TieredStore([DiskTier(tmp_path / "d", int(3.5 * size))], policy="lru")  # room for 3
+
+    store = open_store()
+    for i in range(3):
+        store.put(key(i), chunk(i))
+    store.get_layered(key(0))  # recency, oldest first: 1, 2, 0
+    store.close()
+    store = open_store()
+    store.put(key(3), chunk(3))  # newer than anything before the restart -> evicts 1
+    assert store.lookup([key(i) for i in range(4)]) == ["disk", None, "disk", "disk"]
+    store.close()
