@@ -61,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pass-tokens", type=int, default=2048, help="prepacking budget per forward pass")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="one-by-one,packed-mask,packed-varlen")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="results-ingest-throughput.json")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     adapter = load_adapter(args.model, data_dir=args.data_dir, device=args.device)
     masked = _Masked(adapter)
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     vocab = adapter.config.vocab_size
     g = torch.Generator().manual_seed(0)
     rows = []
+    print(f"{args.model} on {args.device} ({torch.get_num_threads()} threads), pass budget {args.pass_tokens} tokens, "
+          f"median of {args.repeats}", flush=True)  # fmt: skip
+    print(f"{'chunk tok':>9} {'chunks':>6} {'mode':<14} {'tok/s':>8} {'best':>8} {'x one-by-one':>12}", flush=True)
     for length in map(int, args.chunk_tokens.split(",")):
         chunks = [torch.randint(100, vocab, (length,), generator=g).tolist() for _ in range(max(1, args.tokens // length))]
         n_tok = sum(map(len, chunks))
@@ -93,14 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(chunk_tokens=length, chunks=len(chunks), mode=mode, tokens_per_s=round(rate, 1),
                              best_tokens_per_s=round(n_tok / min(times[mode]), 1),
                              speedup_vs_first=round(rate / base, 3), seconds=[round(x, 3) for x in times[mode]]))  # fmt: skip
+            r = rows[-1]
+            print(f"{r['chunk_tokens']:>9} {r['chunks']:>6} {r['mode']:<14} {r['tokens_per_s']:>8.1f} "
+                  f"{r['best_tokens_per_s']:>8.1f} {r['speedup_vs_first']:>12.2f}", flush=True)  # fmt: skip
     result = dict(model=args.model, device=args.device, threads=torch.get_num_threads(), pass_tokens=args.pass_tokens,
                   machine=platform.processor() or platform.machine(), rows=rows)  # fmt: skip
-    print(f"{args.model} on {args.device} ({torch.get_num_threads()} threads), pass budget {args.pass_tokens} tokens, "
-          f"median of {args.repeats}")  # fmt: skip
-    print(f"{'chunk tok':>9} {'chunks':>6} {'mode':<14} {'tok/s':>8} {'best':>8} {'x one-by-one':>12}")
-    for r in rows:
-        print(f"{r['chunk_tokens']:>9} {r['chunks']:>6} {r['mode']:<14} {r['tokens_per_s']:>8.1f} "
-              f"{r['best_tokens_per_s']:>8.1f} {r['speedup_vs_first']:>12.2f}")  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
