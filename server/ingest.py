@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -95,7 +95,7 @@ class Ingester:
                 yield from load_file(f, max_bytes)
 
         report = self.ingest_documents(documents())
-        return _with(report, errors=tuple(errors) + report.errors)
+        return replace(report, errors=tuple(errors) + report.errors)
 
     def ingest_documents(self, docs: Iterable[Document | LoadError]) -> IngestReport:
         """Ingest documents (LoadError items are recorded as errors); see the module docstring."""
@@ -224,12 +224,6 @@ class _Run:
     def report(self, seconds: float) -> IngestReport:
         return IngestReport(**self.counts, kv_seconds=self.kv_seconds, seconds=seconds,
                             invalidated=tuple(self.invalidated), errors=tuple(self.errors))  # fmt: skip
-
-
-def _with(report: IngestReport, **changes) -> IngestReport:
-    from dataclasses import replace
-
-    return replace(report, **changes)
 
 
 # -- composition for the CLI (the Engine will own this) ---------------------------------------------
