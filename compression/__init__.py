@@ -1,17 +1,14 @@
-"""Stateless codecs for chunk KV: identity, lz4, int8/fp8, and a CacheGen-style entropy codec."""
+"""Stateless codecs for chunk KV: identity, lz4 (over any codec), int8/fp8, and a CacheGen-style
+entropy codec. Every payload is laid out per layer with a CRC32 each, so decoding can be lazy and
+a corrupted entry raises `CodecError` instead of decoding to garbage."""
 
+from .cachegen import CacheGenCodec, CacheGenConfig
 from .codec import Codec, EncodedKV
 from .identity import IdentityCodec
+from .layered import CodecError, LayeredCodec
+from .lz4codec import Lz4Codec
+from .quant import Fp8Codec, Int8Codec
+from .registry import CODECS, codec_names, get_codec
 
-CODECS: dict[str, type[Codec]] = {IdentityCodec.name: IdentityCodec}
-
-
-def get_codec(name: str) -> Codec:
-    """The codec called `name`; unknown names fail listing the known ones."""
-    try:
-        return CODECS[name]()
-    except KeyError:
-        raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(sorted(CODECS))}") from None
-
-
-__all__ = ["Codec", "EncodedKV", "IdentityCodec", "CODECS", "get_codec"]
+__all__ = ["Codec", "EncodedKV", "CodecError", "LayeredCodec", "IdentityCodec", "Lz4Codec", "Int8Codec",
+           "Fp8Codec", "CacheGenCodec", "CacheGenConfig", "CODECS", "codec_names", "get_codec"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..blend import BlendConfig
+from ..storage.config import StorageConfig, TierConfig
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "ragkv"
 
@@ -20,11 +21,19 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype (fp32 on CPU; bf16/fp16 on GPU)
     kv_dtype: str = "float16"  # how chunk KV is held in memory tiers
-    memory_bytes: int = 4 << 30
     namespace: str = "default"
     max_new_tokens: int = 32
     prepack_tokens: int = 4096  # precompute packs several chunks per pass up to this many tokens
     blend: BlendConfig = field(default_factory=BlendConfig)
+    storage: StorageConfig | None = None  # None: a CPU tier + a disk tier (SQLite catalog) under data_dir/cache
+
+    def storage_config(self) -> StorageConfig:
+        """The store to build: the configured one, or the embedded default under `data_dir`."""
+        if self.storage is not None:
+            return self.storage
+        first = "gpu" if self.device.startswith("cuda") else "cpu"
+        return StorageConfig(tiers=(TierConfig(first, 2 << 30), TierConfig("disk", 32 << 30, codec="lz4")),
+                             disk_dir=str(Path(self.data_dir).expanduser() / "cache"), kv_dtype=self.kv_dtype)
 
     @classmethod
     def from_env(cls, **overrides) -> EngineConfig:

@@ -14,7 +14,8 @@ from ..adapters import ModelAdapter, load_adapter
 from ..blend import BlendPlan, blend, make_plan, make_strategy, to_dynamic_cache
 from ..blend.loop import BlendResult
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
-from ..storage import MemoryTier, TieredStore
+from ..storage import TieredStore
+from ..storage.config import build_store
 from .answer import Answer
 from .config import EngineConfig
 from .decode import decode
@@ -35,12 +36,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str = "smollm2", config: EngineConfig | None = None, **overrides) -> Engine:
-        """Load `model` (alias `smollm2`, a local path or a cached HF id) with an in-memory chunk store."""
+        """Load `model` (alias `smollm2`, a local path or a cached HF id) with the configured chunk store."""
         config = config or EngineConfig.from_env(model=model, **overrides)
         adapter = load_adapter(config.model, data_dir=config.data_dir, device=config.device,
                                dtype=_dtype(config.dtype))
-        tier = MemoryTier(config.memory_bytes, device=config.device, dtype=_dtype(config.kv_dtype))
-        return cls(adapter, TieredStore([tier]), config)
+        return cls(adapter, build_store(config.storage_config()), config)
 
     @property
     def tokenizer(self):
@@ -68,23 +68,28 @@ class Engine:
         if missing:
             computed = precompute_many(self.model, list(missing.values()), self.config.prepack_tokens)
             for key, kv in zip(missing, computed):
-                self.store.put(key, kv)
+                self.store.put(key, kv, cost=kv.num_tokens)
         return keys, hits, sum(w is None for w in where)
 
-    def _sources(self, plan: BlendPlan, keys: Sequence[ChunkKey]) -> list[tuple[int, LayeredKV]]:
-        sources = []
-        for (start, _), key in zip(plan.chunk_spans, keys):
-            kv = self.store.get(key)
-            if kv is None:  # evicted between lookup and read: the caller retries via ensure_cached
-                raise LookupError(f"chunk {key} vanished from the store")
-            sources.append((start, kv))
-        return sources
+    def _sources(self, plan: BlendPlan, keys: Sequence[ChunkKey], chunks: Sequence[Sequence[int]]
+                 ) -> tuple[list[tuple[int, LayeredKV]], int]:
+        """Each chunk's cached KV (read lazily, layer by layer) at its start row; an entry that vanished
+        or failed its checksum since `lookup` is recomputed now. Returns (sources, recomputed count)."""
+        found = self.store.get_layered_many(keys)
+        recomputed = 0
+        for i, kv in enumerate(found):
+            if kv is None:
+                fresh = precompute_many(self.model, [chunks[i]])[0]
+                self.store.put(keys[i], fresh, cost=fresh.num_tokens)
+                found[i] = fresh
+                recomputed += 1
+        return [(start, kv) for (start, _), kv in zip(plan.chunk_spans, found)], recomputed
 
     def _prefix_source(self, plan: BlendPlan, namespace: str) -> list[tuple[int, LayeredKV]]:
         """Exact-prefix reuse: the KV of the prompt's prefix, computed from position 0."""
         prefix = plan.input_ids[: plan.prefix_len].tolist()
         key = ChunkKey.of(self.model.fingerprint + ":prefix", self.model.tokenizer_fingerprint, prefix, namespace)
-        kv = self.store.get(key)
+        kv = self.store.get_layered(key)
         if kv is None:
             kv = ChunkKV(self.model.forward_kv(torch.tensor(prefix), torch.arange(len(prefix))), pos0=0)
             self.store.put(key, kv)
@@ -108,14 +113,19 @@ class Engine:
         plan = self.plan(question, chunk_ids)
         hits, misses, sources = {}, 0, []
         t1 = time.perf_counter()
+        keys: list[ChunkKey] = []
         if fuse.reuse == "chunks" and chunk_ids:
             keys, hits, misses = self.ensure_cached(chunk_ids, namespace)
-            sources = self._sources(plan, keys)
-        elif fuse.reuse == "prefix" and plan.prefix_len > 1:
-            sources = self._prefix_source(plan, namespace)
         t2 = time.perf_counter()
-        result = blend(self.model, plan, fuse, sources)
-        parts = {"lookup": (t1 - t0) * 1e3, "precompute": (t2 - t1) * 1e3}
+        with self.store.pinned(keys):  # nothing this request reads is evicted under it
+            if keys:
+                sources, recomputed = self._sources(plan, keys, chunk_ids)
+                misses += recomputed
+            elif fuse.reuse == "prefix" and plan.prefix_len > 1:
+                sources = self._prefix_source(plan, namespace)
+            t3 = time.perf_counter()
+            result = blend(self.model, plan, fuse, sources)
+        parts = {"lookup": (t1 - t0) * 1e3, "precompute": (t2 - t1) * 1e3, "fetch": (t3 - t2) * 1e3}
         parts.update({k: v * 1e3 for k, v in result.seconds.items() if k != "total"})
         return plan, result, parts, hits, misses
 

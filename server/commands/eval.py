@@ -64,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _store_overrides(args: argparse.Namespace) -> dict:
-    if args.tier != "memory" or args.codec != "identity":
-        raise ValueError("only --tier memory --codec identity is available until the tiered store lands")
-    return {}
+    """`--tier memory|disk --codec NAME`: every chunk is read from that one tier, through that codec."""
+    import tempfile
+
+    from ...storage.config import StorageConfig, TierConfig
+
+    if args.tier not in ("memory", "disk"):
+        raise ValueError(f"unknown --tier {args.tier!r}; accepted: memory, disk")
+    kind = "disk" if args.tier == "disk" else ("gpu" if args.device.startswith("cuda") else "cpu")
+    disk_dir = tempfile.mkdtemp(prefix="ragkv-eval-")
+    return {"storage": StorageConfig(tiers=(TierConfig(kind, 64 << 30, codec=args.codec),), disk_dir=disk_dir)}

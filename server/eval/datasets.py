@@ -66,7 +66,10 @@ def _jsonl(path: Path) -> Iterator[Sample]:
 
 def _cacheblend(path: Path) -> Iterator[Sample]:
     """CacheBlend's inputs: `[{"ctxs": [{"title", "text"}], "question", "answers"}]`; 2WikiMQA nests answers."""
-    for n, rec in enumerate(json.loads(path.read_text()), 1):
+    records = json.loads(path.read_text())
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "ctxs" in r and "question" in r for r in records):
+        raise ValueError(f"{path}: expected a JSON list of {{ctxs: [{{title, text}}], question, answers}} records")
+    for n, rec in enumerate(records, 1):
         answers = [a for group in rec["answers"] for a in (group if isinstance(group, list) else [group])]
         chunks = tuple((c.get("title", "") + "\n\n" if c.get("title") else "") + c["text"] for c in rec["ctxs"])
         yield Sample(str(n), rec["question"], chunks, tuple(answers))

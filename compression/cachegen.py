@@ -1,0 +1,138 @@
+"""cachegen: a CacheGen-style (Liu et al., SIGCOMM'24) lossy entropy codec for chunk KV.
+
+Per layer: each K/V channel is quantized on a uniform grid whose step is `6 * std / bins` (bins over
++-3 std; more bins in early layers, fewer later); channels whose values move slowly over tokens are
+coded as integer deltas against their group's anchor token (every `group_size`-th token), the others
+centred on their median; the symbols are entropy coded (ANS, `constriction`) with one distribution per
+(K/V, channel group). Element error <= step / 2; decoding after the entropy stage is torch arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .entropy import decode_stream, encode_stream
+from .identity import tensor_bytes, tensor_from
+from .layered import LayeredCodec
+from .quant import check_finite
+
+_STEP_MIN, _STEP_MAX = 2.0**-14, 6.0e4  # steps are stored as fp16 normals
+_DELTA_GAIN = 0.85  # delta-code a channel when its mean |delta| is below this share of mean |value - centre|
+
+
+@dataclass(frozen=True)
+class CacheGenConfig:
+    """Knobs of the cachegen codec (stored with each entry, so changing them never breaks old entries)."""
+
+    group_size: int = 10  # tokens per anchor group; 1 disables delta coding
+    layer_bins: tuple[int, ...] = (6, 5, 4)  # bins over +-3 std, per equal band of layers, early first
+    channel_group: int = 64  # channels sharing one symbol distribution
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.channel_group < 1:
+            raise ValueError(f"group_size and channel_group must be >= 1, got {self.group_size}, {self.channel_group}")
+        if not self.layer_bins or min(self.layer_bins) < 1:
+            raise ValueError(f"layer_bins must be a non-empty tuple of ints >= 1, got {self.layer_bins}")
+
+    def bins(self, layer: int, num_layers: int) -> int:
+        """Quantization bins of `layer` (layers split into len(layer_bins) equal bands)."""
+        return self.layer_bins[min(layer * len(self.layer_bins) // num_layers, len(self.layer_bins) - 1)]
+
+
+def quant_steps(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """Grid steps [2, C] fp16 for one layer's values x [2, T, C]: 6 std / bins (absmax for constant channels)."""
+    std = x.std(dim=1, unbiased=False)  # [2, C]
+    step = torch.where(std > 0, 6.0 * std / bins, x.abs().amax(dim=1))  # [2, C]
+    return step.clamp(_STEP_MIN, _STEP_MAX).half()  # [2, C]: the decoder uses exactly these
+
+
+def _anchor_index(t: int, group_size: int) -> torch.Tensor:
+    """For each token, the index of its group's anchor token: [T]."""
+    return torch.arange(t) // group_size * group_size  # [T]
+
+
+class CacheGenCodec(LayeredCodec):
+    """Anchor-delta + layer-wise quantization + per-(layer, K/V, channel group) ANS coding."""
+
+    name = "cachegen"
+    lossless = False
+
+    def __init__(self, config: CacheGenConfig | None = None) -> None:
+        self.config = config or CacheGenConfig()
+
+    @property
+    def rel_error(self) -> float:
+        """Stated bound on ||x - x'|| / ||x||: uniform rounding noise of step / sqrt(12) per element,
+        step = 6 std / bins, relative to a channel RMS >= std."""
+        return math.sqrt(3.0) / min(self.config.layer_bins)
+
+    def params(self) -> dict[str, Any]:
+        return {**asdict(self.config), "layer_bins": list(self.config.layer_bins)}
+
+    # -- encode ----------------------------------------------------------------------------------------
+    def encode_layer(self, layer_kv, layer, num_layers) -> bytes:
+        check_finite(layer_kv, self.name)
+        cfg = self.config
+        t = layer_kv.shape[1]
+        x = layer_kv.double().reshape(2, t, -1)  # [2, T, C]
+        c = x.shape[2]
+        step = quant_steps(x, cfg.bins(layer, num_layers))  # [2, C]
+        q = torch.round(x / step.double()[:, None, :]).long()  # [2, T, C]
+        centre = q.median(dim=1).values.clamp(-32768, 32767).short()  # [2, C]
+        anchor = _anchor_index(t, cfg.group_size)
+        is_delta_row = (torch.arange(t) != anchor)[None, :, None]  # [1, T, 1]
+        delta = q - q[:, anchor]  # [2, T, C]
+        centred = q - centre.long()[:, None, :]  # [2, T, C]
+        rows = is_delta_row.expand(2, t, c)
+        gain = delta.abs().double().mean(1) < _DELTA_GAIN * centred.abs().double().mean(1)  # [2, C]
+        use_delta = gain & bool(is_delta_row.any())  # [2, C]
+        sym = torch.where(rows & use_delta[:, None, :], delta, centred)  # [2, T, C]
+        parts = [tensor_bytes(step), tensor_bytes(centre), np.packbits(use_delta.numpy()).tobytes()]
+        sym_np = sym.numpy()
+        for kv in range(2):
+            for g in range(0, c, cfg.channel_group):
+                parts.append(encode_stream(sym_np[kv, :, g : g + cfg.channel_group].reshape(-1)))
+        return b"".join(parts)
+
+    # -- decode ----------------------------------------------------------------------------------------
+    def decode_section(self, section, params, shape, stored, layer, num_layers, device) -> torch.Tensor:
+        t, h, d = shape
+        c = h * d
+        cg = int(params["channel_group"])
+        buf = memoryview(section)
+        step = tensor_from(buf[: 4 * c], torch.float16, (2, c))  # [2, C]
+        centre = tensor_from(buf[4 * c : 8 * c], torch.int16, (2, c))  # [2, C]
+        flag_bytes = (2 * c + 7) // 8
+        flags = np.unpackbits(np.frombuffer(buf, np.uint8, flag_bytes, 8 * c))[: 2 * c]
+        use_delta = torch.from_numpy(flags.astype(bool)).view(2, c)  # [2, C]
+        sym = np.empty((2, t, c), dtype=np.int32)  # [2, T, C]
+        pos = 8 * c + flag_bytes
+        for kv in range(2):
+            for g in range(0, c, cg):
+                width = min(cg, c - g)
+                block, pos = decode_stream(buf, pos, t * width)
+                sym[kv, :, g : g + width] = block.reshape(t, width)
+        if pos != len(section):
+            raise ValueError(f"section has {len(section) - pos} trailing bytes after its streams")
+        x = self._reconstruct(torch.from_numpy(sym), step, centre, use_delta, int(params["group_size"]), device)
+        return x.view(2, t, h, d)
+
+    @staticmethod
+    def _reconstruct(
+        sym: torch.Tensor, step: torch.Tensor, centre: torch.Tensor, use_delta: torch.Tensor, group_size: int,
+        device: torch.device | str,
+    ) -> torch.Tensor:
+        """Values [2, T, H*D] -> [2, T, C] float32 on `device`: undo centring / anchor deltas, scale."""
+        _, t, c = sym.shape
+        sym = sym.to(device)  # [2, T, C] int32
+        centre = centre.to(device=device, dtype=torch.int32)[:, None, :]  # [2, 1, C]
+        anchor = _anchor_index(t, group_size).to(device)  # [T]
+        q = sym + centre  # [2, T, C]: right for anchor rows and centred channels
+        mask = use_delta.to(device)[:, None, :] & (torch.arange(t, device=device) != anchor)[None, :, None]
+        q = torch.where(mask, sym + q[:, anchor], q)  # [2, T, C]
+        return q.float() * step.to(device).float()[:, None, :]  # [2, T, C]

@@ -1,0 +1,114 @@
+"""LayeredCodec: the shared per-layer framing every concrete codec builds on.
+
+A payload is one section per layer, back to back; `meta` holds the shape, stored dtype, pos0, the
+section offsets, a CRC32 per section and the codec's own parameters. `decode_layer` touches only its
+layer's bytes, and a truncated or corrupted section raises `CodecError`, never returns garbage.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import abstractmethod
+from typing import Any
+
+import torch
+
+from ..chunk_cache import ChunkKV
+from .codec import Codec, EncodedKV
+
+DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_META_KEYS = ("shape", "dtype", "pos0", "offsets", "crc", "params")
+
+
+class CodecError(ValueError):
+    """An encoded entry that cannot be decoded: wrong codec, malformed metadata, truncated or corrupt bytes."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.float16` -> "float16"; dtypes no codec stores fail listing the accepted ones."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"codecs store {', '.join(DTYPES)} chunk KV; got {name}")
+    return name
+
+
+class LayeredCodec(Codec):
+    """A codec whose payload is one independently decodable, checksummed section per layer."""
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able parameters decoding needs (stored in `meta["params"]`); none by default."""
+        return {}
+
+    @abstractmethod
+    def encode_layer(self, layer_kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
+        """Bytes of one layer [2, T, H, D] (on CPU, in the stored dtype)."""
+
+    @abstractmethod
+    def decode_section(
+        self, section: bytes, params: dict[str, Any], shape: tuple[int, int, int], stored: torch.dtype,
+        layer: int, num_layers: int, device: torch.device | str,
+    ) -> torch.Tensor:
+        """One layer [2, T, H, D] on `device` from its section; `shape` is (T, H, D)."""
+
+    # -- the Codec interface ------------------------------------------------------------------------
+    def encode(self, kv: ChunkKV) -> EncodedKV:
+        dtype = dtype_name(kv.dtype)
+        x = kv.kv.detach().cpu()  # [2, L, T, H, D]
+        sections = [self.encode_layer(x[:, i].contiguous(), i, kv.num_layers) for i in range(kv.num_layers)]
+        offsets = [0]
+        for s in sections:
+            offsets.append(offsets[-1] + len(s))
+        meta = {"shape": list(kv.kv.shape), "dtype": dtype, "pos0": kv.pos0, "offsets": offsets,
+                "crc": [zlib.crc32(s) for s in sections], "params": self.params()}
+        return EncodedKV(self.name, b"".join(sections), meta)
+
+    def decode(self, enc: EncodedKV, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> ChunkKV:
+        shape, stored = self._check(enc)
+        out = torch.empty(shape, dtype=dtype or stored, device=device)  # [2, L, T, H, D]
+        for i in range(shape[1]):
+            out[:, i] = self.decode_layer(enc, i, device, dtype)
+        return ChunkKV(out, int(enc.meta["pos0"]))
+
+    def decode_layer(
+        self, enc: EncodedKV, layer: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        shape, stored = self._check(enc)
+        num_layers = shape[1]
+        if not 0 <= layer < num_layers:
+            raise IndexError(f"layer {layer} out of range: this entry has layers 0..{num_layers - 1}")
+        start, end = enc.meta["offsets"][layer], enc.meta["offsets"][layer + 1]
+        section = enc.payload[start:end]
+        if zlib.crc32(section) != enc.meta["crc"][layer]:
+            raise CodecError(f"{self.name} entry: layer {layer} fails its CRC32 check (corrupted payload)")
+        try:
+            out = self.decode_section(section, enc.meta["params"], tuple(shape[2:]), stored, layer, num_layers, device)
+        except CodecError:
+            raise
+        except Exception as err:  # a section that passed its CRC but does not parse: say so, never guess
+            raise CodecError(f"{self.name} entry: layer {layer} does not decode: {err}") from err
+        if tuple(out.shape) != (2, *shape[2:]):
+            raise CodecError(f"{self.name} entry: layer {layer} decoded to {tuple(out.shape)}, expected {(2, *shape[2:])}")
+        return out.to(dtype=dtype or stored)
+
+    # -- validation -----------------------------------------------------------------------------------
+    def _check(self, enc: EncodedKV) -> tuple[list[int], torch.dtype]:
+        """Shape and stored dtype of `enc`, after checking it is ours and its framing is whole."""
+        if enc.codec != self.name:
+            raise CodecError(f"entry was encoded by {enc.codec!r}; this codec decodes only {self.name!r}")
+        meta = enc.meta
+        missing = [k for k in _META_KEYS if k not in meta]
+        if missing:
+            raise CodecError(f"{self.name} entry: meta lacks {', '.join(missing)}")
+        shape = [int(s) for s in meta["shape"]]
+        if len(shape) != 5 or shape[0] != 2 or min(shape) < 1:
+            raise CodecError(f"{self.name} entry: bad shape {shape}; expected [2, L, T, H, D], all >= 1")
+        if meta["dtype"] not in DTYPES:
+            raise CodecError(f"{self.name} entry: stored dtype {meta['dtype']!r}; accepted: {', '.join(DTYPES)}")
+        offsets = meta["offsets"]
+        if len(offsets) != shape[1] + 1 or len(meta["crc"]) != shape[1]:
+            raise CodecError(f"{self.name} entry: {len(offsets)} offsets / {len(meta['crc'])} CRCs for {shape[1]} layers")
+        if offsets[-1] != len(enc.payload):
+            raise CodecError(
+                f"{self.name} entry: payload is {len(enc.payload)} bytes, its layers need {offsets[-1]} (truncated or padded)"
+            )
+        return shape, DTYPES[meta["dtype"]]

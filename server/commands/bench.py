@@ -1,0 +1,131 @@
+"""`ragkv bench codecs`: every codec on real chunk KV (size, speed, error, and blend fidelity).
+
+Chunk KV comes from the model over the chunks of the first N dataset records, stored as fp16 (what a
+tier holds). Speeds are fp16-equivalent bytes per second. Fidelity runs `cacheblend@RATIO` with the
+chunk KV read through a tier of each codec and compares it with a full prefill of the same prompt
+(kl_mean and top-1 teacher-forced over 16 answer tokens, as `ragkv eval`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ...chunk_cache import ChunkKV, precompute_many
+from ...compression import Codec, codec_names, get_codec
+from ..eval.datasets import FORMATS
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: `bench codecs` measures every codec on real chunk KV")
+    p.add_argument("what", choices=["codecs"], help="what to benchmark")
+    p.add_argument("--model", default="smollm2", help="model alias or path (default smollm2)")
+    p.add_argument("--data", required=True, help="dataset file (musique JSON)")
+    p.add_argument("--format", default="musique", choices=FORMATS, help="dataset format (default musique)")
+    p.add_argument("--limit", type=int, default=2, help="records to take chunks from (default 2)")
+    p.add_argument("--codecs", default=",".join(codec_names()), help="comma-separated codec names (default all)")
+    p.add_argument("--ratio", type=float, default=0.15, help="cacheblend recompute ratio for fidelity")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the cacheblend fidelity columns")
+    p.add_argument("--out", default="codecs.json", help="JSON results file")
+    p.set_defaults(func=run)
+
+
+def codec_stats(codec: Codec, kvs: Sequence[ChunkKV]) -> dict[str, float]:
+    """bits_per_value, ratio_vs_fp16, encode/decode MB/s (fp16-equivalent) and rel_error over `kvs`."""
+    values = sum(kv.kv.numel() for kv in kvs)
+    t0 = time.perf_counter()
+    encoded = [codec.encode(kv) for kv in kvs]
+    t1 = time.perf_counter()
+    decoded = [codec.decode(e) for e in encoded]
+    t2 = time.perf_counter()
+    nbytes = sum(e.nbytes + len(json.dumps(e.meta)) for e in encoded)  # payload + catalog metadata
+    err = sum(float((d.kv.float() - kv.kv.float()).pow(2).sum()) for d, kv in zip(decoded, kvs))
+    norm = sum(float(kv.kv.float().pow(2).sum()) for kv in kvs)
+    return {"bits_per_value": 8 * nbytes / values, "ratio_vs_fp16": 2 * values / nbytes,
+            "encode_mb_s": 2 * values / (t1 - t0) / 1e6, "decode_mb_s": 2 * values / (t2 - t1) / 1e6,
+            "rel_error": (err / norm) ** 0.5, "stated_rel_error": getattr(codec, "rel_error", 0.0)}
+
+
+def blend_fidelity(engine, samples: Sequence, kvs: Sequence[Sequence[ChunkKV]], codec: str, ratio: float,
+                   references: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """kl_mean / top1_agreement of cacheblend@ratio with every chunk's KV stored through `codec`, against
+    the full prefill of the same prompt (teacher-forced on its greedy answer, as `ragkv eval` does)."""
+    from ...chunk_cache import chunk_key
+    from ...storage import MemoryTier, TieredStore
+    from ..eval.metrics import kl_per_position, top1_agreement
+
+    engine.store = TieredStore([MemoryTier(16 << 30, codec=codec)])
+    kls, agree = [], []
+    for sample, sample_kvs, (forced, ref_logits) in zip(samples, kvs, references):
+        chunks = engine.tokenize_chunks(sample.chunks)
+        for ids, kv in zip(chunks, sample_kvs):
+            engine.store.put(chunk_key(engine.model, ids, engine.config.namespace), kv)
+        _, result, *_ = engine.run(sample.question, chunks=chunks, strategy="cacheblend", recompute_ratio=ratio)
+        logits = engine.teacher_forced_logits(result, forced)  # [P, vocab]
+        kls.append(float(kl_per_position(ref_logits, logits).mean()))
+        agree.append(top1_agreement(ref_logits, logits))
+    return {"kl_mean": sum(kls) / len(kls), "top1_agreement": sum(agree) / len(agree)}
+
+
+def _references(engine, samples: Sequence) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sample: the full prefill's greedy answer (16 tokens) and its logits along that answer."""
+    refs = []
+    for sample in samples:
+        _, full, *_ = engine.run(sample.question, chunks=engine.tokenize_chunks(sample.chunks), strategy="full")
+        forced = torch.tensor(engine.decode_answer(full, 16) or [int(full.logits.argmax())])
+        refs.append((forced, engine.teacher_forced_logits(full, forced)))
+    return refs
+
+
+def run(args: argparse.Namespace) -> int:
+    from ...storage import MemoryTier, TieredStore
+    from ..engine import Engine
+    from ..eval.datasets import load_samples
+
+    names = [n.strip() for n in args.codecs.split(",") if n.strip()]
+    codecs = {n: get_codec(n) for n in names}  # unknown names fail here, before any model work
+    samples = load_samples(args.data, args.format, args.limit)
+    if not samples:
+        raise ValueError(f"no usable samples in {args.data} (format {args.format})")
+    engine = Engine.from_pretrained(args.model, storage=None)
+    engine.store = TieredStore([MemoryTier()])
+    torch.set_grad_enabled(False)
+    chunk_ids = [engine.tokenize_chunks(s.chunks) for s in samples]
+    t0 = time.perf_counter()
+    kvs = [[kv.to(dtype=torch.float16) for kv in precompute_many(engine.model, ids, max_tokens_per_pass=2048)]
+           for ids in chunk_ids]
+    flat = [kv for sample_kvs in kvs for kv in sample_kvs]
+    print(f"{len(flat)} chunks, {sum(k.num_tokens for k in flat)} tokens, precomputed in {time.perf_counter() - t0:.1f}s")
+    rows = {n: codec_stats(c, flat) for n, c in codecs.items()}
+    if not args.no_fidelity:
+        refs = _references(engine, samples)
+        base = blend_fidelity(engine, samples, kvs, "identity", args.ratio, refs)
+        seen: dict[str, dict[str, float]] = {}
+        for n in codecs:
+            core = n.removeprefix("lz4+") if n.startswith("lz4+") else ("identity" if n == "lz4" else n)
+            if core not in seen:  # lz4 is lossless: lz4+X decodes to exactly X's tensors
+                seen[core] = base if get_codec(core).lossless else blend_fidelity(
+                    engine, samples, kvs, core, args.ratio, refs)
+            rows[n].update({**seen[core], "kl_vs_uncompressed": seen[core]["kl_mean"] / max(base["kl_mean"], 1e-12)})
+    meta = {"model": args.model, "data": str(args.data), "limit": args.limit, "chunks": len(flat),
+            "tokens": sum(k.num_tokens for k in flat), "ratio": args.ratio, "torch_threads": torch.get_num_threads()}
+    Path(args.out).write_text(json.dumps({"meta": meta, "codecs": rows}, indent=2))
+    print(markdown_table(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    """The results as a markdown table, one row per codec."""
+    cols = ["bits_per_value", "ratio_vs_fp16", "encode_mb_s", "decode_mb_s", "rel_error", "stated_rel_error",
+            "kl_mean", "kl_vs_uncompressed", "top1_agreement"]
+    cols = [c for c in cols if any(c in r for r in rows.values())]
+    lines = ["| codec | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in rows.items():
+        cells = [f"{r[c]:.4g}" if c in r else "" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

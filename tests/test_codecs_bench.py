@@ -1,0 +1,20 @@
+"""`ragkv bench codecs` pieces that need no model: the per-codec statistics and the table."""
+
+from __future__ import annotations
+
+import torch
+from test_codecs import make_kv
+
+from ragkv.compression import get_codec
+from ragkv.server.commands.bench import codec_stats, markdown_table
+
+
+def test_codec_stats_measure_size_and_error():
+    kvs = [make_kv(shape=(2, 2, 50, 2, 8), dtype=torch.float16, seed=s) for s in range(2)]
+    ident = codec_stats(get_codec("identity"), kvs)
+    assert 16.0 < ident["bits_per_value"] < 17.0 and ident["rel_error"] == 0.0  # fp16 + a little metadata
+    cg = codec_stats(get_codec("cachegen"), kvs)
+    assert cg["ratio_vs_fp16"] > 4 and 0 < cg["rel_error"] <= cg["stated_rel_error"]
+    assert cg["decode_mb_s"] > 0 and cg["encode_mb_s"] > 0
+    table = markdown_table({"identity": ident, "cachegen": cg})
+    assert table.splitlines()[0].startswith("| codec | bits_per_value") and "| cachegen |" in table

@@ -1,0 +1,122 @@
+"""The lossy codecs' own promises: element-wise error bounds (int8, fp8, cachegen), anchor-delta and
+layer-wise bins in cachegen, the entropy streams (escapes, padding), and <= 2 bits/value on SmolLM2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_codecs import make_kv
+
+from ragkv.chunk_cache import ChunkKV
+from ragkv.compression import CacheGenCodec, CacheGenConfig, Fp8Codec, Int8Codec
+from ragkv.compression.cachegen import quant_steps
+from ragkv.compression.entropy import decode_stream, encode_stream
+
+
+def test_int8_element_bound_k_per_channel_v_per_token():
+    kv = make_kv(shape=(2, 2, 40, 2, 8))
+    out = Int8Codec().decode(Int8Codec().encode(kv)).kv
+    x = kv.kv.flatten(3)  # [2, L, T, C]
+    err = (out.flatten(3) - x).abs()
+    scale_k = x[0].abs().amax(dim=1, keepdim=True) / 127  # [L, 1, C]: per layer and channel
+    scale_v = x[1].abs().amax(dim=2, keepdim=True) / 127  # [L, T, 1]: per layer and token
+    assert (err[0] <= scale_k / 2 * (1 + 1e-5)).all()
+    assert (err[1] <= scale_v / 2 * (1 + 1e-5)).all()
+    outlier = kv.kv.clone()
+    outlier[1, 0, 7] *= 100  # one loud token must not blur the V of the others (per-token scales)
+    v_out = Int8Codec().decode(Int8Codec().encode(ChunkKV(outlier, 0))).kv[1, 0]
+    assert torch.allclose(v_out[:7], out[1, 0, :7])
+
+
+def test_fp8_element_bound():
+    kv = make_kv(shape=(2, 2, 40, 2, 8))
+    out = Fp8Codec().decode(Fp8Codec().encode(kv)).kv
+    x = kv.kv.flatten(3)
+    scale_k = x[0].abs().amax(dim=1, keepdim=True) / 448
+    bound = x[0].abs() / 16 + scale_k * 2**-10
+    assert ((out.flatten(3)[0] - x[0]).abs() <= bound * (1 + 1e-5)).all()
+
+
+def test_cachegen_element_error_within_half_step():
+    kv = make_kv(shape=(2, 4, 57, 2, 8))
+    codec = CacheGenCodec()
+    out = codec.decode(codec.encode(kv)).kv
+    for layer in range(4):
+        x = kv.kv[:, layer].flatten(2).double()  # [2, T, C]
+        step = quant_steps(x, codec.config.bins(layer, 4)).float()  # [2, C]
+        err = (out[:, layer].flatten(2) - x.float()).abs()
+        assert (err <= step[:, None, :] / 2 * (1 + 1e-4)).all(), f"layer {layer} beyond half a step"
+
+
+def test_cachegen_layerwise_bins_spend_more_bits_early():
+    cfg = CacheGenConfig(layer_bins=(16, 4))
+    assert [cfg.bins(i, 4) for i in range(4)] == [16, 16, 4, 4]
+    x = make_kv(shape=(2, 1, 200, 2, 8)).kv
+    kv = ChunkKV(x.expand(2, 4, 200, 2, 8).contiguous(), 0)  # the same data in every layer
+    codec = CacheGenCodec(cfg)
+    enc = codec.encode(kv)
+    sizes = np.diff(enc.meta["offsets"])
+    assert sizes[0] > 1.5 * sizes[3]
+    out = codec.decode(enc).kv
+    assert (out[:, 0] - x[:, 0]).norm() < 0.5 * (out[:, 3] - x[:, 0]).norm()
+
+
+def test_cachegen_anchor_deltas_pay_off_on_smooth_tokens():
+    t = torch.linspace(0, 1, 300).view(1, 1, 300, 1, 1)
+    base = torch.randn(2, 2, 1, 2, 8) * 5
+    x = base + 3 * torch.sin(6 * t + torch.randn(2, 2, 1, 2, 8)) + 0.05 * torch.randn(2, 2, 300, 2, 8)  # slow drift
+    kv = ChunkKV(x, 0)
+    with_delta = CacheGenCodec(CacheGenConfig(group_size=10, layer_bins=(64,))).encode(kv).nbytes
+    without = CacheGenCodec(CacheGenConfig(group_size=1, layer_bins=(64,))).encode(kv).nbytes
+    assert with_delta < 0.85 * without
+
+
+def test_cachegen_entries_decode_with_their_own_params():
+    kv = make_kv()
+    enc = CacheGenCodec(CacheGenConfig(group_size=4, layer_bins=(20,), channel_group=5)).encode(kv)
+    out = CacheGenCodec().decode(enc)  # a default-config codec reads an entry written with other knobs
+    assert (out.kv - kv.kv).norm() / kv.kv.norm() < CacheGenCodec(CacheGenConfig(layer_bins=(20,))).rel_error
+
+
+def test_cachegen_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="layer_bins"):
+        CacheGenConfig(layer_bins=())
+    with pytest.raises(ValueError, match="group_size"):
+        CacheGenConfig(group_size=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 1001])
+def test_entropy_stream_round_trip_with_escapes(n):
+    rng = np.random.default_rng(n)
+    sym = rng.laplace(0, 1.2, n).round().astype(np.int64)
+    sym[:: max(1, n // 7)] = rng.integers(-10**6, 10**6, len(sym[:: max(1, n // 7)]))  # far outliers
+    buf = encode_stream(sym)
+    got, end = decode_stream(buf + b"tail", 0, n)
+    assert end == len(buf) and np.array_equal(got, sym)
+
+
+def test_entropy_stream_within_a_few_percent_of_the_empirical_entropy():
+    sym = np.random.default_rng(0).laplace(0, 0.7, 20000).round().astype(np.int64)
+    _, counts = np.unique(sym, return_counts=True)
+    entropy = float(-(counts / sym.size * np.log2(counts / sym.size)).sum())  # bits per symbol
+    assert len(encode_stream(sym)) * 8 / sym.size < 1.04 * entropy + 0.02
+
+
+@pytest.mark.slow
+def test_cachegen_at_most_two_bits_on_smollm2(smollm2):
+    """A musique-sized chunk (~600 tokens; per-layer headers weigh more on short chunks)."""
+    from ragkv.chunk_cache import precompute
+
+    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+            "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally "
+            "nicknamed La dame de fer, it was constructed as the centrepiece of the 1889 World's Fair, and to crown "
+            "the centennial anniversary of the French Revolution. Although initially criticised by some of France's "
+            "leading artists and intellectuals for its design, it has since become a global cultural icon. ") * 5
+    kv = precompute(smollm2, smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]).to(dtype=torch.float16)
+    codec = CacheGenCodec()
+    enc = codec.encode(kv)
+    bits = enc.nbytes * 8 / kv.kv.numel()
+    err = float((codec.decode(enc).kv.float() - kv.kv.float()).norm() / kv.kv.float().norm())
+    assert bits <= 2.0, f"{bits:.3f} bits/value"
+    assert err <= codec.rel_error

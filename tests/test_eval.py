@@ -1,0 +1,73 @@
+"""The evaluation harness: dataset readers, metrics, spec parsing and the report (no model needed)."""
+
+import json
+
+import pytest
+import torch
+
+from ragkv.server.eval.datasets import load_samples
+from ragkv.server.eval.metrics import f1, kl_per_position, normalize_answer, rouge_l, top1_agreement
+from ragkv.server.eval.report import markdown_table
+from ragkv.server.eval.runner import parse_specs, summarize
+
+
+def test_jsonl_reader_limits_and_caps_chunks(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"id": f"q{i}", "question": f"q{i}?", "chunks": ["a", "b", "c"], "answers": ["x"]} for i in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    samples = load_samples(path, "jsonl", limit=2, max_chunks=2)
+    assert [s.id for s in samples] == ["q0", "q1"] and samples[0].chunks == ("a", "b")
+
+
+def test_readers_reject_bad_files_clearly(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "chunks": ["a"]}\n')
+    with pytest.raises(ValueError, match="missing field\\(s\\) answers"):
+        load_samples(bad, "jsonl")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(ValueError, match="broken.jsonl:1: invalid JSON"):
+        load_samples(broken, "jsonl")
+    with pytest.raises(ValueError, match="unknown dataset format 'csv'; accepted: jsonl, musique"):
+        load_samples(bad, "csv")
+    notlist = tmp_path / "m.json"
+    notlist.write_text(json.dumps({"data": []}))
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        load_samples(notlist, "musique")
+    with pytest.raises(FileNotFoundError):
+        load_samples(tmp_path / "missing.json", "musique")
+
+
+def test_cacheblend_reader_flattens_nested_answers(tmp_path):
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps([{"ctxs": [{"title": "", "text": "t1"}, {"title": "T", "text": "t2"}],
+                                 "question": "q?", "answers": [["Croatia", "HR"]]}]))
+    (sample,) = load_samples(path, "wikimqa")
+    assert sample.answers == ("Croatia", "HR") and sample.chunks == ("t1", "T\n\nt2")
+
+
+def test_answer_metrics():
+    assert normalize_answer("The  Exeter College!") == "exeter college"
+    assert f1("Exeter College", ["exeter college"]) == 1.0
+    assert f1("at Exeter", ["Exeter College"]) == pytest.approx(2 * 0.5 * 0.5 / 1.0)
+    assert f1("Oxford", ["Exeter College"]) == 0.0
+    assert rouge_l("the cat sat", ["the cat sat"]) == 1.0 and rouge_l("dog", ["the cat sat"]) == 0.0
+
+
+def test_distribution_metrics():
+    ref = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+    assert torch.allclose(kl_per_position(ref, ref), torch.zeros(2), atol=1e-7)
+    other = torch.tensor([[0.0, 2.0, -1.0], [0.0, 3.0, 0.0]])
+    kl = kl_per_position(ref, other)
+    assert kl[0] > 0.5 and abs(float(kl[1])) < 1e-7
+    assert top1_agreement(ref, other) == 0.5
+
+
+def test_specs_and_summary_table():
+    specs = parse_specs(["naive", "cacheblend", "epic"], [0.1, 0.2])
+    assert [s.label for s in specs] == ["full", "naive", "cacheblend@0.1", "cacheblend@0.2", "epic@0.1", "epic@0.2"]
+    row = {"ttft_ms": 10.0, "speedup_vs_full": 2.0, "f1": 1.0, "rouge_l": 1.0, "kl_first_token": 0.1, "kl_mean": 0.2,
+           "top1_agreement": 1.0, "rouge_l_vs_full": 1.0, "recompute_fraction": 0.2, "prompt_tokens": 100}
+    summary = summarize([{"naive": row}, {"naive": {**row, "ttft_ms": 30.0, "speedup_vs_full": 4.0}}])
+    assert summary["naive"]["ttft_ms_median"] == 20.0 and summary["naive"]["speedup_vs_full"] == 3.0
+    assert "| naive |" in markdown_table(summary)
