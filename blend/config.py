@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 STRATEGIES = ("full", "prefix", "naive", "cacheblend", "epic")
 DEVIATIONS = ("v", "k", "kv")
+SCORES = ("deviation", "attention", "deviation*attention")
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class BlendConfig:
     check_layers: tuple[int, ...] = (1,)  # CacheBlend selects tokens here; earlier layers run in full
     gradual_factor: float = 2.0  # gradual filtering: each earlier check layer keeps this many times more
     deviation: str = "v"  # compare fresh vs cached values ("v"), keys ("k") or both ("kv")
+    score: str = "deviation"  # rank by KV deviation, by the query's attention, or by their product
 
     def __post_init__(self) -> None:
         validate(self.strategy, self.recompute_ratio)
@@ -26,6 +28,8 @@ class BlendConfig:
             raise ValueError("check layers start at 1: layer 0's K/V do not depend on context, so it cannot rank tokens")
         if self.gradual_factor < 1.0:
             raise ValueError(f"gradual_factor must be >= 1, got {self.gradual_factor}")
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; accepted: {', '.join(SCORES)}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"unknown deviation {self.deviation!r}; accepted: {', '.join(DEVIATIONS)}")
 

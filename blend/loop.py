@@ -19,7 +19,7 @@ from ..chunk_cache import LayeredKV
 from .loader import LayerLoader
 from .plan import BlendPlan
 from .rerotate import rerotate, rotation
-from .select import kv_deviation
+from .select import kv_deviation, query_attention
 from .strategies import Strategy
 
 
@@ -95,10 +95,8 @@ def blend(
         # 5. At a check layer, keep the tokens whose fresh K/V deviate most from the cached rows.
         if layer in check_layers:
             is_cached = cached_dev[active]  # [S]
-            deviation = kv_deviation(
-                k, v, k_buf[0][:, active].transpose(0, 1), v_buf[0][:, active].transpose(0, 1), strategy.config.deviation
-            )
-            keep = strategy.narrow(check_layers.index(layer), is_cached, deviation, num_cached)
+            deviation = _score(strategy.config, model, plan, active, q, k, v, k_buf, v_buf)
+            keep = strategy.narrow(check_layers.index(layer), plan, active.cpu(), is_cached, deviation, num_cached)
             active, h, q, k, v = active[keep], h[keep], q[keep], k[keep], v[keep]
         # 6. Fresh K/V overwrite the cached rows of the active tokens.
         k_buf[0][:, active] = k.transpose(0, 1)
@@ -119,6 +117,18 @@ def blend(
     seconds["total"] = time.perf_counter() - t_start
     fraction = recomputed / (num_cached * model.num_layers) if num_cached else 1.0
     return BlendResult(keys, values, logits, fraction, seconds)
+
+
+def _score(config, model, plan, active, q, k, v, k_buf, v_buf) -> torch.Tensor:
+    """Selection score [S] of the active tokens at a check layer (higher = recompute first)."""
+    score = torch.ones(active.shape[0], device=q.device)
+    if config.score != "attention":
+        cached_k, cached_v = k_buf[0][:, active].transpose(0, 1), v_buf[0][:, active].transpose(0, 1)
+        score = score * kv_deviation(k, v, cached_k, cached_v, config.deviation)
+    if config.score != "deviation":
+        query_start = plan.chunk_spans[-1][1] if plan.chunk_spans else 0
+        score = score * query_attention(q, k, active, query_start, model.scaling)
+    return score
 
 
 def _sync(device: torch.device) -> None:

@@ -20,6 +20,22 @@ def kv_deviation(
     return dev
 
 
+def query_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, query_start: int, scale: float) -> torch.Tensor:
+    """Attention mass [S] each active token receives from the query tokens (rows >= `query_start`),
+    summed over query tokens and heads; q [S, H_q, D], k [S, H_kv, D] are the active tokens' fresh
+    projections at this layer and `rows` [S] their sorted prompt rows."""
+    is_query = rows >= query_start  # [S]
+    if not bool(is_query.any()):
+        return torch.zeros(rows.shape[0], device=q.device)
+    group = q.shape[1] // k.shape[1]
+    qq = q[is_query].float().transpose(0, 1)  # [H_q, Qn, D]
+    kk = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H_q, S, D]
+    scores = qq @ kk.transpose(1, 2) * scale  # [H_q, Qn, S]
+    causal = rows[None, :] <= rows[is_query][:, None]  # [Qn, S]
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return scores.softmax(dim=-1).sum(dim=(0, 1))  # [S]
+
+
 def keep_top(is_cached: torch.Tensor, deviation: torch.Tensor, budget: int) -> torch.Tensor:
     """[S] bool: every fresh token, plus the `budget` cached tokens with the largest deviation."""
     keep = ~is_cached

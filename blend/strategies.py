@@ -37,8 +37,10 @@ class Strategy(ABC):
         """Layers at which `narrow` is called (none by default)."""
         return ()
 
-    def narrow(self, step: int, is_cached: torch.Tensor, deviation: torch.Tensor, num_cached: int) -> torch.Tensor:
-        """At the `step`-th check layer: [S] bool of active tokens to keep computing."""
+    def narrow(self, step: int, plan: BlendPlan, rows: torch.Tensor, is_cached: torch.Tensor,
+               deviation: torch.Tensor, num_cached: int) -> torch.Tensor:
+        """At the `step`-th check layer, given the active rows [S] (sorted), which of them are cached,
+        and their K/V deviation: [S] bool of the active tokens to keep computing."""
         return torch.ones_like(is_cached)
 
     @property
@@ -85,7 +87,7 @@ class CacheBlend(Strategy):
         later = len(self.check_layers()) - 1 - step
         return min(1.0, self.ratio * self.config.gradual_factor**later)
 
-    def narrow(self, step, is_cached, deviation, num_cached):
+    def narrow(self, step, plan, rows, is_cached, deviation, num_cached):
         return keep_top(is_cached, deviation, budget(self.fraction(step), num_cached))
 
 

@@ -1,0 +1,257 @@
+"""The document / chunk catalog in SQLAlchemy (SQLite file by default, any SQLAlchemy URL).
+
+Documents have ids, a content hash and metadata; chunks have text, token ids, their ChunkKey string
+and embedding, and are stored once however many documents contain them (a link table keeps each
+document's chunk order and overlap). Every change bumps `generation`, which the faiss index records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+_META = sa.MetaData()
+META = sa.Table("ragkv_retriever_meta", _META, sa.Column("name", sa.String(64), primary_key=True),
+                sa.Column("value", sa.Text, nullable=False))  # fmt: skip
+DOCUMENTS = sa.Table(
+    "ragkv_documents", _META,
+    sa.Column("id", sa.String(512), primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("metadata", sa.JSON, nullable=False),
+    sa.Column("num_tokens", sa.Integer, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+)  # fmt: skip
+CHUNKS = sa.Table(
+    "ragkv_retriever_chunks", _META,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(160), nullable=False, unique=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("token_ids", sa.LargeBinary, nullable=False),  # little-endian int32
+    sa.Column("num_tokens", sa.Integer, nullable=False),
+    sa.Column("embedding", sa.LargeBinary, nullable=False),  # little-endian float32
+)  # fmt: skip
+LINKS = sa.Table(
+    "ragkv_document_chunks", _META,
+    sa.Column("doc_id", sa.String(512), sa.ForeignKey("ragkv_documents.id"), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("chunk_id", sa.Integer, sa.ForeignKey("ragkv_retriever_chunks.id"), nullable=False, index=True),
+    sa.Column("overlap", sa.Integer, nullable=False),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NewChunk:
+    """A chunk of a document being written: its key string, ids, text, overlap and embedding (if new)."""
+
+    key: str
+    token_ids: tuple[int, ...]
+    text: str
+    overlap: int = 0
+    embedding: np.ndarray | None = None  # [dim]; needed only for chunks the catalog lacks
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    """A stored chunk and the first document (and position there) that contains it."""
+
+    id: int
+    key: str
+    text: str
+    token_ids: tuple[int, ...]
+    doc_id: str
+    position: int
+
+
+@dataclass(frozen=True)
+class DocumentRow:
+    """A stored document and its chunks in order: (chunk id, key, overlap)."""
+
+    id: str
+    source: str
+    content_hash: str
+    metadata: dict
+    num_tokens: int
+    chunks: tuple[tuple[int, str, int], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a write did: chunk rows added (ids, vectors [N, dim]) and chunks no document references any more."""
+
+    added_ids: np.ndarray
+    added_vectors: np.ndarray
+    removed_ids: np.ndarray
+    removed_keys: tuple[str, ...]
+
+
+class Catalog:
+    """Documents and deduplicated chunks in one SQL database."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa.exc.ArgumentError as err:
+            raise ValueError(f"catalog URL {url!r} is not a SQLAlchemy URL, e.g. sqlite:///PATH or postgresql+psycopg://...") from err
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.engine = sa.create_engine(url)
+        if parsed.get_backend_name() == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        _META.create_all(self.engine, checkfirst=True)
+
+    # -- meta ------------------------------------------------------------------------------------
+    def get_meta(self, name: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(META.c.value).where(META.c.name == name)).scalar()
+
+    def bind(self, **expected: str) -> None:
+        """Record identities (tokenizer, model, embedder) on first use; refuse a catalog made with others."""
+        with self.engine.begin() as conn:
+            for name, value in expected.items():
+                have = conn.execute(sa.select(META.c.value).where(META.c.name == name)).scalar()
+                if have is None:
+                    conn.execute(sa.insert(META).values(name=name, value=value))
+                elif have != value:
+                    raise ValueError(
+                        f"catalog {self.url} was built with {name}={have!r}, not {value!r}: "
+                        "use another data directory / catalog URL for this model or embedder"
+                    )
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation") or 0)
+
+    # -- reads -----------------------------------------------------------------------------------
+    def document(self, doc_id: str) -> DocumentRow | None:
+        with self.engine.connect() as conn:
+            d = conn.execute(sa.select(DOCUMENTS).where(DOCUMENTS.c.id == doc_id)).mappings().first()
+            if d is None:
+                return None
+            links = conn.execute(
+                sa.select(LINKS.c.chunk_id, CHUNKS.c.key, LINKS.c.overlap)
+                .join(CHUNKS, CHUNKS.c.id == LINKS.c.chunk_id)
+                .where(LINKS.c.doc_id == doc_id).order_by(LINKS.c.position)
+            ).all()  # fmt: skip
+        return DocumentRow(d["id"], d["source"], d["content_hash"], dict(d["metadata"]), d["num_tokens"],
+                           tuple((int(i), k, int(o)) for i, k, o in links))
+
+    def document_ids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(DOCUMENTS.c.id).order_by(DOCUMENTS.c.id)).scalars())
+
+    def known_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` already have a chunk row."""
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for b in range(0, len(keys), 500):
+                found.update(conn.execute(sa.select(CHUNKS.c.key).where(CHUNKS.c.key.in_(keys[b : b + 500]))).scalars())
+        return found
+
+    def chunks(self, ids: Sequence[int]) -> dict[int, ChunkRow]:
+        """Chunk rows by id, each with its first (doc id, position); ids not in the catalog are absent."""
+        ids = [int(i) for i in ids]
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(CHUNKS.c.id, CHUNKS.c.key, CHUNKS.c.text, CHUNKS.c.token_ids)
+                                .where(CHUNKS.c.id.in_(ids))).all()  # fmt: skip
+            links = conn.execute(sa.select(LINKS.c.chunk_id, LINKS.c.doc_id, LINKS.c.position)
+                                 .where(LINKS.c.chunk_id.in_(ids))
+                                 .order_by(LINKS.c.doc_id.desc(), LINKS.c.position.desc())).all()  # fmt: skip
+        first = {int(c): (d, int(p)) for c, d, p in links}  # the last write wins: smallest doc id, position
+        return {int(r[0]): ChunkRow(int(r[0]), r[1], r[2], _ids(r[3]), *first.get(int(r[0]), ("", -1))) for r in rows}
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every chunk's id [N] and embedding [N, dim] (what the index is rebuilt from)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(CHUNKS.c.id, CHUNKS.c.embedding).order_by(CHUNKS.c.id)).all()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)  # [N]
+        vecs = np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows]) if rows else np.zeros((0, 0), np.float32)  # [N, dim]
+        return ids, vecs.astype(np.float32)
+
+    def chunk_keys(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(CHUNKS.c.key)).scalars())
+
+    # -- writes ----------------------------------------------------------------------------------
+    def put_document(
+        self, doc_id: str, source: str, content_hash: str, metadata: dict, num_tokens: int, chunks: Sequence[NewChunk]
+    ) -> Change:
+        """Insert or replace a document and its chunks in one transaction."""
+        with self.engine.begin() as conn:
+            removed_ids, removed_keys = self._unlink(conn, doc_id, keep={c.key for c in chunks})
+            existing = dict(conn.execute(sa.select(CHUNKS.c.key, CHUNKS.c.id)
+                                         .where(CHUNKS.c.key.in_([c.key for c in chunks]))).all())  # fmt: skip
+            added_ids, added_vecs = [], []
+            for c in chunks:
+                if c.key in existing:
+                    continue
+                if c.embedding is None:
+                    raise ValueError(f"chunk {c.key} is new to the catalog and needs an embedding")
+                vec = np.asarray(c.embedding, dtype="<f4")
+                new_id = conn.execute(sa.insert(CHUNKS).values(
+                    key=c.key, text=c.text, token_ids=np.asarray(c.token_ids, dtype="<i4").tobytes(),
+                    num_tokens=len(c.token_ids), embedding=vec.tobytes())).inserted_primary_key[0]  # fmt: skip
+                existing[c.key] = new_id
+                added_ids.append(new_id)
+                added_vecs.append(vec)
+            conn.execute(sa.insert(DOCUMENTS).values(id=doc_id, source=source, content_hash=content_hash,
+                                                     metadata=metadata, num_tokens=num_tokens, updated=time.time()))
+            if chunks:
+                conn.execute(sa.insert(LINKS), [dict(doc_id=doc_id, position=i, chunk_id=existing[c.key], overlap=c.overlap)
+                                                for i, c in enumerate(chunks)])  # fmt: skip
+            self._bump(conn)
+        vecs = np.stack(added_vecs).astype(np.float32) if added_vecs else np.zeros((0, 0), np.float32)  # [N, dim]
+        return Change(np.array(added_ids, dtype=np.int64), vecs, removed_ids, removed_keys)
+
+    def remove_document(self, doc_id: str) -> Change | None:
+        """Delete a document; its chunks no other document contains are deleted too. None if absent."""
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(DOCUMENTS.c.id).where(DOCUMENTS.c.id == doc_id)).first() is None:
+                return None
+            removed_ids, removed_keys = self._unlink(conn, doc_id, keep=set())
+            self._bump(conn)
+        return Change(np.zeros(0, np.int64), np.zeros((0, 0), np.float32), removed_ids, removed_keys)
+
+    def _unlink(self, conn, doc_id: str, keep: set[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+        """Drop the document and its links; delete its chunks that are orphaned now (except `keep`)."""
+        old = conn.execute(sa.select(LINKS.c.chunk_id).where(LINKS.c.doc_id == doc_id)).scalars().all()
+        conn.execute(sa.delete(LINKS).where(LINKS.c.doc_id == doc_id))
+        conn.execute(sa.delete(DOCUMENTS).where(DOCUMENTS.c.id == doc_id))
+        if not old:
+            return np.zeros(0, np.int64), ()
+        still_used = set(conn.execute(sa.select(LINKS.c.chunk_id).where(LINKS.c.chunk_id.in_(set(old)))).scalars())
+        rows = conn.execute(sa.select(CHUNKS.c.id, CHUNKS.c.key).where(CHUNKS.c.id.in_(set(old) - still_used))).all()
+        orphans = [(i, k) for i, k in rows if k not in keep]
+        if orphans:
+            conn.execute(sa.delete(CHUNKS).where(CHUNKS.c.id.in_([i for i, _ in orphans])))
+        return np.array([i for i, _ in orphans], dtype=np.int64), tuple(k for _, k in orphans)
+
+    def _bump(self, conn) -> None:
+        gen = int(conn.execute(sa.select(META.c.value).where(META.c.name == "generation")).scalar() or 0) + 1
+        if gen == 1:
+            conn.execute(sa.insert(META).values(name="generation", value="1"))
+        else:
+            conn.execute(sa.update(META).where(META.c.name == "generation").values(value=str(gen)))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _ids(blob: bytes) -> tuple[int, ...]:
+    return tuple(int(t) for t in np.frombuffer(blob, dtype="<i4"))
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    """WAL: readers do not block the writer; NORMAL sync is crash-consistent in WAL mode."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()

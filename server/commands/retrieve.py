@@ -1,0 +1,36 @@
+"""`ragkv retrieve "question" -k 10 [--json]`: the chunks of the ingested corpus most similar to a question."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..ingest import open_retriever
+from .ingest import add_retriever_args, retriever_config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("retrieve", help="search the ingested chunks", description=__doc__)
+    p.add_argument("question")
+    p.add_argument("-k", type=int, default=10, help="how many chunks (default 10)")
+    add_retriever_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON: chunk id, document id, score, text, key")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    retriever = open_retriever(args.data_dir, args.model, retriever_config(args), args.catalog_url)
+    hits = retriever.search(args.question, args.k)
+    retriever.close()
+    if args.json:
+        print(json.dumps([dict(chunk_id=h.chunk_id, doc_id=h.doc_id, score=round(h.score, 6), text=h.text,
+                               key=str(h.key), position=h.position, num_tokens=len(h.token_ids)) for h in hits],
+                         indent=2, ensure_ascii=False))  # fmt: skip
+        return 0
+    if not hits:
+        print("no chunks: ingest documents first (ragkv ingest PATH...)")
+    for rank, h in enumerate(hits, start=1):
+        preview = " ".join(h.text.split())
+        print(f"{rank:>3}  {h.score:.4f}  chunk {h.chunk_id}  {h.doc_id}#{h.position}\n     "
+              f"{preview[:200]}{'...' if len(preview) > 200 else ''}")  # fmt: skip
+    return 0

@@ -1,0 +1,260 @@
+"""Ingestion: files -> documents -> chunks -> catalog + faiss -> batched (prepacked) chunk KV -> store.
+
+`Ingester(adapter, store, retriever, config).ingest(paths)` is what `Engine.ingest` and `ragkv ingest`
+call. The catalog is written per document and KV per batch, so an interrupted run resumes: unchanged
+documents are skipped and only chunks whose key the store lacks are precomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..chunk_cache import ChunkKey, precompute_many
+from ..retriever import Document, DocumentUpdate, LoadError, Retriever, RetrieverConfig, find_files, load_file
+from ..storage import StorageConfig, TierConfig, TieredStore, build_store
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How KV is precomputed during ingestion."""
+
+    compute_kv: bool = True  # False: only catalog + index (KV is then computed on first use)
+    kv_batch_tokens: int = 8192  # pending chunk tokens that trigger a precompute batch
+    max_tokens_per_pass: int = 2048  # prepacking budget of one forward pass (0 = one chunk per pass)
+    documents_per_batch: int = 32  # documents chunked and embedded together (each still committed alone)
+    save_every_documents: int = 200  # also save the faiss index this often (it is rebuilt if stale anyway)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class IngestError:
+    """One file (or JSONL line, or document) that was not ingested, and why."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}{f':{self.line}' if self.line is not None else ''}: {self.message}"
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """Counts of one ingestion run."""
+
+    documents_added: int = 0
+    documents_replaced: int = 0
+    documents_unchanged: int = 0
+    tokens: int = 0  # document tokens seen (added, replaced or unchanged)
+    chunks: int = 0  # chunk occurrences in those documents
+    chunks_new: int = 0  # distinct chunks new to the catalog (the rest were deduplicated)
+    kv_computed: int = 0  # chunk KVs precomputed and stored
+    kv_cached: int = 0  # chunk KVs the store already had
+    kv_tokens: int = 0  # tokens precomputed
+    kv_seconds: float = 0.0
+    seconds: float = 0.0
+    invalidated: tuple[ChunkKey, ...] = ()  # keys whose KV was dropped (documents replaced)
+    errors: tuple[IngestError, ...] = field(default=())
+
+    @property
+    def documents(self) -> int:
+        return self.documents_added + self.documents_replaced + self.documents_unchanged
+
+    def summary(self) -> str:
+        rate = self.kv_tokens / self.kv_seconds if self.kv_seconds else 0.0
+        return (f"{self.documents} documents ({self.documents_added} added, {self.documents_replaced} replaced, "
+                f"{self.documents_unchanged} unchanged), {self.tokens} tokens, {self.chunks} chunks "
+                f"({self.chunks_new} new); KV: {self.kv_computed} computed ({self.kv_tokens} tokens, {rate:.0f} tok/s), "
+                f"{self.kv_cached} already cached; {len(self.invalidated)} keys invalidated; "
+                f"{len(self.errors)} errors; {self.seconds:.1f}s")  # fmt: skip
+
+
+class Ingester:
+    """Ingests files or documents into a retriever (catalog + index) and their chunk KV into a store."""
+
+    def __init__(self, adapter, store, retriever: Retriever, config: IngestConfig | None = None) -> None:
+        self.adapter = adapter
+        self.store = store  # anything with lookup(keys) -> [tier | None], put(key, kv), remove(key)
+        self.retriever = retriever
+        self.config = config or IngestConfig()
+
+    def ingest(self, paths: Sequence[str | Path]) -> IngestReport:
+        """Ingest files and folders (.txt .md .html .pdf .jsonl); bad files are reported, the rest ingest."""
+        files = list(find_files(paths))
+        errors = [IngestError(f.path, f.message) for f in files if isinstance(f, LoadError)]
+        files = [f for f in files if not isinstance(f, LoadError)]
+        max_bytes = self.retriever.config.max_document_bytes
+
+        def documents() -> Iterable[Document | LoadError]:
+            for f in tqdm(files, desc="files", unit="file", disable=not self.config.progress, position=0):
+                yield from load_file(f, max_bytes)
+
+        report = self.ingest_documents(documents())
+        return replace(report, errors=tuple(errors) + report.errors)
+
+    def ingest_documents(self, docs: Iterable[Document | LoadError]) -> IngestReport:
+        """Ingest documents (LoadError items are recorded as errors); see the module docstring."""
+        t0 = time.perf_counter()
+        run = _Run(self)
+        try:
+            for doc in docs:
+                if isinstance(doc, LoadError):
+                    run.errors.append(IngestError(doc.path, doc.message, doc.line))
+                else:
+                    run.add(doc)
+            run.add_batch()
+            run.flush()
+        finally:
+            run.close()
+        return run.report(time.perf_counter() - t0)
+
+    def remove(self, doc_ids: Sequence[str]) -> tuple[ChunkKey, ...]:
+        """Delete documents from catalog and index and their orphaned chunks' KV from the store."""
+        dropped: list[ChunkKey] = []
+        for doc_id in doc_ids:
+            keys = self.retriever.remove_document(doc_id)
+            if keys is None:
+                raise ValueError(f"no document with id {doc_id!r} in the catalog")
+            for key in keys:
+                self.store.remove(key)
+            dropped.extend(keys)
+        self.retriever.save()
+        return tuple(dropped)
+
+
+class _Run:
+    """The state of one `ingest_documents` call: counters, the pending KV batch, progress bars."""
+
+    def __init__(self, ing: Ingester) -> None:
+        self.ing = ing
+        self.counts = dict(documents_added=0, documents_replaced=0, documents_unchanged=0, tokens=0, chunks=0,
+                           chunks_new=0, kv_computed=0, kv_cached=0, kv_tokens=0)  # fmt: skip
+        self.kv_seconds = 0.0
+        self.errors: list[IngestError] = []
+        self.invalidated: list[ChunkKey] = []
+        self.batch: list[Document] = []
+        self.pending: dict[ChunkKey, tuple[int, ...]] = {}
+        self.pending_tokens = 0
+        self.since_save = 0
+        off = not ing.config.progress
+        self.doc_bar = tqdm(desc="documents", unit="doc", disable=off, position=1)
+        self.kv_bar = tqdm(desc="KV tokens", unit="tok", total=0, disable=off, position=2)
+
+    def add(self, doc: Document) -> None:
+        limit = self.ing.retriever.config.max_document_bytes
+        size = len(doc.text.encode())
+        if size > limit:
+            self.errors.append(IngestError(doc.source or doc.id, f"document {doc.id!r} of {size} bytes is over the "
+                                           f"limit of {limit} bytes (max_document_bytes)"))  # fmt: skip
+            return
+        self.batch.append(doc)
+        if len(self.batch) >= self.ing.config.documents_per_batch:
+            self.add_batch()
+
+    def add_batch(self) -> None:
+        """Chunk, embed and commit the buffered documents, then queue their missing KV."""
+        docs, self.batch = self.batch, []
+        if not docs:
+            return
+        for doc, update in zip(docs, self.ing.retriever.add_documents(docs)):
+            if isinstance(update, ValueError):
+                self.errors.append(IngestError(doc.source or doc.id, str(update)))
+            else:
+                self._count(update)
+
+    def _count(self, update: DocumentUpdate) -> None:
+        self.counts[f"documents_{update.status}"] += 1
+        self.counts["tokens"] += update.num_tokens
+        self.counts["chunks"] += len(update.chunks)
+        self.counts["chunks_new"] += update.new_chunks
+        for key in update.invalidated:
+            self.ing.store.remove(key)
+            if self.pending.pop(key, None) is not None:
+                self.pending_tokens = sum(map(len, self.pending.values()))
+        self.invalidated.extend(update.invalidated)
+        self.doc_bar.update(1)
+        self.doc_bar.set_postfix(tokens=self.counts["tokens"], refresh=False)
+        self.since_save += 1
+        if self.since_save >= self.ing.config.save_every_documents:
+            self.ing.retriever.save()
+            self.since_save = 0
+        if self.ing.config.compute_kv:
+            self._queue(update.chunks)
+
+    def _queue(self, chunks) -> None:
+        fresh = {k: ids for k, ids in chunks if k not in self.pending}
+        keys = list(fresh)
+        for key, tier in zip(keys, self.ing.store.lookup(keys) if keys else []):
+            if tier is not None:
+                self.counts["kv_cached"] += 1
+            else:
+                self.pending[key] = fresh[key]
+                self.pending_tokens += len(fresh[key])
+                self.kv_bar.total += len(fresh[key])
+        self.kv_bar.refresh()
+        if self.pending_tokens >= self.ing.config.kv_batch_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Precompute the pending chunks (prepacked) and store them."""
+        if not self.pending:
+            return
+        keys, ids = list(self.pending), list(self.pending.values())
+        t = time.perf_counter()
+        kvs = precompute_many(self.ing.adapter, ids, self.ing.config.max_tokens_per_pass)
+        for key, kv in zip(keys, kvs):
+            self.ing.store.put(key, kv)
+        self.kv_seconds += time.perf_counter() - t
+        n = sum(map(len, ids))
+        self.counts["kv_computed"] += len(keys)
+        self.counts["kv_tokens"] += n
+        self.kv_bar.update(n)
+        self.pending, self.pending_tokens = {}, 0
+
+    def close(self) -> None:
+        self.ing.retriever.save()  # also after an interruption: the catalog is already committed
+        self.doc_bar.close()
+        self.kv_bar.close()
+
+    def report(self, seconds: float) -> IngestReport:
+        return IngestReport(**self.counts, kv_seconds=self.kv_seconds, seconds=seconds,
+                            invalidated=tuple(self.invalidated), errors=tuple(self.errors))  # fmt: skip
+
+
+# -- composition for the CLI (the Engine will own this) ---------------------------------------------
+def catalog_url_for(data_dir: str | Path, catalog_url: str | None = None) -> str:
+    """The catalog database: `catalog_url`, else `sqlite:///DATA_DIR/catalog.sqlite` (shared with the disk tier)."""
+    return catalog_url or f"sqlite:///{Path(data_dir).expanduser() / 'catalog.sqlite'}"
+
+
+def open_store(data_dir: str | Path, catalog_url: str | None = None, capacity_bytes: int = 32 << 30) -> TieredStore:
+    """A store whose `put` lands on the disk tier under DATA_DIR/cache (sharing the catalog database),
+    so KV precomputed by an ingest process outlives it."""
+    cfg = StorageConfig(tiers=(TierConfig("disk", capacity_bytes),), disk_dir=str(Path(data_dir).expanduser() / "cache"),
+                        catalog_url=catalog_url_for(data_dir, catalog_url))  # fmt: skip
+    return build_store(cfg)
+
+
+def open_retriever(data_dir: str | Path, model: str = "smollm2", config: RetrieverConfig | None = None,
+                   catalog_url: str | None = None, adapter=None) -> Retriever:  # fmt: skip
+    """The retriever of DATA_DIR for `model` (loaded from DATA_DIR/models unless `adapter` is given)."""
+    if adapter is None:
+        from ..adapters import load_adapter
+
+        adapter = load_adapter(model, data_dir=data_dir)
+    return Retriever.open(Path(data_dir).expanduser(), adapter, config, catalog_url=catalog_url_for(data_dir, catalog_url))
+
+
+def open_parts(data_dir: str | Path, model: str = "smollm2", config: RetrieverConfig | None = None,
+               catalog_url: str | None = None):  # fmt: skip
+    """(adapter, store, retriever) for DATA_DIR."""
+    from ..adapters import load_adapter
+
+    adapter = load_adapter(model, data_dir=data_dir)
+    retriever = open_retriever(data_dir, model, config, catalog_url, adapter=adapter)
+    return adapter, open_store(data_dir, catalog_url), retriever
