@@ -32,8 +32,12 @@ class EngineConfig:
         if self.storage is not None:
             return self.storage
         first = "gpu" if self.device.startswith("cuda") else "cpu"
+        data = Path(self.data_dir).expanduser()
+        # the disk tier's catalog is DATA_DIR/catalog.sqlite, as `ragkv ingest` writes it (server/ingest.py
+        # open_store): two catalogs over one cache folder would each delete the other's files as orphans
         return StorageConfig(tiers=(TierConfig(first, 2 << 30), TierConfig("disk", 32 << 30, codec="lz4")),
-                             disk_dir=str(Path(self.data_dir).expanduser() / "cache"), kv_dtype=self.kv_dtype)
+                             disk_dir=str(data / "cache"), catalog_url=f"sqlite:///{data / 'catalog.sqlite'}",
+                             kv_dtype=self.kv_dtype)
 
     @classmethod
     def from_env(cls, **overrides) -> EngineConfig:
