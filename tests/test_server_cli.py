@@ -57,3 +57,23 @@ def test_cache_stats_and_gc(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["dropped"] == 1
     assert main(["cache", "stats", "--data-dir", str(tmp_path), "--json"]) == 0
     assert {t["name"]: t["entries"] for t in json.loads(capsys.readouterr().out)["tiers"]}["disk"] == 1
+
+
+def test_engine_store_reads_what_ragkv_ingest_wrote(smollm2, tmp_path):
+    """`ragkv ingest` then `ragkv serve/query` on one data dir: the Engine's default store shares the
+    ingest's disk catalog, so ingested KV is a hit (not deleted as an orphan file)."""
+    from ragkv.retriever import Document
+    from ragkv.server.config import EngineConfig
+    from ragkv.server.ingest import IngestConfig, Ingester, open_retriever, open_store
+    from ragkv.storage.config import build_store
+
+    store, retriever = open_store(tmp_path), open_retriever(tmp_path, adapter=smollm2)
+    report = Ingester(smollm2, store, retriever, IngestConfig(progress=False)).ingest_documents(
+        [Document("d", "The Danube flows through Vienna.")])
+    keys = retriever.chunk_keys()
+    store.close()
+    retriever.close()
+    assert report.kv_computed == 1 and len(keys) == 1
+    engine_store = build_store(EngineConfig(data_dir=str(tmp_path)).storage_config())
+    assert engine_store.lookup(keys) == ["disk"]
+    engine_store.close()
