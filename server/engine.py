@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from ..adapters import ModelAdapter, load_adapter
-from ..blend import BlendPlan, blend, make_plan, make_strategy, to_dynamic_cache
+from ..blend import BlendPlan, blend, extend, make_plan, make_strategy, to_dynamic_cache
 from ..blend.loop import BlendResult
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
 from ..retriever import Document, RetrievedChunk, Retriever
@@ -137,9 +137,11 @@ class Engine:
 
     def run(self, question: str, documents: Sequence[str] | None = None, *, chunks: Sequence[Sequence[int]] | None = None,
             strategy: str | None = None, recompute_ratio: float | None = None, namespace: str | None = None,
-            k: int | None = None) -> tuple[BlendPlan, BlendResult, dict[str, float], dict[str, int], int]:
+            k: int | None = None, reserve: int | None = None
+            ) -> tuple[BlendPlan, BlendResult, dict[str, float], dict[str, int], int]:
         """Plan and fuse one prompt over `documents` (texts), `chunks` (token ids) or, with neither,
-        the `k` retrieved chunks: (plan, blend result, parts in ms, hits per tier, misses)."""
+        the `k` retrieved chunks: (plan, blend result, parts in ms, hits per tier, misses). The result
+        keeps `reserve` rows (default: max_new_tokens) to decode into."""
         name = strategy or self.config.blend.strategy
         ratio = self.config.blend.recompute_ratio if recompute_ratio is None else recompute_ratio
         fuse = make_strategy(name, ratio, self.config.blend)
@@ -162,7 +164,7 @@ class Engine:
             elif fuse.reuse == "prefix" and plan.prefix_len > 1:
                 sources = self._prefix_source(plan, namespace)
             t3 = time.perf_counter()
-            result = blend(self.model, plan, fuse, sources)
+            result = blend(self.model, plan, fuse, sources, reserve=self.config.max_new_tokens if reserve is None else reserve)
         parts = {"lookup": (t1 - t0) * 1e3, "precompute": (t2 - t1) * 1e3, "fetch": (t3 - t2) * 1e3}
         parts.update({k: v * 1e3 for k, v in result.seconds.items() if k != "total"})
         return plan, result, parts, hits, misses
@@ -171,7 +173,7 @@ class Engine:
         """Greedy (or sampled) answer token ids from a blend result, EOS excluded."""
         eos = self.eos_ids
         tokens = []
-        for token in decode(self.model.model, to_dynamic_cache(result), result.logits, max_new_tokens, eos, temperature):
+        for token in decode(self.model, result, max_new_tokens, eos, temperature):
             if token in eos:
                 break
             tokens.append(token)
@@ -182,9 +184,8 @@ class Engine:
         """Logits [P, vocab] at each of the P positions of `forced` [P] fed after the prompt."""
         if forced.numel() == 1:
             return result.logits[None]
-        out = self.model.model(input_ids=forced[None, :-1].to(self.model.device),
-                               past_key_values=to_dynamic_cache(result), use_cache=True)
-        return torch.cat([result.logits[None], out.logits[0].float()])  # [P, vocab]
+        after = extend(self.model, result, forced[:-1].to(self.model.device), result.keys[0].shape[2])  # [P-1, vocab]
+        return torch.cat([result.logits[None], after])  # [P, vocab]
 
     @property
     def eos_ids(self) -> set[int]:
@@ -212,13 +213,13 @@ class Engine:
                   ) -> Iterator[str | Answer]:
         t0 = time.perf_counter()
         plan, result, parts, hits, misses = self.run(question, documents, chunks=chunks, strategy=strategy,
-                                                     recompute_ratio=ratio, namespace=namespace, k=k)
+                                                     recompute_ratio=ratio, namespace=namespace, k=k,
+                                                     reserve=max_new_tokens)
         ttft = (time.perf_counter() - t0) * 1e3
-        cache = to_dynamic_cache(result)
         eos = self.eos_ids
         tokens: list[int] = []
         text = ""
-        for token in decode(self.model.model, cache, result.logits, max_new_tokens, eos, temperature):
+        for token in decode(self.model, result, max_new_tokens, eos, temperature):
             if token in eos:
                 break
             tokens.append(token)
