@@ -11,7 +11,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -59,15 +58,14 @@ def _passage(p: Passage | str) -> Passage:
 
 
 class LocalBackend(Backend):
-    """An in-process Engine and the namespace's document index (under `index_dir`, default DATA_DIR)."""
+    """An in-process Engine and its `namespace`'s document index."""
 
-    def __init__(self, engine, namespace: str | None = None, index_dir: str | Path | None = None) -> None:
+    def __init__(self, engine, namespace: str | None = None) -> None:
         from ..server.documents import DocumentService
 
         self.engine = engine
         self.namespace = namespace or engine.config.namespace
-        self.documents = DocumentService(engine, index_dir or Path(engine.config.data_dir).expanduser(),
-                                         engine.config.namespace)
+        self.documents = DocumentService(engine)
 
     def retrieve(self, query: str, k: int) -> list[Passage]:
         return [Passage(h.text, h.chunk_id, h.doc_id, h.score) for h in self.documents.search(self.namespace, query, k)]
@@ -112,11 +110,10 @@ class HttpBackend(Backend):
         return self.client.add_documents(documents)
 
 
-def backend_for(engine=None, url: str | None = None, api_key: str | None = None, namespace: str | None = None,
-                index_dir: str | Path | None = None) -> Backend:
+def backend_for(engine=None, url: str | None = None, api_key: str | None = None, namespace: str | None = None) -> Backend:
     """`LocalBackend(engine)` or `HttpBackend(url)`; exactly one of `engine` and `url`."""
     if (engine is None) == (url is None):
         raise ValueError("give exactly one of engine= (in-process) and url= (a running `ragkv serve`)")
     if isinstance(engine, Backend):
         return engine
-    return LocalBackend(engine, namespace, index_dir) if engine is not None else HttpBackend(url, api_key)
+    return LocalBackend(engine, namespace) if engine is not None else HttpBackend(url, api_key)

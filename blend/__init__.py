@@ -2,6 +2,7 @@
 
 from .cache import kv_tensor, to_dynamic_cache
 from .config import STRATEGIES, BlendConfig
+from .extend import extend
 from .loader import LayerLoader
 from .loop import BlendResult, blend
 from .plan import BlendPlan, make_plan
@@ -9,4 +10,4 @@ from .rerotate import rerotate, rotation
 from .strategies import Strategy, make_strategy
 
 __all__ = ["BlendConfig", "STRATEGIES", "BlendPlan", "make_plan", "BlendResult", "blend", "LayerLoader",
-           "Strategy", "make_strategy", "rerotate", "rotation", "to_dynamic_cache", "kv_tensor"]
+           "Strategy", "make_strategy", "extend", "rerotate", "rotation", "to_dynamic_cache", "kv_tensor"]

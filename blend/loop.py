@@ -27,8 +27,9 @@ from .strategies import Strategy
 class BlendResult:
     """Merged KV of the whole prompt, the first-token logits, and where the time went."""
 
-    keys: list[torch.Tensor]  # per layer [1, H_kv, N, D]
+    keys: list[torch.Tensor]  # per layer [1, H_kv, N, D] (views of `buffers`)
     values: list[torch.Tensor]  # per layer [1, H_kv, N, D]
+    buffers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer K, V [1, H_kv, N + reserve, D]: room to decode
     logits: torch.Tensor  # [vocab] fp32, for the token after the prompt
     recompute_fraction: float  # chunk rows recomputed / chunk rows, averaged over layers
     seconds: dict[str, float] = field(default_factory=dict)  # load, rerotate, recompute, first_token
@@ -40,8 +41,10 @@ def blend(
     plan: BlendPlan,
     strategy: Strategy,
     sources: Sequence[tuple[int, LayeredKV]] = (),
+    reserve: int = 0,
 ) -> BlendResult:
-    """Fuse `sources` (target start row, cached KV) into `plan` with `strategy`."""
+    """Fuse `sources` (target start row, cached KV) into `plan` with `strategy`; the K/V buffers keep
+    `reserve` spare rows so that tokens can be generated after the prompt without copying (`extend`)."""
     n, dev, dtype = plan.num_tokens, model.device, model.dtype
     if model.max_context is not None and n > model.max_context:
         raise ValueError(f"prompt of {n} tokens exceeds the model's exact attention span of {model.max_context}")
@@ -71,11 +74,13 @@ def blend(
     cos, sin = model.rope(positions)  # [N, D]
     h = model.embed(plan.input_ids.to(dev)[active])  # [S, hidden]
     check_layers = strategy.check_layers()
-    keys, values, recomputed = [], [], 0
+    keys, values, buffers, recomputed = [], [], [], 0
 
     for layer in range(model.num_layers):
-        k_buf = torch.empty(1, model.num_kv_heads, n, model.head_dim, dtype=dtype, device=dev)  # [1, H, N, D]
-        v_buf = torch.empty_like(k_buf)
+        k_all = torch.empty(1, model.num_kv_heads, n + reserve, model.head_dim, dtype=dtype, device=dev)  # [1, H, N+R, D]
+        v_all = torch.empty_like(k_all)
+        buffers.append((k_all, v_all))
+        k_buf, v_buf = k_all[:, :, :n], v_all[:, :, :n]  # [1, H, N, D] views
         # 3. Cached rows of this layer, keys re-rotated to their target positions.
         if loader is not None:
             t0 = time.perf_counter()
@@ -116,7 +121,7 @@ def blend(
     seconds["first_token"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     fraction = recomputed / (num_cached * model.num_layers) if num_cached else 1.0
-    return BlendResult(keys, values, logits, fraction, seconds)
+    return BlendResult(keys, values, buffers, logits, fraction, seconds)
 
 
 def _score(config, model, plan, active, q, k, v, k_buf, v_buf) -> torch.Tensor:

@@ -37,8 +37,7 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
         yield
         # uvicorn has stopped accepting and waited for open requests; finish what the worker holds
         await asyncio.to_thread(app.state.worker.close, True)
-        app.state.documents.close()
-        engine.store.flush()
+        getattr(engine, "close", engine.store.flush)()  # saves indexes, flushes the store
 
     app = FastAPI(title="ragkv", version="0.1.0", lifespan=lifespan,
                   description="RAG KV-cache reuse sidecar: OpenAI-compatible completions over cached chunk KV.")
@@ -51,8 +50,7 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
     app.state.engine = engine
     app.state.worker = ModelWorker(settings.queue_size, init=init)
     app.state.metrics = Metrics()
-    app.state.documents = DocumentService(engine, settings.index_root, settings.namespace, settings.chunk_min_tokens,
-                                          settings.chunk_max_tokens)
+    app.state.documents = DocumentService(engine)
     errors.install(app, settings.retry_after_s)
     app.add_middleware(_Observe)
     app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)

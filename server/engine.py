@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 
 from ..adapters import ModelAdapter, load_adapter
-from ..blend import BlendPlan, blend, make_plan, make_strategy, to_dynamic_cache
+from ..blend import BlendPlan, blend, extend, make_plan, make_strategy, to_dynamic_cache
 from ..blend.loop import BlendResult
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
+from ..retriever import Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
 from ..storage.config import build_store
 from .answer import Answer
 from .config import EngineConfig
 from .decode import decode
+from .ingest import IngestConfig, Ingester, IngestReport
 from .prompt import PromptTemplate
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,6 +36,7 @@ class Engine:
         self.store = store
         self.config = config
         self.template = template
+        self._retrievers: dict[str, Retriever] = {}
 
     @classmethod
     def from_pretrained(cls, model: str = "smollm2", config: EngineConfig | None = None, **overrides) -> Engine:
@@ -45,6 +49,37 @@ class Engine:
     @property
     def tokenizer(self):
         return self.model.tokenizer
+
+    # -- documents and retrieval (the catalog + faiss index of a namespace, opened on first use) ---
+    def retriever(self, namespace: str | None = None) -> Retriever:
+        """The document catalog and index of `namespace` (each tenant has its own)."""
+        ns = namespace or self.config.namespace
+        if ns not in self._retrievers:
+            cfg = replace(self.config.retriever, namespace=ns)
+            path = self.config.data_path(ns)
+            path.mkdir(parents=True, exist_ok=True)
+            self._retrievers[ns] = Retriever.open(path, self.model, cfg, catalog_url=self.config.catalog(ns))
+        return self._retrievers[ns]
+
+    def ingest(self, paths: Sequence[str] = (), documents: Sequence[Document] = (), namespace: str | None = None,
+               config: IngestConfig = IngestConfig(progress=False)) -> IngestReport:
+        """Chunk, embed and index files (`paths`) or `Document`s, and store their chunk KV durably."""
+        ingester = Ingester(self.model, self.store, self.retriever(namespace), config)
+        return ingester.ingest(paths) if paths else ingester.ingest_documents(documents)
+
+    def remove_documents(self, doc_ids: Sequence[str], namespace: str | None = None) -> tuple[ChunkKey, ...]:
+        """Delete documents; their chunks leave the index and their KV leaves the store."""
+        return Ingester(self.model, self.store, self.retriever(namespace)).remove(doc_ids)
+
+    def retrieve(self, query: str, k: int = 5, namespace: str | None = None) -> list[RetrievedChunk]:
+        """The `k` chunks most similar to `query`."""
+        return self.retriever(namespace).search(query, k)
+
+    def close(self) -> None:
+        """Save indexes and flush the store."""
+        for r in self._retrievers.values():
+            r.close()
+        self.store.close()
 
     # -- chunks ---------------------------------------------------------------------------------
     def tokenize_chunks(self, documents: Sequence[str]) -> list[list[int]]:
@@ -101,15 +136,20 @@ class Engine:
         return make_plan(prefix, chunks, query, sep)
 
     def run(self, question: str, documents: Sequence[str] | None = None, *, chunks: Sequence[Sequence[int]] | None = None,
-            strategy: str | None = None, recompute_ratio: float | None = None, namespace: str | None = None
+            strategy: str | None = None, recompute_ratio: float | None = None, namespace: str | None = None,
+            k: int | None = None, reserve: int | None = None
             ) -> tuple[BlendPlan, BlendResult, dict[str, float], dict[str, int], int]:
-        """Plan and fuse one prompt: (plan, blend result, parts in ms, hits per tier, misses)."""
+        """Plan and fuse one prompt over `documents` (texts), `chunks` (token ids) or, with neither,
+        the `k` retrieved chunks: (plan, blend result, parts in ms, hits per tier, misses). The result
+        keeps `reserve` rows (default: max_new_tokens) to decode into."""
         name = strategy or self.config.blend.strategy
         ratio = self.config.blend.recompute_ratio if recompute_ratio is None else recompute_ratio
         fuse = make_strategy(name, ratio, self.config.blend)
         namespace = namespace or self.config.namespace
         t0 = time.perf_counter()
-        chunk_ids = list(chunks) if chunks is not None else self.tokenize_chunks(documents or [])
+        if chunks is None and documents is None:  # nothing given: retrieve from the index
+            chunks = [hit.token_ids for hit in self.retrieve(question, k or 5, namespace)]
+        chunk_ids = list(chunks) if chunks is not None else self.tokenize_chunks(documents)
         plan = self.plan(question, chunk_ids)
         hits, misses, sources = {}, 0, []
         t1 = time.perf_counter()
@@ -124,7 +164,7 @@ class Engine:
             elif fuse.reuse == "prefix" and plan.prefix_len > 1:
                 sources = self._prefix_source(plan, namespace)
             t3 = time.perf_counter()
-            result = blend(self.model, plan, fuse, sources)
+            result = blend(self.model, plan, fuse, sources, reserve=self.config.max_new_tokens if reserve is None else reserve)
         parts = {"lookup": (t1 - t0) * 1e3, "precompute": (t2 - t1) * 1e3, "fetch": (t3 - t2) * 1e3}
         parts.update({k: v * 1e3 for k, v in result.seconds.items() if k != "total"})
         return plan, result, parts, hits, misses
@@ -133,7 +173,7 @@ class Engine:
         """Greedy (or sampled) answer token ids from a blend result, EOS excluded."""
         eos = self.eos_ids
         tokens = []
-        for token in decode(self.model.model, to_dynamic_cache(result), result.logits, max_new_tokens, eos, temperature):
+        for token in decode(self.model, result, max_new_tokens, eos, temperature):
             if token in eos:
                 break
             tokens.append(token)
@@ -144,9 +184,8 @@ class Engine:
         """Logits [P, vocab] at each of the P positions of `forced` [P] fed after the prompt."""
         if forced.numel() == 1:
             return result.logits[None]
-        out = self.model.model(input_ids=forced[None, :-1].to(self.model.device),
-                               past_key_values=to_dynamic_cache(result), use_cache=True)
-        return torch.cat([result.logits[None], out.logits[0].float()])  # [P, vocab]
+        after = extend(self.model, result, forced[:-1].to(self.model.device), result.keys[0].shape[2])  # [P-1, vocab]
+        return torch.cat([result.logits[None], after])  # [P, vocab]
 
     @property
     def eos_ids(self) -> set[int]:
@@ -158,29 +197,29 @@ class Engine:
         plan, result, *_ = self.run(question, documents, **kwargs)
         return to_dynamic_cache(result, plan.num_tokens - 1), plan.input_ids[None].to(self.model.device)
 
-    def generate(self, question: str, documents: Sequence[str] | None = None, *, chunks=None,
+    def generate(self, question: str, documents: Sequence[str] | None = None, *, chunks=None, k: int | None = None,
                  strategy: str | None = None, recompute_ratio: float | None = None, max_new_tokens: int | None = None,
                  stream: bool = False, namespace: str | None = None, temperature: float = 0.0):
-        """Answer `question` over `documents` (texts) or `chunks` (token ids): an `Answer`, or with
-        `stream=True` an iterator of text pieces whose last item is the `Answer`."""
-        events = self._generate(question, documents, chunks, strategy, recompute_ratio,
+        """Answer `question` over `documents` (texts), `chunks` (token ids) or the `k` retrieved chunks:
+        an `Answer`, or with `stream=True` an iterator of text pieces whose last item is the `Answer`."""
+        events = self._generate(question, documents, chunks, k, strategy, recompute_ratio,
                                 max_new_tokens or self.config.max_new_tokens, namespace, temperature)
         if stream:
             return events
         *_, answer = events
         return answer
 
-    def _generate(self, question, documents, chunks, strategy, ratio, max_new_tokens, namespace, temperature
+    def _generate(self, question, documents, chunks, k, strategy, ratio, max_new_tokens, namespace, temperature
                   ) -> Iterator[str | Answer]:
         t0 = time.perf_counter()
         plan, result, parts, hits, misses = self.run(question, documents, chunks=chunks, strategy=strategy,
-                                                     recompute_ratio=ratio, namespace=namespace)
+                                                     recompute_ratio=ratio, namespace=namespace, k=k,
+                                                     reserve=max_new_tokens)
         ttft = (time.perf_counter() - t0) * 1e3
-        cache = to_dynamic_cache(result)
         eos = self.eos_ids
         tokens: list[int] = []
         text = ""
-        for token in decode(self.model.model, cache, result.logits, max_new_tokens, eos, temperature):
+        for token in decode(self.model, result, max_new_tokens, eos, temperature):
             if token in eos:
                 break
             tokens.append(token)

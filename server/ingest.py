@@ -15,8 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..chunk_cache import ChunkKey, precompute_many
-from ..retriever import Document, DocumentUpdate, LoadError, Retriever, RetrieverConfig, find_files, load_file
-from ..storage import StorageConfig, TierConfig, TieredStore, build_store
+from ..retriever import Document, DocumentUpdate, LoadError, Retriever, find_files, load_file
 
 
 @dataclass(frozen=True)
@@ -208,7 +207,7 @@ class _Run:
         t = time.perf_counter()
         kvs = precompute_many(self.ing.adapter, ids, self.ing.config.max_tokens_per_pass)
         for key, kv in zip(keys, kvs):
-            self.ing.store.put(key, kv)
+            self.ing.store.put(key, kv, durable=True)
         self.kv_seconds += time.perf_counter() - t
         n = sum(map(len, ids))
         self.counts["kv_computed"] += len(keys)
@@ -224,37 +223,3 @@ class _Run:
     def report(self, seconds: float) -> IngestReport:
         return IngestReport(**self.counts, kv_seconds=self.kv_seconds, seconds=seconds,
                             invalidated=tuple(self.invalidated), errors=tuple(self.errors))  # fmt: skip
-
-
-# -- composition for the CLI (the Engine will own this) ---------------------------------------------
-def catalog_url_for(data_dir: str | Path, catalog_url: str | None = None) -> str:
-    """The catalog database: `catalog_url`, else `sqlite:///DATA_DIR/catalog.sqlite` (shared with the disk tier)."""
-    return catalog_url or f"sqlite:///{Path(data_dir).expanduser() / 'catalog.sqlite'}"
-
-
-def open_store(data_dir: str | Path, catalog_url: str | None = None, capacity_bytes: int = 32 << 30) -> TieredStore:
-    """A store whose `put` lands on the disk tier under DATA_DIR/cache (sharing the catalog database),
-    so KV precomputed by an ingest process outlives it."""
-    cfg = StorageConfig(tiers=(TierConfig("disk", capacity_bytes),), disk_dir=str(Path(data_dir).expanduser() / "cache"),
-                        catalog_url=catalog_url_for(data_dir, catalog_url))  # fmt: skip
-    return build_store(cfg)
-
-
-def open_retriever(data_dir: str | Path, model: str = "smollm2", config: RetrieverConfig | None = None,
-                   catalog_url: str | None = None, adapter=None) -> Retriever:  # fmt: skip
-    """The retriever of DATA_DIR for `model` (loaded from DATA_DIR/models unless `adapter` is given)."""
-    if adapter is None:
-        from ..adapters import load_adapter
-
-        adapter = load_adapter(model, data_dir=data_dir)
-    return Retriever.open(Path(data_dir).expanduser(), adapter, config, catalog_url=catalog_url_for(data_dir, catalog_url))
-
-
-def open_parts(data_dir: str | Path, model: str = "smollm2", config: RetrieverConfig | None = None,
-               catalog_url: str | None = None):  # fmt: skip
-    """(adapter, store, retriever) for DATA_DIR."""
-    from ..adapters import load_adapter
-
-    adapter = load_adapter(model, data_dir=data_dir)
-    retriever = open_retriever(data_dir, model, config, catalog_url, adapter=adapter)
-    return adapter, open_store(data_dir, catalog_url), retriever

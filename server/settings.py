@@ -53,8 +53,7 @@ class ServerSettings(BaseSettings):
     queue_size: int = Field(64, ge=1)  # requests waiting for the one model worker; more get 429
     retry_after_s: int = Field(1, ge=1)
     shutdown_timeout_s: float = Field(30.0, gt=0)
-    # -- retrieval: catalog + faiss index in INDEX_DIR (default namespace), INDEX_DIR/tenants/NS ----
-    index_dir: str | None = None  # default: DATA_DIR (where `ragkv ingest` writes)
+    # -- retrieval: catalog + faiss index in DATA_DIR (default namespace), DATA_DIR/tenants/NS -------
     chunk_min_tokens: int = Field(256, ge=1)
     chunk_max_tokens: int = Field(512, ge=1)
     retrieve_k: int = Field(4, ge=1)
@@ -92,6 +91,7 @@ class ServerSettings(BaseSettings):
     def engine_config(self) -> EngineConfig:
         """The EngineConfig these settings describe."""
         from ..blend import BlendConfig
+        from ..retriever import RetrieverConfig
         from ..storage.config import StorageConfig, TierConfig
 
         storage = None
@@ -100,12 +100,9 @@ class ServerSettings(BaseSettings):
             storage = StorageConfig(tiers=(TierConfig(kind, self.memory_bytes),))
         return EngineConfig(model=self.model, data_dir=self.data_dir, device=self.device, dtype=self.dtype,
                             namespace=self.namespace, max_new_tokens=self.max_new_tokens, storage=storage,
-                            blend=BlendConfig(strategy=self.strategy, recompute_ratio=self.recompute_ratio))
-
-    @property
-    def index_root(self) -> Path:
-        """The default namespace's catalog and index folder (other namespaces below it, in tenants/)."""
-        return Path(self.index_dir or self.data_dir).expanduser()
+                            blend=BlendConfig(strategy=self.strategy, recompute_ratio=self.recompute_ratio),
+                            retriever=RetrieverConfig(chunk_min_tokens=self.chunk_min_tokens,
+                                                      chunk_max_tokens=self.chunk_max_tokens))
 
     @property
     def auth_enabled(self) -> bool:

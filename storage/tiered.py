@@ -135,16 +135,16 @@ class TieredStore:
             self.unpin(keys)
 
     # -- the write path ------------------------------------------------------------------------------
-    def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None) -> str | None:
-        """Store in the first tier that accepts it (recompute `cost` defaults to the token count).
-
-        Returns the tier now holding it, or None if no tier could (errors are logged and counted).
-        """
+    def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, durable: bool = False) -> str | None:
+        """Store in the first tier that accepts it (recompute `cost` defaults to the token count);
+        `durable` also writes a copy to the last tier (the disk, when there is one) so it outlives
+        the process. Returns the tier now holding it, or None if no tier could (errors are logged)."""
         with self._lock:
             self._count["puts"] += 1
-            for i in range(len(self.tiers)):
-                if self._insert(i, key, kv, cost, 0):
-                    break
+            landed = next((i for i in range(len(self.tiers)) if self._insert(i, key, kv, cost, 0)), None)
+            last = len(self.tiers) - 1
+            if durable and landed is not None and landed < last and not self.tiers[last].lookup(key):
+                self._insert(last, key, kv, cost, 0)
             return self.lookup([key])[0]
 
     def remove(self, key: ChunkKey) -> bool:

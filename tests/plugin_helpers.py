@@ -29,10 +29,11 @@ needs_retrieval = pytest.mark.skipif(not retrieval_available() or importlib.util
 
 def local_backend(smollm2, tmp_path):
     from ragkv.adapters.ragkv_backend import LocalBackend
+    from ragkv.server.config import EngineConfig
     from ragkv.server.engine import Engine
     from ragkv.storage import MemoryTier, TieredStore
 
-    backend = LocalBackend(Engine(smollm2, TieredStore([MemoryTier(1 << 30)])), index_dir=tmp_path / "index")
+    backend = LocalBackend(Engine(smollm2, TieredStore([MemoryTier(1 << 30)]), EngineConfig(data_dir=str(tmp_path))))
     report = backend.add_documents(DOCS)
     assert report["added"] == 3 and report["kv_computed"] == 3
     return backend

@@ -72,7 +72,7 @@ class DictStore:
     def lookup(self, keys):
         return ["dict" if k in self.entries else None for k in keys]
 
-    def put(self, key, kv) -> None:
+    def put(self, key, kv, cost=None, durable=False) -> None:
         if self.fail_after is not None and self.puts >= self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
         self.entries[key] = kv

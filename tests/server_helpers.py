@@ -35,7 +35,12 @@ def running_server(tmp: Path, api_keys: dict[str, str] | None = None, startup_s:
     if not link.exists():
         link.symlink_to(ROOT)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tmp / "py"), "RAGKV_STORE": "memory", "RAGKV_INDEX_DIR": str(tmp / "index"),
+    data = tmp / "data"  # catalogs and indexes here; the converted model is linked from the usual data dir
+    data.mkdir(exist_ok=True)
+    models = Path(os.environ.get("RAGKV_DATA_DIR", Path.home() / ".cache" / "ragkv")).expanduser() / "models"
+    if models.is_dir() and not (data / "models").exists():
+        (data / "models").symlink_to(models)
+    env = {**os.environ, "PYTHONPATH": str(tmp / "py"), "RAGKV_STORE": "memory", "RAGKV_DATA_DIR": str(data),
            "RAGKV_API_KEYS": json.dumps(api_keys or {})}
     env.update({f"RAGKV_{k.upper()}": str(v) for k, v in settings.items()})
     log = open(tmp / f"server-{port}.log", "w")

@@ -125,3 +125,18 @@ def test_bad_strategy_and_ratio_are_refused():
         make_strategy("cacheblend", 1.5)
     with pytest.raises(ValueError, match="check layers start at 1"):
         BlendConfig(check_layers=(0,))
+
+
+def test_extend_decodes_like_transformers(tiny_adapter):
+    from ragkv.blend import extend
+
+    prefix, chunks, query = _prompt(seed=7)
+    plan = make_plan(prefix, chunks, query)
+    result = blend(tiny_adapter, plan, make_strategy("full"), reserve=6)
+    forced = torch.randint(3, 256, (5,), generator=torch.Generator().manual_seed(8))
+    logits = extend(tiny_adapter, result, forced, plan.num_tokens)  # [5, vocab]
+    with torch.inference_mode():
+        ref = tiny_adapter.model(torch.cat([plan.input_ids, forced])[None]).logits[0, plan.num_tokens:].float()
+    torch.testing.assert_close(logits, ref, **TOL)
+    with pytest.raises(ValueError, match="exceed the .* rows reserved"):
+        extend(tiny_adapter, result, forced, plan.num_tokens + 2)

@@ -59,21 +59,19 @@ def test_cache_stats_and_gc(tmp_path, capsys):
     assert {t["name"]: t["entries"] for t in json.loads(capsys.readouterr().out)["tiers"]}["disk"] == 1
 
 
-def test_engine_store_reads_what_ragkv_ingest_wrote(smollm2, tmp_path):
-    """`ragkv ingest` then `ragkv serve/query` on one data dir: the Engine's default store shares the
-    ingest's disk catalog, so ingested KV is a hit (not deleted as an orphan file)."""
+def test_ingested_kv_outlives_the_process(smollm2, tmp_path):
+    """Ingest through the Engine (as `ragkv ingest` and `POST /v1/documents` do), close it, reopen the
+    default store of the same data dir (as `ragkv serve` / `query` do): the chunk KV is a disk hit."""
     from ragkv.retriever import Document
     from ragkv.server.config import EngineConfig
-    from ragkv.server.ingest import IngestConfig, Ingester, open_retriever, open_store
+    from ragkv.server.engine import Engine
     from ragkv.storage.config import build_store
 
-    store, retriever = open_store(tmp_path), open_retriever(tmp_path, adapter=smollm2)
-    report = Ingester(smollm2, store, retriever, IngestConfig(progress=False)).ingest_documents(
-        [Document("d", "The Danube flows through Vienna.")])
-    keys = retriever.chunk_keys()
+    cfg = EngineConfig(data_dir=str(tmp_path))
+    engine = Engine(smollm2, build_store(cfg.storage_config()), cfg)
+    assert engine.ingest(documents=[Document("d", "The Danube flows through Vienna.")]).kv_computed == 1
+    keys = engine.retriever().chunk_keys()
+    engine.close()
+    store = build_store(cfg.storage_config())
+    assert len(keys) == 1 and store.lookup(keys) == ["disk"]
     store.close()
-    retriever.close()
-    assert report.kv_computed == 1 and len(keys) == 1
-    engine_store = build_store(EngineConfig(data_dir=str(tmp_path)).storage_config())
-    assert engine_store.lookup(keys) == ["disk"]
-    engine_store.close()

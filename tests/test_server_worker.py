@@ -68,7 +68,7 @@ def test_app_answers_429_with_retry_after_when_the_queue_is_full(tmp_path):
     from ragkv.server.settings import load_settings
 
     engine = StubEngine()
-    app = create_app(load_settings(queue_size=1, retry_after_s=3, index_dir=str(tmp_path)), engine)
+    app = create_app(load_settings(queue_size=1, retry_after_s=3, data_dir=str(tmp_path)), engine)
     body = {"messages": [{"role": "user", "content": "q"}], "max_tokens": 1}
 
     async def main():

@@ -12,7 +12,8 @@ import sys
 from dataclasses import asdict
 
 from ...retriever import RetrieverConfig
-from ..ingest import IngestConfig, Ingester, open_parts
+from ..config import EngineConfig
+from ..ingest import IngestConfig
 
 
 def add_retriever_args(p: argparse.ArgumentParser) -> None:
@@ -48,13 +49,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("nothing to do: give PATH... to ingest and/or --remove DOC_ID...")
     ingest_cfg = IngestConfig(compute_kv=not args.no_kv, kv_batch_tokens=args.batch_tokens,
                               max_tokens_per_pass=args.pass_tokens, progress=not args.quiet)  # fmt: skip
-    adapter, store, retriever = open_parts(args.data_dir, args.model, retriever_config(args),
-                                                       args.catalog_url)  # fmt: skip
-    ingester = Ingester(adapter, store, retriever, ingest_cfg)
-    removed = ingester.remove(args.remove) if args.remove else ()
-    report = ingester.ingest(args.paths) if args.paths else None
-    store.close()
-    retriever.close()
+    engine = open_engine(args)
+    removed = engine.remove_documents(args.remove) if args.remove else ()
+    report = engine.ingest(args.paths, config=ingest_cfg) if args.paths else None
+    engine.close()
     if args.json:
         out = asdict(report) if report else {}
         out["invalidated"] = [str(k) for k in (report.invalidated if report else ())]
@@ -68,6 +66,15 @@ def run(args: argparse.Namespace) -> int:
                 print(f"error: {err}", file=sys.stderr)
             print(report.summary())
     return 1 if report and report.errors else 0
+
+
+def open_engine(args: argparse.Namespace):
+    """The Engine over DATA_DIR that these options describe (its store's disk tier keeps the KV)."""
+    from ..engine import Engine
+
+    config = EngineConfig.from_env(model=args.model, data_dir=args.data_dir, catalog_url=args.catalog_url,
+                                   namespace=args.namespace, retriever=retriever_config(args))
+    return Engine.from_pretrained(config=config)
 
 
 def retriever_config(args: argparse.Namespace) -> RetrieverConfig:

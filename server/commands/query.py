@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.retrieve:
         from ..documents import DocumentService
 
-        service = DocumentService(engine, Path(engine.config.data_dir), engine.config.namespace)
-        chunks += [list(h.token_ids) for h in service.search(engine.config.namespace, args.question, args.retrieve)]
+        chunks += [list(h.token_ids) for h in DocumentService(engine).search(engine.config.namespace, args.question,
+                                                                             args.retrieve)]
     events = engine.generate(args.question, chunks=chunks, strategy=args.strategy, recompute_ratio=args.ratio,
                              max_new_tokens=args.max_new_tokens, stream=True)
     answer = None
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 print(item, end="", flush=True)
         else:
             answer = item
-    engine.store.close()
+    engine.close()
     if args.json:
         print(json.dumps(answer.to_dict(), indent=2))
     else:

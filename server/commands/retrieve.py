@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..ingest import open_retriever
-from .ingest import add_retriever_args, retriever_config
+from .ingest import add_retriever_args, open_engine
 
 
 def register(subparsers) -> None:
@@ -19,9 +18,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    retriever = open_retriever(args.data_dir, args.model, retriever_config(args), args.catalog_url)
-    hits = retriever.search(args.question, args.k)
-    retriever.close()
+    engine = open_engine(args)
+    hits = engine.retrieve(args.question, args.k)
+    engine.close()
     if args.json:
         print(json.dumps([dict(chunk_id=h.chunk_id, doc_id=h.doc_id, score=round(h.score, 6), text=h.text,
                                key=str(h.key), position=h.position, num_tokens=len(h.token_ids)) for h in hits],

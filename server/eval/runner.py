@@ -50,7 +50,8 @@ def evaluate_sample(engine: Engine, sample: Sample, specs: Sequence[Spec], max_n
     for spec in specs:
         t0 = time.perf_counter()
         plan, result, parts, hits, misses = engine.run(sample.question, chunks=chunks, strategy=spec.strategy,
-                                                       recompute_ratio=spec.ratio)
+                                                       recompute_ratio=spec.ratio,
+                                                       reserve=max(max_new_tokens, TEACHER_TOKENS))
         ttft = (time.perf_counter() - t0) * 1e3
         answer_ids = engine.decode_answer(result, max_new_tokens)
         text = engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
