@@ -140,3 +140,16 @@ def test_extend_decodes_like_transformers(tiny_adapter):
     torch.testing.assert_close(logits, ref, **TOL)
     with pytest.raises(ValueError, match="exceed the .* rows reserved"):
         extend(tiny_adapter, result, forced, plan.num_tokens + 2)
+
+
+def test_prompt_longer_than_a_sliding_window_is_refused():
+    from tiny_models import tiny_model
+
+    from ragkv.adapters import adapter_for
+
+    model = tiny_model("mistral")
+    model.config.sliding_window = 32
+    adapter = adapter_for(model, sink_ids=(1,))
+    plan = make_plan([1, 5], [list(range(3, 40))], [7, 8])
+    with pytest.raises(ValueError, match="prompt of 41 tokens exceeds the model's exact attention span of 32"):
+        blend(adapter, plan, make_strategy("full"))

@@ -2,12 +2,13 @@
 
 import torch
 
-TINY_FAMILIES = ("llama", "qwen2", "qwen3", "llama3")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "llama3")
 
 
 def tiny_model(family: str, seed: int = 0):
-    """A random-init decoder of `family` (llama, qwen2, qwen3, or llama3 = llama with llama3-scaled RoPE)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """A random-init decoder of `family` (llama, mistral, qwen2, qwen3, or llama3 = llama with llama3-scaled RoPE)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -19,6 +20,9 @@ def tiny_model(family: str, seed: int = 0):
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
         model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=rope))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None,
+                                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
     elif family == "qwen3":

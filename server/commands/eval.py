@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--retrieve", type=int, default=0, metavar="K",
+                   help="retrieval in the loop: ingest all samples' passages as one corpus, answer each question "
+                        "over the K chunks retrieved for it (default 0: each sample's own passages)")
     p.add_argument("--tier", default="memory", help="where chunk KV is read from: memory (default) or disk")
     p.add_argument("--codec", default="identity", help="codec for the chunk KV tier (default identity)")
     p.add_argument("--out", default="results.json", help="JSON output path")
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import Engine
     from ..eval.datasets import load_samples
     from ..eval.report import markdown_table, plot
-    from ..eval.runner import parse_specs, run_eval
+    from ..eval.runner import parse_specs, retrieve_in_the_loop, run_eval
     from ..prompt import PromptTemplate, template_for
 
     if args.threads:
@@ -50,12 +53,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no usable samples in {args.data} (format {args.format})")
     engine = Engine.from_pretrained(args.model, device=args.device, **_store_overrides(args))
     engine.template = template_for(args.format) if isinstance(engine.template, PromptTemplate) else engine.template
+    if args.retrieve:
+        samples = retrieve_in_the_loop(engine, samples, args.retrieve)
     summary, rows = run_eval(engine, samples, specs, args.max_new_tokens,
                              progress=lambda xs: tqdm(xs, desc=f"eval {Path(args.data).name}", unit="q"))
     report = {"model": args.model, "dataset": str(args.data), "format": args.format, "n": len(samples),
               "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
                                                                   f"{torch.get_num_threads()} threads)",
-              "tier": args.tier, "codec": args.codec, "results": summary, "samples": rows}
+              "tier": args.tier, "codec": args.codec, "retrieve_k": args.retrieve, "results": summary, "samples": rows}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown_table(summary))
     if args.plot:

@@ -24,6 +24,7 @@ class Sample:
     question: str
     chunks: tuple[str, ...]
     answers: tuple[str, ...]
+    chunk_ids: tuple[tuple[int, ...], ...] | None = None  # token ids, when chunks come from a retriever
 
 
 def load_samples(path: str | Path, fmt: str, limit: int | None = None, max_chunks: int | None = None) -> list[Sample]:
