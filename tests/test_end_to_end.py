@@ -76,10 +76,10 @@ def test_recomputing_more_tokens_moves_closer_to_full_prefill(rows):
     assert _mean(rows, "cacheblend@0.15", "top1_agreement") >= 0.8
 
 
-@pytest.mark.xfail(strict=True, reason="issue target not met on SmolLM2-135M: cacheblend@0.15 reaches about "
-                                       "0.55-0.7x naive's kl_mean, not 0.33x (docs/BENCHMARKS.md)")
 def test_cacheblend_kl_is_at_most_a_third_of_naive(rows):
-    assert _mean(rows, "cacheblend@0.15") <= _mean(rows, "naive") / 3
+    naive, blended = _mean(rows, "naive"), _mean(rows, "cacheblend@0.15")
+    print(f"kl_mean naive {naive:.4f} cacheblend@0.15 {blended:.4f} ratio {blended / naive:.3f}")
+    assert blended <= naive / 3, f"cacheblend@0.15 kl_mean {blended:.4f} vs naive {naive:.4f}"
 
 
 def test_second_request_hits_the_chunk_cache(engine):
