@@ -82,7 +82,7 @@ def _references(engine, samples: Sequence) -> list[tuple[torch.Tensor, torch.Ten
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...storage import MemoryTier, TieredStore
+    from ...storage.config import StorageConfig, TierConfig
     from ..engine import Engine
     from ..eval.datasets import load_samples
 
@@ -91,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(args.data, args.format, args.limit)
     if not samples:
         raise ValueError(f"no usable samples in {args.data} (format {args.format})")
-    engine = Engine.from_pretrained(args.model, storage=None)
-    engine.store = TieredStore([MemoryTier()])
+    engine = Engine.from_pretrained(args.model, storage=StorageConfig(tiers=(TierConfig("cpu", 16 << 30),)))
     torch.set_grad_enabled(False)
     chunk_ids = [engine.tokenize_chunks(s.chunks) for s in samples]
     t0 = time.perf_counter()

@@ -77,5 +77,7 @@ def _store_overrides(args: argparse.Namespace) -> dict:
     if args.tier not in ("memory", "disk"):
         raise ValueError(f"unknown --tier {args.tier!r}; accepted: memory, disk")
     kind = "disk" if args.tier == "disk" else ("gpu" if args.device.startswith("cuda") else "cpu")
-    disk_dir = tempfile.mkdtemp(prefix="ragkv-eval-")
-    return {"storage": StorageConfig(tiers=(TierConfig(kind, 64 << 30, codec=args.codec),), disk_dir=disk_dir)}
+    tiers = (TierConfig(kind, 64 << 30, codec=args.codec),)
+    if kind != "disk":
+        return {"storage": StorageConfig(tiers=tiers)}
+    return {"storage": StorageConfig(tiers=tiers, disk_dir=tempfile.mkdtemp(prefix="ragkv-eval-"))}
