@@ -127,12 +127,20 @@ class CacheGenCodec(LayeredCodec):
         sym: torch.Tensor, step: torch.Tensor, centre: torch.Tensor, use_delta: torch.Tensor, group_size: int,
         device: torch.device | str,
     ) -> torch.Tensor:
-        """Values [2, T, H*D] -> [2, T, C] float32 on `device`: undo centring / anchor deltas, scale."""
+        """Values [2, T, H*D] -> [2, T, C] float32 on `device`: undo centring / anchor deltas, scale.
+
+        A centred channel is (sym + centre) * step; in a delta channel, a non-anchor token adds its
+        anchor's sym (the anchor row itself is centred): three passes over the layer in all."""
         _, t, c = sym.shape
-        sym = sym.to(device)  # [2, T, C] int32
-        centre = centre.to(device=device, dtype=torch.int32)[:, None, :]  # [2, 1, C]
-        anchor = _anchor_index(t, group_size).to(device)  # [T]
-        q = sym + centre  # [2, T, C]: right for anchor rows and centred channels
-        mask = use_delta.to(device)[:, None, :] & (torch.arange(t, device=device) != anchor)[None, :, None]
-        q = torch.where(mask, sym + q[:, anchor], q)  # [2, T, C]
-        return q.float() * step.to(device).float()[:, None, :]  # [2, T, C]
+        x = sym.to(device).float()  # [2, T, C]
+        if group_size > 1 and t > 1 and bool(use_delta.any()):
+            g = group_size
+            full = t // g * g  # tokens in whole groups
+            gain = use_delta.to(device).float()[:, None, None, :]  # [2, 1, 1, C]
+            if full:
+                groups = x[:, :full].view(2, full // g, g, c)  # [2, G, g, C]
+                groups[:, :, 1:] += groups[:, :, :1] * gain  # anchor is row 0 of each group
+            if t - full > 1:
+                x[:, full + 1 :] += x[:, full : full + 1] * gain[:, 0]  # the last, partial group
+        step_f = step.to(device).float()[:, None, :]  # [2, 1, C]
+        return torch.addcmul(centre.to(device).float()[:, None, :] * step_f, x, step_f)  # (x + centre) * step

@@ -43,6 +43,20 @@ def _joint_model(counts: np.ndarray, hist_lo: int, a: int, k: int) -> Categorica
     return Categorical(joint, perfect=False)
 
 
+_VALUE_TABLES: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _value_table(k: int, log2a: int) -> np.ndarray:
+    """[A**k, k] int32: the k window values (ESC as lo + ESC) of every joint code, so unpacking a
+    stream is one gather instead of k shifts and masks."""
+    table = _VALUE_TABLES.get((k, log2a))
+    if table is None:
+        a = 1 << log2a
+        codes = (np.arange(a**k, dtype=np.int64)[:, None] >> (log2a * np.arange(k))) & (a - 1)  # [A**k, k]
+        table = _VALUE_TABLES[(k, log2a)] = (codes + _window(log2a)[0]).astype(np.int32)
+    return table
+
+
 def _codes(sym: np.ndarray, log2a: int) -> np.ndarray:
     """Window codes [n] of `sym`: value - lo inside the window, ESC outside."""
     lo, esc = _window(log2a)
@@ -102,19 +116,15 @@ def decode_stream(
     a = 1 << log2a
     lo, esc = _window(log2a)
     joint = AnsCoder(words.copy()).decode(_joint_model(counts, hist_lo, a, k), -(-n // k))  # [n / k]
-    if k == 1:
-        u = joint
-    else:
-        u = ((joint[:, None] >> (log2a * np.arange(k, dtype=np.int32))) & (a - 1)).reshape(-1)[:n]  # [n]
-    sym = u + lo  # [n]
-    where = np.flatnonzero(u == esc)
-    if len(where) != n_esc:
-        raise ValueError(f"stream has {len(where)} ESC codes but {n_esc} escaped values")
-    if n_esc:
+    sym = _value_table(k, log2a)[joint].reshape(-1)[:n]  # [n]
+    if n_esc:  # (no scan when the header counts none: the section's CRC vouches for the header)
+        where = np.flatnonzero(sym == lo + esc)
+        if len(where) != n_esc:
+            raise ValueError(f"stream has {len(where)} ESC codes but {n_esc} escaped values")
         if (k, log2a) in _RAW_ESCAPES:
             values = np.frombuffer(buf, dtype=np.int32, count=n_esc, offset=pos)
             pos += 4 * n_esc
         else:
             values, pos = decode_stream(buf, pos, n_esc, _RAW_ESCAPES)
         sym[where] = values
-    return sym.astype(np.int32, copy=False), pos
+    return sym, pos

@@ -38,8 +38,9 @@ def test_fp8_element_bound():
     assert ((out.flatten(3)[0] - x[0]).abs() <= bound * (1 + 1e-5)).all()
 
 
-def test_cachegen_element_error_within_half_step():
-    kv = make_kv(shape=(2, 4, 57, 2, 8))
+@pytest.mark.parametrize("tokens", [57, 51, 50, 1])  # partial last anchor group of 7, 1, none; one token
+def test_cachegen_element_error_within_half_step(tokens):
+    kv = make_kv(shape=(2, 4, tokens, 2, 8))
     codec = CacheGenCodec()
     out = codec.decode(codec.encode(kv)).kv
     for layer in range(4):
@@ -94,6 +95,17 @@ def test_entropy_stream_round_trip_with_escapes(n):
     buf = encode_stream(sym)
     got, end = decode_stream(buf + b"tail", 0, n)
     assert end == len(buf) and np.array_equal(got, sym)
+
+
+def test_entropy_stream_with_a_wrong_escape_count_fails_clearly():
+    sym = np.array([0, 1, -1, 10**6, 0, 2, -10**6, 0], dtype=np.int64)  # two values outside every window
+    buf = bytearray(encode_stream(sym))
+    header = np.frombuffer(buf, dtype=np.int32, count=6).copy()
+    assert header[5] == 2
+    header[5] = 1  # claim one escape where the stream has two ESC codes
+    buf[:24] = header.tobytes()
+    with pytest.raises(ValueError, match="ESC codes"):
+        decode_stream(bytes(buf), 0, len(sym))
 
 
 def test_entropy_stream_within_a_few_percent_of_the_empirical_entropy():
