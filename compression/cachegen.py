@@ -27,27 +27,39 @@ _DELTA_GAIN = 0.85  # delta-code a channel when its mean |delta| is below this s
 
 @dataclass(frozen=True)
 class CacheGenConfig:
-    """Knobs of the cachegen codec (stored with each entry, so changing them never breaks old entries)."""
+    """Knobs of the cachegen codec (stored with each entry, so changing them never breaks old entries).
+
+    Bins are given per equal band of layers, early first, separately for keys and values: errors in
+    keys move every attention weight, so keys usually deserve more bins than values."""
 
     group_size: int = 10  # tokens per anchor group; 1 disables delta coding
-    layer_bins: tuple[int, ...] = (6, 5, 4)  # bins over +-3 std, per equal band of layers, early first
+    key_bins: tuple[int, ...] = (6, 5, 4)  # bins over +-3 std for K, per equal band of layers
+    value_bins: tuple[int, ...] = (6, 5, 4)  # the same for V
     channel_group: int = 64  # channels sharing one symbol distribution
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.channel_group < 1:
             raise ValueError(f"group_size and channel_group must be >= 1, got {self.group_size}, {self.channel_group}")
-        if not self.layer_bins or min(self.layer_bins) < 1:
-            raise ValueError(f"layer_bins must be a non-empty tuple of ints >= 1, got {self.layer_bins}")
+        for name in ("key_bins", "value_bins"):
+            bins = getattr(self, name)
+            if not bins or min(bins) < 1:
+                raise ValueError(f"{name} must be a non-empty tuple of ints >= 1, got {bins}")
 
-    def bins(self, layer: int, num_layers: int) -> int:
-        """Quantization bins of `layer` (layers split into len(layer_bins) equal bands)."""
-        return self.layer_bins[min(layer * len(self.layer_bins) // num_layers, len(self.layer_bins) - 1)]
+    @staticmethod
+    def _band(bins: tuple[int, ...], layer: int, num_layers: int) -> int:
+        return bins[min(layer * len(bins) // num_layers, len(bins) - 1)]
+
+    def bins(self, layer: int, num_layers: int) -> tuple[int, int]:
+        """(K bins, V bins) of `layer` (layers split into len(bins) equal bands)."""
+        return self._band(self.key_bins, layer, num_layers), self._band(self.value_bins, layer, num_layers)
 
 
-def quant_steps(x: torch.Tensor, bins: int) -> torch.Tensor:
-    """Grid steps [2, C] fp16 for one layer's values x [2, T, C]: 6 std / bins (absmax for constant channels)."""
+def quant_steps(x: torch.Tensor, bins: tuple[int, int]) -> torch.Tensor:
+    """Grid steps [2, C] fp16 for one layer's values x [2, T, C]: 6 std / bins (absmax for constant
+    channels), with the K bins for row 0 and the V bins for row 1."""
     std = x.std(dim=1, unbiased=False)  # [2, C]
-    step = torch.where(std > 0, 6.0 * std / bins, x.abs().amax(dim=1))  # [2, C]
+    per_kv = torch.tensor(bins, dtype=x.dtype)[:, None]  # [2, 1]
+    step = torch.where(std > 0, 6.0 * std / per_kv, x.abs().amax(dim=1))  # [2, C]
     return step.clamp(_STEP_MIN, _STEP_MAX).half()  # [2, C]: the decoder uses exactly these
 
 
@@ -69,10 +81,10 @@ class CacheGenCodec(LayeredCodec):
     def rel_error(self) -> float:
         """Stated bound on ||x - x'|| / ||x||: uniform rounding noise of step / sqrt(12) per element,
         step = 6 std / bins, relative to a channel RMS >= std."""
-        return math.sqrt(3.0) / min(self.config.layer_bins)
+        return math.sqrt(3.0) / min(*self.config.key_bins, *self.config.value_bins)
 
     def params(self) -> dict[str, Any]:
-        return {**asdict(self.config), "layer_bins": list(self.config.layer_bins)}
+        return {**asdict(self.config), "key_bins": list(self.config.key_bins), "value_bins": list(self.config.value_bins)}
 
     # -- encode ----------------------------------------------------------------------------------------
     def encode_layer(self, layer_kv, layer, num_layers) -> bytes:

@@ -51,8 +51,8 @@ def test_cachegen_element_error_within_half_step(tokens):
 
 
 def test_cachegen_layerwise_bins_spend_more_bits_early():
-    cfg = CacheGenConfig(layer_bins=(16, 4))
-    assert [cfg.bins(i, 4) for i in range(4)] == [16, 16, 4, 4]
+    cfg = CacheGenConfig(key_bins=(16, 4), value_bins=(16, 4))
+    assert [cfg.bins(i, 4) for i in range(4)] == [(16, 16), (16, 16), (4, 4), (4, 4)]
     x = make_kv(shape=(2, 1, 200, 2, 8)).kv
     kv = ChunkKV(x.expand(2, 4, 200, 2, 8).contiguous(), 0)  # the same data in every layer
     codec = CacheGenCodec(cfg)
@@ -63,26 +63,37 @@ def test_cachegen_layerwise_bins_spend_more_bits_early():
     assert (out[:, 0] - x[:, 0]).norm() < 0.5 * (out[:, 3] - x[:, 0]).norm()
 
 
+def test_cachegen_key_and_value_bins_are_separate():
+    x = make_kv(shape=(2, 1, 200, 2, 8)).kv
+    x[1] = x[0]  # the same data as K and as V
+    kv = ChunkKV(x, 0)
+    codec = CacheGenCodec(CacheGenConfig(key_bins=(32,), value_bins=(4,)))
+    out = codec.decode(codec.encode(kv)).kv
+    assert (out[0] - x[0]).norm() < 0.25 * (out[1] - x[1]).norm()
+
+
 def test_cachegen_anchor_deltas_pay_off_on_smooth_tokens():
     t = torch.linspace(0, 1, 300).view(1, 1, 300, 1, 1)
     base = torch.randn(2, 2, 1, 2, 8) * 5
     x = base + 3 * torch.sin(6 * t + torch.randn(2, 2, 1, 2, 8)) + 0.05 * torch.randn(2, 2, 300, 2, 8)  # slow drift
     kv = ChunkKV(x, 0)
-    with_delta = CacheGenCodec(CacheGenConfig(group_size=10, layer_bins=(64,))).encode(kv).nbytes
-    without = CacheGenCodec(CacheGenConfig(group_size=1, layer_bins=(64,))).encode(kv).nbytes
+    with_delta = CacheGenCodec(CacheGenConfig(group_size=10, key_bins=(64,), value_bins=(64,))).encode(kv).nbytes
+    without = CacheGenCodec(CacheGenConfig(group_size=1, key_bins=(64,), value_bins=(64,))).encode(kv).nbytes
     assert with_delta < 0.85 * without
 
 
 def test_cachegen_entries_decode_with_their_own_params():
     kv = make_kv()
-    enc = CacheGenCodec(CacheGenConfig(group_size=4, layer_bins=(20,), channel_group=5)).encode(kv)
+    enc = CacheGenCodec(CacheGenConfig(group_size=4, key_bins=(20,), value_bins=(20,), channel_group=5)).encode(kv)
     out = CacheGenCodec().decode(enc)  # a default-config codec reads an entry written with other knobs
-    assert (out.kv - kv.kv).norm() / kv.kv.norm() < CacheGenCodec(CacheGenConfig(layer_bins=(20,))).rel_error
+    assert (out.kv - kv.kv).norm() / kv.kv.norm() < CacheGenCodec(CacheGenConfig(key_bins=(20,), value_bins=(20,))).rel_error
 
 
 def test_cachegen_config_rejects_nonsense():
-    with pytest.raises(ValueError, match="layer_bins"):
-        CacheGenConfig(layer_bins=())
+    with pytest.raises(ValueError, match="key_bins"):
+        CacheGenConfig(key_bins=())
+    with pytest.raises(ValueError, match="value_bins"):
+        CacheGenConfig(value_bins=(4, 0))
     with pytest.raises(ValueError, match="group_size"):
         CacheGenConfig(group_size=0)
 
