@@ -43,18 +43,33 @@ def _joint_model(counts: np.ndarray, hist_lo: int, a: int, k: int) -> Categorica
     return Categorical(joint, perfect=False)
 
 
-_VALUE_TABLES: dict[tuple[int, int], np.ndarray] = {}
+_VALUE_TABLES: dict[tuple[int, int], tuple[np.ndarray, int]] = {}
+_ROW_VIEWS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def _value_table(k: int, log2a: int) -> np.ndarray:
-    """[A**k, k] int32: the k window values (ESC as lo + ESC) of every joint code, so unpacking a
-    stream is one gather instead of k shifts and masks."""
-    table = _VALUE_TABLES.get((k, log2a))
-    if table is None:
+def _value_table(k: int, log2a: int) -> tuple[np.ndarray, int]:
+    """The k window values (ESC as lo + ESC) of every joint code, as one packed row per code: a
+    [A**k] array of 1-8 byte words (int8 values, int16 for windows over 128 codes, rows padded to a
+    power of two), so unpacking a stream is one flat gather. Returns (table, values per row)."""
+    entry = _VALUE_TABLES.get((k, log2a))
+    if entry is None:
         a = 1 << log2a
         codes = (np.arange(a**k, dtype=np.int64)[:, None] >> (log2a * np.arange(k))) & (a - 1)  # [A**k, k]
-        table = _VALUE_TABLES[(k, log2a)] = (codes + _window(log2a)[0]).astype(np.int32)
-    return table
+        values = (codes + _window(log2a)[0]).astype(np.int8 if log2a <= 7 else np.int16)  # [A**k, k]: values lo .. A/2
+        width = 1 << (k * values.itemsize - 1).bit_length()  # row bytes, padded to 1, 2, 4 or 8
+        padded = np.zeros((a**k, width // values.itemsize), dtype=values.dtype)
+        padded[:, :k] = values
+        entry = _VALUE_TABLES[(k, log2a)] = (padded.view(_ROW_VIEWS[width]).reshape(-1), padded.shape[1])
+    return entry
+
+
+def _unpack(joint: np.ndarray, k: int, log2a: int, n: int) -> np.ndarray:
+    """The first `n` window values [n] (int8 or int16) of the joint codes `joint` [n / k]."""
+    table, row = _value_table(k, log2a)
+    values = table.take(joint).view(np.int8 if log2a <= 7 else np.int16)  # [n / k * row]
+    if row != k:
+        values = values.reshape(-1, row)[:, :k]
+    return values.reshape(-1)[:n]
 
 
 def _codes(sym: np.ndarray, log2a: int) -> np.ndarray:
@@ -101,7 +116,8 @@ def encode_stream(sym: np.ndarray, layouts: tuple[tuple[int, int], ...] = LAYOUT
 def decode_stream(
     buf: memoryview | bytes, offset: int, n: int, layouts: tuple[tuple[int, int], ...] = LAYOUTS
 ) -> tuple[np.ndarray, int]:
-    """The `n` symbols [n] int32 of the stream starting at `offset` in `buf`, and the offset after it."""
+    """The `n` symbols [n] of the stream starting at `offset` in `buf`, and the offset after it: int8
+    or int16 while every value fits its window, int32 when escaped values follow."""
     header = np.frombuffer(buf, dtype=np.int32, count=_HEADER, offset=offset)
     k, log2a, hist_lo, hist_len, n_words, n_esc = (int(v) for v in header)
     if (k, log2a) not in layouts or not (0 <= hist_lo and 0 < hist_len <= (1 << log2a) - hist_lo):
@@ -116,7 +132,7 @@ def decode_stream(
     a = 1 << log2a
     lo, esc = _window(log2a)
     joint = AnsCoder(words.copy()).decode(_joint_model(counts, hist_lo, a, k), -(-n // k))  # [n / k]
-    sym = _value_table(k, log2a)[joint].reshape(-1)[:n]  # [n]
+    sym = _unpack(joint, k, log2a, n)  # [n] int8 / int16
     if n_esc:  # (no scan when the header counts none: the section's CRC vouches for the header)
         where = np.flatnonzero(sym == lo + esc)
         if len(where) != n_esc:
@@ -126,5 +142,6 @@ def decode_stream(
             pos += 4 * n_esc
         else:
             values, pos = decode_stream(buf, pos, n_esc, _RAW_ESCAPES)
+        sym = sym.astype(np.int32)
         sym[where] = values
     return sym, pos

@@ -11,7 +11,7 @@ from test_codecs import make_kv
 from ragkv.chunk_cache import ChunkKV
 from ragkv.compression import CacheGenCodec, CacheGenConfig, Fp8Codec, Int8Codec
 from ragkv.compression.cachegen import quant_steps
-from ragkv.compression.entropy import decode_stream, encode_stream
+from ragkv.compression.entropy import LAYOUTS, decode_stream, encode_stream
 
 
 def test_int8_element_bound_k_per_channel_v_per_token():
@@ -105,6 +105,18 @@ def test_entropy_stream_round_trip_with_escapes(n):
     sym[:: max(1, n // 7)] = rng.integers(-10**6, 10**6, len(sym[:: max(1, n // 7)]))  # far outliers
     buf = encode_stream(sym)
     got, end = decode_stream(buf + b"tail", 0, n)
+    assert end == len(buf) and np.array_equal(got, sym)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_entropy_stream_round_trip_in_every_layout(layout):
+    k, log2a = layout
+    rng = np.random.default_rng(k)
+    half = 1 << (log2a - 1)
+    sym = rng.integers(-half + 1, half + 1, 1003)  # the whole window, both ends included
+    sym[::97] = 10**5  # and escapes
+    buf = encode_stream(sym, (layout,))
+    got, end = decode_stream(buf, 0, sym.size, (layout,))
     assert end == len(buf) and np.array_equal(got, sym)
 
 
