@@ -176,3 +176,36 @@ def test_every_selection_score_at_ratio_one_equals_full(tiny_adapter, score):
     narrowed = blend(tiny_adapter, plan, make_strategy("cacheblend", 0.2, BlendConfig(score=score)),
                      _sources(tiny_adapter, plan, chunks))
     assert 0.2 < narrowed.recompute_fraction < 1.0
+
+
+class _FailingKV:
+    """A LayeredKV whose read of one layer fails (a damaged entry found while loading)."""
+
+    def __init__(self, kv, bad_layer):
+        self.kv, self.bad_layer, self.pos0 = kv, bad_layer, kv.pos0
+        self.num_tokens, self.num_layers = kv.num_tokens, kv.num_layers
+        self.reads = []
+
+    def layer(self, index):
+        self.reads.append(index)
+        if index == self.bad_layer:
+            raise ValueError(f"layer {index} fails its checksum")
+        return self.kv.layer(index)
+
+
+def test_layer_loader_prefetch_yields_every_layer_in_order_and_surfaces_errors(tiny_adapter):
+    from ragkv.blend.loader import LayerLoader
+
+    _, chunks, _ = _prompt(seed=4)
+    kvs = precompute_many(tiny_adapter, chunks)
+    loader = LayerLoader(kvs, tiny_adapter.num_layers, torch.device("cpu"), torch.float32)
+    rows = list(loader)
+    assert len(rows) == tiny_adapter.num_layers
+    for layer, got in enumerate(rows):
+        assert torch.equal(got, torch.cat([kv.layer(layer) for kv in kvs], dim=1))
+    failing = _FailingKV(kvs[1], bad_layer=1)
+    it = iter(LayerLoader([kvs[0], failing, kvs[2]], tiny_adapter.num_layers, torch.device("cpu"), torch.float32))
+    assert torch.equal(next(it)[:, kvs[0].num_tokens:][:, : failing.num_tokens], kvs[1].layer(0))
+    with pytest.raises(ValueError, match="layer 1 fails"):
+        next(it)
+    assert max(failing.reads) <= 1  # nothing read past the failing layer
