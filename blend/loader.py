@@ -2,15 +2,13 @@
 
 Iterating a `LayerLoader` yields, layer by layer, every source's rows concatenated in plan order
 ([2, N_cached, H_kv, D], compute dtype, compute device). On CUDA the next layer is copied on a side
-stream from pinned host memory while the current layer computes; on CPU a background thread reads and
-decodes the next layer (decoders release the GIL for most of their work) while the current one computes.
+stream from pinned host memory while the current layer computes; on CPU loading is inline.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -47,20 +45,11 @@ class LayerLoader:
         if self.device.type == "cuda":
             yield from self._iter_cuda()
             return
-        yield from self._iter_prefetch()
-
-    def _iter_prefetch(self) -> Iterator[torch.Tensor]:
-        """CPU: layer l + 1 is fetched in a background thread while the caller computes layer l;
-        `seconds` counts only the time the caller waits for it."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragkv-load") as pool:
-            pending = pool.submit(self._fetch, 0)
-            for layer in range(self.num_layers):
-                t0 = time.perf_counter()
-                rows = pending.result()  # re-raises a read / decode error here, in layer order
-                if layer + 1 < self.num_layers:
-                    pending = pool.submit(self._fetch, layer + 1)
-                self.seconds += time.perf_counter() - t0
-                yield rows
+        for layer in range(self.num_layers):
+            t0 = time.perf_counter()
+            rows = self._fetch(layer)
+            self.seconds += time.perf_counter() - t0
+            yield rows
 
     def _iter_cuda(self) -> Iterator[torch.Tensor]:
         side = torch.cuda.Stream(device=self.device)

@@ -193,7 +193,7 @@ class _FailingKV:
         return self.kv.layer(index)
 
 
-def test_layer_loader_prefetch_yields_every_layer_in_order_and_surfaces_errors(tiny_adapter):
+def test_layer_loader_yields_every_layer_in_order_and_surfaces_errors(tiny_adapter):
     from ragkv.blend.loader import LayerLoader
 
     _, chunks, _ = _prompt(seed=4)
