@@ -1,10 +1,11 @@
 """cachegen: a CacheGen-style (Liu et al., SIGCOMM'24) lossy entropy codec for chunk KV.
 
 Per layer: each K/V channel is quantized on a uniform grid whose step is `6 * std / bins` (bins over
-+-3 std, set per band of layers and separately for K and V); channels whose values move slowly over tokens are
-coded as integer deltas against their group's anchor token (every `group_size`-th token), the others
-centred on their median; the symbols are entropy coded (ANS, `constriction`) with one distribution per
-(K/V, channel group). Element error <= step / 2; decoding after the entropy stage is torch arithmetic.
++-3 std, set per band of layers and separately for K and V); channels whose values move slowly over
+tokens are coded as integer deltas against their group's anchor token (every `group_size`-th token),
+the others centred on their median; the symbols are entropy coded (ANS, `constriction`) with one
+distribution per (K/V, channel group). Element error <= step / 2; decoding after the entropy stage is
+torch arithmetic.
 """
 
 from __future__ import annotations
