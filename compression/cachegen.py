@@ -78,6 +78,7 @@ class CacheGenCodec(LayeredCodec):
 
     name = "cachegen"
     lossless = False
+    parallel_decode = True  # the ANS decoder holds the GIL: layers decode in parallel only in processes
 
     def __init__(self, config: CacheGenConfig | None = None) -> None:
         self.config = config or CacheGenConfig()
@@ -127,7 +128,7 @@ class CacheGenCodec(LayeredCodec):
         flag_bytes = (2 * c + 7) // 8
         flags = np.unpackbits(np.frombuffer(buf, np.uint8, flag_bytes, 8 * c))[: 2 * c]
         use_delta = torch.from_numpy(flags.astype(bool)).view(2, c)  # [2, C]
-        sym = np.empty((2, t, c), dtype=np.int32)  # [2, T, C]
+        sym = np.empty((2, t, c), dtype=np.float32)  # [2, T, C]: symbols cast once, as they land
         pos = 8 * c + flag_bytes
         for kv in range(2):
             for g in range(0, c, cg):
@@ -136,20 +137,21 @@ class CacheGenCodec(LayeredCodec):
                 sym[kv, :, g : g + width] = block.reshape(t, width)
         if pos != len(section):
             raise ValueError(f"section has {len(section) - pos} trailing bytes after its streams")
-        x = self._reconstruct(torch.from_numpy(sym), step, centre, use_delta, int(params["group_size"]), device)
+        x = self._reconstruct(torch.from_numpy(sym), step, centre, use_delta, int(params["group_size"]), device, stored)
         return x.view(2, t, h, d)
 
     @staticmethod
     def _reconstruct(
         sym: torch.Tensor, step: torch.Tensor, centre: torch.Tensor, use_delta: torch.Tensor, group_size: int,
-        device: torch.device | str,
+        device: torch.device | str, dtype: torch.dtype,
     ) -> torch.Tensor:
-        """Values [2, T, H*D] -> [2, T, C] float32 on `device`: undo centring / anchor deltas, scale.
+        """Symbols [2, T, C] float32 -> values [2, T, C] in `dtype` on `device`: undo centring / anchor
+        deltas, scale.
 
         A centred channel is (sym + centre) * step; in a delta channel, a non-anchor token adds its
         anchor's sym (the anchor row itself is centred): three passes over the layer in all."""
         _, t, c = sym.shape
-        x = sym.to(device).float()  # [2, T, C]
+        x = sym.to(device)  # [2, T, C] float32
         if group_size > 1 and t > 1 and bool(use_delta.any()):
             g = group_size
             full = t // g * g  # tokens in whole groups
@@ -160,4 +162,5 @@ class CacheGenCodec(LayeredCodec):
             if t - full > 1:
                 x[:, full + 1 :] += x[:, full : full + 1] * gain[:, 0]  # the last, partial group
         step_f = step.to(device).float()[:, None, :]  # [2, 1, C]
-        return torch.addcmul(centre.to(device).float()[:, None, :] * step_f, x, step_f)  # (x + centre) * step
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)  # [2, T, C]
+        return torch.addcmul(centre.to(device).float()[:, None, :] * step_f, x, step_f, out=out)  # (x + centre) * step

@@ -43,34 +43,24 @@ def _joint_model(counts: np.ndarray, hist_lo: int, a: int, k: int) -> Categorica
     return Categorical(joint, perfect=False)
 
 
-_VALUE_TABLES: dict[tuple[int, int], tuple[np.ndarray, int, type]] = {}
-_ROW_VIEWS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_VALUE_TABLES: dict[tuple[int, int], np.ndarray] = {}
 
 
-def _value_table(k: int, log2a: int) -> tuple[np.ndarray, int, type]:
-    """The k window values (ESC as lo + ESC) of every joint code, as one packed row per code: a
-    [A**k] array of 1-8 byte words (int8 values, int16 for windows over 128 codes, rows padded to a
-    power of two), so unpacking a stream is one flat gather. Returns (table, values per row, value dtype)."""
-    entry = _VALUE_TABLES.get((k, log2a))
-    if entry is None:
+def _value_table(k: int, log2a: int) -> np.ndarray:
+    """The k window values (ESC as lo + ESC) of every joint code: [A**k, k], int8 (int16 for windows
+    over 128 codes), so unpacking a stream is one row gather (`take(axis=0)` copies k-byte rows)."""
+    table = _VALUE_TABLES.get((k, log2a))
+    if table is None:
         a = 1 << log2a
         codes = (np.arange(a**k, dtype=np.int64)[:, None] >> (log2a * np.arange(k))) & (a - 1)  # [A**k, k]
-        values = (codes + _window(log2a)[0]).astype(np.int8 if log2a <= 7 else np.int16)  # [A**k, k]: values lo .. A/2
-        width = 1 << (k * values.itemsize - 1).bit_length()  # row bytes, padded to 1, 2, 4 or 8
-        padded = np.zeros((a**k, width // values.itemsize), dtype=values.dtype)
-        padded[:, :k] = values
-        entry = (padded.view(_ROW_VIEWS[width]).reshape(-1), padded.shape[1], values.dtype.type)
-        _VALUE_TABLES[(k, log2a)] = entry
-    return entry
+        table = (codes + _window(log2a)[0]).astype(np.int8 if log2a <= 7 else np.int16)  # values lo .. A/2
+        _VALUE_TABLES[(k, log2a)] = table
+    return table
 
 
 def _unpack(joint: np.ndarray, k: int, log2a: int, n: int) -> np.ndarray:
     """The first `n` window values [n] (int8 or int16) of the joint codes `joint` [n / k]."""
-    table, row, dtype = _value_table(k, log2a)
-    values = table.take(joint).view(dtype)  # [n / k * row]
-    if row != k:
-        values = values.reshape(-1, row)[:, :k]
-    return values.reshape(-1)[:n]
+    return _value_table(k, log2a).take(joint, axis=0).reshape(-1)[:n]  # [n / k, k] -> [n]
 
 
 def _codes(sym: np.ndarray, log2a: int) -> np.ndarray:
