@@ -2,7 +2,9 @@
 
 Iterating a `LayerLoader` yields, layer by layer, every source's rows concatenated in plan order
 ([2, N_cached, H_kv, D], compute dtype, compute device). On CUDA the next layer is copied on a side
-stream from pinned host memory while the current layer computes; on CPU loading is inline.
+stream from pinned host memory while the current layer computes. On CPU loading is inline, except
+that sources offering `prefetch(layer)` (entries of a CPU-bound codec with a DecodePool) are asked
+for the next `lookahead` layers first, so worker processes decode them while this layer computes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from ..chunk_cache import LayeredKV
 class LayerLoader:
     """Yields cached rows per layer; `seconds` accumulates the time the compute thread spent loading."""
 
-    def __init__(self, sources: Sequence[LayeredKV], num_layers: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, sources: Sequence[LayeredKV], num_layers: int, device: torch.device, dtype: torch.dtype, lookahead: int = 2
+    ) -> None:
         for s in sources:
             if s.num_layers != num_layers:
                 raise ValueError(f"cached KV has {s.num_layers} layers but the model has {num_layers}")
@@ -28,6 +32,8 @@ class LayerLoader:
         self.dtype = dtype
         self.num_rows = sum(s.num_tokens for s in self.sources)
         self.seconds = 0.0
+        self.lookahead = lookahead
+        self._prefetchers = [s.prefetch for s in self.sources if hasattr(s, "prefetch")]
 
     def _fetch(self, layer: int, non_blocking: bool = False) -> torch.Tensor:
         first = self.sources[0].layer(layer)
@@ -47,6 +53,9 @@ class LayerLoader:
             return
         for layer in range(self.num_layers):
             t0 = time.perf_counter()
+            for ahead in range(layer, min(layer + 1 + self.lookahead, self.num_layers)):
+                for prefetch in self._prefetchers:  # no-op for layers already started
+                    prefetch(ahead)
             rows = self._fetch(layer)
             self.seconds += time.perf_counter() - t0
             yield rows

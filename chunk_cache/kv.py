@@ -16,7 +16,9 @@ import torch
 
 @runtime_checkable
 class LayeredKV(Protocol):
-    """A chunk's KV readable one layer at a time (what the blend loop consumes)."""
+    """A chunk's KV readable one layer at a time (what the blend loop consumes). A source may also
+    offer `prefetch(index)`: a hint that layer `index` is read soon (storage's encoded entries start
+    decoding it in a worker process); the loader calls it when present."""
 
     pos0: int
 

@@ -33,6 +33,7 @@ class Codec(ABC):
 
     name: str
     lossless: bool
+    parallel_decode: bool = False  # decoding is CPU-bound work holding the GIL: worth a DecodePool process
 
     @abstractmethod
     def encode(self, kv: ChunkKV) -> EncodedKV:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,36 @@ def dtype_name(dtype: torch.dtype) -> str:
     if name not in DTYPES:
         raise ValueError(f"codecs store {', '.join(DTYPES)} chunk KV; got {name}")
     return name
+
+
+@dataclass(frozen=True)
+class LayerTask:
+    """One layer of one entry to decode: the codec, the layer's verified section and what shapes it.
+    A `DecodePool` ships it to a worker process (the section raw, the rest pickled); `run` decodes it
+    to [2, T, H, D]."""
+
+    codec: LayeredCodec
+    section: bytes | bytearray | memoryview
+    params: dict[str, Any]
+    shape: tuple[int, int, int]  # (T, H, D)
+    stored: torch.dtype
+    layer: int
+    num_layers: int
+    dtype: torch.dtype  # the result's dtype
+
+    def run(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The layer [2, T, H, D] on `device` in `dtype`; a section that does not parse raises CodecError."""
+        name = self.codec.name
+        try:
+            out = self.codec.decode_section(self.section, self.params, self.shape, self.stored, self.layer,
+                                            self.num_layers, device)
+        except CodecError:
+            raise
+        except Exception as err:  # a section that passed its CRC but does not parse: say so, never guess
+            raise CodecError(f"{name} entry: layer {self.layer} does not decode: {err}") from err
+        if tuple(out.shape) != (2, *self.shape):
+            raise CodecError(f"{name} entry: layer {self.layer} decoded to {tuple(out.shape)}, expected {(2, *self.shape)}")
+        return out.to(dtype=self.dtype)
 
 
 class LayeredCodec(Codec):
@@ -72,23 +103,21 @@ class LayeredCodec(Codec):
     def decode_layer(
         self, enc: EncodedKV, layer: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> torch.Tensor:
+        return self.layer_task(enc, layer, dtype).run(device)
+
+    def layer_task(self, enc: EncodedKV, layer: int, dtype: torch.dtype | None = None) -> LayerTask:
+        """Everything decoding one layer needs (its CRC-checked bytes, shape, params), apart from the
+        rest of the payload: a task that runs here or in a `DecodePool` worker process."""
         shape, stored = self._check(enc)
         num_layers = shape[1]
         if not 0 <= layer < num_layers:
             raise IndexError(f"layer {layer} out of range: this entry has layers 0..{num_layers - 1}")
         start, end = enc.meta["offsets"][layer], enc.meta["offsets"][layer + 1]
-        section = enc.payload[start:end]
+        section = memoryview(enc.payload)[start:end]  # no copy: decoded here, or written to a worker's pipe
         if zlib.crc32(section) != enc.meta["crc"][layer]:
             raise CodecError(f"{self.name} entry: layer {layer} fails its CRC32 check (corrupted payload)")
-        try:
-            out = self.decode_section(section, enc.meta["params"], tuple(shape[2:]), stored, layer, num_layers, device)
-        except CodecError:
-            raise
-        except Exception as err:  # a section that passed its CRC but does not parse: say so, never guess
-            raise CodecError(f"{self.name} entry: layer {layer} does not decode: {err}") from err
-        if tuple(out.shape) != (2, *shape[2:]):
-            raise CodecError(f"{self.name} entry: layer {layer} decoded to {tuple(out.shape)}, expected {(2, *shape[2:])}")
-        return out.to(dtype=dtype or stored)
+        return LayerTask(self, section, enc.meta["params"], (shape[2], shape[3], shape[4]), stored, layer,
+                         num_layers, dtype or stored)
 
     # -- validation -----------------------------------------------------------------------------------
     def _check(self, enc: EncodedKV) -> tuple[list[int], torch.dtype]:

@@ -24,6 +24,7 @@ class Lz4Codec(LayeredCodec):
         self.inner = inner
         self.name = "lz4" if isinstance(inner, IdentityCodec) else f"lz4+{inner.name}"
         self.lossless = inner.lossless
+        self.parallel_decode = inner.parallel_decode
 
     @property
     def rel_error(self) -> float:

@@ -1,4 +1,5 @@
-"""StorageConfig: which tiers, their budgets and codecs, where the disk tier lives, which policy.
+"""StorageConfig: which tiers, their budgets and codecs, where the disk tier lives, which policy, and
+how many worker processes decode CPU-bound codecs (cachegen: see compression/pool.py).
 
 `server/` composes it (reading `RAGKV_*` there); `build_store(config)` turns it into a TieredStore.
 Capacities are bytes; `parse_bytes("4GiB")` reads the human form for config files and the CLI.
@@ -6,11 +7,13 @@ Capacities are bytes; `parse_bytes("4GiB")` reads the human form for config file
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
 import torch
 
+from ..compression import DecodePool, get_codec
 from .disk import DiskTier
 from .memory import MemoryTier
 from .policy import POLICIES
@@ -51,12 +54,15 @@ class StorageConfig:
     policy: str = "lru"  # lru | cost
     promote: bool = True
     kv_dtype: str | None = "float16"  # entries are stored in this dtype (None: as computed)
+    decode_workers: int | None = None  # processes decoding CPU-bound codecs (cachegen); None: one per core, 0: none
 
     def __post_init__(self) -> None:
         if not self.tiers:
             raise ValueError("StorageConfig needs at least one tier")
         if self.kv_dtype is not None and self.kv_dtype not in _DTYPES:
             raise ValueError(f"unknown kv_dtype {self.kv_dtype!r}; accepted: {', '.join(_DTYPES)} or None")
+        if self.decode_workers is not None and self.decode_workers < 0:
+            raise ValueError(f"decode_workers must be >= 0 (0: decode inline) or None (one per core), got {self.decode_workers}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {self.policy!r}; accepted: {', '.join(POLICIES)}")
         disks = [i for i, t in enumerate(self.tiers) if t.kind == "disk"]
@@ -64,20 +70,43 @@ class StorageConfig:
             raise ValueError("StorageConfig: at most one disk tier, and it must be the last (slowest)")
 
 
-def build_tier(cfg: TierConfig, storage: StorageConfig) -> Tier:
-    """The tier described by `cfg`."""
+def build_tier(cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool | None = None) -> Tier:
+    """The tier described by `cfg` (its CPU-bound decoding done by `decode_pool` when given)."""
     name = cfg.name or cfg.kind
     dtype = _DTYPES[storage.kv_dtype] if storage.kv_dtype else None
     if cfg.kind == "disk":
-        return DiskTier(storage.disk_dir, cfg.capacity_bytes, cfg.codec, storage.catalog_url, name=name, dtype=dtype)
+        return DiskTier(storage.disk_dir, cfg.capacity_bytes, cfg.codec, storage.catalog_url, name=name, dtype=dtype,
+                        decode_pool=decode_pool)
     device = "cuda" if cfg.kind == "gpu" else "cpu"
-    return MemoryTier(cfg.capacity_bytes, device=device, codec=cfg.codec, name=name, dtype=dtype)
+    return MemoryTier(cfg.capacity_bytes, device=device, codec=cfg.codec, name=name, dtype=dtype,
+                      decode_pool=decode_pool)
+
+
+def default_decode_workers() -> int:
+    """One decode process per core this process may run on; none on a single core (nothing to gain)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if cores > 1 else 0
+
+
+def decode_workers(config: StorageConfig) -> int:
+    """Worker processes the store starts: none unless a tier's codec decodes CPU-bound (cachegen);
+    then `config.decode_workers`, by default `default_decode_workers()`."""
+    if not any(get_codec(t.codec).parallel_decode for t in config.tiers):
+        return 0
+    return default_decode_workers() if config.decode_workers is None else config.decode_workers
 
 
 def build_store(config: StorageConfig) -> TieredStore:
     """A TieredStore over the configured tiers (a disk tier reconciles its catalog on the way)."""
-    return TieredStore([build_tier(t, config) for t in config.tiers], policy=config.policy, promote=config.promote)
-
+    workers = decode_workers(config)
+    pool = DecodePool(workers) if workers else None
+    try:
+        tiers = [build_tier(t, config, pool) for t in config.tiers]
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
+    return TieredStore(tiers, policy=config.policy, promote=config.promote, decode_pool=pool)
 
 def parse_bytes(text: str | int) -> int:
     """`"4GiB"`, `"512MB"`, `"1e9"` or an int -> bytes."""

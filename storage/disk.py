@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
-from ..compression import Codec, get_codec
+from ..compression import Codec, DecodePool, get_codec
 from .catalog import Catalog, CatalogRow
 from .layered import EncodedLayers
 from .payload import CorruptPayload, pack_header, read_payload
@@ -50,6 +50,7 @@ class DiskTier(Tier):
         catalog_url: str | None = None,
         name: str = "disk",
         dtype: torch.dtype | None = None,
+        decode_pool: DecodePool | None = None,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
@@ -58,6 +59,7 @@ class DiskTier(Tier):
         self.capacity_bytes = capacity_bytes
         self.dtype = dtype  # entries are cast to this dtype before encoding (None: keep theirs)
         self.codec = resolve_codec(codec)
+        self.decode_pool = decode_pool  # decodes layers of CPU-bound codecs in worker processes
         self.device = torch.device("cpu")
         self.corrupt = 0
         try:
@@ -113,7 +115,7 @@ class DiskTier(Tier):
                     self._drop(key)
             return None
         target = torch.device(device) if device is not None else self.device
-        return EncodedLayers(p.enc, codec, p.pos0, p.num_tokens, p.num_layers, target)
+        return EncodedLayers(p.enc, codec, p.pos0, p.num_tokens, p.num_layers, target, self.decode_pool)
 
     # -- writes ----------------------------------------------------------------------------------
     def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, hits: int = 0) -> EntryInfo:

@@ -1,16 +1,19 @@
 """Lazy `LayeredKV` views that tiers return: one layer is moved or decoded only when it is read.
 
 `ResidentKV` wraps a ChunkKV already in memory (moved to the target device per layer);
-`EncodedLayers` wraps an encoded payload (decoded per layer by its codec). `materialize` turns
-any LayeredKV back into a whole ChunkKV (used when entries move between tiers).
+`EncodedLayers` wraps an encoded payload (decoded per layer by its codec; with a `DecodePool`,
+`prefetch(i)` starts layer i in a worker process so it is ready when the blend loop reads it).
+`materialize` turns any LayeredKV back into a whole ChunkKV (used when entries move between tiers).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 
 from ..chunk_cache import ChunkKV, LayeredKV
-from ..compression import Codec, EncodedKV
+from ..compression import Codec, DecodePool, DecodePoolError, EncodedKV
 
 
 class ResidentKV:
@@ -38,7 +41,8 @@ class EncodedLayers:
     """An encoded payload decoded layer by layer on `device` (the bytes are already verified)."""
 
     def __init__(
-        self, enc: EncodedKV, codec: Codec, pos0: int, num_tokens: int, num_layers: int, device: torch.device
+        self, enc: EncodedKV, codec: Codec, pos0: int, num_tokens: int, num_layers: int, device: torch.device,
+        pool: DecodePool | None = None,
     ) -> None:
         self.enc = enc
         self.codec = codec
@@ -46,6 +50,8 @@ class EncodedLayers:
         self._num_tokens = num_tokens
         self._num_layers = num_layers
         self.device = device
+        self.pool = pool if pool is not None and codec.parallel_decode else None
+        self._pending: dict[int, Future] = {}  # layer -> its decode in a pool worker
 
     @property
     def num_tokens(self) -> int:
@@ -55,10 +61,26 @@ class EncodedLayers:
     def num_layers(self) -> int:
         return self._num_layers
 
+    def prefetch(self, index: int) -> None:
+        """Start decoding layer `index` in a pool worker (no-op without a pool, or when already started)."""
+        if self.pool is None or index in self._pending or not 0 <= index < self._num_layers:
+            return
+        if self.pool.alive:
+            try:
+                self._pending[index] = self.pool.submit(self.codec.layer_task(self.enc, index))
+            except DecodePoolError:
+                pass  # the pool broke meanwhile: `layer` decodes inline
+
     def layer(self, index: int) -> torch.Tensor:
         """KV of one layer decoded on the target device: [2, T, H_kv, D]."""
         if not 0 <= index < self._num_layers:
             raise IndexError(f"layer {index} out of range for a chunk of {self._num_layers} layers")
+        pending = self._pending.pop(index, None)
+        if pending is not None:
+            try:
+                return pending.result().to(self.device)  # [2, T, H, D]
+            except DecodePoolError:
+                pass  # a worker died under it: decode here
         return self.codec.decode_layer(self.enc, index, device=self.device)  # [2, T, H, D]
 
 
@@ -69,6 +91,8 @@ def materialize(kv: LayeredKV, device: torch.device | str | None = None) -> Chun
     if isinstance(kv, ResidentKV):
         return kv.chunk if device is None else kv.chunk.to(device)
     if isinstance(kv, EncodedLayers):
-        return ChunkKV(kv.codec.decode(kv.enc, device=device or kv.device).kv, kv.pos0)
+        target = device or kv.device
+        whole = kv.pool.decode(kv.codec, kv.enc, target) if kv.pool is not None else kv.codec.decode(kv.enc, target)
+        return ChunkKV(whole.kv, kv.pos0)
     layers = [kv.layer(i) for i in range(kv.num_layers)]
     return ChunkKV(torch.stack(layers, dim=1).to(device), kv.pos0)  # [2, L, T, H, D]

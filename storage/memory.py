@@ -12,7 +12,7 @@ import threading
 import torch
 
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
-from ..compression import Codec, EncodedKV
+from ..compression import Codec, DecodePool, EncodedKV
 from .layered import EncodedLayers, ResidentKV
 from .tier import EntryInfo, Tier, resolve_codec
 
@@ -28,6 +28,7 @@ class MemoryTier(Tier):
         name: str | None = None,
         pin: bool | None = None,
         dtype: torch.dtype | None = None,
+        decode_pool: DecodePool | None = None,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
@@ -37,6 +38,7 @@ class MemoryTier(Tier):
         self.capacity_bytes = capacity_bytes
         self.dtype = dtype  # entries are cast to this dtype on put (None: keep theirs)
         self.codec = resolve_codec(codec)
+        self.decode_pool = decode_pool  # decodes layers of CPU-bound codecs in worker processes
         self.name = name or ("gpu" if self.device.type == "cuda" else "cpu")
         self.pin = (self.device.type == "cpu" and torch.cuda.is_available()) if pin is None else pin
         self.corrupt = 0
@@ -68,7 +70,7 @@ class MemoryTier(Tier):
         data, pos0, num_tokens, num_layers = entry
         if isinstance(data, ChunkKV):
             return data if _same_device(data.device, target) else ResidentKV(data, target)
-        return EncodedLayers(data, self.codec, pos0, num_tokens, num_layers, target)
+        return EncodedLayers(data, self.codec, pos0, num_tokens, num_layers, target, self.decode_pool)
 
     def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, hits: int = 0) -> EntryInfo:
         kv = kv if self.dtype is None else kv.to(dtype=self.dtype)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
+from ..compression import DecodePool
 from .layered import materialize
 from .policy import make_policy
 from .stats import StoreStats, TierStats
@@ -31,7 +32,8 @@ class TieredStore:
     """Ordered tiers, fastest first, with one eviction policy (`lru` or `cost`) per tier."""
 
     def __init__(
-        self, tiers: Sequence[Tier], policy: str = "lru", promote: bool = True, read_threads: int = 4
+        self, tiers: Sequence[Tier], policy: str = "lru", promote: bool = True, read_threads: int = 4,
+        decode_pool: DecodePool | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("TieredStore needs at least one tier")
@@ -55,6 +57,7 @@ class TieredStore:
         self._last_error: str | None = None
         self.read_threads = read_threads
         self._pool: ThreadPoolExecutor | None = None
+        self.decode_pool = decode_pool  # the tiers' worker processes, if any: the store closes them
 
     # -- the read path: lookup -> pin -> get_layered (per layer) -> unpin ---------------------------
     def lookup(self, keys: Sequence[ChunkKey]) -> list[str | None]:
@@ -178,6 +181,8 @@ class TieredStore:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+        if self.decode_pool is not None:
+            self.decode_pool.close()
         with self._lock:
             for t in self.tiers:
                 t.close()

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "over the K chunks retrieved for it (default 0: each sample's own passages)")
     p.add_argument("--tier", default="memory", help="where chunk KV is read from: memory (default) or disk")
     p.add_argument("--codec", default="identity", help="codec for the chunk KV tier (default identity)")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="processes decoding a CPU-bound codec such as cachegen (default: one per core; 0: inline)")
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
     p.set_defaults(func=run)
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     report = {"model": args.model, "dataset": str(args.data), "format": args.format, "n": len(samples),
               "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
                                                                   f"{torch.get_num_threads()} threads)",
-              "tier": args.tier, "codec": args.codec, "retrieve_k": args.retrieve, "results": summary, "samples": rows}
+              "tier": args.tier, "codec": args.codec, "decode_workers": args.decode_workers,
+              "retrieve_k": args.retrieve, "results": summary, "samples": rows}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown_table(summary))
     if args.plot:
@@ -78,6 +81,7 @@ def _store_overrides(args: argparse.Namespace) -> dict:
         raise ValueError(f"unknown --tier {args.tier!r}; accepted: memory, disk")
     kind = "disk" if args.tier == "disk" else ("gpu" if args.device.startswith("cuda") else "cpu")
     tiers = (TierConfig(kind, 64 << 30, codec=args.codec),)
+    workers = args.decode_workers
     if kind != "disk":
-        return {"storage": StorageConfig(tiers=tiers)}
-    return {"storage": StorageConfig(tiers=tiers, disk_dir=tempfile.mkdtemp(prefix="ragkv-eval-"))}
+        return {"storage": StorageConfig(tiers=tiers, decode_workers=workers)}
+    return {"storage": StorageConfig(tiers=tiers, disk_dir=tempfile.mkdtemp(prefix="ragkv-eval-"), decode_workers=workers)}
