@@ -95,6 +95,7 @@ def serve(inp: BinaryIO | None = None, out: BinaryIO | None = None) -> None:
         out = os.fdopen(os.dup(1), "wb")
         os.dup2(2, 1)
         sys.stdout = sys.stderr
+    _send(out, {"ready": os.getpid()})  # booted: torch and the codecs are imported
     while True:
         try:
             header, body = _receive(inp)
@@ -147,6 +148,7 @@ class _Worker:
         self.depth = depth
         self.slots = threading.Semaphore(depth)  # tasks in the worker's pipe or hands
         self.in_flight: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self.ready = threading.Event()  # set once the worker has booted (or has died trying)
         name = f"ragkv-decode-{index}"
         threading.Thread(target=self._write, name=f"{name}-w", daemon=True).start()
         threading.Thread(target=self._read, name=f"{name}-r", daemon=True).start()
@@ -177,6 +179,13 @@ class _Worker:
 
     def _read(self) -> None:
         out = self.proc.stdout
+        try:
+            _receive(out)  # the worker's "ready"
+        except (EOFError, OSError, ValueError) as err:
+            self.pool._broken(self, err)
+            return
+        finally:
+            self.ready.set()
         while True:
             try:
                 (n,) = _LEN.unpack(_read_exact(out, _LEN.size))
@@ -225,6 +234,14 @@ class DecodePool:
         self._error: DecodePoolError | None = None
         self._closed = False
         self._procs = [_Worker(self, i, depth) for i in range(workers)]
+
+    def wait_ready(self, timeout: float | None = 60.0) -> bool:
+        """Block until every worker has booted (imported torch and the codecs: about a second each);
+        True if all are up and the pool is alive. Work submitted earlier simply queues meanwhile."""
+        for w in self._procs:
+            if not w.ready.wait(timeout):
+                return False
+        return self.alive
 
     @property
     def alive(self) -> bool:

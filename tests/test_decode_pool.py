@@ -29,6 +29,7 @@ def _entries(n: int, dtype=torch.float16):
 
 
 def test_pool_decodes_bit_identical_to_inline(pool):
+    assert pool.wait_ready(timeout=60)
     codec, _, encs = _entries(3)
     inline = [codec.decode(e) for e in encs]
     pooled = pool.decode_many(codec, encs)
@@ -169,3 +170,14 @@ def test_loader_asks_for_layers_ahead_before_reading():
         hinted = {i for e, i in before if e == "prefetch"}
         assert set(range(layer, min(layer + 3, 5))) <= hinted  # this layer and the next two were asked for
         assert max(hinted) <= layer + 2  # and nothing further (memory stays bounded)
+
+
+def test_a_worker_that_cannot_boot_is_reported_and_decoding_goes_on_inline(monkeypatch, tmp_path, caplog):
+    import ragkv.compression.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "_PACKAGE_ROOT", str(tmp_path))  # no ragkv there: the import fails
+    codec, _, (enc,) = _entries(1)
+    with caplog.at_level(logging.WARNING), DecodePool(1) as broken:
+        assert broken.wait_ready(timeout=60) is False and not broken.alive
+        assert torch.equal(broken.decode(codec, enc).kv, codec.decode(enc).kv)
+    assert "stopped (exit code" in caplog.text

@@ -43,6 +43,7 @@ def codec_stats(codec: Codec, kvs: Sequence[ChunkKV], pool: DecodePool | None = 
     `pool` gets: the same entries through the pool's worker processes when the codec is CPU-bound
     (checked bit-identical to inline), else the inline figure."""
     values = sum(kv.kv.numel() for kv in kvs)
+    codec.decode(codec.encode(kvs[0]))  # warm: first-touch allocations and lazy tables are not the codec's speed
     t0 = time.perf_counter()
     encoded = [codec.encode(kv) for kv in kvs]
     t1 = time.perf_counter()
@@ -116,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(flat)} chunks, {sum(k.num_tokens for k in flat)} tokens, precomputed in {time.perf_counter() - t0:.1f}s")
     workers = default_decode_workers() if args.decode_workers is None else args.decode_workers
     pool = DecodePool(workers) if workers and any(c.parallel_decode for c in codecs.values()) else None
+    if pool is not None and not pool.wait_ready():  # booting workers would steal the cores from the timings
+        raise RuntimeError("the decode pool's workers did not start; see the errors above, or pass --decode-workers 0")
     try:
         rows = {n: codec_stats(c, flat, pool) for n, c in codecs.items()}
     finally:
