@@ -1,7 +1,8 @@
 """`ragkv bench codecs`: every codec on real chunk KV (size, speed, error, and blend fidelity).
 
 Chunk KV comes from the model over the chunks of the first N dataset records, stored as fp16 (what a
-tier holds). Speeds are fp16-equivalent bytes per second. Fidelity runs `cacheblend@RATIO` with the
+tier holds). Speeds are fp16-equivalent bytes per second; CPU-bound codecs (cachegen) are decoded both
+inline on one core and through a DecodePool, as a store with `decode_workers` does. Fidelity runs `cacheblend@RATIO` with the
 chunk KV read through a tier of each codec and compares it with a full prefill of the same prompt
 (kl_mean and top-1 teacher-forced over 16 answer tokens, as `ragkv eval`).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,33 +38,39 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def codec_stats(codec: Codec, kvs: Sequence[ChunkKV], pool: DecodePool | None = None) -> dict[str, float]:
+def codec_stats(codec: Codec, kvs: Sequence[ChunkKV], pool: DecodePool | None = None, repeat: int = 3) -> dict[str, float]:
     """bits_per_value, ratio_vs_fp16, encode/decode MB/s (fp16-equivalent) and rel_error over `kvs`.
 
     `decode_1core_mb_s` decodes inline, one entry after another; `decode_mb_s` is what a store with
     `pool` gets: the same entries through the pool's worker processes when the codec is CPU-bound
-    (checked bit-identical to inline), else the inline figure."""
+    (checked bit-identical to inline), else the inline figure. Decode speeds are the median of
+    `repeat` passes, the two kinds interleaved (this machine's speed drifts)."""
     values = sum(kv.kv.numel() for kv in kvs)
     codec.decode(codec.encode(kvs[0]))  # warm: first-touch allocations and lazy tables are not the codec's speed
     t0 = time.perf_counter()
     encoded = [codec.encode(kv) for kv in kvs]
-    t1 = time.perf_counter()
-    decoded = [codec.decode(e) for e in encoded]
-    t2 = time.perf_counter()
-    one_core = 2 * values / (t2 - t1) / 1e6
-    decode_mb_s = one_core
-    if pool is not None and codec.parallel_decode and pool.alive:
-        pool.decode(codec, encoded[0])  # warm: the workers have booted and imported
-        t3 = time.perf_counter()
-        pooled = pool.decode_many(codec, encoded)
-        decode_mb_s = 2 * values / (time.perf_counter() - t3) / 1e6
-        if not all(torch.equal(a.kv, b.kv) for a, b in zip(decoded, pooled)):
-            raise RuntimeError(f"{codec.name}: the decode pool's output differs from inline decoding")
+    encode_s = time.perf_counter() - t0
+    pooled = pool is not None and codec.parallel_decode and pool.alive
+    inline_s, pool_s = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        decoded = [codec.decode(e) for e in encoded]
+        inline_s.append(time.perf_counter() - t)
+        if pooled:
+            t = time.perf_counter()
+            through_pool = pool.decode_many(codec, encoded)
+            pool_s.append(time.perf_counter() - t)
+            if not all(torch.equal(a.kv, b.kv) for a, b in zip(decoded, through_pool)):
+                raise RuntimeError(f"{codec.name}: the decode pool's output differs from inline decoding")
+            del through_pool
+    one_core = 2 * values / statistics.median(inline_s) / 1e6
     nbytes = sum(e.nbytes + len(json.dumps(e.meta)) for e in encoded)  # payload + catalog metadata
     err = sum(float((d.kv.float() - kv.kv.float()).pow(2).sum()) for d, kv in zip(decoded, kvs))
     norm = sum(float(kv.kv.float().pow(2).sum()) for kv in kvs)
     return {"bits_per_value": 8 * nbytes / values, "ratio_vs_fp16": 2 * values / nbytes,
-            "encode_mb_s": 2 * values / (t1 - t0) / 1e6, "decode_mb_s": decode_mb_s, "decode_1core_mb_s": one_core,
+            "encode_mb_s": 2 * values / encode_s / 1e6,
+            "decode_mb_s": 2 * values / statistics.median(pool_s) / 1e6 if pooled else one_core,
+            "decode_1core_mb_s": one_core,
             "rel_error": (err / norm) ** 0.5, "stated_rel_error": getattr(codec, "rel_error", 0.0)}
 
 
