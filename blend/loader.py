@@ -2,8 +2,8 @@
 
 Iterating a `LayerLoader` yields, layer by layer, every source's rows concatenated in plan order
 ([2, N_cached, H_kv, D], compute dtype, compute device). On CUDA the next layer is copied on a side
-stream from pinned host memory while the current layer computes. On CPU loading is inline, except
-that sources offering `prefetch(layer)` (entries of a CPU-bound codec with a DecodePool) are asked
+stream from pinned host memory while the current layer computes; on CPU loading is inline. Either
+way, sources offering `prefetch(layer)` (entries of a CPU-bound codec with a DecodePool) are asked
 for the next `lookahead` layers first, so worker processes decode them while this layer computes.
 """
 
@@ -53,18 +53,24 @@ class LayerLoader:
             return
         for layer in range(self.num_layers):
             t0 = time.perf_counter()
-            for ahead in range(layer, min(layer + 1 + self.lookahead, self.num_layers)):
-                for prefetch in self._prefetchers:  # no-op for layers already started
-                    prefetch(ahead)
+            self._hint(layer)
             rows = self._fetch(layer)
             self.seconds += time.perf_counter() - t0
             yield rows
+
+    def _hint(self, layer: int) -> None:
+        """Ask prefetching sources for `layer` and the `lookahead` layers after it (no-op for layers
+        already started)."""
+        for ahead in range(layer, min(layer + 1 + self.lookahead, self.num_layers)):
+            for prefetch in self._prefetchers:
+                prefetch(ahead)
 
     def _iter_cuda(self) -> Iterator[torch.Tensor]:
         side = torch.cuda.Stream(device=self.device)
         main = torch.cuda.current_stream(self.device)
 
         def start(layer: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+            self._hint(layer)
             with torch.cuda.stream(side):
                 rows = self._fetch(layer, non_blocking=True)
                 done = torch.cuda.Event()
