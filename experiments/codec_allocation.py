@@ -14,13 +14,12 @@ import argparse
 import json
 
 import torch
+from fidelity import Prompt
 
-from ragkv.blend import blend, make_strategy
-from ragkv.chunk_cache import ChunkKV, precompute_many
+from ragkv.chunk_cache import ChunkKV
 from ragkv.compression.cachegen import CacheGenCodec, CacheGenConfig
 from ragkv.server.engine import Engine
 from ragkv.server.eval.datasets import load_samples
-from ragkv.server.eval.metrics import kl_per_position, top1_agreement
 
 SCHEDULES = {  # name: (key_bins, value_bins), per equal band of layers, early first
     "K=V (6,5,4)": ((6, 5, 4), (6, 5, 4)),
@@ -52,21 +51,11 @@ def main() -> None:
     }
     rows = []
     for sample in load_samples(args.data, args.format, limit=args.limit):
-        chunks = engine.tokenize_chunks(sample.chunks)
-        plan = engine.plan(sample.question, chunks)
-        kvs = [ChunkKV(kv.kv.half(), kv.pos0) for kv in precompute_many(engine.model, chunks)]
-        full = blend(engine.model, plan, make_strategy("full"), [], reserve=16)
-        forced = torch.tensor(engine.decode_answer(full, 16)[:16] or [int(full.logits.argmax())])
-        reference = engine.teacher_forced_logits(full, forced)
-
-        def fidelity(kv_list) -> tuple[float, float]:
-            sources = [(start, kv) for (start, _), kv in zip(plan.chunk_spans, kv_list)]
-            logits = engine.teacher_forced_logits(blend(engine.model, plan, make_strategy("cacheblend", 0.15), sources,
-                                                        reserve=16), forced)
-            return float(kl_per_position(reference, logits).mean()), top1_agreement(reference, logits)
-
+        prompt = Prompt.of(engine, sample)
+        kvs, fidelity = prompt.kvs, prompt.fidelity
         row = {"id": sample.id, "uncompressed": {"bits": 16.0, "rel_error": 0.0, **dict(zip(("kl_mean", "top1"), fidelity(kvs)))}}
-        default = CacheGenCodec()
+        default = CacheGenCodec(CacheGenConfig(key_bins=(8, 8, 8, 10, 10, 5), value_bins=(3, 3, 3, 4, 4, 2),
+                                               key_step_exponent=1.0))  # the study ran with per-channel key steps
         decoded = [default.decode(default.encode(kv)).kv for kv in kvs]
         for name, index in parts.items():
             mixed = []
@@ -76,7 +65,7 @@ def main() -> None:
                 mixed.append(ChunkKV(x, kv.pos0))
             row[f"default, {name}"] = dict(zip(("kl_mean", "top1"), fidelity(mixed)))
         for name, (key_bins, value_bins) in SCHEDULES.items():
-            codec = CacheGenCodec(CacheGenConfig(key_bins=key_bins, value_bins=value_bins))
+            codec = CacheGenCodec(CacheGenConfig(key_bins=key_bins, value_bins=value_bins, key_step_exponent=1.0))
             encoded = [codec.encode(kv) for kv in kvs]
             hats = [codec.decode(e) for e in encoded]
             bits = sum(e.nbytes for e in encoded) * 8 / sum(kv.kv.numel() for kv in kvs)

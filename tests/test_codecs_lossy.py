@@ -45,9 +45,25 @@ def test_cachegen_element_error_within_half_step(tokens):
     out = codec.decode(codec.encode(kv)).kv
     for layer in range(4):
         x = kv.kv[:, layer].flatten(2).double()  # [2, T, C]
-        step = quant_steps(x, codec.config.bins(layer, 4)).float()  # [2, C]
+        step = quant_steps(x, codec.config.bins(layer, 4), codec.config.key_step_exponent).float()  # [2, C]
         err = (out[:, layer].flatten(2) - x.float()).abs()
         assert (err <= step[:, None, :] / 2 * (1 + 1e-4)).all(), f"layer {layer} beyond half a step"
+
+
+def test_cachegen_key_steps_are_one_per_layer_unless_capped():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 200, 16, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 16, dtype=torch.float64)
+    std = x.std(dim=1, unbiased=False)  # [2, C]
+    per_channel = quant_steps(x, (8, 4), key_step_exponent=1.0).double()  # [2, C]: 6 std / bins
+    uniform = quant_steps(x, (8, 4), key_step_exponent=0.0).double()
+    assert torch.equal(uniform[1], per_channel[1])  # V keeps its per-channel steps
+    common = uniform[0].max()
+    torch.testing.assert_close(uniform[0], torch.minimum(common, 3 * std[0]), rtol=1e-3, atol=0)  # one step, capped
+    capped = uniform[0] < common * 0.999
+    assert 0 < int(capped.sum()) < 16  # quiet channels are capped at 3 std (2 bins), the rest share one step
+    geo = lambda s: float(s.log().mean().exp())  # noqa: E731
+    narrow = x[:, :, 6:10]  # a 2x spread: nothing is capped, and the geometric mean (about the bits) is kept
+    assert abs(geo(quant_steps(narrow, (8, 4), 0.0)[0].double()) / geo(quant_steps(narrow, (8, 4), 1.0)[0].double()) - 1) < 2e-3
 
 
 def test_cachegen_layerwise_bins_spend_more_bits_early():
