@@ -1,9 +1,9 @@
 """cachegen: a CacheGen-style (Liu et al., SIGCOMM'24) lossy entropy codec for chunk KV.
 
-Per layer: each K/V channel is quantized on a uniform grid; a V channel's step is `6 * std / bins`
-(bins over +-3 std), K channels share one step per layer of the same geometric mean (capped at 3
-std), since the loud key channels are where queries look; bins are set per band of layers and
-separately for K and V. Channels whose values move slowly over tokens are coded as integer deltas
+Per layer: each K/V channel is quantized on a uniform grid. CacheGen sizes a channel's step as
+`6 * std / bins` (bins over +-3 std); here the K channels, and the V channels, share one step per
+layer of the same geometric mean (capped at 3 std), since the loud key channels are where queries
+look; bins are set per band of layers and separately for K and V. Channels whose values move slowly over tokens are coded as integer deltas
 against their group's anchor token (every `group_size`-th token), the others centred on their median; the symbols are entropy coded (ANS, `constriction`) with one
 distribution per (K/V, channel group). Element error <= step / 2; decoding after the entropy stage is
 torch arithmetic.
@@ -36,20 +36,23 @@ class CacheGenConfig:
     docs/BENCHMARKS.md): errors in K alone add ~6x the KL that errors in V alone add, and among the
     five bands of six layers the fourth (18-23) hurts most, the last hardly at all; at the same ~1.95
     bits/value this schedule has about a third of the KL excess of CacheGen's equal K/V,
-    early-layers-first (6, 5, 4). Key steps are one per layer (`key_step_exponent=0`), not per
-    channel: at ~1.95 bits that cut kl_mean by a fifth again (`experiments/key_steps.py`)."""
+    early-layers-first (6, 5, 4). Steps are one per layer for K and for V (exponents 0), not per
+    channel: on 4 held-out prompts that took kl_mean from 2.84x to 1.83x of uncompressed at
+    ~1.92 bits/value (`experiments/key_steps.py`)."""
 
     group_size: int = 10  # tokens per anchor group; 1 disables delta coding
-    key_bins: tuple[int, ...] = (7, 7, 8, 10, 10, 4)  # bins over +-3 std for K, per equal band of layers
-    value_bins: tuple[int, ...] = (3, 3, 3, 4, 4, 2)  # the same for V
+    key_bins: tuple[int, ...] = (6, 6, 7, 9, 9, 4)  # bins over +-3 std for K, per equal band of layers
+    value_bins: tuple[int, ...] = (3, 3, 4, 4, 4, 2)  # the same for V
     channel_group: int = 64  # channels sharing one symbol distribution
     key_step_exponent: float = 0.0  # K steps ~ std_c ** this within a layer (1: per-channel std, as CacheGen)
+    value_step_exponent: float = 0.0  # the same for V
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.channel_group < 1:
             raise ValueError(f"group_size and channel_group must be >= 1, got {self.group_size}, {self.channel_group}")
-        if not 0.0 <= self.key_step_exponent <= 1.0:
-            raise ValueError(f"key_step_exponent must be in [0, 1], got {self.key_step_exponent}")
+        for name in ("key_step_exponent", "value_step_exponent"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("key_bins", "value_bins"):
             bins = getattr(self, name)
             if not bins or min(bins) < 1:
@@ -64,22 +67,24 @@ class CacheGenConfig:
         return self._band(self.key_bins, layer, num_layers), self._band(self.value_bins, layer, num_layers)
 
 
-def quant_steps(x: torch.Tensor, bins: tuple[int, int], key_step_exponent: float = 1.0) -> torch.Tensor:
+def quant_steps(x: torch.Tensor, bins: tuple[int, int], key_step_exponent: float = 1.0,
+                value_step_exponent: float = 1.0) -> torch.Tensor:
     """Grid steps [2, C] fp16 for one layer's values x [2, T, C], K in row 0 and V in row 1.
 
-    V: 6 std_c / bins per channel. K: steps proportional to std_c ** key_step_exponent with the same
-    geometric mean as 6 std_c / bins (about the same bits), capped at 3 std_c (at least 2 bins). A
-    key error e_c moves an attention logit by q_c * e_c, and the loud key channels are the ones
-    queries weight most: an exponent of 0 (one step per layer) gives them relatively finer steps.
-    Constant channels get their absmax as the step."""
+    Per row, steps proportional to std_c ** exponent with the same geometric mean as 6 std_c / bins
+    (about the same bits), capped at 3 std_c (at least 2 bins); exponent 1 is CacheGen's per-channel
+    6 std_c / bins. A key error e_c moves an attention logit by q_c * e_c, and the loud key channels
+    are the ones queries weight most: exponent 0 (one step per layer) gives them relatively finer
+    steps. Constant channels get their absmax as the step."""
     std = x.std(dim=1, unbiased=False)  # [2, C]
     per_kv = torch.tensor(bins, dtype=x.dtype)[:, None]  # [2, 1]
     step = 6.0 * std / per_kv  # [2, C]
-    live = std[0] > 0
-    if key_step_exponent != 1.0 and bool(live.any()):
-        shape = std[0, live].pow(key_step_exponent)  # [C_live]
-        k = shape * torch.exp(step[0, live].log().mean() - shape.log().mean())  # geometric mean kept
-        step[0, live] = torch.minimum(k, 3.0 * std[0, live])
+    for row, exponent in enumerate((key_step_exponent, value_step_exponent)):
+        live = std[row] > 0
+        if exponent != 1.0 and bool(live.any()):
+            shape = std[row, live].pow(exponent)  # [C_live]
+            common = shape * torch.exp(step[row, live].log().mean() - shape.log().mean())  # geometric mean kept
+            step[row, live] = torch.minimum(common, 3.0 * std[row, live])
     step = torch.where(std > 0, step, x.abs().amax(dim=1))  # [2, C]
     return step.clamp(_STEP_MIN, _STEP_MAX).half()  # [2, C]: the decoder uses exactly these
 
@@ -102,11 +107,11 @@ class CacheGenCodec(LayeredCodec):
     @property
     def rel_error(self) -> float:
         """Stated bound on ||x - x'|| / ||x||: uniform rounding noise of step / sqrt(12) per element,
-        relative to a channel RMS >= std; V steps are 6 std / bins, K steps 6 std / bins with
-        exponent 1, else at most 3 std."""
+        relative to a channel RMS >= std; steps are 6 std / bins with exponent 1, else at most 3 std."""
         cfg = self.config
-        key_steps = 6.0 / min(cfg.key_bins) if cfg.key_step_exponent == 1.0 else 3.0  # worst K step / std
-        return max(key_steps, 6.0 / min(cfg.value_bins)) / math.sqrt(12.0)
+        worst = [6.0 / min(bins) if exponent == 1.0 else 3.0  # the largest step / std of K, of V
+                 for bins, exponent in ((cfg.key_bins, cfg.key_step_exponent), (cfg.value_bins, cfg.value_step_exponent))]
+        return max(worst) / math.sqrt(12.0)
 
     def params(self) -> dict[str, Any]:
         return {**asdict(self.config), "key_bins": list(self.config.key_bins), "value_bins": list(self.config.value_bins)}
@@ -118,7 +123,7 @@ class CacheGenCodec(LayeredCodec):
         t = layer_kv.shape[1]
         x = layer_kv.double().reshape(2, t, -1)  # [2, T, C]
         c = x.shape[2]
-        step = quant_steps(x, cfg.bins(layer, num_layers), cfg.key_step_exponent)  # [2, C]
+        step = quant_steps(x, cfg.bins(layer, num_layers), cfg.key_step_exponent, cfg.value_step_exponent)  # [2, C]
         q = torch.round(x / step.double()[:, None, :]).long()  # [2, T, C]
         centre = q.median(dim=1).values.clamp(-32768, 32767).short()  # [2, C]
         anchor = _anchor_index(t, cfg.group_size)

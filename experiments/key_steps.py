@@ -1,15 +1,17 @@
-"""How cachegen should size its key steps across the channels of a layer, at ~1.95 bits/value.
+"""How cachegen should size its key (and value) steps across the channels of a layer, at ~1.9 bits/value.
 
 A key error e_c in channel c moves a query's attention logit by q_c * e_c, so at a given rate the
 logit error sum_c E[q_c^2] step_c^2 / 12 is smallest with step_c ~ 1 / rms(q_c) (reverse
 water-filling), not with step_c ~ std_c as CacheGen sizes it. Variants, each answering with
 cacheblend@0.15 against the full prefill (experiments/fidelity.py):
-- `std` (CacheGen): step_c = 6 std_c / bins, `key_step_exponent=1`;
-- `uniform`: one step per layer with the same geometric mean (capped at 3 std_c), exponent 0;
-- `q-weighted`: step_c ~ 1 / rms(q_c), rms measured on the post-RoPE queries of `--calibration` other
+- per channel (CacheGen): step_c = 6 std_c / bins, exponents 1;
+- one step per layer with the same geometric mean (capped at 3 std_c), for K (exponent 0), then for
+  K and V with re-balanced bins (the default since);
+- q-weighted K: step_c ~ 1 / rms(q_c), rms measured on the post-RoPE queries of `--calibration` other
   records' full prefills (the informed reference: it needs the model's query statistics).
 
-    python experiments/key_steps.py --limit 2 --calibration 2 --out key_steps.json
+    python experiments/key_steps.py --limit 2 --calibration 2 --out key_steps.json            # tuned on
+    python experiments/key_steps.py --skip 4 --limit 4 --calibration 2 --out key_steps_heldout.json
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ragkv.server.engine import Engine
 from ragkv.server.eval.datasets import load_samples
 
 OLD = dict(key_bins=(8, 8, 8, 10, 10, 5), value_bins=(3, 3, 3, 4, 4, 2))  # the schedule fitted with std steps
+PER_CHANNEL_V = dict(value_bins=(3, 3, 3, 4, 4, 2), value_step_exponent=1.0)
 
 
 class QueryWeightedKeys(CacheGenCodec):
@@ -41,8 +44,8 @@ class QueryWeightedKeys(CacheGenCodec):
         rms_q = self.energy[layer].double().clamp_min(float(self.energy[layer].max()) * 1e-8).sqrt()  # [C]
         original = cachegen.quant_steps
 
-        def steps(x, bins, _exponent):
-            out = original(x, bins, 1.0).double()  # [2, C]: 6 std / bins
+        def steps(x, bins, _key_exponent, value_exponent):
+            out = original(x, bins, 1.0, value_exponent).double()  # [2, C]: K 6 std / bins
             std = x.std(dim=1, unbiased=False)[0]  # [C]
             k = torch.exp(out[0].log().mean() + rms_q.log().mean()) / rms_q
             out[0] = k.minimum(3.0 * std.clamp_min(1e-6))
@@ -80,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/cacheblend/musique_s.json")
     ap.add_argument("--format", default="musique")
+    ap.add_argument("--skip", type=int, default=0, help="records to skip first (held-out runs)")
     ap.add_argument("--limit", type=int, default=2)
     ap.add_argument("--calibration", type=int, default=2, help="records after --limit whose queries give q-weighted's rms")
     ap.add_argument("--threads", type=int, default=2)
@@ -87,15 +91,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained("smollm2")
-    samples = load_samples(args.data, args.format, limit=args.limit + args.calibration)
+    samples = load_samples(args.data, args.format, limit=args.skip + args.limit + args.calibration)[args.skip :]
     energy = sum(query_energy(engine, s) for s in samples[args.limit :])
     variants = {
-        "std, K 8-10 (old default)": CacheGenCodec(CacheGenConfig(**OLD, key_step_exponent=1.0)),
-        "uniform, K 8-10": CacheGenCodec(CacheGenConfig(**OLD, key_step_exponent=0.0)),
-        "uniform, K (7,7,8,10,10,4)": CacheGenCodec(CacheGenConfig(key_bins=(7, 7, 8, 10, 10, 4), value_bins=OLD["value_bins"])),
-        "uniform, K (8,8,8,10,10,4)": CacheGenCodec(CacheGenConfig(key_bins=(8, 8, 8, 10, 10, 4), value_bins=OLD["value_bins"])),
-        "q-weighted, K (6,6,6,8,8,4)": QueryWeightedKeys(energy, CacheGenConfig(key_bins=(6, 6, 6, 8, 8, 4),
-                                                                                 value_bins=OLD["value_bins"])),
+        "per channel K and V, K (8,8,8,10,10,5)": CacheGenCodec(CacheGenConfig(**OLD, key_step_exponent=1.0,
+                                                                                value_step_exponent=1.0)),
+        "one K step per layer, K (7,7,8,10,10,4)": CacheGenCodec(CacheGenConfig(key_bins=(7, 7, 8, 10, 10, 4),
+                                                                                 **PER_CHANNEL_V)),
+        "one K and one V step per layer, K (6,6,7,9,9,4) V (3,3,4,4,4,2) (default)": CacheGenCodec(),
+        "q-weighted K, K (6,6,6,8,8,4)": QueryWeightedKeys(energy, CacheGenConfig(key_bins=(6, 6, 6, 8, 8, 4),
+                                                                                   **PER_CHANNEL_V)),
     }
     rows = []
     for sample in samples[: args.limit]:

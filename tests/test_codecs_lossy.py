@@ -45,7 +45,8 @@ def test_cachegen_element_error_within_half_step(tokens):
     out = codec.decode(codec.encode(kv)).kv
     for layer in range(4):
         x = kv.kv[:, layer].flatten(2).double()  # [2, T, C]
-        step = quant_steps(x, codec.config.bins(layer, 4), codec.config.key_step_exponent).float()  # [2, C]
+        cfg = codec.config
+        step = quant_steps(x, cfg.bins(layer, 4), cfg.key_step_exponent, cfg.value_step_exponent).float()  # [2, C]
         err = (out[:, layer].flatten(2) - x.float()).abs()
         assert (err <= step[:, None, :] / 2 * (1 + 1e-4)).all(), f"layer {layer} beyond half a step"
 
@@ -62,6 +63,9 @@ def test_cachegen_key_steps_are_one_per_layer_unless_capped():
     capped = uniform[0] < common * 0.999
     assert 0 < int(capped.sum()) < 16  # quiet channels are capped at 3 std (2 bins), the rest share one step
     geo = lambda s: float(s.log().mean().exp())  # noqa: E731
+    both = quant_steps(x, (8, 4), key_step_exponent=0.0, value_step_exponent=0.0).double()
+    assert torch.equal(both[0], uniform[0])
+    torch.testing.assert_close(both[1], torch.minimum(both[1].max(), 3 * std[1]), rtol=1e-3, atol=0)  # V: the same rule
     narrow = x[:, :, 6:10]  # a 2x spread: nothing is capped, and the geometric mean (about the bits) is kept
     assert abs(geo(quant_steps(narrow, (8, 4), 0.0)[0].double()) / geo(quant_steps(narrow, (8, 4), 1.0)[0].double()) - 1) < 2e-3
 
