@@ -14,7 +14,6 @@ the futures in order). A worker that dies breaks the pool: every pending future 
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import pickle
@@ -32,6 +31,11 @@ import torch
 from ..chunk_cache import ChunkKV
 from .codec import EncodedKV
 from .layered import LayeredCodec, LayerTask
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: pipes keep their default size
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +124,14 @@ def _picklable(err: Exception) -> Exception:
 
 
 # -- the parent side --------------------------------------------------------------------------------
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's value where Python does not name it
 
 
 def _widen(pipe: BinaryIO) -> None:
     """Grow a pipe's kernel buffer to 1 MiB (Linux; the 64 KiB default makes a layer a dozen round
     trips between the processes); best effort."""
+    if fcntl is None:
+        return
     try:
         fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, 1 << 20)
     except OSError:
