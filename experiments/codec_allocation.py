@@ -14,7 +14,7 @@ import argparse
 import json
 
 import torch
-from fidelity import Prompt
+from fidelity import Prompt, report
 
 from ragkv.chunk_cache import ChunkKV
 from ragkv.compression.cachegen import CacheGenCodec, CacheGenConfig
@@ -74,16 +74,7 @@ def main() -> None:
             row[name] = {"bits": bits, "rel_error": err, **dict(zip(("kl_mean", "top1"), fidelity(hats)))}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    labels = [k for k in rows[0] if k != "id"]
-    mean = {k: {m: sum(r[k][m] for r in rows) / len(rows) for m in rows[0][k]} for k in labels}
-    base = mean["uncompressed"]["kl_mean"]
-    print("\n| variant | bits/value | rel_error | kl_mean | kl / uncompressed | top1 |\n|---|---|---|---|---|---|")
-    for k, m in mean.items():
-        bits = f"{m['bits']:.3f}" if "bits" in m else ""
-        err = f"{m['rel_error']:.3f}" if "rel_error" in m else ""
-        print(f"| {k} | {bits} | {err} | {m['kl_mean']:.4f} | {m['kl_mean'] / base:.2f}x | {m['top1']:.3f} |")
-    with open(args.out, "w") as f:
-        json.dump({"data": args.data, "n": len(rows), "mean": mean, "rows": rows}, f, indent=1)
+    report(rows, args.out, data=args.data)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ kl_mean and top-1 are teacher-forced on the full prefill's greedy answer (16 tok
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,3 +42,19 @@ class Prompt:
         result = blend(self.engine.model, self.plan, make_strategy("cacheblend", ratio), sources, reserve=16)
         logits = self.engine.teacher_forced_logits(result, self.forced)
         return float(kl_per_position(self.reference, logits).mean()), top1_agreement(self.reference, logits)
+
+
+def report(rows: list[dict], out: str, **meta) -> dict:
+    """Mean of every variant over `rows` ({"id", "uncompressed": {...}, variant: {...}}): printed as a
+    table (bits/value and rel_error where measured) and written to `out` as JSON with `meta`."""
+    labels = [k for k in rows[0] if k != "id"]
+    mean = {k: {m: sum(r[k][m] for r in rows) / len(rows) for m in rows[0][k]} for k in labels}
+    base = mean["uncompressed"]["kl_mean"]
+    print("\n| variant | bits/value | rel_error | kl_mean | kl / uncompressed | top1 |\n|---|---|---|---|---|---|")
+    for k, m in mean.items():
+        bits = f"{m['bits']:.3f}" if "bits" in m else ""
+        err = f"{m['rel_error']:.3f}" if "rel_error" in m else ""
+        print(f"| {k} | {bits} | {err} | {m['kl_mean']:.4f} | {m['kl_mean'] / base:.2f}x | {m['top1']:.3f} |")
+    with open(out, "w") as f:
+        json.dump({**meta, "n": len(rows), "mean": mean, "rows": rows}, f, indent=1)
+    return mean

@@ -20,7 +20,7 @@ import argparse
 import json
 
 import torch
-from fidelity import Prompt
+from fidelity import Prompt, report
 
 import ragkv.compression.cachegen as cachegen
 from ragkv.blend import blend, make_strategy
@@ -112,15 +112,7 @@ def main() -> None:
             row[name] = {"bits": bits, **dict(zip(("kl_mean", "top1"), prompt.fidelity([codec.decode(e) for e in encoded])))}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    labels = [k for k in rows[0] if k != "id"]
-    mean = {k: {m: sum(r[k][m] for r in rows) / len(rows) for m in rows[0][k]} for k in labels}
-    base = mean["uncompressed"]["kl_mean"]
-    print("\n| variant | bits/value | kl_mean | kl / uncompressed | top1 |\n|---|---|---|---|---|")
-    for k, m in mean.items():
-        print(f"| {k} | {m['bits']:.3f} | {m['kl_mean']:.4f} | {m['kl_mean'] / base:.2f}x | {m['top1']:.3f} |")
-    with open(args.out, "w") as f:
-        json.dump({"data": args.data, "n": len(rows), "calibration_records": args.calibration, "mean": mean,
-                   "rows": rows}, f, indent=1)
+    report(rows, args.out, data=args.data, calibration_records=args.calibration)
 
 
 if __name__ == "__main__":
