@@ -108,6 +108,7 @@ def build_store(config: StorageConfig) -> TieredStore:
         raise
     return TieredStore(tiers, policy=config.policy, promote=config.promote, decode_pool=pool)
 
+
 def parse_bytes(text: str | int) -> int:
     """`"4GiB"`, `"512MB"`, `"1e9"` or an int -> bytes."""
     if isinstance(text, int):
