@@ -65,11 +65,10 @@ class EncodedLayers:
         """Start decoding layer `index` in a pool worker (no-op without a pool, or when already started)."""
         if self.pool is None or index in self._pending or not 0 <= index < self._num_layers:
             return
-        if self.pool.alive:
-            try:
-                self._pending[index] = self.pool.submit(self.codec.layer_task(self.enc, index))
-            except DecodePoolError:
-                pass  # the pool broke meanwhile: `layer` decodes inline
+        try:
+            self._pending[index] = self.pool.submit(self.codec.layer_task(self.enc, index))
+        except DecodePoolError:
+            pass  # the pool is closed or broken: `layer` decodes inline
 
     def layer(self, index: int) -> torch.Tensor:
         """KV of one layer decoded on the target device: [2, T, H_kv, D]."""
