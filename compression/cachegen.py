@@ -3,10 +3,11 @@
 Per layer: each K/V channel is quantized on a uniform grid. CacheGen sizes a channel's step as
 `6 * std / bins` (bins over +-3 std); here the K channels, and the V channels, share one step per
 layer of the same geometric mean (capped at 3 std), since the loud key channels are where queries
-look; bins are set per band of layers and separately for K and V. Channels whose values move slowly over tokens are coded as integer deltas
-against their group's anchor token (every `group_size`-th token), the others centred on their median; the symbols are entropy coded (ANS, `constriction`) with one
-distribution per (K/V, channel group). Element error <= step / 2; decoding after the entropy stage is
-torch arithmetic.
+look; bins are set per band of layers and separately for K and V. Channels whose values move
+slowly over tokens are coded as integer deltas against their group's anchor token (every
+`group_size`-th token), the others centred on their median; the symbols are entropy coded (ANS,
+`constriction`) with one distribution per (K/V, channel group). Element error <= step / 2;
+decoding after the entropy stage is torch arithmetic.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class CacheGenConfig:
     were measured on SmolLM2-135M under cacheblend@0.15 (`experiments/codec_allocation.py`, see
     docs/BENCHMARKS.md): errors in K alone add ~6x the KL that errors in V alone add, and among the
     five bands of six layers the fourth (18-23) hurts most, the last hardly at all; at the same ~1.95
-    bits/value this schedule has about a third of the KL excess of CacheGen's equal K/V,
-    early-layers-first (6, 5, 4). Steps are one per layer for K and for V (exponents 0), not per
+    bits/value a K-heavy schedule shaped so had about a third of the KL excess of CacheGen's equal
+    K/V, early-layers-first (6, 5, 4) (with per-channel steps). Steps are one per layer for K and for V (exponents 0), not per
     channel: on 4 held-out prompts that took kl_mean from 2.84x to 1.83x of uncompressed at
     ~1.92 bits/value (`experiments/key_steps.py`)."""
 

@@ -286,12 +286,13 @@ class DecodePool:
         out = []
         for enc, host, tasks, futures in jobs:
             for i, (task, fut) in enumerate(zip(tasks, futures)):
-                try:
-                    if fut is None:
-                        raise DecodePoolError("not submitted")
-                    fut.result()
-                except DecodePoolError:  # the pool broke under this call: finish here
-                    host[:, i] = task.run("cpu")
+                if fut is not None:
+                    try:
+                        fut.result()
+                        continue
+                    except DecodePoolError:
+                        pass
+                host[:, i] = task.run("cpu")  # not submitted, or the pool broke under this call: finish here
             out.append(ChunkKV(host.to(device), int(enc.meta["pos0"])))
         return out
 

@@ -1,10 +1,11 @@
 """`ragkv bench codecs`: every codec on real chunk KV (size, speed, error, and blend fidelity).
 
 Chunk KV comes from the model over the chunks of the first N dataset records, stored as fp16 (what a
-tier holds). Speeds are fp16-equivalent bytes per second; CPU-bound codecs (cachegen) are decoded both
-inline on one core and through a DecodePool, as a store with `decode_workers` does. Fidelity runs `cacheblend@RATIO` with the
-chunk KV read through a tier of each codec and compares it with a full prefill of the same prompt
-(kl_mean and top-1 teacher-forced over 16 answer tokens, as `ragkv eval`).
+tier holds). Speeds are fp16-equivalent bytes per second; CPU-bound codecs (cachegen) are decoded
+both inline on one core and through a DecodePool, as a store with `decode_workers` does. Fidelity
+runs `cacheblend@RATIO` with the chunk KV read through a tier of each codec and compares it with a
+full prefill of the same prompt (kl_mean and top-1 teacher-forced over 16 answer tokens, as
+`ragkv eval`).
 """
 
 from __future__ import annotations
