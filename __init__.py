@@ -11,7 +11,7 @@ __all__ = ["Engine", "__version__"]
 
 def __getattr__(name: str):
     if name == "Engine":
-        from .server.engine import Engine
+        from .engine import Engine
 
         return Engine
     raise AttributeError(f"module 'ragkv' has no attribute {name!r}")

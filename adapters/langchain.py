@@ -45,14 +45,18 @@ class RagkvRetriever(_Connected, BaseRetriever):
         self._backend = self._connect()
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        return [Document(page_content=p.text, metadata={"chunk_id": p.chunk_id, "doc_id": p.doc_id, "score": p.score})
-                for p in self._backend.retrieve(query, self.k)]
+        return [
+            Document(page_content=p.text, metadata={"chunk_id": p.chunk_id, "doc_id": p.doc_id, "score": p.score})
+            for p in self._backend.retrieve(query, self.k)
+        ]
 
 
 def to_passages(documents: Sequence[Document | str]) -> list[Passage]:
     """LangChain Documents (a ragkv `chunk_id` in metadata is kept) or strings -> Passages."""
-    return [Passage(d.page_content, d.metadata.get("chunk_id")) if isinstance(d, Document) else Passage(str(d))
-            for d in documents]
+    return [
+        Passage(d.page_content, d.metadata.get("chunk_id")) if isinstance(d, Document) else Passage(str(d))
+        for d in documents
+    ]
 
 
 def with_documents(question: str, documents: Sequence[Document | str]) -> HumanMessage:
@@ -88,20 +92,38 @@ class RagkvChatModel(_Connected, BaseChatModel):
         docs = documents if documents is not None else last.additional_kwargs.get("documents", [])
         history = [f"{m.type.capitalize()}: {m.text}" for m in messages[: humans[-1]] if m.text]
         question = "\n".join([*history, f"User: {last.text}"]) if history else last.text
-        options = {k: v for k, v in (("strategy", self.strategy), ("recompute_ratio", self.recompute_ratio),
-                                     ("max_new_tokens", self.max_new_tokens)) if v is not None}
+        options = {
+            k: v
+            for k, v in (
+                ("strategy", self.strategy),
+                ("recompute_ratio", self.recompute_ratio),
+                ("max_new_tokens", self.max_new_tokens),
+            )
+            if v is not None
+        }
         return question, to_passages(docs), options
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, documents=None, **kwargs: Any) -> ChatResult:
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        documents=None,
+        **kwargs: Any,
+    ) -> ChatResult:
         question, passages, options = self._request(messages, documents)
         reply = self._backend.answer(question, passages, **options)
         message = AIMessage(content=reply.text, response_metadata={"ragkv": reply.info})
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, documents=None, **kwargs: Any
-                ) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        documents=None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         question, passages, options = self._request(messages, documents)
         for item in self._backend.stream(question, passages, **options):
             if isinstance(item, Reply):
@@ -117,6 +139,9 @@ def rag_chain(retriever: BaseRetriever, chat: BaseChatModel, parse: bool = True)
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
-    chain = ({"documents": retriever, "question": RunnablePassthrough()}
-             | RunnableLambda(lambda x: [with_documents(x["question"], x["documents"])]) | chat)
+    chain = (
+        {"documents": retriever, "question": RunnablePassthrough()}
+        | RunnableLambda(lambda x: [with_documents(x["question"], x["documents"])])
+        | chat
+    )
     return chain | StrOutputParser() if parse else chain

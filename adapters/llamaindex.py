@@ -22,16 +22,29 @@ from .ragkv_backend import Backend, Passage, Reply, backend_for
 class RagkvLlamaRetriever(BaseRetriever):
     """The `k` best chunks of the ragkv index as nodes (metadata: chunk_id, doc_id)."""
 
-    def __init__(self, engine=None, url: str | None = None, api_key: str | None = None, namespace: str | None = None,
-                 k: int = 4, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        engine=None,
+        url: str | None = None,
+        api_key: str | None = None,
+        namespace: str | None = None,
+        k: int = 4,
+        backend: Backend | None = None,
+    ) -> None:
         super().__init__()
         self.backend = backend or backend_for(engine, url, api_key, namespace)
         self.k = k
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        return [NodeWithScore(node=TextNode(text=p.text, id_=f"chunk-{p.chunk_id}",
-                                            metadata={"chunk_id": p.chunk_id, "doc_id": p.doc_id}), score=p.score)
-                for p in self.backend.retrieve(query_bundle.query_str, self.k)]
+        return [
+            NodeWithScore(
+                node=TextNode(
+                    text=p.text, id_=f"chunk-{p.chunk_id}", metadata={"chunk_id": p.chunk_id, "doc_id": p.doc_id}
+                ),
+                score=p.score,
+            )
+            for p in self.backend.retrieve(query_bundle.query_str, self.k)
+        ]
 
 
 def to_passages(documents: Sequence[NodeWithScore | TextNode | str]) -> list[Passage]:
@@ -39,8 +52,9 @@ def to_passages(documents: Sequence[NodeWithScore | TextNode | str]) -> list[Pas
     out = []
     for d in documents:
         node = d.node if isinstance(d, NodeWithScore) else d
-        out.append(Passage(str(node)) if isinstance(node, str) else
-                   Passage(node.get_content(), node.metadata.get("chunk_id")))
+        out.append(
+            Passage(str(node)) if isinstance(node, str) else Passage(node.get_content(), node.metadata.get("chunk_id"))
+        )
     return out
 
 
@@ -52,8 +66,15 @@ class RagkvLLM(CustomLLM):
     max_new_tokens: int | None = None
     _backend: Backend = PrivateAttr()
 
-    def __init__(self, engine=None, url: str | None = None, api_key: str | None = None, namespace: str | None = None,
-                 backend: Backend | None = None, **fields: Any) -> None:
+    def __init__(
+        self,
+        engine=None,
+        url: str | None = None,
+        api_key: str | None = None,
+        namespace: str | None = None,
+        backend: Backend | None = None,
+        **fields: Any,
+    ) -> None:
         super().__init__(**fields)
         self._backend = backend or backend_for(engine, url, api_key, namespace)
 
@@ -66,19 +87,29 @@ class RagkvLLM(CustomLLM):
         return LLMMetadata(model_name="ragkv", num_output=self.max_new_tokens or 32, is_chat_model=False)
 
     def _options(self) -> dict:
-        return {k: v for k, v in (("strategy", self.strategy), ("recompute_ratio", self.recompute_ratio),
-                                  ("max_new_tokens", self.max_new_tokens)) if v is not None}
+        return {
+            k: v
+            for k, v in (
+                ("strategy", self.strategy),
+                ("recompute_ratio", self.recompute_ratio),
+                ("max_new_tokens", self.max_new_tokens),
+            )
+            if v is not None
+        }
 
     def answer(self, question: str, documents: Sequence = ()) -> Reply:
         """The Reply (text + ragkv accounting) for `question` over `documents`."""
         return self._backend.answer(question, to_passages(documents), **self._options())
 
-    def complete(self, prompt: str, formatted: bool = False, documents: Sequence = (), **kwargs: Any) -> CompletionResponse:
+    def complete(
+        self, prompt: str, formatted: bool = False, documents: Sequence = (), **kwargs: Any
+    ) -> CompletionResponse:
         reply = self.answer(prompt, documents)
         return CompletionResponse(text=reply.text, additional_kwargs={"ragkv": reply.info})
 
-    def stream_complete(self, prompt: str, formatted: bool = False, documents: Sequence = (), **kwargs: Any
-                        ) -> CompletionResponseGen:
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, documents: Sequence = (), **kwargs: Any
+    ) -> CompletionResponseGen:
         text = ""
         for item in self._backend.stream(prompt, to_passages(documents), **self._options()):
             if isinstance(item, Reply):

@@ -61,7 +61,7 @@ class LocalBackend(Backend):
     """An in-process Engine and its `namespace`'s document index."""
 
     def __init__(self, engine, namespace: str | None = None) -> None:
-        from ..server.documents import DocumentService
+        from ..engine.documents import DocumentService
 
         self.engine = engine
         self.namespace = namespace or engine.config.namespace
@@ -78,8 +78,9 @@ class LocalBackend(Backend):
         return [next(ids) if p.chunk_id is not None else next(texts) for p in ps]
 
     def stream(self, question: str, passages: Sequence[Passage | str], **options) -> Iterator[str | Reply]:
-        for item in self.engine.generate(question, chunks=self._chunks(passages), stream=True,
-                                         namespace=self.namespace, **options):
+        for item in self.engine.generate(
+            question, chunks=self._chunks(passages), stream=True, namespace=self.namespace, **options
+        ):
             yield item if isinstance(item, str) else Reply(item.text, item.to_dict())
 
     def answer(self, question: str, passages: Sequence[Passage | str], **options) -> Reply:
@@ -110,7 +111,9 @@ class HttpBackend(Backend):
         return self.client.add_documents(documents)
 
 
-def backend_for(engine=None, url: str | None = None, api_key: str | None = None, namespace: str | None = None) -> Backend:
+def backend_for(
+    engine=None, url: str | None = None, api_key: str | None = None, namespace: str | None = None
+) -> Backend:
     """`LocalBackend(engine)` or `HttpBackend(url)`; exactly one of `engine` and `url`."""
     if (engine is None) == (url is None):
         raise ValueError("give exactly one of engine= (in-process) and url= (a running `ragkv serve`)")

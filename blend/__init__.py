@@ -9,5 +9,19 @@ from .plan import BlendPlan, make_plan
 from .rerotate import rerotate, rotation
 from .strategies import Strategy, make_strategy
 
-__all__ = ["BlendConfig", "STRATEGIES", "BlendPlan", "make_plan", "BlendResult", "blend", "LayerLoader",
-           "Strategy", "make_strategy", "extend", "rerotate", "rotation", "to_dynamic_cache", "kv_tensor"]
+__all__ = [
+    "BlendConfig",
+    "STRATEGIES",
+    "BlendPlan",
+    "make_plan",
+    "BlendResult",
+    "blend",
+    "LayerLoader",
+    "Strategy",
+    "make_strategy",
+    "extend",
+    "rerotate",
+    "rotation",
+    "to_dynamic_cache",
+    "kv_tensor",
+]

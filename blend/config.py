@@ -25,7 +25,9 @@ class BlendConfig:
         if not self.check_layers or list(self.check_layers) != sorted(set(self.check_layers)):
             raise ValueError(f"check_layers must be strictly increasing and non-empty, got {self.check_layers}")
         if self.check_layers[0] < 1:
-            raise ValueError("check layers start at 1: layer 0's K/V do not depend on context, so it cannot rank tokens")
+            raise ValueError(
+                "check layers start at 1: layer 0's K/V do not depend on context, so it cannot rank tokens"
+            )
         if self.gradual_factor < 1.0:
             raise ValueError(f"gradual_factor must be >= 1, got {self.gradual_factor}")
         if self.score not in SCORES:

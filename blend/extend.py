@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import ModelAdapter
+from ..models import ModelAdapter
 from .loop import BlendResult
 
 

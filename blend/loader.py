@@ -21,7 +21,12 @@ class LayerLoader:
     """Yields cached rows per layer; `seconds` accumulates the time the compute thread spent loading."""
 
     def __init__(
-        self, sources: Sequence[LayeredKV], num_layers: int, device: torch.device, dtype: torch.dtype, lookahead: int = 2
+        self,
+        sources: Sequence[LayeredKV],
+        num_layers: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        lookahead: int = 2,
     ) -> None:
         for s in sources:
             if s.num_layers != num_layers:

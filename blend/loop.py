@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import ModelAdapter
 from ..chunk_cache import LayeredKV
+from ..models import ModelAdapter
 from .loader import LayerLoader
 from .plan import BlendPlan
 from .rerotate import rerotate, rotation
@@ -77,7 +77,9 @@ def blend(
     keys, values, buffers, recomputed = [], [], [], 0
 
     for layer in range(model.num_layers):
-        k_all = torch.empty(1, model.num_kv_heads, n + reserve, model.head_dim, dtype=dtype, device=dev)  # [1, H, N+R, D]
+        k_all = torch.empty(
+            1, model.num_kv_heads, n + reserve, model.head_dim, dtype=dtype, device=dev
+        )  # [1, H, N+R, D]
         v_all = torch.empty_like(k_all)
         buffers.append((k_all, v_all))
         k_buf, v_buf = k_all[:, :, :n], v_all[:, :, :n]  # [1, H, N, D] views

@@ -20,7 +20,9 @@ def kv_deviation(
     return dev
 
 
-def query_attention(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, query_start: int, scale: float) -> torch.Tensor:
+def query_attention(
+    q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, query_start: int, scale: float
+) -> torch.Tensor:
     """Attention mass [S] each active token receives from the query tokens (rows >= `query_start`),
     summed over query tokens and heads; q [S, H_q, D], k [S, H_kv, D] are the active tokens' fresh
     projections at this layer and `rows` [S] their sorted prompt rows."""

@@ -37,8 +37,15 @@ class Strategy(ABC):
         """Layers at which `narrow` is called (none by default)."""
         return ()
 
-    def narrow(self, step: int, plan: BlendPlan, rows: torch.Tensor, is_cached: torch.Tensor,
-               deviation: torch.Tensor, num_cached: int) -> torch.Tensor:
+    def narrow(
+        self,
+        step: int,
+        plan: BlendPlan,
+        rows: torch.Tensor,
+        is_cached: torch.Tensor,
+        deviation: torch.Tensor,
+        num_cached: int,
+    ) -> torch.Tensor:
         """At the `step`-th check layer, given the active rows [S] (sorted), which of them are cached,
         and their K/V deviation: [S] bool of the active tokens to keep computing."""
         return torch.ones_like(is_cached)

@@ -28,9 +28,7 @@ class ChunkKey:
 
     def __post_init__(self) -> None:
         if not _NAMESPACE_RE.match(self.namespace):
-            raise ValueError(
-                f"invalid namespace {self.namespace!r}: use 1-64 characters from A-Z a-z 0-9 _ . -"
-            )
+            raise ValueError(f"invalid namespace {self.namespace!r}: use 1-64 characters from A-Z a-z 0-9 _ . -")
         if not _DIGEST_RE.match(self.digest):
             raise ValueError(f"invalid digest {self.digest!r}: expected 64 lowercase hex characters")
 

@@ -41,9 +41,7 @@ def precompute(model: KVModel, token_ids: Sequence[int]) -> ChunkKV:
     return precompute_many(model, [token_ids], max_tokens_per_pass=0)[0]
 
 
-def precompute_many(
-    model: KVModel, chunks: Sequence[Sequence[int]], max_tokens_per_pass: int = 4096
-) -> list[ChunkKV]:
+def precompute_many(model: KVModel, chunks: Sequence[Sequence[int]], max_tokens_per_pass: int = 4096) -> list[ChunkKV]:
     """KV of many chunks, packed greedily into passes of at most `max_tokens_per_pass` tokens.
 
     A chunk longer than the budget gets a pass of its own; `max_tokens_per_pass=0` means one

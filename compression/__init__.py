@@ -12,6 +12,21 @@ from .pool import DecodePool, DecodePoolError
 from .quant import Fp8Codec, Int8Codec
 from .registry import CODECS, codec_names, get_codec
 
-__all__ = ["Codec", "EncodedKV", "CodecError", "LayeredCodec", "LayerTask", "IdentityCodec", "Lz4Codec", "Int8Codec",
-           "Fp8Codec", "CacheGenCodec", "CacheGenConfig", "CODECS", "codec_names", "get_codec", "DecodePool",
-           "DecodePoolError"]
+__all__ = [
+    "Codec",
+    "EncodedKV",
+    "CodecError",
+    "LayeredCodec",
+    "LayerTask",
+    "IdentityCodec",
+    "Lz4Codec",
+    "Int8Codec",
+    "Fp8Codec",
+    "CacheGenCodec",
+    "CacheGenConfig",
+    "CODECS",
+    "codec_names",
+    "get_codec",
+    "DecodePool",
+    "DecodePoolError",
+]

@@ -37,8 +37,8 @@ class CacheGenConfig:
     docs/BENCHMARKS.md): errors in K alone add ~6x the KL that errors in V alone add, and among the
     five bands of six layers the fourth (18-23) hurts most, the last hardly at all; at the same ~1.95
     bits/value a K-heavy schedule shaped so had about a third of the KL excess of CacheGen's equal
-    K/V, early-layers-first (6, 5, 4) (with per-channel steps). Steps are one per layer for K and for V (exponents 0), not per
-    channel: on 4 held-out prompts that took kl_mean from 2.84x to 1.83x of uncompressed at
+    K/V, early-layers-first (6, 5, 4) (with per-channel steps). Steps are one per layer for K and for V
+    (exponents 0), not per channel: on 4 held-out prompts that took kl_mean from 2.84x to 1.83x of uncompressed at
     ~1.92 bits/value (`experiments/key_steps.py`)."""
 
     group_size: int = 10  # tokens per anchor group; 1 disables delta coding
@@ -68,8 +68,9 @@ class CacheGenConfig:
         return self._band(self.key_bins, layer, num_layers), self._band(self.value_bins, layer, num_layers)
 
 
-def quant_steps(x: torch.Tensor, bins: tuple[int, int], key_step_exponent: float = 1.0,
-                value_step_exponent: float = 1.0) -> torch.Tensor:
+def quant_steps(
+    x: torch.Tensor, bins: tuple[int, int], key_step_exponent: float = 1.0, value_step_exponent: float = 1.0
+) -> torch.Tensor:
     """Grid steps [2, C] fp16 for one layer's values x [2, T, C], K in row 0 and V in row 1.
 
     Per row, steps proportional to std_c ** exponent with the same geometric mean as 6 std_c / bins
@@ -110,12 +111,18 @@ class CacheGenCodec(LayeredCodec):
         """Stated bound on ||x - x'|| / ||x||: uniform rounding noise of step / sqrt(12) per element,
         relative to a channel RMS >= std; steps are 6 std / bins with exponent 1, else at most 3 std."""
         cfg = self.config
-        worst = [6.0 / min(bins) if exponent == 1.0 else 3.0  # the largest step / std of K, of V
-                 for bins, exponent in ((cfg.key_bins, cfg.key_step_exponent), (cfg.value_bins, cfg.value_step_exponent))]
+        worst = [
+            6.0 / min(bins) if exponent == 1.0 else 3.0  # the largest step / std of K, of V
+            for bins, exponent in ((cfg.key_bins, cfg.key_step_exponent), (cfg.value_bins, cfg.value_step_exponent))
+        ]
         return max(worst) / math.sqrt(12.0)
 
     def params(self) -> dict[str, Any]:
-        return {**asdict(self.config), "key_bins": list(self.config.key_bins), "value_bins": list(self.config.value_bins)}
+        return {
+            **asdict(self.config),
+            "key_bins": list(self.config.key_bins),
+            "value_bins": list(self.config.value_bins),
+        }
 
     # -- encode ----------------------------------------------------------------------------------------
     def encode_layer(self, layer_kv, layer, num_layers) -> bytes:
@@ -167,8 +174,13 @@ class CacheGenCodec(LayeredCodec):
 
     @staticmethod
     def _reconstruct(
-        sym: torch.Tensor, step: torch.Tensor, centre: torch.Tensor, use_delta: torch.Tensor, group_size: int,
-        device: torch.device | str, dtype: torch.dtype,
+        sym: torch.Tensor,
+        step: torch.Tensor,
+        centre: torch.Tensor,
+        use_delta: torch.Tensor,
+        group_size: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
         """Symbols [2, T, C] float32 -> values [2, T, C] in `dtype` on `device`: undo centring / anchor
         deltas, scale.

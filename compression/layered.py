@@ -52,14 +52,17 @@ class LayerTask:
         """The layer [2, T, H, D] on `device` in `dtype`; a section that does not parse raises CodecError."""
         name = self.codec.name
         try:
-            out = self.codec.decode_section(self.section, self.params, self.shape, self.stored, self.layer,
-                                            self.num_layers, device)
+            out = self.codec.decode_section(
+                self.section, self.params, self.shape, self.stored, self.layer, self.num_layers, device
+            )
         except CodecError:
             raise
         except Exception as err:  # a section that passed its CRC but does not parse: say so, never guess
             raise CodecError(f"{name} entry: layer {self.layer} does not decode: {err}") from err
         if tuple(out.shape) != (2, *self.shape):
-            raise CodecError(f"{name} entry: layer {self.layer} decoded to {tuple(out.shape)}, expected {(2, *self.shape)}")
+            raise CodecError(
+                f"{name} entry: layer {self.layer} decoded to {tuple(out.shape)}, expected {(2, *self.shape)}"
+            )
         return out.to(dtype=self.dtype)
 
 
@@ -76,8 +79,14 @@ class LayeredCodec(Codec):
 
     @abstractmethod
     def decode_section(
-        self, section: bytes, params: dict[str, Any], shape: tuple[int, int, int], stored: torch.dtype,
-        layer: int, num_layers: int, device: torch.device | str,
+        self,
+        section: bytes,
+        params: dict[str, Any],
+        shape: tuple[int, int, int],
+        stored: torch.dtype,
+        layer: int,
+        num_layers: int,
+        device: torch.device | str,
     ) -> torch.Tensor:
         """One layer [2, T, H, D] on `device` from its section; `shape` is (T, H, D)."""
 
@@ -89,8 +98,14 @@ class LayeredCodec(Codec):
         offsets = [0]
         for s in sections:
             offsets.append(offsets[-1] + len(s))
-        meta = {"shape": list(kv.kv.shape), "dtype": dtype, "pos0": kv.pos0, "offsets": offsets,
-                "crc": [zlib.crc32(s) for s in sections], "params": self.params()}
+        meta = {
+            "shape": list(kv.kv.shape),
+            "dtype": dtype,
+            "pos0": kv.pos0,
+            "offsets": offsets,
+            "crc": [zlib.crc32(s) for s in sections],
+            "params": self.params(),
+        }
         return EncodedKV(self.name, b"".join(sections), meta)
 
     def decode(self, enc: EncodedKV, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> ChunkKV:
@@ -116,8 +131,16 @@ class LayeredCodec(Codec):
         section = memoryview(enc.payload)[start:end]  # no copy: decoded here, or written to a worker's pipe
         if zlib.crc32(section) != enc.meta["crc"][layer]:
             raise CodecError(f"{self.name} entry: layer {layer} fails its CRC32 check (corrupted payload)")
-        return LayerTask(self, section, enc.meta["params"], (shape[2], shape[3], shape[4]), stored, layer,
-                         num_layers, dtype or stored)
+        return LayerTask(
+            self,
+            section,
+            enc.meta["params"],
+            (shape[2], shape[3], shape[4]),
+            stored,
+            layer,
+            num_layers,
+            dtype or stored,
+        )
 
     # -- validation -----------------------------------------------------------------------------------
     def _check(self, enc: EncodedKV) -> tuple[list[int], torch.dtype]:
@@ -135,9 +158,12 @@ class LayeredCodec(Codec):
             raise CodecError(f"{self.name} entry: stored dtype {meta['dtype']!r}; accepted: {', '.join(DTYPES)}")
         offsets = meta["offsets"]
         if len(offsets) != shape[1] + 1 or len(meta["crc"]) != shape[1]:
-            raise CodecError(f"{self.name} entry: {len(offsets)} offsets / {len(meta['crc'])} CRCs for {shape[1]} layers")
+            raise CodecError(
+                f"{self.name} entry: {len(offsets)} offsets / {len(meta['crc'])} CRCs for {shape[1]} layers"
+            )
         if offsets[-1] != len(enc.payload):
             raise CodecError(
-                f"{self.name} entry: payload is {len(enc.payload)} bytes, its layers need {offsets[-1]} (truncated or padded)"
+                f"{self.name} entry: payload is {len(enc.payload)} bytes, its layers need {offsets[-1]} "
+                "(truncated or padded)"
             )
         return shape, DTYPES[meta["dtype"]]

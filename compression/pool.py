@@ -146,8 +146,9 @@ class _Worker:
 
     def __init__(self, pool: DecodePool, index: int, depth: int) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, _PACKAGE_ROOT], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOT, _PACKAGE_ROOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
         for pipe in (self.proc.stdin, self.proc.stdout):
             _widen(pipe)
         self.pool = pool
@@ -263,16 +264,27 @@ class DecodePool:
         shape = (2, *task.shape)
         if out is None:
             out = torch.empty(shape, dtype=task.dtype)
-        elif tuple(out.shape) != shape or out.dtype != task.dtype or out.device.type != "cpu" \
-                or not (out[0].is_contiguous() and out[1].is_contiguous()):
-            raise ValueError(f"out must be a CPU {task.dtype} tensor {shape} with contiguous K and V halves; "
-                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        elif (
+            tuple(out.shape) != shape
+            or out.dtype != task.dtype
+            or out.device.type != "cpu"
+            or not (out[0].is_contiguous() and out[1].is_contiguous())
+        ):
+            raise ValueError(
+                f"out must be a CPU {task.dtype} tensor {shape} with contiguous K and V halves; "
+                f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
         fut: Future = Future()
         self._tasks.put((fut, task, out))
         return fut
 
-    def decode_many(self, codec: LayeredCodec, encs: list[EncodedKV], device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> list[ChunkKV]:
+    def decode_many(
+        self,
+        codec: LayeredCodec,
+        encs: list[EncodedKV],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> list[ChunkKV]:
         """Whole entries, every layer of every entry queued at once so the workers never wait on the
         caller; inline when the codec gains nothing from workers or the pool is down."""
         device = torch.device(device)
@@ -296,8 +308,9 @@ class DecodePool:
             out.append(ChunkKV(host.to(device), int(enc.meta["pos0"])))
         return out
 
-    def decode(self, codec: LayeredCodec, enc: EncodedKV, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None) -> ChunkKV:
+    def decode(
+        self, codec: LayeredCodec, enc: EncodedKV, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> ChunkKV:
         """One whole entry (see `decode_many`)."""
         return self.decode_many(codec, [enc], device, dtype)[0]
 
@@ -314,7 +327,8 @@ class DecodePool:
             if first:
                 self._error = DecodePoolError(
                     f"decode worker pid {worker.proc.pid} stopped (exit code {worker.proc.poll()}: {err}); "
-                    "callers decode inline from now on")
+                    "callers decode inline from now on"
+                )
                 log.warning("%s", self._error)
         worker.fail_in_flight(self._error or DecodePoolError("the decode pool is closed"))
         if first:

@@ -27,15 +27,18 @@ def get_codec(name: str) -> Codec:
     if len(parts) == 2 and parts[0] == "lz4":
         inner = parts[1]
         if inner == "lz4":
-            raise ValueError("lz4+lz4 is not a codec: lz4 composes once, over one of "
-                             f"{', '.join(n for n in CODECS if n != 'lz4')}")
+            raise ValueError(
+                f"lz4+lz4 is not a codec: lz4 composes once, over one of {', '.join(n for n in CODECS if n != 'lz4')}"
+            )
         if inner not in CODECS:
-            raise ValueError(f"unknown codec {inner!r} in {name!r}; lz4 composes over: "
-                             f"{', '.join(n for n in CODECS if n != 'lz4')}")
+            raise ValueError(
+                f"unknown codec {inner!r} in {name!r}; lz4 composes over: {', '.join(n for n in CODECS if n != 'lz4')}"
+            )
         return Lz4Codec(CODECS[inner]())
     if len(parts) == 1 and name in CODECS:
         return CODECS[name]()
     if len(parts) > 1:
-        raise ValueError(f"cannot compose {name!r}: only 'lz4+NAME' is a composition; known codecs: "
-                         f"{', '.join(codec_names())}")
+        raise ValueError(
+            f"cannot compose {name!r}: only 'lz4+NAME' is a composition; known codecs: {', '.join(codec_names())}"
+        )
     raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(codec_names())}")

@@ -9,10 +9,12 @@ from ragkv.adapters.langchain import RagkvChatModel, RagkvRetriever, rag_chain
 from ragkv.adapters.ragkv_backend import LocalBackend
 
 backend = LocalBackend(Engine.from_pretrained("smollm2"))
-backend.add_documents([
-    {"id": "rhine", "text": "The Rhine rises in the Swiss Alps and bends north at Basel."},
-    {"id": "ada", "text": "Ada Lovelace wrote the first computer program for Babbage's engine."},
-])
+backend.add_documents(
+    [
+        {"id": "rhine", "text": "The Rhine rises in the Swiss Alps and bends north at Basel."},
+        {"id": "ada", "text": "Ada Lovelace wrote the first computer program for Babbage's engine."},
+    ]
+)
 chain = rag_chain(RagkvRetriever(engine=backend, k=2), RagkvChatModel(engine=backend, max_new_tokens=16), parse=False)
 for _ in range(2):
     message = chain.invoke("Where does the Rhine bend north?")

@@ -18,8 +18,8 @@ from fidelity import Prompt, report
 
 from ragkv.chunk_cache import ChunkKV
 from ragkv.compression.cachegen import CacheGenCodec, CacheGenConfig
-from ragkv.server.engine import Engine
-from ragkv.server.eval.datasets import load_samples
+from ragkv.engine.engine import Engine
+from ragkv.eval.datasets import load_samples
 
 SCHEDULES = {  # name: (key_bins, value_bins), per equal band of layers, early first
     "K=V (6,5,4)": ((6, 5, 4), (6, 5, 4)),
@@ -45,17 +45,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained("smollm2")
     num_layers = engine.model.num_layers
-    parts = {} if args.no_sensitivity else {
-        "K only": (slice(0, 1), slice(None)), "V only": (slice(1, 2), slice(None)),
-        **{f"layers {a}-{min(a + 5, num_layers - 1)}": (slice(None), slice(a, a + 6)) for a in range(0, num_layers, 6)},
-    }
+    parts = (
+        {}
+        if args.no_sensitivity
+        else {
+            "K only": (slice(0, 1), slice(None)),
+            "V only": (slice(1, 2), slice(None)),
+            **{
+                f"layers {a}-{min(a + 5, num_layers - 1)}": (slice(None), slice(a, a + 6))
+                for a in range(0, num_layers, 6)
+            },
+        }
+    )
     rows = []
     for sample in load_samples(args.data, args.format, limit=args.limit):
         prompt = Prompt.of(engine, sample)
         kvs, fidelity = prompt.kvs, prompt.fidelity
-        row = {"id": sample.id, "uncompressed": {"bits": 16.0, "rel_error": 0.0, **dict(zip(("kl_mean", "top1"), fidelity(kvs)))}}
-        default = CacheGenCodec(CacheGenConfig(key_bins=(8, 8, 8, 10, 10, 5), value_bins=(3, 3, 3, 4, 4, 2),
-                                               key_step_exponent=1.0))  # the study ran with per-channel key steps
+        row = {
+            "id": sample.id,
+            "uncompressed": {"bits": 16.0, "rel_error": 0.0, **dict(zip(("kl_mean", "top1"), fidelity(kvs)))},
+        }
+        default = CacheGenCodec(
+            CacheGenConfig(key_bins=(8, 8, 8, 10, 10, 5), value_bins=(3, 3, 3, 4, 4, 2), key_step_exponent=1.0)
+        )  # the study ran with per-channel key steps
         decoded = [default.decode(default.encode(kv)).kv for kv in kvs]
         for name, index in parts.items():
             mixed = []
@@ -69,8 +81,10 @@ def main() -> None:
             encoded = [codec.encode(kv) for kv in kvs]
             hats = [codec.decode(e) for e in encoded]
             bits = sum(e.nbytes for e in encoded) * 8 / sum(kv.kv.numel() for kv in kvs)
-            err = float(torch.cat([(h.kv.float() - kv.kv.float()).flatten() for h, kv in zip(hats, kvs)]).norm()
-                        / torch.cat([kv.kv.float().flatten() for kv in kvs]).norm())
+            err = float(
+                torch.cat([(h.kv.float() - kv.kv.float()).flatten() for h, kv in zip(hats, kvs)]).norm()
+                / torch.cat([kv.kv.float().flatten() for kv in kvs]).norm()
+            )
             row[name] = {"bits": bits, "rel_error": err, **dict(zip(("kl_mean", "top1"), fidelity(hats)))}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -14,7 +14,7 @@ import torch
 
 from ragkv.blend import blend, make_strategy
 from ragkv.chunk_cache import ChunkKV, precompute_many
-from ragkv.server.eval.metrics import kl_per_position, top1_agreement
+from ragkv.eval.metrics import kl_per_position, top1_agreement
 
 
 @dataclass

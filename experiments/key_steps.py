@@ -25,8 +25,8 @@ from fidelity import Prompt, report
 import ragkv.compression.cachegen as cachegen
 from ragkv.blend import blend, make_strategy
 from ragkv.compression.cachegen import CacheGenCodec, CacheGenConfig
-from ragkv.server.engine import Engine
-from ragkv.server.eval.datasets import load_samples
+from ragkv.engine.engine import Engine
+from ragkv.eval.datasets import load_samples
 
 OLD = dict(key_bins=(8, 8, 8, 10, 10, 5), value_bins=(3, 3, 3, 4, 4, 2))  # the schedule fitted with std steps
 PER_CHANNEL_V = dict(value_bins=(3, 3, 3, 4, 4, 2), value_step_exponent=1.0)
@@ -85,7 +85,9 @@ def main() -> None:
     ap.add_argument("--format", default="musique")
     ap.add_argument("--skip", type=int, default=0, help="records to skip first (held-out runs)")
     ap.add_argument("--limit", type=int, default=2)
-    ap.add_argument("--calibration", type=int, default=2, help="records after --limit whose queries give q-weighted's rms")
+    ap.add_argument(
+        "--calibration", type=int, default=2, help="records after --limit whose queries give q-weighted's rms"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="key_steps.json")
     args = ap.parse_args()
@@ -94,22 +96,31 @@ def main() -> None:
     samples = load_samples(args.data, args.format, limit=args.skip + args.limit + args.calibration)[args.skip :]
     energy = sum(query_energy(engine, s) for s in samples[args.limit :])
     variants = {
-        "per channel K and V, K (8,8,8,10,10,5)": CacheGenCodec(CacheGenConfig(**OLD, key_step_exponent=1.0,
-                                                                                value_step_exponent=1.0)),
-        "one K step per layer, K (7,7,8,10,10,4)": CacheGenCodec(CacheGenConfig(key_bins=(7, 7, 8, 10, 10, 4),
-                                                                                 **PER_CHANNEL_V)),
+        "per channel K and V, K (8,8,8,10,10,5)": CacheGenCodec(
+            CacheGenConfig(**OLD, key_step_exponent=1.0, value_step_exponent=1.0)
+        ),
+        "one K step per layer, K (7,7,8,10,10,4)": CacheGenCodec(
+            CacheGenConfig(key_bins=(7, 7, 8, 10, 10, 4), **PER_CHANNEL_V)
+        ),
         "one K and one V step per layer, K (6,6,7,9,9,4) V (3,3,4,4,4,2) (default)": CacheGenCodec(),
-        "q-weighted K, K (6,6,6,8,8,4)": QueryWeightedKeys(energy, CacheGenConfig(key_bins=(6, 6, 6, 8, 8, 4),
-                                                                                   **PER_CHANNEL_V)),
+        "q-weighted K, K (6,6,6,8,8,4)": QueryWeightedKeys(
+            energy, CacheGenConfig(key_bins=(6, 6, 6, 8, 8, 4), **PER_CHANNEL_V)
+        ),
     }
     rows = []
     for sample in samples[: args.limit]:
         prompt = Prompt.of(engine, sample)
-        row = {"id": sample.id, "uncompressed": {"bits": 16.0, **dict(zip(("kl_mean", "top1"), prompt.fidelity(prompt.kvs)))}}
+        row = {
+            "id": sample.id,
+            "uncompressed": {"bits": 16.0, **dict(zip(("kl_mean", "top1"), prompt.fidelity(prompt.kvs)))},
+        }
         for name, codec in variants.items():
             encoded = [codec.encode(kv) for kv in prompt.kvs]
             bits = sum(e.nbytes for e in encoded) * 8 / sum(kv.kv.numel() for kv in prompt.kvs)
-            row[name] = {"bits": bits, **dict(zip(("kl_mean", "top1"), prompt.fidelity([codec.decode(e) for e in encoded])))}
+            row[name] = {
+                "bits": bits,
+                **dict(zip(("kl_mean", "top1"), prompt.fidelity([codec.decode(e) for e in encoded]))),
+            }
         print(json.dumps(row), flush=True)
         rows.append(row)
     report(rows, args.out, data=args.data, calibration_records=args.calibration)

@@ -18,9 +18,9 @@ import torch
 from ragkv.blend import blend, make_strategy
 from ragkv.blend.select import budget, keep_top
 from ragkv.blend.strategies import CacheBlend
-from ragkv.server.engine import Engine
-from ragkv.server.eval.datasets import load_samples
-from ragkv.server.eval.metrics import kl_per_position
+from ragkv.engine.engine import Engine
+from ragkv.eval.datasets import load_samples
+from ragkv.eval.metrics import kl_per_position
 
 
 class OracleSelection(CacheBlend):
@@ -69,13 +69,18 @@ def main() -> None:
             in_chunk[start:end] = True
         per_layer = []  # [L] of [N]: squared K+V deviation of naive from full, normalised per layer
         for layer in range(engine.model.num_layers):
-            d = ((full.keys[layer][0] - naive.keys[layer][0]).pow(2).sum((0, 2))
-                 + (full.values[layer][0] - naive.values[layer][0]).pow(2).sum((0, 2)))  # [N]
+            d = (full.keys[layer][0] - naive.keys[layer][0]).pow(2).sum((0, 2)) + (
+                full.values[layer][0] - naive.values[layer][0]
+            ).pow(2).sum((0, 2))  # [N]
             per_layer.append(d / d[in_chunk].mean())
         dev = torch.stack(per_layer)  # [L, N]
         half = engine.model.num_layers // 2
-        oracles = {"oracle_all_layers": dev.sum(0), "oracle_layer1": dev[1], "oracle_late_half": dev[half:].sum(0),
-                   "oracle_last_layer": dev[-1]}
+        oracles = {
+            "oracle_all_layers": dev.sum(0),
+            "oracle_layer1": dev[1],
+            "oracle_late_half": dev[half:].sum(0),
+            "oracle_last_layer": dev[-1],
+        }
         row = {"id": sample.id, "prompt_tokens": plan.num_tokens, "naive": kl(naive)}
         for r in ratios:
             row[f"cacheblend@{r:g}"] = kl(run(make_strategy("cacheblend", r)))

@@ -12,5 +12,19 @@ from .index import VectorIndex
 from .loaders import Document, LoadError, find_files, load_file
 from .retriever import DocumentUpdate, RetrievedChunk, Retriever
 
-__all__ = ["Catalog", "Chunk", "Chunker", "RetrieverConfig", "Embedder", "HFEmbedder", "VectorIndex", "Document",
-           "LoadError", "find_files", "load_file", "DocumentUpdate", "RetrievedChunk", "Retriever"]  # fmt: skip
+__all__ = [
+    "Catalog",
+    "Chunk",
+    "Chunker",
+    "RetrieverConfig",
+    "Embedder",
+    "HFEmbedder",
+    "VectorIndex",
+    "Document",
+    "LoadError",
+    "find_files",
+    "load_file",
+    "DocumentUpdate",
+    "RetrievedChunk",
+    "Retriever",
+]

@@ -16,33 +16,40 @@ import numpy as np
 import sqlalchemy as sa
 
 _META = sa.MetaData()
-META = sa.Table("ragkv_retriever_meta", _META, sa.Column("name", sa.String(64), primary_key=True),
-                sa.Column("value", sa.Text, nullable=False))  # fmt: skip
+META = sa.Table(
+    "ragkv_retriever_meta",
+    _META,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
 DOCUMENTS = sa.Table(
-    "ragkv_documents", _META,
+    "ragkv_documents",
+    _META,
     sa.Column("id", sa.String(512), primary_key=True),
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("content_hash", sa.String(64), nullable=False),
     sa.Column("metadata", sa.JSON, nullable=False),
     sa.Column("num_tokens", sa.Integer, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
-)  # fmt: skip
+)
 CHUNKS = sa.Table(
-    "ragkv_retriever_chunks", _META,
+    "ragkv_retriever_chunks",
+    _META,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("key", sa.String(160), nullable=False, unique=True),
     sa.Column("text", sa.Text, nullable=False),
     sa.Column("token_ids", sa.LargeBinary, nullable=False),  # little-endian int32
     sa.Column("num_tokens", sa.Integer, nullable=False),
     sa.Column("embedding", sa.LargeBinary, nullable=False),  # little-endian float32
-)  # fmt: skip
+)
 LINKS = sa.Table(
-    "ragkv_document_chunks", _META,
+    "ragkv_document_chunks",
+    _META,
     sa.Column("doc_id", sa.String(512), sa.ForeignKey("ragkv_documents.id"), primary_key=True),
     sa.Column("position", sa.Integer, primary_key=True),
     sa.Column("chunk_id", sa.Integer, sa.ForeignKey("ragkv_retriever_chunks.id"), nullable=False, index=True),
     sa.Column("overlap", sa.Integer, nullable=False),
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,9 @@ class Catalog:
         try:
             parsed = sa.engine.make_url(url)
         except sa.exc.ArgumentError as err:
-            raise ValueError(f"catalog URL {url!r} is not a SQLAlchemy URL, e.g. sqlite:///PATH or postgresql+psycopg://...") from err
+            raise ValueError(
+                f"catalog URL {url!r} is not a SQLAlchemy URL, e.g. sqlite:///PATH or postgresql+psycopg://..."
+            ) from err
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.url = url
@@ -137,10 +146,17 @@ class Catalog:
             links = conn.execute(
                 sa.select(LINKS.c.chunk_id, CHUNKS.c.key, LINKS.c.overlap)
                 .join(CHUNKS, CHUNKS.c.id == LINKS.c.chunk_id)
-                .where(LINKS.c.doc_id == doc_id).order_by(LINKS.c.position)
-            ).all()  # fmt: skip
-        return DocumentRow(d["id"], d["source"], d["content_hash"], dict(d["metadata"]), d["num_tokens"],
-                           tuple((int(i), k, int(o)) for i, k, o in links))
+                .where(LINKS.c.doc_id == doc_id)
+                .order_by(LINKS.c.position)
+            ).all()
+        return DocumentRow(
+            d["id"],
+            d["source"],
+            d["content_hash"],
+            dict(d["metadata"]),
+            d["num_tokens"],
+            tuple((int(i), k, int(o)) for i, k, o in links),
+        )
 
     def document_ids(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -158,11 +174,14 @@ class Catalog:
         """Chunk rows by id, each with its first (doc id, position); ids not in the catalog are absent."""
         ids = [int(i) for i in ids]
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(CHUNKS.c.id, CHUNKS.c.key, CHUNKS.c.text, CHUNKS.c.token_ids)
-                                .where(CHUNKS.c.id.in_(ids))).all()  # fmt: skip
-            links = conn.execute(sa.select(LINKS.c.chunk_id, LINKS.c.doc_id, LINKS.c.position)
-                                 .where(LINKS.c.chunk_id.in_(ids))
-                                 .order_by(LINKS.c.doc_id.desc(), LINKS.c.position.desc())).all()  # fmt: skip
+            rows = conn.execute(
+                sa.select(CHUNKS.c.id, CHUNKS.c.key, CHUNKS.c.text, CHUNKS.c.token_ids).where(CHUNKS.c.id.in_(ids))
+            ).all()
+            links = conn.execute(
+                sa.select(LINKS.c.chunk_id, LINKS.c.doc_id, LINKS.c.position)
+                .where(LINKS.c.chunk_id.in_(ids))
+                .order_by(LINKS.c.doc_id.desc(), LINKS.c.position.desc())
+            ).all()
         first = {int(c): (d, int(p)) for c, d, p in links}  # the last write wins: smallest doc id, position
         return {int(r[0]): ChunkRow(int(r[0]), r[1], r[2], _ids(r[3]), *first.get(int(r[0]), ("", -1))) for r in rows}
 
@@ -171,7 +190,9 @@ class Catalog:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(CHUNKS.c.id, CHUNKS.c.embedding).order_by(CHUNKS.c.id)).all()
         ids = np.array([r[0] for r in rows], dtype=np.int64)  # [N]
-        vecs = np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows]) if rows else np.zeros((0, 0), np.float32)  # [N, dim]
+        vecs = (
+            np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows]) if rows else np.zeros((0, 0), np.float32)
+        )  # [N, dim]
         return ids, vecs.astype(np.float32)
 
     def chunk_keys(self) -> list[str]:
@@ -185,8 +206,11 @@ class Catalog:
         """Insert or replace a document and its chunks in one transaction."""
         with self.engine.begin() as conn:
             removed_ids, removed_keys = self._unlink(conn, doc_id, keep={c.key for c in chunks})
-            existing = dict(conn.execute(sa.select(CHUNKS.c.key, CHUNKS.c.id)
-                                         .where(CHUNKS.c.key.in_([c.key for c in chunks]))).all())  # fmt: skip
+            existing = dict(
+                conn.execute(
+                    sa.select(CHUNKS.c.key, CHUNKS.c.id).where(CHUNKS.c.key.in_([c.key for c in chunks]))
+                ).all()
+            )
             added_ids, added_vecs = [], []
             for c in chunks:
                 if c.key in existing:
@@ -194,17 +218,36 @@ class Catalog:
                 if c.embedding is None:
                     raise ValueError(f"chunk {c.key} is new to the catalog and needs an embedding")
                 vec = np.asarray(c.embedding, dtype="<f4")
-                new_id = conn.execute(sa.insert(CHUNKS).values(
-                    key=c.key, text=c.text, token_ids=np.asarray(c.token_ids, dtype="<i4").tobytes(),
-                    num_tokens=len(c.token_ids), embedding=vec.tobytes())).inserted_primary_key[0]  # fmt: skip
+                new_id = conn.execute(
+                    sa.insert(CHUNKS).values(
+                        key=c.key,
+                        text=c.text,
+                        token_ids=np.asarray(c.token_ids, dtype="<i4").tobytes(),
+                        num_tokens=len(c.token_ids),
+                        embedding=vec.tobytes(),
+                    )
+                ).inserted_primary_key[0]
                 existing[c.key] = new_id
                 added_ids.append(new_id)
                 added_vecs.append(vec)
-            conn.execute(sa.insert(DOCUMENTS).values(id=doc_id, source=source, content_hash=content_hash,
-                                                     metadata=metadata, num_tokens=num_tokens, updated=time.time()))
+            conn.execute(
+                sa.insert(DOCUMENTS).values(
+                    id=doc_id,
+                    source=source,
+                    content_hash=content_hash,
+                    metadata=metadata,
+                    num_tokens=num_tokens,
+                    updated=time.time(),
+                )
+            )
             if chunks:
-                conn.execute(sa.insert(LINKS), [dict(doc_id=doc_id, position=i, chunk_id=existing[c.key], overlap=c.overlap)
-                                                for i, c in enumerate(chunks)])  # fmt: skip
+                conn.execute(
+                    sa.insert(LINKS),
+                    [
+                        dict(doc_id=doc_id, position=i, chunk_id=existing[c.key], overlap=c.overlap)
+                        for i, c in enumerate(chunks)
+                    ],
+                )
             self._bump(conn)
         vecs = np.stack(added_vecs).astype(np.float32) if added_vecs else np.zeros((0, 0), np.float32)  # [N, dim]
         return Change(np.array(added_ids, dtype=np.int64), vecs, removed_ids, removed_keys)

@@ -18,7 +18,8 @@ PARAGRAPH, LINE_OR_SENTENCE, WORD, ANY = 3, 2, 1, 0
 
 @dataclass(frozen=True)
 class Chunk:
-    """One chunk of a document: ids [start, end) of the document's ids; the first `overlap` repeat the previous chunk."""
+    """One chunk of a document: ids [start, end) of the document's ids; the first `overlap` repeat the
+    previous chunk."""
 
     token_ids: tuple[int, ...]
     text: str

@@ -42,8 +42,15 @@ class RetrieverConfig:
             )
         if self.index_kind not in INDEX_KINDS:
             raise ValueError(f"unknown index_kind {self.index_kind!r}; accepted: {', '.join(INDEX_KINDS)}")
-        for name in ("embed_batch_size", "embed_max_length", "ivf_nprobe", "hnsw_m", "hnsw_ef_construction",
-                     "hnsw_ef_search", "max_document_bytes"):
+        for name in (
+            "embed_batch_size",
+            "embed_max_length",
+            "ivf_nprobe",
+            "hnsw_m",
+            "hnsw_ef_construction",
+            "hnsw_ef_search",
+            "max_document_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.ivf_nlist < 0:

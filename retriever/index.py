@@ -110,8 +110,14 @@ class VectorIndex:
         tmp = path.with_name(path.name + ".tmp")
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, path)
-        manifest = dict(dim=self.dim, built_kind=self.built_kind, ntotal=self.ntotal, generation=self.generation,
-                        trained_on=self._trained_on, stale=self.stale)
+        manifest = dict(
+            dim=self.dim,
+            built_kind=self.built_kind,
+            ntotal=self.ntotal,
+            generation=self.generation,
+            trained_on=self._trained_on,
+            stale=self.stale,
+        )
         tmp_json = path.with_name(path.name + ".json.tmp")
         tmp_json.write_text(json.dumps(manifest))
         os.replace(tmp_json, path.with_name(path.name + ".json"))

@@ -91,7 +91,9 @@ def _jsonl(path: Path, max_bytes: int) -> Iterator[Document | LoadError]:
         if not line.strip():
             continue
         if len(line.encode()) > max_bytes:
-            yield LoadError(str(path), f"document of {len(line.encode())} bytes is over the limit of {max_bytes} bytes", n)
+            yield LoadError(
+                str(path), f"document of {len(line.encode())} bytes is over the limit of {max_bytes} bytes", n
+            )
             continue
         try:
             obj = json.loads(line)
@@ -99,7 +101,9 @@ def _jsonl(path: Path, max_bytes: int) -> Iterator[Document | LoadError]:
             yield LoadError(str(path), f"invalid JSON ({err.msg})", n)
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
-            yield LoadError(str(path), 'each line must be an object with a non-empty string "text" (optional "id", "metadata")', n)
+            yield LoadError(
+                str(path), 'each line must be an object with a non-empty string "text" (optional "id", "metadata")', n
+            )
             continue
         meta = obj.get("metadata", {})
         if not isinstance(meta, dict):
@@ -122,8 +126,29 @@ def _pdf_text(path: Path) -> str:
 
 class _TextExtractor(HTMLParser):
     _SKIP = {"script", "style", "head", "noscript", "template"}
-    _BLOCK = {"p", "div", "section", "article", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6",
-              "pre", "blockquote", "table", "ul", "ol", "header", "footer", "title"}  # fmt: skip
+    _BLOCK = {
+        "p",
+        "div",
+        "section",
+        "article",
+        "br",
+        "li",
+        "tr",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "blockquote",
+        "table",
+        "ul",
+        "ol",
+        "header",
+        "footer",
+        "title",
+    }
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)

@@ -62,21 +62,34 @@ class DocumentUpdate:
 class Retriever:
     """Documents -> chunks -> embeddings -> faiss, with the catalog as the source of truth."""
 
-    def __init__(self, model: TokenizedModel, catalog: Catalog, embedder: Embedder, index_path: str | Path,
-                 config: RetrieverConfig | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: TokenizedModel,
+        catalog: Catalog,
+        embedder: Embedder,
+        index_path: str | Path,
+        config: RetrieverConfig | None = None,
+    ) -> None:
         self.config = config or RetrieverConfig()
         self.model = model
         self.catalog = catalog
         self.embedder = embedder
         self.chunker = Chunker(model.tokenizer, self.config)
         self.index_path = Path(index_path)
-        catalog.bind(tokenizer=model.tokenizer_fingerprint, model=model.fingerprint,
-                     embedder=f"{embedder.name}/{embedder.dim}")  # fmt: skip
+        catalog.bind(
+            tokenizer=model.tokenizer_fingerprint, model=model.fingerprint, embedder=f"{embedder.name}/{embedder.dim}"
+        )
         self.index = self._load_or_rebuild()
 
     @classmethod
-    def open(cls, data_dir: str | Path, model: TokenizedModel, config: RetrieverConfig | None = None,
-             embedder: Embedder | None = None, catalog_url: str | None = None) -> Retriever:  # fmt: skip
+    def open(
+        cls,
+        data_dir: str | Path,
+        model: TokenizedModel,
+        config: RetrieverConfig | None = None,
+        embedder: Embedder | None = None,
+        catalog_url: str | None = None,
+    ) -> Retriever:
         """The retriever of `data_dir`: catalog `catalog.sqlite` (or `catalog_url`), index `index/chunks.faiss`."""
         config = config or RetrieverConfig()
         data_dir = Path(data_dir).expanduser()
@@ -128,10 +141,13 @@ class Retriever:
             change = self.catalog.put_document(d.id, d.source, digest, d.metadata, pieces[-1].end, new)
             self._apply(change)
             results[n] = DocumentUpdate(
-                d.id, "added" if old is None else "replaced", pieces[-1].end,
-                tuple((ChunkKey.parse(k), p.token_ids) for k, p in zip(keys, pieces)), len(change.added_ids),
+                d.id,
+                "added" if old is None else "replaced",
+                pieces[-1].end,
+                tuple((ChunkKey.parse(k), p.token_ids) for k, p in zip(keys, pieces)),
+                len(change.added_ids),
                 tuple(ChunkKey.parse(k) for k in change.removed_keys),
-            )  # fmt: skip
+            )
         return results  # type: ignore[return-value]
 
     def remove_document(self, doc_id: str) -> tuple[ChunkKey, ...] | None:
@@ -163,11 +179,21 @@ class Retriever:
         scores, ids = self.index.search(self.embedder.embed(list(queries)), k)  # [Q, k] each
         rows = self.catalog.chunks(sorted({int(i) for i in ids.flatten() if i >= 0}))
         return [
-            [RetrievedChunk(int(i), rows[i].doc_id, float(s), rows[i].text, rows[i].token_ids,
-                            ChunkKey.parse(rows[i].key), rows[i].position)
-             for s, i in zip(srow, irow) if i >= 0 and int(i) in rows]
+            [
+                RetrievedChunk(
+                    int(i),
+                    rows[i].doc_id,
+                    float(s),
+                    rows[i].text,
+                    rows[i].token_ids,
+                    ChunkKey.parse(rows[i].key),
+                    rows[i].position,
+                )
+                for s, i in zip(srow, irow)
+                if i >= 0 and int(i) in rows
+            ]
             for srow, irow in zip(scores, ids)
-        ]  # fmt: skip
+        ]
 
     def chunk_keys(self) -> list[ChunkKey]:
         """The key of every chunk in the catalog (what the store should hold KV for)."""
@@ -190,8 +216,12 @@ class Retriever:
 
     def _load_or_rebuild(self) -> VectorIndex:
         index = VectorIndex.load(self.index_path, self.config)
-        if (index is None or index.dim != self.embedder.dim or index.generation != self.catalog.generation
-                or index.needs_rebuild()):  # fmt: skip
+        if (
+            index is None
+            or index.dim != self.embedder.dim
+            or index.generation != self.catalog.generation
+            or index.needs_rebuild()
+        ):
             self.index = VectorIndex(self.embedder.dim, self.config)
             self._rebuild()
             self.index.save(self.index_path)

@@ -1,1 +1,2 @@
-"""Composition root: configuration, the Engine facade, the REST app and the CLI."""
+"""The HTTP sidecar: an OpenAI-compatible FastAPI app over one Engine, its model worker, auth,
+settings, metrics and a small client."""

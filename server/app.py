@@ -14,10 +14,10 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from ..engine.documents import DocumentService
 from . import errors
 from .auth import tenant
 from .completions import router as completions_router
-from .documents import DocumentService
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .schemas import DocumentsRequest, RetrieveRequest
@@ -28,7 +28,7 @@ from .worker import ModelWorker
 def create_app(settings: ServerSettings, engine=None) -> FastAPI:
     """The app over `engine` (loaded from `settings` when None)."""
     if engine is None:
-        from .engine import Engine
+        from ..engine.engine import Engine
 
         engine = Engine.from_pretrained(config=settings.engine_config())
 
@@ -39,8 +39,12 @@ def create_app(settings: ServerSettings, engine=None) -> FastAPI:
         await asyncio.to_thread(app.state.worker.close, True)
         getattr(engine, "close", engine.store.flush)()  # saves indexes, flushes the store
 
-    app = FastAPI(title="ragkv", version="0.1.0", lifespan=lifespan,
-                  description="RAG KV-cache reuse sidecar: OpenAI-compatible completions over cached chunk KV.")
+    app = FastAPI(
+        title="ragkv",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="RAG KV-cache reuse sidecar: OpenAI-compatible completions over cached chunk KV.",
+    )
     init = None
     if settings.torch_threads:
         import torch
@@ -67,8 +71,13 @@ def _router():
     @r.get("/healthz")
     async def healthz(request: Request):
         s = request.app.state
-        return {"status": "ok", "model": s.settings.model, "queue_depth": s.worker.depth,
-                "queue_capacity": s.worker.capacity, "auth": s.settings.auth_enabled}
+        return {
+            "status": "ok",
+            "model": s.settings.model,
+            "queue_depth": s.worker.depth,
+            "queue_capacity": s.worker.capacity,
+            "auth": s.settings.auth_enabled,
+        }
 
     @r.get("/metrics")
     async def metrics(request: Request):
@@ -86,8 +95,11 @@ def _router():
     async def add_documents(body: DocumentsRequest, request: Request, namespace: str = Depends(tenant)):
         s = request.app.state
         if len(body.documents) > s.settings.max_documents:
-            raise ApiError(400, f"too many documents: {len(body.documents)}; the limit per request is "
-                                f"{s.settings.max_documents}", "documents")
+            raise ApiError(
+                400,
+                f"too many documents: {len(body.documents)}; the limit per request is {s.settings.max_documents}",
+                "documents",
+            )
         docs = [d.model_dump() for d in body.documents]
         report = await s.worker.call(s.documents.ingest, namespace, docs)
         return {"namespace": namespace, **report}
@@ -114,9 +126,21 @@ def _router():
         if body.k > s.settings.max_retrieve_k:
             raise ApiError(400, f"k {body.k} is over the limit of {s.settings.max_retrieve_k}", "k")
         hits = await s.worker.call(s.documents.search, namespace, body.query, body.k)
-        return {"namespace": namespace, "chunks": [
-            {"chunk_id": h.chunk_id, "doc_id": h.doc_id, "score": h.score, "text": h.text, "key": str(h.key),
-             "position": h.position, "num_tokens": len(h.token_ids)} for h in hits]}
+        return {
+            "namespace": namespace,
+            "chunks": [
+                {
+                    "chunk_id": h.chunk_id,
+                    "doc_id": h.doc_id,
+                    "score": h.score,
+                    "text": h.text,
+                    "key": str(h.key),
+                    "position": h.position,
+                    "num_tokens": len(h.token_ids),
+                }
+                for h in hits
+            ],
+        }
 
     return r
 

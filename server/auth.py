@@ -19,7 +19,9 @@ def tenant(request: Request) -> str:
         return settings.namespace
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+        )
     token = token.strip()
     for key, namespace in settings.api_keys.items():
         if hmac.compare_digest(key.encode(), token.encode()):

@@ -21,7 +21,9 @@ class RagkvError(RuntimeError):
 class RagkvClient:
     """Calls to one sidecar at `base_url` (e.g. `http://127.0.0.1:8000`) with an optional API key."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 300.0
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
@@ -36,9 +38,16 @@ class RagkvClient:
             raise RagkvError(r.status_code, message)
         return r.json()
 
-    def generate(self, question: str, documents: Sequence[str | dict] | None = None, *, k: int | None = None,
-                 strategy: str | None = None, recompute_ratio: float | None = None,
-                 max_new_tokens: int | None = None) -> dict:
+    def generate(
+        self,
+        question: str,
+        documents: Sequence[str | dict] | None = None,
+        *,
+        k: int | None = None,
+        strategy: str | None = None,
+        recompute_ratio: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> dict:
         """The answer over `documents` (texts or `{"chunk_id": N}`) and/or `k` retrieved chunks: a dict
         with `text` plus the server's `ragkv` accounting (ttft_ms, parts_ms, hits, misses, ...)."""
         body: dict = {"messages": [{"role": "user", "content": question}]}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .answer import Answer
+from ..engine.answer import Answer
 from .auth import tenant
 from .errors import ApiError
 from .schemas import ChatRequest, ChunkRef, CompletionRequest, TextDocument, chat_question
@@ -53,16 +53,26 @@ class Job:
             for hit in documents.search(self.namespace, self.retrieve_query, self.retrieve_k):
                 chunks.append(list(hit.token_ids))
                 self.retrieved.append({"chunk_id": hit.chunk_id, "doc_id": hit.doc_id, "score": round(hit.score, 6)})
-        yield from engine.generate(self.question, chunks=chunks, strategy=self.strategy, recompute_ratio=self.ratio,
-                                   max_new_tokens=self.max_new_tokens, stream=True, namespace=self.namespace,
-                                   temperature=self.temperature)
+        yield from engine.generate(
+            self.question,
+            chunks=chunks,
+            strategy=self.strategy,
+            recompute_ratio=self.ratio,
+            max_new_tokens=self.max_new_tokens,
+            stream=True,
+            namespace=self.namespace,
+            temperature=self.temperature,
+        )
 
 
 def make_job(req: ChatRequest | CompletionRequest, question: str, namespace: str, settings) -> Job:
     """Check the request against the server's limits and resolve it into a Job."""
     if len(question) > settings.max_question_chars:
-        raise ApiError(400, f"the question has {len(question)} characters; the limit is {settings.max_question_chars}",
-                       "messages" if isinstance(req, ChatRequest) else "prompt")
+        raise ApiError(
+            400,
+            f"the question has {len(question)} characters; the limit is {settings.max_question_chars}",
+            "messages" if isinstance(req, ChatRequest) else "prompt",
+        )
     docs = req.documents or []
     if len(docs) > settings.max_documents:
         raise ApiError(400, f"too many documents: {len(docs)}; the limit is {settings.max_documents}", "documents")
@@ -75,8 +85,11 @@ def make_job(req: ChatRequest | CompletionRequest, question: str, namespace: str
         if not text.strip():
             raise ApiError(400, f"documents[{i}] is empty: every document needs some text", "documents")
         if len(text) > settings.max_document_chars:
-            raise ApiError(400, f"documents[{i}] has {len(text)} characters; the limit is "
-                                f"{settings.max_document_chars}", "documents")
+            raise ApiError(
+                400,
+                f"documents[{i}] has {len(text)} characters; the limit is {settings.max_document_chars}",
+                "documents",
+            )
         texts.append((i, text))
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or settings.max_new_tokens
     if max_tokens > settings.max_tokens_limit:
@@ -85,23 +98,42 @@ def make_job(req: ChatRequest | CompletionRequest, question: str, namespace: str
     if r is not None and r.k > settings.max_retrieve_k:
         raise ApiError(400, f"retrieve.k {r.k} is over the limit of {settings.max_retrieve_k}", "retrieve")
     if r is not None and len(docs) + r.k > settings.max_documents:
-        raise ApiError(400, f"documents + retrieve.k = {len(docs) + r.k} chunks; the limit is "
-                            f"{settings.max_documents}", "retrieve")
+        raise ApiError(
+            400, f"documents + retrieve.k = {len(docs) + r.k} chunks; the limit is {settings.max_documents}", "retrieve"
+        )
     blend = req.blend
-    return Job(question=question, texts=texts, refs=refs,
-               retrieve_query=None if r is None else (r.query or question), retrieve_k=0 if r is None else r.k,
-               strategy=blend.strategy if blend else None, ratio=blend.recompute_ratio if blend else None,
-               max_new_tokens=max_tokens, temperature=req.temperature or 0.0, namespace=namespace)
+    return Job(
+        question=question,
+        texts=texts,
+        refs=refs,
+        retrieve_query=None if r is None else (r.query or question),
+        retrieve_k=0 if r is None else r.k,
+        strategy=blend.strategy if blend else None,
+        ratio=blend.recompute_ratio if blend else None,
+        max_new_tokens=max_tokens,
+        temperature=req.temperature or 0.0,
+        namespace=namespace,
+    )
 
 
 def usage_and_ragkv(answer: Answer, job: Job, queue_ms: float) -> dict:
     """The `usage` and `ragkv` members of a response."""
     n = len(answer.token_ids)
     ragkv = {k: v for k, v in answer.to_dict().items() if k not in ("text", "token_ids")}
-    ragkv.update(namespace=job.namespace, queue_ms=queue_ms, chunks=len(job.texts) + len(job.refs) + len(job.retrieved),
-                 retrieved=job.retrieved)
-    return {"usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": n,
-                      "total_tokens": answer.prompt_tokens + n}, "ragkv": ragkv}
+    ragkv.update(
+        namespace=job.namespace,
+        queue_ms=queue_ms,
+        chunks=len(job.texts) + len(job.refs) + len(job.retrieved),
+        retrieved=job.retrieved,
+    )
+    return {
+        "usage": {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": answer.prompt_tokens + n,
+        },
+        "ragkv": ragkv,
+    }
 
 
 def _finish(answer: Answer, job: Job) -> str:
@@ -147,8 +179,12 @@ async def _respond(request: Request, body, job: Job, chat: bool):
         queue_ms = max(0.0, (time.perf_counter() - t0) * 1e3 - answer.ttft_ms - answer.decode_ms)
         extra = usage_and_ragkv(answer, job, queue_ms)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
-                      "finish_reason": _finish(answer, job), "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer.text},
+                "finish_reason": _finish(answer, job),
+                "logprobs": None,
+            }
             return JSONResponse({**envelope(choice), "object": "chat.completion", **extra})
         choice = {"index": 0, "text": answer.text, "finish_reason": _finish(answer, job), "logprobs": None}
         return JSONResponse({**envelope(choice), **extra})
@@ -161,12 +197,18 @@ async def _respond(request: Request, body, job: Job, chat: bool):
                 if isinstance(item, Answer):
                     state.metrics.observe_answer(item)
                     qms = max(0.0, (time.perf_counter() - t0) * 1e3 - item.ttft_ms - item.decode_ms)
-                    last = {"index": 0, "delta": {}, "finish_reason": _finish(item, job)} if chat else \
-                        {"index": 0, "text": "", "finish_reason": _finish(item, job), "logprobs": None}
+                    last = (
+                        {"index": 0, "delta": {}, "finish_reason": _finish(item, job)}
+                        if chat
+                        else {"index": 0, "text": "", "finish_reason": _finish(item, job), "logprobs": None}
+                    )
                     yield _data(envelope(last, **usage_and_ragkv(item, job, qms)))
                 else:
-                    piece = {"index": 0, "delta": {"content": item}, "finish_reason": None} if chat else \
-                        {"index": 0, "text": item, "finish_reason": None, "logprobs": None}
+                    piece = (
+                        {"index": 0, "delta": {"content": item}, "finish_reason": None}
+                        if chat
+                        else {"index": 0, "text": item, "finish_reason": None, "logprobs": None}
+                    )
                     yield _data(envelope(piece))
         except Exception as err:  # noqa: BLE001 - the stream has started: report in-band
             yield _data({"error": {"message": f"generation failed: {err}", "type": "server_error"}})

@@ -11,12 +11,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .documents import RetrievalUnavailable
+from ..engine.documents import RetrievalUnavailable
 from .worker import QueueFull, ShuttingDown
 
 log = logging.getLogger("ragkv.server")
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 501: "not_implemented", 503: "unavailable"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "not_implemented",
+    503: "unavailable",
+}
 
 
 class ApiError(Exception):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .answer import Answer
+from ..engine.answer import Answer
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -17,18 +17,35 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ragkv_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("ragkv_request_seconds", "HTTP request latency (full response)", ["route"],
-                                 buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("ragkv_ttft_seconds", "time to first token inside the engine", ["strategy"],
-                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "ragkv_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "ragkv_request_seconds",
+            "HTTP request latency (full response)",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "ragkv_ttft_seconds",
+            "time to first token inside the engine",
+            ["strategy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.hits = Counter("ragkv_chunk_hits", "chunk KV found in the store, by tier", ["tier"], registry=r)
         self.misses = Counter("ragkv_chunk_misses", "chunk KV precomputed because the store lacked it", registry=r)
-        self.recompute = Histogram("ragkv_recompute_fraction", "fraction of prompt tokens recomputed per request",
-                                   buckets=(0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
+        self.recompute = Histogram(
+            "ragkv_recompute_fraction",
+            "fraction of prompt tokens recomputed per request",
+            buckets=(0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=r,
+        )
         self.tokens = Counter("ragkv_tokens", "prompt and completion tokens", ["kind"], registry=r)
-        self.queue_depth = Gauge("ragkv_queue_depth", "requests admitted to the model worker (running + waiting)",
-                                 registry=r)
+        self.queue_depth = Gauge(
+            "ragkv_queue_depth", "requests admitted to the model worker (running + waiting)", registry=r
+        )
         self.rejected = Counter("ragkv_rejected", "requests refused because the model queue was full", registry=r)
 
     def observe_answer(self, answer: Answer) -> None:

@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource,
-                               SettingsConfigDict, TomlConfigSettingsSource)
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from ..blend.config import validate
-from .config import DEFAULT_DATA_DIR, EngineConfig
+from ..engine.config import DEFAULT_DATA_DIR, EngineConfig
 
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -83,10 +88,20 @@ class ServerSettings(BaseSettings):
         return self
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource):
-        return (init_settings, env_settings, JsonConfigSettingsSource(settings_cls), TomlConfigSettingsSource(settings_cls))
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ):
+        return (
+            init_settings,
+            env_settings,
+            JsonConfigSettingsSource(settings_cls),
+            TomlConfigSettingsSource(settings_cls),
+        )
 
     def engine_config(self) -> EngineConfig:
         """The EngineConfig these settings describe."""
@@ -98,11 +113,17 @@ class ServerSettings(BaseSettings):
         if self.store == "memory":
             kind = "gpu" if self.device.startswith("cuda") else "cpu"
             storage = StorageConfig(tiers=(TierConfig(kind, self.memory_bytes),))
-        return EngineConfig(model=self.model, data_dir=self.data_dir, device=self.device, dtype=self.dtype,
-                            namespace=self.namespace, max_new_tokens=self.max_new_tokens, storage=storage,
-                            blend=BlendConfig(strategy=self.strategy, recompute_ratio=self.recompute_ratio),
-                            retriever=RetrieverConfig(chunk_min_tokens=self.chunk_min_tokens,
-                                                      chunk_max_tokens=self.chunk_max_tokens))
+        return EngineConfig(
+            model=self.model,
+            data_dir=self.data_dir,
+            device=self.device,
+            dtype=self.dtype,
+            namespace=self.namespace,
+            max_new_tokens=self.max_new_tokens,
+            storage=storage,
+            blend=BlendConfig(strategy=self.strategy, recompute_ratio=self.recompute_ratio),
+            retriever=RetrieverConfig(chunk_min_tokens=self.chunk_min_tokens, chunk_max_tokens=self.chunk_max_tokens),
+        )
 
     @property
     def auth_enabled(self) -> bool:

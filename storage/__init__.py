@@ -14,8 +14,25 @@ from .tier import EntryInfo, Tier, TierWriteError
 from .tiered import TieredStore
 
 __all__ = [
-    "Tier", "EntryInfo", "TierWriteError", "MemoryTier", "DiskTier", "CheckReport", "TieredStore",
-    "StoreStats", "TierStats", "StorageConfig", "TierConfig", "build_store", "parse_bytes",
-    "Policy", "LRUPolicy", "CostAwarePolicy", "POLICIES", "make_policy",
-    "EncodedLayers", "ResidentKV", "materialize",
-]  # fmt: skip
+    "Tier",
+    "EntryInfo",
+    "TierWriteError",
+    "MemoryTier",
+    "DiskTier",
+    "CheckReport",
+    "TieredStore",
+    "StoreStats",
+    "TierStats",
+    "StorageConfig",
+    "TierConfig",
+    "build_store",
+    "parse_bytes",
+    "Policy",
+    "LRUPolicy",
+    "CostAwarePolicy",
+    "POLICIES",
+    "make_policy",
+    "EncodedLayers",
+    "ResidentKV",
+    "materialize",
+]

@@ -65,10 +65,18 @@ class Catalog:
         """Insert or replace the row of `row.info.key` in one transaction."""
         i = row.info
         values = dict(
-            tier=self.tier, key=str(i.key), file=row.file, codec=row.codec, checksum=row.checksum,
-            nbytes=i.nbytes, num_tokens=i.num_tokens, cost=i.cost, hits=i.hits,
-            last_access=i.last_access, priority=i.priority,
-        )  # fmt: skip
+            tier=self.tier,
+            key=str(i.key),
+            file=row.file,
+            codec=row.codec,
+            checksum=row.checksum,
+            nbytes=i.nbytes,
+            num_tokens=i.num_tokens,
+            cost=i.cost,
+            hits=i.hits,
+            last_access=i.last_access,
+            priority=i.priority,
+        )
         with self.engine.begin() as conn:
             conn.execute(sa.delete(CHUNKS).where(CHUNKS.c.tier == self.tier, CHUNKS.c.key == str(i.key)))
             conn.execute(sa.insert(CHUNKS).values(**values))
@@ -82,15 +90,13 @@ class Catalog:
 
     def update_access(self, infos: Iterable[EntryInfo]) -> None:
         """Persist hits, recency and priority of `infos`."""
-        params = [
-            dict(k=str(i.key), h=i.hits, la=i.last_access, p=i.priority) for i in infos
-        ]
+        params = [dict(k=str(i.key), h=i.hits, la=i.last_access, p=i.priority) for i in infos]
         if params:
             stmt = (
                 sa.update(CHUNKS)
                 .where(CHUNKS.c.tier == self.tier, CHUNKS.c.key == sa.bindparam("k"))
                 .values(hits=sa.bindparam("h"), last_access=sa.bindparam("la"), priority=sa.bindparam("p"))
-            )  # fmt: skip
+            )
             with self.engine.begin() as conn:
                 conn.execute(stmt, params)
 
@@ -105,9 +111,14 @@ class Catalog:
 
 def _row(r) -> CatalogRow:
     info = EntryInfo(
-        ChunkKey.parse(r["key"]), int(r["nbytes"]), int(r["num_tokens"]), float(r["cost"]),
-        int(r["hits"]), int(r["last_access"]), float(r["priority"]),
-    )  # fmt: skip
+        ChunkKey.parse(r["key"]),
+        int(r["nbytes"]),
+        int(r["num_tokens"]),
+        float(r["cost"]),
+        int(r["hits"]),
+        int(r["last_access"]),
+        float(r["priority"]),
+    )
     return CatalogRow(info, r["file"], r["codec"], r["checksum"])
 
 

@@ -22,8 +22,22 @@ from .tiered import TieredStore
 
 KINDS = ("gpu", "cpu", "disk")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,9 @@ class StorageConfig:
         if self.kv_dtype is not None and self.kv_dtype not in _DTYPES:
             raise ValueError(f"unknown kv_dtype {self.kv_dtype!r}; accepted: {', '.join(_DTYPES)} or None")
         if self.decode_workers is not None and self.decode_workers < 0:
-            raise ValueError(f"decode_workers must be >= 0 (0: decode inline) or None (one per core), got {self.decode_workers}")
+            raise ValueError(
+                f"decode_workers must be >= 0 (0: decode inline) or None (one per core), got {self.decode_workers}"
+            )
         if self.policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {self.policy!r}; accepted: {', '.join(POLICIES)}")
         disks = [i for i, t in enumerate(self.tiers) if t.kind == "disk"]
@@ -75,11 +91,19 @@ def build_tier(cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool 
     name = cfg.name or cfg.kind
     dtype = _DTYPES[storage.kv_dtype] if storage.kv_dtype else None
     if cfg.kind == "disk":
-        return DiskTier(storage.disk_dir, cfg.capacity_bytes, cfg.codec, storage.catalog_url, name=name, dtype=dtype,
-                        decode_pool=decode_pool)
+        return DiskTier(
+            storage.disk_dir,
+            cfg.capacity_bytes,
+            cfg.codec,
+            storage.catalog_url,
+            name=name,
+            dtype=dtype,
+            decode_pool=decode_pool,
+        )
     device = "cuda" if cfg.kind == "gpu" else "cpu"
-    return MemoryTier(cfg.capacity_bytes, device=device, codec=cfg.codec, name=name, dtype=dtype,
-                      decode_pool=decode_pool)
+    return MemoryTier(
+        cfg.capacity_bytes, device=device, codec=cfg.codec, name=name, dtype=dtype, decode_pool=decode_pool
+    )
 
 
 def default_decode_workers() -> int:

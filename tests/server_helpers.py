@@ -40,12 +40,32 @@ def running_server(tmp: Path, api_keys: dict[str, str] | None = None, startup_s:
     models = Path(os.environ.get("RAGKV_DATA_DIR", Path.home() / ".cache" / "ragkv")).expanduser() / "models"
     if models.is_dir() and not (data / "models").exists():
         (data / "models").symlink_to(models)
-    env = {**os.environ, "PYTHONPATH": str(tmp / "py"), "RAGKV_STORE": "memory", "RAGKV_DATA_DIR": str(data),
-           "RAGKV_API_KEYS": json.dumps(api_keys or {})}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp / "py"),
+        "RAGKV_STORE": "memory",
+        "RAGKV_DATA_DIR": str(data),
+        "RAGKV_API_KEYS": json.dumps(api_keys or {}),
+    }
     env.update({f"RAGKV_{k.upper()}": str(v) for k, v in settings.items()})
     log = open(tmp / f"server-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "ragkv.server.cli", "serve", "--host", "127.0.0.1", "--port",
-                             str(port), "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ragkv.cli.main",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_s

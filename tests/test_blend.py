@@ -26,8 +26,13 @@ def _sources(adapter, plan, chunks):
 def _reference(adapter, plan):
     with torch.inference_mode():
         out = adapter.model(plan.input_ids[None], use_cache=True)
-    ref_kv = torch.stack([torch.stack([l.keys[0].transpose(0, 1), l.values[0].transpose(0, 1)])
-                          for l in out.past_key_values.layers], dim=1)  # [2, L, N, H, D]
+    ref_kv = torch.stack(
+        [
+            torch.stack([lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1)])
+            for lay in out.past_key_values.layers
+        ],
+        dim=1,
+    )  # [2, L, N, H, D]
     return ref_kv, out.logits[0, -1].float()
 
 
@@ -111,8 +116,13 @@ def test_dynamic_cache_feeds_generate(tiny_adapter):
     ids = plan.input_ids[None]
     with torch.inference_mode():
         ref = tiny_adapter.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        out = tiny_adapter.model.generate(ids, past_key_values=to_dynamic_cache(result, plan.num_tokens - 1),
-                                          max_new_tokens=5, do_sample=False, pad_token_id=0)
+        out = tiny_adapter.model.generate(
+            ids,
+            past_key_values=to_dynamic_cache(result, plan.num_tokens - 1),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert torch.equal(out, ref)
     assert int(out[0, plan.num_tokens]) == int(result.logits.argmax())
 
@@ -135,7 +145,7 @@ def test_extend_decodes_like_transformers(tiny_adapter):
     forced = torch.randint(3, 256, (5,), generator=torch.Generator().manual_seed(8))
     logits = extend(tiny_adapter, result, forced, plan.num_tokens)  # [5, vocab]
     with torch.inference_mode():
-        ref = tiny_adapter.model(torch.cat([plan.input_ids, forced])[None]).logits[0, plan.num_tokens:].float()
+        ref = tiny_adapter.model(torch.cat([plan.input_ids, forced])[None]).logits[0, plan.num_tokens :].float()
     torch.testing.assert_close(logits, ref, **TOL)
     with pytest.raises(ValueError, match="exceed the .* rows reserved"):
         extend(tiny_adapter, result, forced, plan.num_tokens + 2)
@@ -144,7 +154,7 @@ def test_extend_decodes_like_transformers(tiny_adapter):
 def test_prompt_longer_than_a_sliding_window_is_refused():
     from tiny_models import tiny_model
 
-    from ragkv.adapters import adapter_for
+    from ragkv.models import adapter_for
 
     model = tiny_model("mistral")
     model.config.sliding_window = 32
@@ -173,8 +183,12 @@ def test_every_selection_score_at_ratio_one_equals_full(tiny_adapter, score):
     strategy = make_strategy("cacheblend", 1.0, BlendConfig(score=score))
     result = blend(tiny_adapter, plan, strategy, _sources(tiny_adapter, plan, chunks))
     torch.testing.assert_close(result.logits, ref_logits, **TOL)
-    narrowed = blend(tiny_adapter, plan, make_strategy("cacheblend", 0.2, BlendConfig(score=score)),
-                     _sources(tiny_adapter, plan, chunks))
+    narrowed = blend(
+        tiny_adapter,
+        plan,
+        make_strategy("cacheblend", 0.2, BlendConfig(score=score)),
+        _sources(tiny_adapter, plan, chunks),
+    )
     assert 0.2 < narrowed.recompute_fraction < 1.0
 
 
@@ -205,7 +219,7 @@ def test_layer_loader_yields_every_layer_in_order_and_surfaces_errors(tiny_adapt
         assert torch.equal(got, torch.cat([kv.layer(layer) for kv in kvs], dim=1))
     failing = _FailingKV(kvs[1], bad_layer=1)
     it = iter(LayerLoader([kvs[0], failing, kvs[2]], tiny_adapter.num_layers, torch.device("cpu"), torch.float32))
-    assert torch.equal(next(it)[:, kvs[0].num_tokens:][:, : failing.num_tokens], kvs[1].layer(0))
+    assert torch.equal(next(it)[:, kvs[0].num_tokens :][:, : failing.num_tokens], kvs[1].layer(0))
     with pytest.raises(ValueError, match="layer 1 fails"):
         next(it)
     assert max(failing.reads) <= 1  # nothing read past the failing layer

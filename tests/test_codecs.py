@@ -38,8 +38,10 @@ def test_round_trip(name, dtype):
     out = codec.decode(enc)
     assert out.kv.shape == kv.kv.shape and out.dtype == dtype and out.pos0 == kv.pos0
     if codec.lossless:
-        assert torch.equal(out.kv.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                           kv.kv.view(torch.int16 if dtype != torch.float32 else torch.int32)), "must be bit-exact"
+        assert torch.equal(
+            out.kv.view(torch.int16 if dtype != torch.float32 else torch.int32),
+            kv.kv.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        ), "must be bit-exact"
     else:
         err = rel_error(out.kv, kv.kv)
         assert 0 < err <= codec.rel_error, f"{name}: rel error {err:.4f} above its stated {codec.rel_error}"

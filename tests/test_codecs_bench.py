@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from bench_codecs import codec_stats, markdown_table
 from test_codecs import make_kv
 
 from ragkv.compression import get_codec
-from ragkv.server.commands.bench import codec_stats, markdown_table
 
 
 def test_codec_stats_measure_size_and_error():

@@ -67,7 +67,10 @@ def test_cachegen_key_steps_are_one_per_layer_unless_capped():
     assert torch.equal(both[0], uniform[0])
     torch.testing.assert_close(both[1], torch.minimum(both[1].max(), 3 * std[1]), rtol=1e-3, atol=0)  # V: the same rule
     narrow = x[:, :, 6:10]  # a 2x spread: nothing is capped, and the geometric mean (about the bits) is kept
-    assert abs(geo(quant_steps(narrow, (8, 4), 0.0)[0].double()) / geo(quant_steps(narrow, (8, 4), 1.0)[0].double()) - 1) < 2e-3
+    assert (
+        abs(geo(quant_steps(narrow, (8, 4), 0.0)[0].double()) / geo(quant_steps(narrow, (8, 4), 1.0)[0].double()) - 1)
+        < 2e-3
+    )
 
 
 def test_cachegen_layerwise_bins_spend_more_bits_early():
@@ -106,7 +109,9 @@ def test_cachegen_entries_decode_with_their_own_params():
     kv = make_kv()
     enc = CacheGenCodec(CacheGenConfig(group_size=4, key_bins=(20,), value_bins=(20,), channel_group=5)).encode(kv)
     out = CacheGenCodec().decode(enc)  # a default-config codec reads an entry written with other knobs
-    assert (out.kv - kv.kv).norm() / kv.kv.norm() < CacheGenCodec(CacheGenConfig(key_bins=(20,), value_bins=(20,))).rel_error
+    assert (out.kv - kv.kv).norm() / kv.kv.norm() < CacheGenCodec(
+        CacheGenConfig(key_bins=(20,), value_bins=(20,))
+    ).rel_error
 
 
 def test_cachegen_config_rejects_nonsense():
@@ -122,7 +127,7 @@ def test_cachegen_config_rejects_nonsense():
 def test_entropy_stream_round_trip_with_escapes(n):
     rng = np.random.default_rng(n)
     sym = rng.laplace(0, 1.2, n).round().astype(np.int64)
-    sym[:: max(1, n // 7)] = rng.integers(-10**6, 10**6, len(sym[:: max(1, n // 7)]))  # far outliers
+    sym[:: max(1, n // 7)] = rng.integers(-(10**6), 10**6, len(sym[:: max(1, n // 7)]))  # far outliers
     buf = encode_stream(sym)
     got, end = decode_stream(buf + b"tail", 0, n)
     assert end == len(buf) and np.array_equal(got, sym)
@@ -141,7 +146,7 @@ def test_entropy_stream_round_trip_in_every_layout(layout):
 
 
 def test_entropy_stream_with_a_wrong_escape_count_fails_clearly():
-    sym = np.array([0, 1, -1, 10**6, 0, 2, -10**6, 0], dtype=np.int64)  # two values outside every window
+    sym = np.array([0, 1, -1, 10**6, 0, 2, -(10**6), 0], dtype=np.int64)  # two values outside every window
     buf = bytearray(encode_stream(sym))
     header = np.frombuffer(buf, dtype=np.int32, count=6).copy()
     assert header[5] == 2
@@ -163,11 +168,13 @@ def test_cachegen_at_most_two_bits_on_smollm2(smollm2):
     """A musique-sized chunk (~600 tokens; per-layer headers weigh more on short chunks)."""
     from ragkv.chunk_cache import precompute
 
-    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
-            "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally "
-            "nicknamed La dame de fer, it was constructed as the centrepiece of the 1889 World's Fair, and to crown "
-            "the centennial anniversary of the French Revolution. Although initially criticised by some of France's "
-            "leading artists and intellectuals for its design, it has since become a global cultural icon. ") * 5
+    text = (
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+        "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally "
+        "nicknamed La dame de fer, it was constructed as the centrepiece of the 1889 World's Fair, and to crown "
+        "the centennial anniversary of the French Revolution. Although initially criticised by some of France's "
+        "leading artists and intellectuals for its design, it has since become a global cultural icon. "
+    ) * 5
     kv = precompute(smollm2, smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]).to(dtype=torch.float16)
     codec = CacheGenCodec()
     enc = codec.encode(kv)

@@ -33,7 +33,7 @@ def test_pool_decodes_bit_identical_to_inline(pool):
     codec, _, encs = _entries(3)
     inline = [codec.decode(e) for e in encs]
     pooled = pool.decode_many(codec, encs)
-    for a, b, e in zip(inline, pooled, encs):
+    for a, b in zip(inline, pooled):
         assert a.kv.dtype == b.kv.dtype == torch.float16 and torch.equal(a.kv, b.kv) and b.pos0 == a.pos0
     one = pool.decode(codec, encs[1], dtype=torch.float32)
     assert one.kv.dtype == torch.float32 and torch.equal(one.kv, codec.decode(encs[1], dtype=torch.float32).kv)
@@ -117,8 +117,12 @@ def test_store_lends_its_pool_to_the_tiers_and_closes_it(tmp_path):
     from ragkv.storage.config import StorageConfig, TierConfig, build_store, decode_workers
 
     assert decode_workers(StorageConfig(tiers=(TierConfig("cpu", 1 << 30),))) == 0  # identity: nothing to gain
-    cfg = StorageConfig(tiers=(TierConfig("cpu", 1 << 30, codec="cachegen"), TierConfig("disk", 1 << 30, codec="cachegen")),
-                        disk_dir=str(tmp_path), decode_workers=1, promote=False)
+    cfg = StorageConfig(
+        tiers=(TierConfig("cpu", 1 << 30, codec="cachegen"), TierConfig("disk", 1 << 30, codec="cachegen")),
+        disk_dir=str(tmp_path),
+        decode_workers=1,
+        promote=False,
+    )
     assert decode_workers(cfg) == 1
     assert decode_workers(StorageConfig(tiers=cfg.tiers, decode_workers=0)) == 0
     with pytest.raises(ValueError, match="decode_workers must be >= 0"):

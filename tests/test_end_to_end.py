@@ -6,9 +6,9 @@ import statistics
 import pytest
 import torch
 
-from ragkv.server.engine import Engine
-from ragkv.server.eval.datasets import Sample
-from ragkv.server.eval.runner import Spec, evaluate_sample
+from ragkv.engine.engine import Engine
+from ragkv.eval.datasets import Sample
+from ragkv.eval.runner import Spec, evaluate_sample
 
 pytestmark = pytest.mark.slow
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from ragkv.server.eval.datasets import load_samples
-from ragkv.server.eval.metrics import f1, kl_per_position, normalize_answer, rouge_l, top1_agreement
-from ragkv.server.eval.report import markdown_table
-from ragkv.server.eval.runner import parse_specs, summarize
+from ragkv.eval.datasets import load_samples
+from ragkv.eval.metrics import f1, kl_per_position, normalize_answer, rouge_l, top1_agreement
+from ragkv.eval.report import markdown_table
+from ragkv.eval.runner import parse_specs, summarize
 
 
 def test_jsonl_reader_limits_and_caps_chunks(tmp_path):
@@ -40,8 +40,17 @@ def test_readers_reject_bad_files_clearly(tmp_path):
 
 def test_cacheblend_reader_flattens_nested_answers(tmp_path):
     path = tmp_path / "w.json"
-    path.write_text(json.dumps([{"ctxs": [{"title": "", "text": "t1"}, {"title": "T", "text": "t2"}],
-                                 "question": "q?", "answers": [["Croatia", "HR"]]}]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "ctxs": [{"title": "", "text": "t1"}, {"title": "T", "text": "t2"}],
+                    "question": "q?",
+                    "answers": [["Croatia", "HR"]],
+                }
+            ]
+        )
+    )
     (sample,) = load_samples(path, "wikimqa")
     assert sample.answers == ("Croatia", "HR") and sample.chunks == ("t1", "T\n\nt2")
 
@@ -66,8 +75,18 @@ def test_distribution_metrics():
 def test_specs_and_summary_table():
     specs = parse_specs(["naive", "cacheblend", "epic"], [0.1, 0.2])
     assert [s.label for s in specs] == ["full", "naive", "cacheblend@0.1", "cacheblend@0.2", "epic@0.1", "epic@0.2"]
-    row = {"ttft_ms": 10.0, "speedup_vs_full": 2.0, "f1": 1.0, "rouge_l": 1.0, "kl_first_token": 0.1, "kl_mean": 0.2,
-           "top1_agreement": 1.0, "rouge_l_vs_full": 1.0, "recompute_fraction": 0.2, "prompt_tokens": 100}
+    row = {
+        "ttft_ms": 10.0,
+        "speedup_vs_full": 2.0,
+        "f1": 1.0,
+        "rouge_l": 1.0,
+        "kl_first_token": 0.1,
+        "kl_mean": 0.2,
+        "top1_agreement": 1.0,
+        "rouge_l_vs_full": 1.0,
+        "recompute_fraction": 0.2,
+        "prompt_tokens": 100,
+    }
     summary = summarize([{"naive": row}, {"naive": {**row, "ttft_ms": 30.0, "speedup_vs_full": 4.0}}])
     assert summary["naive"]["ttft_ms_median"] == 20.0 and summary["naive"]["speedup_vs_full"] == 3.0
     assert "| naive |" in markdown_table(summary)

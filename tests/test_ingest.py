@@ -9,8 +9,8 @@ import torch
 from retriever_fakes import DictStore, HashEmbedder, minimal_pdf, paragraphs, tiny_byte_adapter
 
 from ragkv.chunk_cache import chunk_key, precompute
+from ragkv.engine.ingest import IngestConfig, Ingester
 from ragkv.retriever import Retriever, RetrieverConfig
-from ragkv.server.ingest import IngestConfig, Ingester
 
 CFG = RetrieverConfig(chunk_min_tokens=60, chunk_max_tokens=120, max_document_bytes=4000)
 ICFG = IngestConfig(kv_batch_tokens=300, max_tokens_per_pass=256, documents_per_batch=2, progress=False)
@@ -31,12 +31,18 @@ def _corpus(root):
     (docs / "sub").mkdir(parents=True)
     (docs / "a.txt").write_text(paragraphs(5, seed=1))
     (docs / "b.md").write_text("# Title\n\n" + paragraphs(3, seed=2))
-    (docs / "sub" / "c.html").write_text("<html><head><style>p{}</style></head><body><h1>Maple</h1>"
-                                         "<p>Quartz tide &amp; orbit.</p><script>x()</script></body></html>")
+    (docs / "sub" / "c.html").write_text(
+        "<html><head><style>p{}</style></head><body><h1>Maple</h1>"
+        "<p>Quartz tide &amp; orbit.</p><script>x()</script></body></html>"
+    )
     (docs / "d.pdf").write_bytes(minimal_pdf("Zebra xylophone inside a PDF file."))
-    lines = [json.dumps({"id": "j1", "text": paragraphs(2, seed=5), "metadata": {"lang": "en"}}),
-             "{not json", json.dumps({"id": "j3", "title": "no text field"}), "",
-             json.dumps({"text": "River delta without an id."})]  # fmt: skip
+    lines = [
+        json.dumps({"id": "j1", "text": paragraphs(2, seed=5), "metadata": {"lang": "en"}}),
+        "{not json",
+        json.dumps({"id": "j3", "title": "no text field"}),
+        "",
+        json.dumps({"text": "River delta without an id."}),
+    ]
     (docs / "e.jsonl").write_text("\n".join(lines) + "\n")
     return docs
 
@@ -51,8 +57,15 @@ def test_ingest_formats_errors_and_kv(tmp_path, adapter):
     ing = _ingester(tmp_path, adapter, store)
     report = ing.ingest([docs, tmp_path / "missing.txt"])
     errors = {(e.path.rsplit("/", 1)[-1], e.line): e.message for e in report.errors}
-    assert errors.keys() == {("empty.txt", None), ("blob.txt", None), ("notes.docx", None), ("big.txt", None),
-                             ("e.jsonl", 2), ("e.jsonl", 3), ("missing.txt", None)}  # fmt: skip
+    assert errors.keys() == {
+        ("empty.txt", None),
+        ("blob.txt", None),
+        ("notes.docx", None),
+        ("big.txt", None),
+        ("e.jsonl", 2),
+        ("e.jsonl", 3),
+        ("missing.txt", None),
+    }
     assert "accepted: .txt" in errors[("notes.docx", None)] and "binary" in errors[("blob.txt", None)]
     assert "over the limit" in errors[("big.txt", None)] and "invalid JSON" in errors[("e.jsonl", 2)]
     assert report.documents_added == 6  # a, b, c, d, j1 and the id-less JSONL line

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from bench_ingest import _Masked
 
 from ragkv.chunk_cache import precompute_many
-from ragkv.server.ingest_bench import _Masked
 
 
 def test_packed_equals_one_by_one_and_mask_path(tiny_adapter):

@@ -4,7 +4,6 @@ retrieved chunks are fused by id from their cached KV, and a second call hits th
 from __future__ import annotations
 
 import pytest
-
 from plugin_helpers import hits, local_backend, needs_retrieval
 
 pytest.importorskip("langchain_core")
@@ -28,14 +27,19 @@ def test_retriever_returns_ragkv_chunks(backend):
 def test_lcel_chain_answers_and_second_call_hits_caches(backend):
     from ragkv.adapters.langchain import RagkvChatModel, RagkvRetriever, rag_chain
 
-    chain = rag_chain(RagkvRetriever(engine=backend, k=2), RagkvChatModel(engine=backend, max_new_tokens=6), parse=False)
+    chain = rag_chain(
+        RagkvRetriever(engine=backend, k=2), RagkvChatModel(engine=backend, max_new_tokens=6), parse=False
+    )
     first = chain.invoke(QUESTION)
     second = chain.invoke(QUESTION)
     assert first.content.strip() and second.content == first.content
     info = second.response_metadata["ragkv"]
     assert hits(info) == 2 and info["misses"] == 0  # ingested chunks, sent by id: their precomputed KV is fused
-    text = "".join(rag_chain(RagkvRetriever(engine=backend, k=2), RagkvChatModel(engine=backend, max_new_tokens=6))
-                   .stream(QUESTION))
+    text = "".join(
+        rag_chain(RagkvRetriever(engine=backend, k=2), RagkvChatModel(engine=backend, max_new_tokens=6)).stream(
+            QUESTION
+        )
+    )
     assert text.strip() == first.content.strip()
 
 

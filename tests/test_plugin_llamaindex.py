@@ -4,7 +4,6 @@ with the retrieved nodes fused as cached chunks, and a second call hits the chun
 from __future__ import annotations
 
 import pytest
-
 from plugin_helpers import hits, local_backend, needs_retrieval
 
 pytest.importorskip("llama_index.core")
@@ -17,10 +16,11 @@ def backend(smollm2, tmp_path_factory):
 
 
 def test_query_engine_answers_and_second_call_hits(backend):
-    from ragkv.adapters.llamaindex import RagkvLLM, RagkvLlamaRetriever, RagkvQueryEngine
+    from ragkv.adapters.llamaindex import RagkvLlamaRetriever, RagkvLLM, RagkvQueryEngine
 
-    engine = RagkvQueryEngine(retriever=RagkvLlamaRetriever(backend=backend, k=2),
-                              llm=RagkvLLM(backend=backend, max_new_tokens=6))
+    engine = RagkvQueryEngine(
+        retriever=RagkvLlamaRetriever(backend=backend, k=2), llm=RagkvLLM(backend=backend, max_new_tokens=6)
+    )
     first = engine.query("Who wrote the first computer program?")
     second = engine.query("Who wrote the first computer program?")
     assert str(first).strip() and str(second) == str(first)

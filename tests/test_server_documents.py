@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from plugin_helpers import DOCS, hits, needs_retrieval
 from server_helpers import running_server
 
@@ -25,8 +24,12 @@ def url(tmp_path_factory):
 
 
 def chat(url, headers, **extra):
-    r = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=120,
-                   json={"messages": [{"role": "user", "content": "Where does the Rhine bend north?"}], **extra})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers=headers,
+        timeout=120,
+        json={"messages": [{"role": "user", "content": "Where does the Rhine bend north?"}], **extra},
+    )
     return r
 
 
@@ -51,13 +54,16 @@ def test_chat_with_retrieve_and_chunk_ids_hits_ingested_kv(url):
 
 def test_plugins_against_the_sidecar(url):
     from ragkv.adapters.langchain import RagkvChatModel, RagkvRetriever, rag_chain
-    from ragkv.adapters.llamaindex import RagkvLLM, RagkvLlamaRetriever, RagkvQueryEngine
+    from ragkv.adapters.llamaindex import RagkvLlamaRetriever, RagkvLLM, RagkvQueryEngine
 
-    chain = rag_chain(RagkvRetriever(url=url, api_key="key-a", k=2), RagkvChatModel(url=url, api_key="key-a"), parse=False)
+    chain = rag_chain(
+        RagkvRetriever(url=url, api_key="key-a", k=2), RagkvChatModel(url=url, api_key="key-a"), parse=False
+    )
     m = chain.invoke("Who wrote the first computer program?")
     assert m.content.strip() and hits(m.response_metadata["ragkv"]) == 2
-    qe = RagkvQueryEngine(retriever=RagkvLlamaRetriever(url=url, api_key="key-a", k=2),
-                          llm=RagkvLLM(url=url, api_key="key-a"))
+    qe = RagkvQueryEngine(
+        retriever=RagkvLlamaRetriever(url=url, api_key="key-a", k=2), llm=RagkvLLM(url=url, api_key="key-a")
+    )
     resp = qe.query("Which way does Venus spin?")
     assert str(resp).strip() and hits(resp.metadata["ragkv"]) == 2 and resp.metadata["ragkv"]["misses"] == 0
 

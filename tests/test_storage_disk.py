@@ -62,8 +62,12 @@ def _foreign(path, other):
 @pytest.mark.parametrize("damage", ["truncate", "flip_payload", "flip_header", "foreign"])
 def test_corrupt_payload_is_a_counted_miss(tier, damage):
     path = _path(tier, 0)
-    {"truncate": _truncate, "flip_payload": _flip_payload, "flip_header": _flip_header,
-     "foreign": lambda p: _foreign(p, _path(tier, 1))}[damage](path)  # fmt: skip
+    {
+        "truncate": _truncate,
+        "flip_payload": _flip_payload,
+        "flip_header": _flip_header,
+        "foreign": lambda p: _foreign(p, _path(tier, 1)),
+    }[damage](path)
     store = TieredStore([tier])
     assert store.get_layered(key(0)) is None
     s = store.stats()
@@ -128,9 +132,12 @@ def test_missing_or_resized_file_drops_its_row_at_start(tier, tmp_path):
 
 @pytest.mark.parametrize(
     "err, where, words",
-    [(errno.ENOSPC, "fsync", "disk full"), (errno.EACCES, "replace", "permission denied"),
-     (errno.EROFS, "replace", "read-only")],
-)  # fmt: skip
+    [
+        (errno.ENOSPC, "fsync", "disk full"),
+        (errno.EACCES, "replace", "permission denied"),
+        (errno.EROFS, "replace", "read-only"),
+    ],
+)
 def test_full_or_unwritable_disk_is_reported_and_keeps_entries(tier, monkeypatch, err, where, words):
     def fail(*args):
         raise OSError(err, os.strerror(err))

@@ -7,8 +7,15 @@ import torch
 from storage_helpers import chunk, key, same
 
 from ragkv.storage import (
-    DiskTier, MemoryTier, StorageConfig, TierConfig, TieredStore, build_store, make_policy, parse_bytes,
-)  # fmt: skip
+    DiskTier,
+    MemoryTier,
+    StorageConfig,
+    TierConfig,
+    TieredStore,
+    build_store,
+    make_policy,
+    parse_bytes,
+)
 
 ENTRY = chunk(0).nbytes  # bytes of one tiny entry in an identity memory tier
 
@@ -143,8 +150,9 @@ def test_stats_are_json_able(tmp_path):
 def test_config_builds_and_validates(tmp_path):
     cfg = StorageConfig(
         tiers=(TierConfig("cpu", parse_bytes("1KiB")), TierConfig("disk", parse_bytes("1MB"))),
-        disk_dir=str(tmp_path / "c"), policy="cost",
-    )  # fmt: skip
+        disk_dir=str(tmp_path / "c"),
+        policy="cost",
+    )
     store = build_store(cfg)
     assert [t.name for t in store.tiers] == ["cpu", "disk"] and store.tiers[0].capacity_bytes == 1024
     assert store.policies[0].name == "cost" and (tmp_path / "c" / "catalog.sqlite").exists()

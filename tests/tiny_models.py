@@ -7,22 +7,48 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "llama3")
 
 def tiny_model(family: str, seed: int = 0):
     """A random-init decoder of `family` (llama, mistral, qwen2, qwen3, or llama3 = llama with llama3-scaled RoPE)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
     elif family == "llama3":
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
         model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=rope))
     elif family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None,
-                                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+        model = MistralForCausalLM(
+            MistralConfig(**common, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        )
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
     elif family == "qwen3":

@@ -116,7 +116,9 @@ class ModelAdapter(ABC):
         h = h + block.self_attn.o_proj(o)
         return h + block.mlp(block.post_attention_layernorm(h))
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[1, H_q, T, D] over [1, H_kv, N, D]; causal when no mask is given."""
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
@@ -169,8 +171,12 @@ class ModelAdapter(ABC):
         h.update(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
         h.update(repr(self.sink_ids).encode())
         m = self.model.model
-        for t in (m.embed_tokens.weight[:8], m.norm.weight, self.layers[0].self_attn.q_proj.weight[:4],
-                  self.layers[-1].mlp.down_proj.weight[:4]):
+        for t in (
+            m.embed_tokens.weight[:8],
+            m.norm.weight,
+            self.layers[0].self_attn.q_proj.weight[:4],
+            self.layers[-1].mlp.down_proj.weight[:4],
+        ):
             h.update(t.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:32]
 

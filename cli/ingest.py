@@ -11,9 +11,9 @@ import json
 import sys
 from dataclasses import asdict
 
-from ...retriever import RetrieverConfig
-from ..config import EngineConfig
-from ..ingest import IngestConfig
+from ..engine.config import EngineConfig
+from ..engine.ingest import IngestConfig
+from ..retriever import RetrieverConfig
 
 
 def add_retriever_args(p: argparse.ArgumentParser) -> None:
@@ -27,8 +27,9 @@ def add_retriever_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("ingest", help="ingest files and folders (.txt .md .html .pdf .jsonl)",
-                              description=__doc__.split("\n\n")[0])  # fmt: skip
+    p = subparsers.add_parser(
+        "ingest", help="ingest files and folders (.txt .md .html .pdf .jsonl)", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (walked recursively)")
     add_retriever_args(p)
     p.add_argument("--chunk-min", type=int, default=256, help="minimum chunk length in model tokens")
@@ -37,7 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-document-mb", type=float, default=20.0, help="larger documents are refused")
     p.add_argument("--no-kv", action="store_true", help="only catalog and index; KV is computed on first use")
     p.add_argument("--batch-tokens", type=int, default=8192, help="chunk tokens per precompute batch")
-    p.add_argument("--pass-tokens", type=int, default=2048, help="tokens per prepacked forward pass (0: one chunk each)")
+    p.add_argument(
+        "--pass-tokens", type=int, default=2048, help="tokens per prepacked forward pass (0: one chunk each)"
+    )
     p.add_argument("--remove", nargs="+", default=[], metavar="DOC_ID", help="delete these documents first")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -47,8 +50,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.paths and not args.remove:
         raise ValueError("nothing to do: give PATH... to ingest and/or --remove DOC_ID...")
-    ingest_cfg = IngestConfig(compute_kv=not args.no_kv, kv_batch_tokens=args.batch_tokens,
-                              max_tokens_per_pass=args.pass_tokens, progress=not args.quiet)  # fmt: skip
+    ingest_cfg = IngestConfig(
+        compute_kv=not args.no_kv,
+        kv_batch_tokens=args.batch_tokens,
+        max_tokens_per_pass=args.pass_tokens,
+        progress=not args.quiet,
+    )
     engine = open_engine(args)
     removed = engine.remove_documents(args.remove) if args.remove else ()
     report = engine.ingest(args.paths, config=ingest_cfg) if args.paths else None
@@ -70,15 +77,28 @@ def run(args: argparse.Namespace) -> int:
 
 def open_engine(args: argparse.Namespace):
     """The Engine over DATA_DIR that these options describe (its store's disk tier keeps the KV)."""
-    from ..engine import Engine
+    from ..engine.engine import Engine
 
-    config = EngineConfig.from_env(model=args.model, data_dir=args.data_dir, catalog_url=args.catalog_url,
-                                   namespace=args.namespace, retriever=retriever_config(args))
+    config = EngineConfig.from_env(
+        model=args.model,
+        data_dir=args.data_dir,
+        catalog_url=args.catalog_url,
+        namespace=args.namespace,
+        retriever=retriever_config(args),
+    )
     return Engine.from_pretrained(config=config)
 
 
 def retriever_config(args: argparse.Namespace) -> RetrieverConfig:
     """The RetrieverConfig the command line asks for (chunking options only where the command has them)."""
-    chunking = dict(chunk_min_tokens=args.chunk_min, chunk_max_tokens=args.chunk_max, overlap_tokens=args.overlap,
-                    max_document_bytes=int(args.max_document_mb * (1 << 20))) if hasattr(args, "chunk_min") else {}
+    chunking = (
+        dict(
+            chunk_min_tokens=args.chunk_min,
+            chunk_max_tokens=args.chunk_max,
+            overlap_tokens=args.overlap,
+            max_document_bytes=int(args.max_document_mb * (1 << 20)),
+        )
+        if hasattr(args, "chunk_min")
+        else {}
+    )
     return RetrieverConfig(embedder_path=args.embedder, index_kind=args.index, namespace=args.namespace, **chunking)

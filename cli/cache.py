@@ -28,13 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "stats" and args.server:
-        from ..client import RagkvClient
+        from ..server.client import RagkvClient
 
         stats = RagkvClient(args.server, api_key=args.api_key).cache_stats()
         print(json.dumps(stats, indent=2) if args.json else _table(stats["store"]))
         return 0
-    from ...storage.config import build_store
-    from ..config import EngineConfig
+    from ..engine.config import EngineConfig
+    from ..storage.config import build_store
 
     config = EngineConfig.from_env(**({"data_dir": args.data_dir} if args.data_dir else {}))
     store = build_store(config.storage_config())  # the disk tier reconciles its catalog on open
@@ -43,10 +43,12 @@ def run(args: argparse.Namespace) -> int:
             stats = store.stats().to_dict()
             print(json.dumps(stats, indent=2) if args.json else _table(stats))
             return 0
-        report = gc(store, Path(config.data_dir).expanduser(), args.namespace, args.unreferenced,
-                    args.dry_run)
-        print(json.dumps(report, indent=2) if args.json else
-              ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report.items()))
+        report = gc(store, Path(config.data_dir).expanduser(), args.namespace, args.unreferenced, args.dry_run)
+        print(
+            json.dumps(report, indent=2)
+            if args.json
+            else ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report.items())
+        )
         return 0
     finally:
         store.close()
@@ -59,19 +61,26 @@ def gc(store, index_dir: Path, namespace: str | None, unreferenced: bool, dry_ru
     checks = {t.name: vars(t.last_check) for t in store.tiers if getattr(t, "last_check", None) is not None}
     keys = sorted({k for t in store.tiers for k in t.keys()})
     referenced = _referenced_keys(index_dir) if unreferenced else set()
-    drop = [k for k in keys if (namespace is not None and k.namespace == namespace)
-            or (unreferenced and str(k) not in referenced)]
+    drop = [
+        k
+        for k in keys
+        if (namespace is not None and k.namespace == namespace) or (unreferenced and str(k) not in referenced)
+    ]
     if not dry_run:
         for key in tqdm(drop, desc="dropping", unit="entry", disable=len(drop) < 100):
             store.remove(key)
         store.flush()
-    return {"entries": len(keys), "dropped": 0 if dry_run else len(drop), "would_drop": len(drop) if dry_run else 0,
-            "disk_check": checks}
+    return {
+        "entries": len(keys),
+        "dropped": 0 if dry_run else len(drop),
+        "would_drop": len(drop) if dry_run else 0,
+        "disk_check": checks,
+    }
 
 
 def _referenced_keys(index_dir: Path) -> set[str]:
     """Chunk keys of every namespace's catalog (`index_dir` and `index_dir/tenants/*`; none without a catalog)."""
-    from ...retriever import Catalog
+    from ..retriever import Catalog
 
     keys: set[str] = set()
     for db in sorted([*index_dir.glob("catalog.sqlite"), *index_dir.glob("tenants/*/catalog.sqlite")]):
@@ -82,11 +91,17 @@ def _referenced_keys(index_dir: Path) -> set[str]:
 
 
 def _table(stats: dict) -> str:
-    lines = [f"{'tier':8s} {'codec':10s} {'entries':>8s} {'MB':>10s} {'capacity MB':>12s} {'hits':>8s} "
-             f"{'evictions':>9s} {'corrupt':>7s}"]
+    lines = [
+        f"{'tier':8s} {'codec':10s} {'entries':>8s} {'MB':>10s} {'capacity MB':>12s} {'hits':>8s} "
+        f"{'evictions':>9s} {'corrupt':>7s}"
+    ]
     for t in stats["tiers"]:
-        lines.append(f"{t['name']:8s} {t['codec']:10s} {t['entries']:8d} {t['bytes'] / 1e6:10.2f} "
-                     f"{t['capacity_bytes'] / 1e6:12.0f} {t['hits']:8d} {t['evictions']:9d} {t['corrupt']:7d}")
-    lines.append(f"misses {stats['misses']}, puts {stats['puts']}, promotions {stats['promotions']}, "
-                 f"demotions {stats['demotions']}, dropped {stats['dropped']}, write errors {stats['write_errors']}")
+        lines.append(
+            f"{t['name']:8s} {t['codec']:10s} {t['entries']:8d} {t['bytes'] / 1e6:10.2f} "
+            f"{t['capacity_bytes'] / 1e6:12.0f} {t['hits']:8d} {t['evictions']:9d} {t['corrupt']:7d}"
+        )
+    lines.append(
+        f"misses {stats['misses']}, puts {stats['puts']}, promotions {stats['promotions']}, "
+        f"demotions {stats['demotions']}, dropped {stats['dropped']}, write errors {stats['write_errors']}"
+    )
     return "\n".join(lines)

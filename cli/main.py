@@ -1,4 +1,4 @@
-"""The `ragkv` command line: one subcommand per module in `server/commands/`."""
+"""The `ragkv` command line: one subcommand per module in `cli/`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from .commands import COMMANDS
+from . import COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f".commands.{name}", __package__).register(sub)
+        importlib.import_module(f".{name}", __package__).register(sub)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Storage benchmark: load + decode N chunks of chunk KV from the disk tier, per codec, in ms.
 
-`python -m ragkv.storage.bench --codecs identity,lz4` (SmolLM2-135M's KV shape by default: 30 layers,
+`python benchmarks/bench_storage.py --codecs identity,lz4` (SmolLM2-135M's KV shape by default: 30 layers,
 3 kv heads, head_dim 64, fp16; 10 chunks of 550 tokens). Reads go through `TieredStore.get_layered`
 and `.layer(l)` in the blend loop's order (layer-major). `cold` drops the files from the page cache
 (posix_fadvise DONTNEED) before each read; `warm` reads them from the page cache. Keys are read
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..chunk_cache import ChunkKey, ChunkKV
-from .disk import DiskTier
-from .tiered import TieredStore
+from ragkv.chunk_cache import ChunkKey, ChunkKV
+from ragkv.storage.disk import DiskTier
+from ragkv.storage.tiered import TieredStore
 
 
 def synthetic_chunks(n: int, tokens: int, layers: int, heads: int, head_dim: int, seed: int = 0) -> list[ChunkKV]:
@@ -29,7 +29,9 @@ def synthetic_chunks(n: int, tokens: int, layers: int, heads: int, head_dim: int
     g = torch.Generator().manual_seed(seed)
     scale = torch.rand(2, layers, 1, heads, head_dim, generator=g) * 4 + 0.1  # [2, L, 1, H, D]
     return [
-        ChunkKV((torch.randn(2, layers, tokens, heads, head_dim, generator=g) * scale).half(), pos0=1)  # [2, L, T, H, D]
+        ChunkKV(
+            (torch.randn(2, layers, tokens, heads, head_dim, generator=g) * scale).half(), pos0=1
+        )  # [2, L, T, H, D]
         for _ in range(n)
     ]
 
@@ -86,7 +88,7 @@ def bench_codec(codec: str, chunks: list[ChunkKV], root: Path, repeat: int) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ragkv.storage.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/bench_storage.py", description=__doc__.splitlines()[0])
     ap.add_argument("--codecs", default="identity", help="comma-separated codec names (default: identity)")
     ap.add_argument("--chunks", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=550)
@@ -103,13 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = [bench_codec(c.strip(), chunks, Path(tmp), args.repeat) for c in args.codecs.split(",")]
     for r in rows:
         r["cold_vs_prefill"] = round(r["load_cold_ms"] / (args.prefill_s * 1e3), 4)
-    print("| codec | chunks x tokens | fp16 MB | disk MB | write ms | load+decode cold ms | warm ms "
-          "| warm, one thread ms | cold / prefill |")
+    print(
+        "| codec | chunks x tokens | fp16 MB | disk MB | write ms | load+decode cold ms | warm ms "
+        "| warm, one thread ms | cold / prefill |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['codec']} | {r['chunks']} x {r['tokens'] // r['chunks']} | {r['fp16_mb']} | {r['disk_mb']} | "
-              f"{r['write_ms']} | {r['load_cold_ms']} | {r['load_warm_ms']} | {r['load_warm_serial_ms']} "
-              f"| {100 * r['cold_vs_prefill']:.1f}% |")
+        print(
+            f"| {r['codec']} | {r['chunks']} x {r['tokens'] // r['chunks']} | {r['fp16_mb']} | {r['disk_mb']} | "
+            f"{r['write_ms']} | {r['load_cold_ms']} | {r['load_warm_ms']} | {r['load_warm_serial_ms']} "
+            f"| {100 * r['cold_vs_prefill']:.1f}% |"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0

@@ -16,8 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="settings file, .json or .toml")
     p.add_argument("--model", default=None, help="model alias, local path or cached HF id (default smollm2)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N]")
-    p.add_argument("--store", choices=("default", "memory"), default=None,
-                   help="chunk store: default (CPU + disk under the data dir) or memory (RAM only)")
+    p.add_argument(
+        "--store",
+        choices=("default", "memory"),
+        default=None,
+        help="chunk store: default (CPU + disk under the data dir) or memory (RAM only)",
+    )
     p.add_argument("--queue-size", type=int, default=None, help="requests that may wait for the model (default 64)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.set_defaults(func=run)
@@ -26,11 +30,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..app import create_app
-    from ..settings import load_settings
+    from ..server.app import create_app
+    from ..server.settings import load_settings
 
-    flags = {"host": args.host, "port": args.port, "model": args.model, "device": args.device, "store": args.store,
-             "queue_size": args.queue_size}
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "model": args.model,
+        "device": args.device,
+        "store": args.store,
+        "queue_size": args.queue_size,
+    }
     settings = load_settings(args.config, **{k: v for k, v in flags.items() if v is not None})
     if settings.torch_threads:
         import torch
@@ -38,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(settings.torch_threads)
     print(f"loading {settings.model} ...", flush=True)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(settings.shutdown_timeout_s))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+    )
     return 0

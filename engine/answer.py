@@ -14,7 +14,9 @@ class Answer:
     strategy: str
     recompute_ratio: float
     ttft_ms: float
-    parts_ms: dict[str, float]  # lookup, precompute (misses), fetch (store reads), load, rerotate, recompute, first_token
+    parts_ms: dict[
+        str, float
+    ]  # lookup, precompute (misses), fetch (store reads), load, rerotate, recompute, first_token
     recompute_fraction: float
     prompt_tokens: int
     hits: dict[str, int] = field(default_factory=dict)  # per tier

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from ragkv.adapters import adapter_for
+from ragkv.models import adapter_for
 
 
 def test_forward_kv_equals_transformers(tiny_adapter):

@@ -27,7 +27,9 @@ class EngineConfig:
     prepack_tokens: int = 4096  # precompute packs several chunks per pass up to this many tokens
     blend: BlendConfig = field(default_factory=BlendConfig)
     storage: StorageConfig | None = None  # None: a CPU tier + a disk tier (SQLite catalog) under data_dir/cache
-    catalog_url: str | None = None  # one database for the chunk store and the document catalog; None: SQLite in data_dir
+    catalog_url: str | None = (
+        None  # one database for the chunk store and the document catalog; None: SQLite in data_dir
+    )
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
 
     def data_path(self, namespace: str | None = None) -> Path:
@@ -44,12 +46,19 @@ class EngineConfig:
         if self.storage is not None:
             return self.storage
         first = "gpu" if self.device.startswith("cuda") else "cpu"
-        return StorageConfig(tiers=(TierConfig(first, 2 << 30), TierConfig("disk", 32 << 30, codec="lz4")),
-                             disk_dir=str(self.data_path() / "cache"), catalog_url=self.catalog(), kv_dtype=self.kv_dtype)
+        return StorageConfig(
+            tiers=(TierConfig(first, 2 << 30), TierConfig("disk", 32 << 30, codec="lz4")),
+            disk_dir=str(self.data_path() / "cache"),
+            catalog_url=self.catalog(),
+            kv_dtype=self.kv_dtype,
+        )
 
     @classmethod
     def from_env(cls, **overrides) -> EngineConfig:
         """Defaults, then RAGKV_MODEL / RAGKV_DATA_DIR / RAGKV_DEVICE / RAGKV_DTYPE, then `overrides`."""
-        env = {k: os.environ[f"RAGKV_{k.upper()}"] for k in ("model", "data_dir", "device", "dtype")
-               if f"RAGKV_{k.upper()}" in os.environ}
+        env = {
+            k: os.environ[f"RAGKV_{k.upper()}"]
+            for k in ("model", "data_dir", "device", "dtype")
+            if f"RAGKV_{k.upper()}" in os.environ
+        }
         return cls(**{**env, **overrides})

@@ -10,13 +10,14 @@ from collections.abc import Iterator
 
 import torch
 
-from ..adapters import ModelAdapter
 from ..blend import BlendResult, extend
+from ..models import ModelAdapter
 
 
 @torch.inference_mode()
-def decode(model: ModelAdapter, result: BlendResult, max_new_tokens: int, eos_ids: set[int],
-           temperature: float = 0.0) -> Iterator[int]:
+def decode(
+    model: ModelAdapter, result: BlendResult, max_new_tokens: int, eos_ids: set[int], temperature: float = 0.0
+) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids, the first picked from the blend's logits, stopping at EOS."""
     logits = result.logits
     start = result.keys[0].shape[2]

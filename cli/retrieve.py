@@ -22,14 +22,31 @@ def run(args: argparse.Namespace) -> int:
     hits = engine.retrieve(args.question, args.k)
     engine.close()
     if args.json:
-        print(json.dumps([dict(chunk_id=h.chunk_id, doc_id=h.doc_id, score=round(h.score, 6), text=h.text,
-                               key=str(h.key), position=h.position, num_tokens=len(h.token_ids)) for h in hits],
-                         indent=2, ensure_ascii=False))  # fmt: skip
+        print(
+            json.dumps(
+                [
+                    dict(
+                        chunk_id=h.chunk_id,
+                        doc_id=h.doc_id,
+                        score=round(h.score, 6),
+                        text=h.text,
+                        key=str(h.key),
+                        position=h.position,
+                        num_tokens=len(h.token_ids),
+                    )
+                    for h in hits
+                ],
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return 0
     if not hits:
         print("no chunks: ingest documents first (ragkv ingest PATH...)")
     for rank, h in enumerate(hits, start=1):
         preview = " ".join(h.text.split())
-        print(f"{rank:>3}  {h.score:.4f}  chunk {h.chunk_id}  {h.doc_id}#{h.position}\n     "
-              f"{preview[:200]}{'...' if len(preview) > 200 else ''}")  # fmt: skip
+        print(
+            f"{rank:>3}  {h.score:.4f}  chunk {h.chunk_id}  {h.doc_id}#{h.position}\n     "
+            f"{preview[:200]}{'...' if len(preview) > 200 else ''}"
+        )
     return 0

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLUMNS = ("f1", "rouge_l", "kl_first_token", "kl_mean", "top1_agreement", "rouge_l_vs_full",
-           "ttft_ms_median", "speedup_vs_full", "recompute_fraction")
+COLUMNS = (
+    "f1",
+    "rouge_l",
+    "kl_first_token",
+    "kl_mean",
+    "top1_agreement",
+    "rouge_l_vs_full",
+    "ttft_ms_median",
+    "speedup_vs_full",
+    "recompute_fraction",
+)
 
 
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per strategy label, the columns of `COLUMNS`."""
     lines = ["| strategy | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for label, row in results.items():
-        cells = [f"{row[c]:.0f}" if c == "ttft_ms_median" else f"{row[c]:.4f}" if c.startswith("kl") else f"{row[c]:.3f}"
-                 for c in COLUMNS]
+        cells = [
+            f"{row[c]:.0f}" if c == "ttft_ms_median" else f"{row[c]:.4f}" if c.startswith("kl") else f"{row[c]:.3f}"
+            for c in COLUMNS
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -28,8 +39,9 @@ def plot(results: dict[str, dict], path: str | Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, row in results.items():
         ax.scatter(row["ttft_ms_median"], row["top1_agreement"], marker="o")
-        ax.annotate(label, (row["ttft_ms_median"], row["top1_agreement"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            label, (row["ttft_ms_median"], row["top1_agreement"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+        )
     ax.set_xscale("log")
     ax.set_xlabel("median TTFT (ms, log scale)")
     ax.set_ylabel("top-1 agreement with full prefill")

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ...chunk_cache import ChunkKV, precompute_many
-from ...compression import Codec, DecodePool, codec_names, get_codec
-from ..eval.datasets import FORMATS
+from ragkv.chunk_cache import ChunkKV, precompute_many
+from ragkv.compression import Codec, DecodePool, codec_names, get_codec
+from ragkv.eval.datasets import FORMATS
 
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: `bench codecs` measures every codec on real chunk KV")
-    p.add_argument("what", choices=["codecs"], help="what to benchmark")
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ragkv bench codecs", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="model alias or path (default smollm2)")
     p.add_argument("--data", required=True, help="dataset file (musique JSON)")
     p.add_argument("--format", default="musique", choices=FORMATS, help="dataset format (default musique)")
@@ -33,13 +33,19 @@ def register(sub) -> None:
     p.add_argument("--codecs", default=",".join(codec_names()), help="comma-separated codec names (default all)")
     p.add_argument("--ratio", type=float, default=0.15, help="cacheblend recompute ratio for fidelity")
     p.add_argument("--no-fidelity", action="store_true", help="skip the cacheblend fidelity columns")
-    p.add_argument("--decode-workers", type=int, default=None,
-                   help="decode processes for CPU-bound codecs, as a store would start (default: one per core)")
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="decode processes for CPU-bound codecs, as a store would start (default: one per core)",
+    )
     p.add_argument("--out", default="codecs.json", help="JSON results file")
-    p.set_defaults(func=run)
+    return p.parse_args(argv)
 
 
-def codec_stats(codec: Codec, kvs: Sequence[ChunkKV], pool: DecodePool | None = None, repeat: int = 3) -> dict[str, float]:
+def codec_stats(
+    codec: Codec, kvs: Sequence[ChunkKV], pool: DecodePool | None = None, repeat: int = 3
+) -> dict[str, float]:
     """bits_per_value, ratio_vs_fp16, encode/decode MB/s (fp16-equivalent) and rel_error over `kvs`.
 
     `decode_1core_mb_s` decodes inline, one entry after another; `decode_mb_s` is what a store with
@@ -68,20 +74,30 @@ def codec_stats(codec: Codec, kvs: Sequence[ChunkKV], pool: DecodePool | None = 
     nbytes = sum(e.nbytes + len(json.dumps(e.meta)) for e in encoded)  # payload + catalog metadata
     err = sum(float((d.kv.float() - kv.kv.float()).pow(2).sum()) for d, kv in zip(decoded, kvs))
     norm = sum(float(kv.kv.float().pow(2).sum()) for kv in kvs)
-    return {"bits_per_value": 8 * nbytes / values, "ratio_vs_fp16": 2 * values / nbytes,
-            "encode_mb_s": 2 * values / encode_s / 1e6,
-            "decode_mb_s": 2 * values / statistics.median(pool_s) / 1e6 if pooled else one_core,
-            "decode_1core_mb_s": one_core,
-            "rel_error": (err / norm) ** 0.5, "stated_rel_error": getattr(codec, "rel_error", 0.0)}
+    return {
+        "bits_per_value": 8 * nbytes / values,
+        "ratio_vs_fp16": 2 * values / nbytes,
+        "encode_mb_s": 2 * values / encode_s / 1e6,
+        "decode_mb_s": 2 * values / statistics.median(pool_s) / 1e6 if pooled else one_core,
+        "decode_1core_mb_s": one_core,
+        "rel_error": (err / norm) ** 0.5,
+        "stated_rel_error": getattr(codec, "rel_error", 0.0),
+    }
 
 
-def blend_fidelity(engine, samples: Sequence, kvs: Sequence[Sequence[ChunkKV]], codec: str, ratio: float,
-                   references: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+def blend_fidelity(
+    engine,
+    samples: Sequence,
+    kvs: Sequence[Sequence[ChunkKV]],
+    codec: str,
+    ratio: float,
+    references: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, float]:
     """kl_mean / top1_agreement of cacheblend@ratio with every chunk's KV stored through `codec`, against
     the full prefill of the same prompt (teacher-forced on its greedy answer, as `ragkv eval` does)."""
-    from ...chunk_cache import chunk_key
-    from ...storage import MemoryTier, TieredStore
-    from ..eval.metrics import kl_per_position, top1_agreement
+    from ragkv.chunk_cache import chunk_key
+    from ragkv.eval.metrics import kl_per_position, top1_agreement
+    from ragkv.storage import MemoryTier, TieredStore
 
     engine.store = TieredStore([MemoryTier(16 << 30, codec=codec)])
     kls, agree = [], []
@@ -107,9 +123,9 @@ def _references(engine, samples: Sequence) -> list[tuple[torch.Tensor, torch.Ten
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...storage.config import StorageConfig, TierConfig, default_decode_workers
-    from ..engine import Engine
-    from ..eval.datasets import load_samples
+    from ragkv.engine.engine import Engine
+    from ragkv.eval.datasets import load_samples
+    from ragkv.storage.config import StorageConfig, TierConfig, default_decode_workers
 
     names = [n.strip() for n in args.codecs.split(",") if n.strip()]
     codecs = {n: get_codec(n) for n in names}  # unknown names fail here, before any model work
@@ -120,10 +136,14 @@ def run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     chunk_ids = [engine.tokenize_chunks(s.chunks) for s in samples]
     t0 = time.perf_counter()
-    kvs = [[kv.to(dtype=torch.float16) for kv in precompute_many(engine.model, ids, max_tokens_per_pass=2048)]
-           for ids in chunk_ids]
+    kvs = [
+        [kv.to(dtype=torch.float16) for kv in precompute_many(engine.model, ids, max_tokens_per_pass=2048)]
+        for ids in chunk_ids
+    ]
     flat = [kv for sample_kvs in kvs for kv in sample_kvs]
-    print(f"{len(flat)} chunks, {sum(k.num_tokens for k in flat)} tokens, precomputed in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"{len(flat)} chunks, {sum(k.num_tokens for k in flat)} tokens, precomputed in {time.perf_counter() - t0:.1f}s"
+    )
     workers = default_decode_workers() if args.decode_workers is None else args.decode_workers
     pool = DecodePool(workers) if workers and any(c.parallel_decode for c in codecs.values()) else None
     if pool is not None and not pool.wait_ready():  # booting workers would steal the cores from the timings
@@ -140,12 +160,20 @@ def run(args: argparse.Namespace) -> int:
         for n in codecs:
             core = n.removeprefix("lz4+") if n.startswith("lz4+") else ("identity" if n == "lz4" else n)
             if core not in seen:  # lz4 is lossless: lz4+X decodes to exactly X's tensors
-                seen[core] = base if get_codec(core).lossless else blend_fidelity(
-                    engine, samples, kvs, core, args.ratio, refs)
+                seen[core] = (
+                    base if get_codec(core).lossless else blend_fidelity(engine, samples, kvs, core, args.ratio, refs)
+                )
             rows[n].update({**seen[core], "kl_vs_uncompressed": seen[core]["kl_mean"] / max(base["kl_mean"], 1e-12)})
-    meta = {"model": args.model, "data": str(args.data), "limit": args.limit, "chunks": len(flat),
-            "tokens": sum(k.num_tokens for k in flat), "ratio": args.ratio, "torch_threads": torch.get_num_threads(),
-            "decode_workers": pool.workers if pool is not None else 0}
+    meta = {
+        "model": args.model,
+        "data": str(args.data),
+        "limit": args.limit,
+        "chunks": len(flat),
+        "tokens": sum(k.num_tokens for k in flat),
+        "ratio": args.ratio,
+        "torch_threads": torch.get_num_threads(),
+        "decode_workers": pool.workers if pool is not None else 0,
+    }
     Path(args.out).write_text(json.dumps({"meta": meta, "codecs": rows}, indent=2))
     print(markdown_table(rows))
     print(f"wrote {args.out}")
@@ -154,11 +182,29 @@ def run(args: argparse.Namespace) -> int:
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     """The results as a markdown table, one row per codec."""
-    cols = ["bits_per_value", "ratio_vs_fp16", "encode_mb_s", "decode_mb_s", "decode_1core_mb_s", "rel_error", "stated_rel_error",
-            "kl_mean", "kl_vs_uncompressed", "top1_agreement"]
+    cols = [
+        "bits_per_value",
+        "ratio_vs_fp16",
+        "encode_mb_s",
+        "decode_mb_s",
+        "decode_1core_mb_s",
+        "rel_error",
+        "stated_rel_error",
+        "kl_mean",
+        "kl_vs_uncompressed",
+        "top1_agreement",
+    ]
     cols = [c for c in cols if any(c in r for r in rows.values())]
     lines = ["| codec | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
         cells = [f"{r[c]:.4g}" if c in r else "" for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,11 +36,21 @@ class DocumentService:
         from ..retriever import Document
 
         self.retriever(namespace)
-        report = self.engine.ingest(documents=[Document(d["id"], d["text"], dict(d.get("metadata") or {}), "api")
-                                               for d in documents], namespace=namespace)
-        return {"documents": report.documents, "added": report.documents_added, "replaced": report.documents_replaced,
-                "unchanged": report.documents_unchanged, "chunks": report.chunks, "kv_computed": report.kv_computed,
-                "kv_cached": report.kv_cached, "errors": [str(e) for e in report.errors], "seconds": report.seconds}
+        report = self.engine.ingest(
+            documents=[Document(d["id"], d["text"], dict(d.get("metadata") or {}), "api") for d in documents],
+            namespace=namespace,
+        )
+        return {
+            "documents": report.documents,
+            "added": report.documents_added,
+            "replaced": report.documents_replaced,
+            "unchanged": report.documents_unchanged,
+            "chunks": report.chunks,
+            "kv_computed": report.kv_computed,
+            "kv_cached": report.kv_cached,
+            "errors": [str(e) for e in report.errors],
+            "seconds": report.seconds,
+        }
 
     def get(self, namespace: str, doc_id: str) -> dict | None:
         """The document's catalog record and chunks, or None."""
@@ -49,8 +59,10 @@ class DocumentService:
         if doc is None:
             return None
         rows = catalog.chunks([cid for cid, _, _ in doc.chunks])
-        chunks = [{"chunk_id": cid, "key": key, "num_tokens": len(rows[cid].token_ids) if cid in rows else None}
-                  for cid, key, _ in doc.chunks]
+        chunks = [
+            {"chunk_id": cid, "key": key, "num_tokens": len(rows[cid].token_ids) if cid in rows else None}
+            for cid, key, _ in doc.chunks
+        ]
         return {"id": doc.id, "metadata": doc.metadata, "num_tokens": doc.num_tokens, "chunks": chunks}
 
     def delete(self, namespace: str, doc_id: str) -> list[str] | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..engine import Engine
+from ..engine.engine import Engine
 from .datasets import Sample
 from .metrics import f1, kl_per_position, rouge_l, top1_agreement
 
@@ -49,9 +49,13 @@ def evaluate_sample(engine: Engine, sample: Sample, specs: Sequence[Spec], max_n
     reference = None
     for spec in specs:
         t0 = time.perf_counter()
-        plan, result, parts, hits, misses = engine.run(sample.question, chunks=chunks, strategy=spec.strategy,
-                                                       recompute_ratio=spec.ratio,
-                                                       reserve=max(max_new_tokens, TEACHER_TOKENS))
+        plan, result, parts, hits, misses = engine.run(
+            sample.question,
+            chunks=chunks,
+            strategy=spec.strategy,
+            recompute_ratio=spec.ratio,
+            reserve=max(max_new_tokens, TEACHER_TOKENS),
+        )
         ttft = (time.perf_counter() - t0) * 1e3
         answer_ids = engine.decode_answer(result, max_new_tokens)
         text = engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
@@ -62,12 +66,18 @@ def evaluate_sample(engine: Engine, sample: Sample, specs: Sequence[Spec], max_n
         logits = engine.teacher_forced_logits(result, forced)  # [P, vocab]
         kl = kl_per_position(ref_logits, logits)
         out[spec.label] = {
-            "ttft_ms": ttft, "parts_ms": parts, "recompute_fraction": result.recompute_fraction,
-            "f1": f1(text, sample.answers), "rouge_l": rouge_l(text, sample.answers),
-            "kl_first_token": float(kl[0]), "kl_mean": float(kl.mean()),
+            "ttft_ms": ttft,
+            "parts_ms": parts,
+            "recompute_fraction": result.recompute_fraction,
+            "f1": f1(text, sample.answers),
+            "rouge_l": rouge_l(text, sample.answers),
+            "kl_first_token": float(kl[0]),
+            "kl_mean": float(kl.mean()),
             "top1_agreement": top1_agreement(ref_logits, logits),
             "rouge_l_vs_full": rouge_l(text, [ref_text]) if ref_text else float(text == ref_text),
-            "answer": text, "prompt_tokens": plan.num_tokens, "misses": misses,
+            "answer": text,
+            "prompt_tokens": plan.num_tokens,
+            "misses": misses,
         }
     full_ttft = out["full"]["ttft_ms"]
     for row in out.values():
@@ -78,7 +88,15 @@ def evaluate_sample(engine: Engine, sample: Sample, specs: Sequence[Spec], max_n
 def summarize(per_sample: Sequence[dict[str, dict]]) -> dict[str, dict]:
     """Means of the quality metrics and medians of TTFT and speedup, per spec label."""
     labels = list(per_sample[0]) if per_sample else []
-    mean_keys = ("f1", "rouge_l", "kl_first_token", "kl_mean", "top1_agreement", "rouge_l_vs_full", "recompute_fraction")
+    mean_keys = (
+        "f1",
+        "rouge_l",
+        "kl_first_token",
+        "kl_mean",
+        "top1_agreement",
+        "rouge_l_vs_full",
+        "recompute_fraction",
+    )
     summary = {}
     for label in labels:
         rows = [s[label] for s in per_sample]
@@ -89,11 +107,12 @@ def summarize(per_sample: Sequence[dict[str, dict]]) -> dict[str, dict]:
     return summary
 
 
-def retrieve_in_the_loop(engine: Engine, samples: Sequence[Sample], k: int, namespace: str = "eval-corpus"
-                         ) -> list[Sample]:
+def retrieve_in_the_loop(
+    engine: Engine, samples: Sequence[Sample], k: int, namespace: str = "eval-corpus"
+) -> list[Sample]:
     """Pool every sample's passages into one ingested corpus, then give each question the `k` chunks
     the retriever finds for it (with their token ids) instead of its own passages."""
-    from ...retriever import Document
+    from ..retriever import Document
 
     texts = dict.fromkeys(c for s in samples for c in s.chunks)  # distinct passages, in order
     engine.ingest(documents=[Document(id=f"p{i}", text=t) for i, t in enumerate(texts)], namespace=namespace)
@@ -104,8 +123,13 @@ def retrieve_in_the_loop(engine: Engine, samples: Sequence[Sample], k: int, name
     return out
 
 
-def run_eval(engine: Engine, samples: Sequence[Sample], specs: Sequence[Spec], max_new_tokens: int = 32,
-             progress: Callable | None = None) -> tuple[dict[str, dict], list[dict[str, dict]]]:
+def run_eval(
+    engine: Engine,
+    samples: Sequence[Sample],
+    specs: Sequence[Spec],
+    max_new_tokens: int = 32,
+    progress: Callable | None = None,
+) -> tuple[dict[str, dict], list[dict[str, dict]]]:
     """Evaluate every sample; returns (summary, per-sample rows)."""
     rows = []
     for sample in progress(samples) if progress else samples:

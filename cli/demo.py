@@ -14,9 +14,12 @@ NAMESPACE = "demo"  # the demo's catalog and index live apart from the user's (D
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="answer shipped questions with full prefill vs blended reuse",
-                       description="Cache the chunk KV of a few shipped documents, then answer shipped questions "
-                                   "with a full prefill and with CacheBlend reuse, printing answers and TTFT.")
+    p = sub.add_parser(
+        "demo",
+        help="answer shipped questions with full prefill vs blended reuse",
+        description="Cache the chunk KV of a few shipped documents, then answer shipped questions "
+        "with a full prefill and with CacheBlend reuse, printing answers and TTFT.",
+    )
     p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id (default smollm2)")
     p.add_argument("--strategy", default="cacheblend", help="fusion strategy to compare with full (default cacheblend)")
     p.add_argument("--ratio", type=float, default=0.15, help="recompute ratio (default 0.15)")
@@ -26,10 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import Engine
-    from ..ingest import IngestConfig
+    from ..engine.engine import Engine
+    from ..engine.ingest import IngestConfig
 
-    demo = resources.files("ragkv.server") / "demo"
+    demo = resources.files("ragkv.cli") / "demo"
     paths = sorted(str(p) for p in demo.iterdir() if p.name.endswith(".txt"))
     questions = [json.loads(line) for line in (demo / "questions.jsonl").read_text().splitlines() if line.strip()]
     print(f"loading {args.model} ...", flush=True)
@@ -41,14 +44,24 @@ def run(args: argparse.Namespace) -> int:
     for q in questions:
         hits = engine.retrieve(q["question"], args.k, namespace=NAMESPACE)
         chunks = [h.token_ids for h in hits]
-        full = engine.generate(q["question"], chunks=chunks, strategy="full", max_new_tokens=args.max_new_tokens,
-                               namespace=NAMESPACE)
-        fused = engine.generate(q["question"], chunks=chunks, strategy=args.strategy, recompute_ratio=args.ratio,
-                                max_new_tokens=args.max_new_tokens, namespace=NAMESPACE)
+        full = engine.generate(
+            q["question"], chunks=chunks, strategy="full", max_new_tokens=args.max_new_tokens, namespace=NAMESPACE
+        )
+        fused = engine.generate(
+            q["question"],
+            chunks=chunks,
+            strategy=args.strategy,
+            recompute_ratio=args.ratio,
+            max_new_tokens=args.max_new_tokens,
+            namespace=NAMESPACE,
+        )
         label = f"{args.strategy}@{args.ratio:g}"
         print(f"{q['question'][:58]:58s} {'full':16s} {full.ttft_ms:8.0f} {1.0:7.2f}  {full.text!r}")
-        print(f"{'  chunks: ' + ', '.join(Path(h.doc_id).name for h in hits):58s} {label:16s} {fused.ttft_ms:8.0f} "
-              f"{full.ttft_ms / fused.ttft_ms:7.2f}  {fused.text!r}  (cache hits {sum(fused.hits.values())}/{len(chunks)}, "
-              f"recomputed {fused.recompute_fraction:.0%})")
+        print(
+            f"{'  chunks: ' + ', '.join(Path(h.doc_id).name for h in hits):58s} {label:16s} {fused.ttft_ms:8.0f} "
+            f"{full.ttft_ms / fused.ttft_ms:7.2f}  {fused.text!r}  "
+            f"(cache hits {sum(fused.hits.values())}/{len(chunks)}, "
+            f"recomputed {fused.recompute_fraction:.0%})"
+        )
     engine.close()
     return 0

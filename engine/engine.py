@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import torch
 
-from ..adapters import ModelAdapter, load_adapter
 from ..blend import BlendPlan, blend, extend, make_plan, make_strategy, to_dynamic_cache
 from ..blend.loop import BlendResult
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
+from ..models import ModelAdapter, load_adapter
 from ..retriever import Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
 from ..storage.config import build_store
@@ -30,8 +30,13 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class Engine:
     """RAG generation over cached chunk KV."""
 
-    def __init__(self, model: ModelAdapter, store: TieredStore, config: EngineConfig = EngineConfig(),
-                 template: PromptTemplate = PromptTemplate()) -> None:
+    def __init__(
+        self,
+        model: ModelAdapter,
+        store: TieredStore,
+        config: EngineConfig = EngineConfig(),
+        template: PromptTemplate = PromptTemplate(),
+    ) -> None:
         self.model = model
         self.store = store
         self.config = config
@@ -42,8 +47,7 @@ class Engine:
     def from_pretrained(cls, model: str = "smollm2", config: EngineConfig | None = None, **overrides) -> Engine:
         """Load `model` (alias `smollm2`, a local path or a cached HF id) with the configured chunk store."""
         config = config or EngineConfig.from_env(model=model, **overrides)
-        adapter = load_adapter(config.model, data_dir=config.data_dir, device=config.device,
-                               dtype=_dtype(config.dtype))
+        adapter = load_adapter(config.model, data_dir=config.data_dir, device=config.device, dtype=_dtype(config.dtype))
         return cls(adapter, build_store(config.storage_config()), config)
 
     @property
@@ -61,8 +65,13 @@ class Engine:
             self._retrievers[ns] = Retriever.open(path, self.model, cfg, catalog_url=self.config.catalog(ns))
         return self._retrievers[ns]
 
-    def ingest(self, paths: Sequence[str] = (), documents: Sequence[Document] = (), namespace: str | None = None,
-               config: IngestConfig = IngestConfig(progress=False)) -> IngestReport:
+    def ingest(
+        self,
+        paths: Sequence[str] = (),
+        documents: Sequence[Document] = (),
+        namespace: str | None = None,
+        config: IngestConfig = IngestConfig(progress=False),
+    ) -> IngestReport:
         """Chunk, embed and index files (`paths`) or `Document`s, and store their chunk KV durably."""
         ingester = Ingester(self.model, self.store, self.retriever(namespace), config)
         return ingester.ingest(paths) if paths else ingester.ingest_documents(documents)
@@ -90,8 +99,9 @@ class Engine:
                 raise ValueError(f"document {i} is empty: every document needs at least one token")
         return ids
 
-    def ensure_cached(self, chunks: Sequence[Sequence[int]], namespace: str | None = None
-                      ) -> tuple[list[ChunkKey], dict[str, int], int]:
+    def ensure_cached(
+        self, chunks: Sequence[Sequence[int]], namespace: str | None = None
+    ) -> tuple[list[ChunkKey], dict[str, int], int]:
         """Keys of `chunks`, precomputing and storing the misses; returns (keys, hits per tier, misses)."""
         keys = [chunk_key(self.model, c, namespace or self.config.namespace) for c in chunks]
         where = self.store.lookup(keys)
@@ -106,8 +116,9 @@ class Engine:
                 self.store.put(key, kv, cost=kv.num_tokens)
         return keys, hits, sum(w is None for w in where)
 
-    def _sources(self, plan: BlendPlan, keys: Sequence[ChunkKey], chunks: Sequence[Sequence[int]]
-                 ) -> tuple[list[tuple[int, LayeredKV]], int]:
+    def _sources(
+        self, plan: BlendPlan, keys: Sequence[ChunkKey], chunks: Sequence[Sequence[int]]
+    ) -> tuple[list[tuple[int, LayeredKV]], int]:
         """Each chunk's cached KV (read lazily, layer by layer) at its start row; an entry that vanished
         or failed its checksum since `lookup` is recomputed now. Returns (sources, recomputed count)."""
         found = self.store.get_layered_many(keys)
@@ -135,10 +146,18 @@ class Engine:
         prefix, query, sep = self.template.render(self.tokenizer, question)
         return make_plan(prefix, chunks, query, sep)
 
-    def run(self, question: str, documents: Sequence[str] | None = None, *, chunks: Sequence[Sequence[int]] | None = None,
-            strategy: str | None = None, recompute_ratio: float | None = None, namespace: str | None = None,
-            k: int | None = None, reserve: int | None = None
-            ) -> tuple[BlendPlan, BlendResult, dict[str, float], dict[str, int], int]:
+    def run(
+        self,
+        question: str,
+        documents: Sequence[str] | None = None,
+        *,
+        chunks: Sequence[Sequence[int]] | None = None,
+        strategy: str | None = None,
+        recompute_ratio: float | None = None,
+        namespace: str | None = None,
+        k: int | None = None,
+        reserve: int | None = None,
+    ) -> tuple[BlendPlan, BlendResult, dict[str, float], dict[str, int], int]:
         """Plan and fuse one prompt over `documents` (texts), `chunks` (token ids) or, with neither,
         the `k` retrieved chunks: (plan, blend result, parts in ms, hits per tier, misses). The result
         keeps `reserve` rows (default: max_new_tokens) to decode into."""
@@ -164,7 +183,9 @@ class Engine:
             elif fuse.reuse == "prefix" and plan.prefix_len > 1:
                 sources = self._prefix_source(plan, namespace)
             t3 = time.perf_counter()
-            result = blend(self.model, plan, fuse, sources, reserve=self.config.max_new_tokens if reserve is None else reserve)
+            result = blend(
+                self.model, plan, fuse, sources, reserve=self.config.max_new_tokens if reserve is None else reserve
+            )
         parts = {"lookup": (t1 - t0) * 1e3, "precompute": (t2 - t1) * 1e3, "fetch": (t3 - t2) * 1e3}
         parts.update({k: v * 1e3 for k, v in result.seconds.items() if k != "total"})
         return plan, result, parts, hits, misses
@@ -197,24 +218,52 @@ class Engine:
         plan, result, *_ = self.run(question, documents, **kwargs)
         return to_dynamic_cache(result, plan.num_tokens - 1), plan.input_ids[None].to(self.model.device)
 
-    def generate(self, question: str, documents: Sequence[str] | None = None, *, chunks=None, k: int | None = None,
-                 strategy: str | None = None, recompute_ratio: float | None = None, max_new_tokens: int | None = None,
-                 stream: bool = False, namespace: str | None = None, temperature: float = 0.0):
+    def generate(
+        self,
+        question: str,
+        documents: Sequence[str] | None = None,
+        *,
+        chunks=None,
+        k: int | None = None,
+        strategy: str | None = None,
+        recompute_ratio: float | None = None,
+        max_new_tokens: int | None = None,
+        stream: bool = False,
+        namespace: str | None = None,
+        temperature: float = 0.0,
+    ):
         """Answer `question` over `documents` (texts), `chunks` (token ids) or the `k` retrieved chunks:
         an `Answer`, or with `stream=True` an iterator of text pieces whose last item is the `Answer`."""
-        events = self._generate(question, documents, chunks, k, strategy, recompute_ratio,
-                                max_new_tokens or self.config.max_new_tokens, namespace, temperature)
+        events = self._generate(
+            question,
+            documents,
+            chunks,
+            k,
+            strategy,
+            recompute_ratio,
+            max_new_tokens or self.config.max_new_tokens,
+            namespace,
+            temperature,
+        )
         if stream:
             return events
         *_, answer = events
         return answer
 
-    def _generate(self, question, documents, chunks, k, strategy, ratio, max_new_tokens, namespace, temperature
-                  ) -> Iterator[str | Answer]:
+    def _generate(
+        self, question, documents, chunks, k, strategy, ratio, max_new_tokens, namespace, temperature
+    ) -> Iterator[str | Answer]:
         t0 = time.perf_counter()
-        plan, result, parts, hits, misses = self.run(question, documents, chunks=chunks, strategy=strategy,
-                                                     recompute_ratio=ratio, namespace=namespace, k=k,
-                                                     reserve=max_new_tokens)
+        plan, result, parts, hits, misses = self.run(
+            question,
+            documents,
+            chunks=chunks,
+            strategy=strategy,
+            recompute_ratio=ratio,
+            namespace=namespace,
+            k=k,
+            reserve=max_new_tokens,
+        )
         ttft = (time.perf_counter() - t0) * 1e3
         eos = self.eos_ids
         tokens: list[int] = []
@@ -224,16 +273,23 @@ class Engine:
                 break
             tokens.append(token)
             full = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            piece, text = full[len(text):], full
+            piece, text = full[len(text) :], full
             if piece:
                 yield piece
         name = strategy or self.config.blend.strategy
         yield Answer(
-            text=text.strip(), token_ids=tokens, strategy=name,
+            text=text.strip(),
+            token_ids=tokens,
+            strategy=name,
             recompute_ratio=self.config.blend.recompute_ratio if ratio is None else ratio,
-            ttft_ms=ttft, parts_ms=parts, recompute_fraction=result.recompute_fraction,
-            prompt_tokens=plan.num_tokens, hits=hits, misses=misses,
-            decode_ms=(time.perf_counter() - t0) * 1e3 - ttft, first_logits=result.logits,
+            ttft_ms=ttft,
+            parts_ms=parts,
+            recompute_fraction=result.recompute_fraction,
+            prompt_tokens=plan.num_tokens,
+            hits=hits,
+            misses=misses,
+            decode_ms=(time.perf_counter() - t0) * 1e3 - ttft,
+            first_logits=result.logits,
         )
 
 

@@ -60,15 +60,19 @@ def _jsonl(path: Path) -> Iterator[Sample]:
     for n, rec in enumerate(_lines(path), 1):
         missing = [k for k in ("question", "chunks", "answers") if k not in rec]
         if missing:
-            raise ValueError(f"{path}:{n}: missing field(s) {', '.join(missing)}; "
-                             'expected {"id", "question", "chunks": [str], "answers": [str]}')
+            raise ValueError(
+                f"{path}:{n}: missing field(s) {', '.join(missing)}; "
+                'expected {"id", "question", "chunks": [str], "answers": [str]}'
+            )
         yield Sample(str(rec.get("id", n)), rec["question"], tuple(rec["chunks"]), tuple(rec["answers"]))
 
 
 def _cacheblend(path: Path) -> Iterator[Sample]:
     """CacheBlend's inputs: `[{"ctxs": [{"title", "text"}], "question", "answers"}]`; 2WikiMQA nests answers."""
     records = json.loads(path.read_text())
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "ctxs" in r and "question" in r for r in records):
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and "ctxs" in r and "question" in r for r in records
+    ):
         raise ValueError(f"{path}: expected a JSON list of {{ctxs: [{{title, text}}], question, answers}} records")
     for n, rec in enumerate(records, 1):
         answers = [a for group in rec["answers"] for a in (group if isinstance(group, list) else [group])]
@@ -82,7 +86,9 @@ def _multinews(path: Path) -> Iterator[Sample]:
 
     for n, rec in enumerate(_lines(path), 1):
         docs = [d.strip() for d in re.split(r"Passage \d+:\n?", rec["context"]) if d.strip()]
-        yield Sample(str(rec.get("_id", n)), "Write a one-page summary of all the news.", tuple(docs), tuple(rec["answers"]))
+        yield Sample(
+            str(rec.get("_id", n)), "Write a one-page summary of all the news.", tuple(docs), tuple(rec["answers"])
+        )
 
 
 def _samsum(path: Path) -> Iterator[Sample]:
@@ -112,5 +118,11 @@ def _nq(path: Path, distractors: int = 9) -> Iterator[Sample]:
         yield Sample(str(n), rec["question"], chunks, tuple(rec["answers"]))
 
 
-_READERS = {"jsonl": _jsonl, "musique": _cacheblend, "wikimqa": _cacheblend, "multinews": _multinews,
-            "samsum": _samsum, "nq": _nq}
+_READERS = {
+    "jsonl": _jsonl,
+    "musique": _cacheblend,
+    "wikimqa": _cacheblend,
+    "multinews": _multinews,
+    "samsum": _samsum,
+    "nq": _nq,
+}

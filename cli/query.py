@@ -12,11 +12,14 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("query", help="answer one question over documents (files, strings or retrieval)",
-                       description=__doc__)
+    p = sub.add_parser(
+        "query", help="answer one question over documents (files, strings or retrieval)", description=__doc__
+    )
     p.add_argument("question")
     p.add_argument("--doc", action="append", default=[], metavar="TEXT", help="a document as a string (repeatable)")
-    p.add_argument("--file", action="append", default=[], metavar="PATH", help="a document from a text file (repeatable)")
+    p.add_argument(
+        "--file", action="append", default=[], metavar="PATH", help="a document from a text file (repeatable)"
+    )
     p.add_argument("--retrieve", type=int, default=0, metavar="K", help="also fuse the K best ingested chunks")
     p.add_argument("--strategy", default=None, help="full, prefix, naive, cacheblend (default) or epic")
     p.add_argument("--ratio", type=float, default=None, help="recompute ratio in [0, 1] (default 0.15)")
@@ -41,31 +44,48 @@ def _documents(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...blend.config import validate
+    from ..blend.config import validate
 
     validate(args.strategy or "cacheblend", 0.15 if args.ratio is None else args.ratio)
     docs = _documents(args)
     if args.server:
-        from ..client import RagkvClient
+        from ..server.client import RagkvClient
 
         client = RagkvClient(args.server, api_key=args.api_key)
-        out = client.generate(args.question, docs, k=args.retrieve or None, strategy=args.strategy,
-                              recompute_ratio=args.ratio, max_new_tokens=args.max_new_tokens)
-        print(json.dumps(out, indent=2) if args.json else f"{out['text']}\n[TTFT {out['ttft_ms']:.0f} ms, "
-              f"hits {out['hits']}, misses {out['misses']}]")
+        out = client.generate(
+            args.question,
+            docs,
+            k=args.retrieve or None,
+            strategy=args.strategy,
+            recompute_ratio=args.ratio,
+            max_new_tokens=args.max_new_tokens,
+        )
+        print(
+            json.dumps(out, indent=2)
+            if args.json
+            else f"{out['text']}\n[TTFT {out['ttft_ms']:.0f} ms, hits {out['hits']}, misses {out['misses']}]"
+        )
         return 0
-    from ..engine import Engine
+    from ..engine.engine import Engine
 
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     engine = Engine.from_pretrained(args.model, **overrides)
     chunks = engine.tokenize_chunks(docs) if docs else []
     if args.retrieve:
-        from ..documents import DocumentService
+        from ..engine.documents import DocumentService
 
-        chunks += [list(h.token_ids) for h in DocumentService(engine).search(engine.config.namespace, args.question,
-                                                                             args.retrieve)]
-    events = engine.generate(args.question, chunks=chunks, strategy=args.strategy, recompute_ratio=args.ratio,
-                             max_new_tokens=args.max_new_tokens, stream=True)
+        chunks += [
+            list(h.token_ids)
+            for h in DocumentService(engine).search(engine.config.namespace, args.question, args.retrieve)
+        ]
+    events = engine.generate(
+        args.question,
+        chunks=chunks,
+        strategy=args.strategy,
+        recompute_ratio=args.ratio,
+        max_new_tokens=args.max_new_tokens,
+        stream=True,
+    )
     answer = None
     for item in events:
         if isinstance(item, str):
@@ -77,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer.to_dict(), indent=2))
     else:
-        print(("\n" if args.stream else answer.text + "\n") + f"[{answer.strategy}, TTFT {answer.ttft_ms:.0f} ms, "
-              f"hits {answer.hits}, misses {answer.misses}, recomputed {answer.recompute_fraction:.0%}]",
-              file=sys.stdout)
+        print(
+            ("\n" if args.stream else answer.text + "\n") + f"[{answer.strategy}, TTFT {answer.ttft_ms:.0f} ms, "
+            f"hits {answer.hits}, misses {answer.misses}, recomputed {answer.recompute_fraction:.0%}]",
+            file=sys.stdout,
+        )
     return 0

@@ -3,7 +3,7 @@
 Pools every passage of the Lost-in-the-Middle NQ-Open oracle file (one gold passage per question;
 the other questions' passages are the distractors), embeds passages ("title\\ntext") and questions
 with the configured encoder, and searches each index kind. Prints a table, writes JSON.
-    python -m ragkv.retriever.bench --data PATH/nq-open-oracle.jsonl.gz --out results-retrieval.json
+    python benchmarks/bench_retrieval.py --data PATH/nq-open-oracle.jsonl.gz --out results-retrieval.json
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RetrieverConfig
-from .embedder import HFEmbedder
-from .index import VectorIndex
+from ragkv.retriever.config import RetrieverConfig
+from ragkv.retriever.embedder import HFEmbedder
+from ragkv.retriever.index import VectorIndex
 
 KS = (1, 5, 10)
 
@@ -48,7 +48,7 @@ def recall(ids: np.ndarray, gold: list[int]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ragkv.retriever.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_retrieval.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="nq-open-oracle.jsonl.gz")
     p.add_argument("--limit", type=int, default=0, help="only the first N questions (0 = all)")
     p.add_argument("--embedder", default=None, help="local HF encoder folder (default: bundled all-MiniLM-L6-v2)")
@@ -72,11 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             np.savez(cache, passages=pvec, questions=qvec)
     ids = np.arange(len(passages), dtype=np.int64)
     rows = []
-    kinds = [("flat", RetrieverConfig()), ("ivf", RetrieverConfig(index_kind="ivf", ivf_nprobe=8)),
-             ("ivf", RetrieverConfig(index_kind="ivf", ivf_nprobe=32)),
-             ("hnsw", RetrieverConfig(index_kind="hnsw", hnsw_ef_search=16)),
-             ("hnsw", RetrieverConfig(index_kind="hnsw", hnsw_ef_search=64))]  # fmt: skip
-    for name, cfg in kinds:
+    kinds = [
+        ("flat", RetrieverConfig()),
+        ("ivf", RetrieverConfig(index_kind="ivf", ivf_nprobe=8)),
+        ("ivf", RetrieverConfig(index_kind="ivf", ivf_nprobe=32)),
+        ("hnsw", RetrieverConfig(index_kind="hnsw", hnsw_ef_search=16)),
+        ("hnsw", RetrieverConfig(index_kind="hnsw", hnsw_ef_search=64)),
+    ]
+    for cfg in (cfg for _, cfg in kinds):
         index = VectorIndex(pvec.shape[1], cfg)
         t = time.perf_counter()
         index.build(ids, pvec)
@@ -84,16 +87,33 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         _, found = index.search(qvec, 10)  # [Q, 10]
         t_search = time.perf_counter() - t
-        rows.append(dict(index=index.built_kind, params=index.describe().split(" ", 1)[1], **recall(found, gold), build_s=round(t_build, 3),
-                         search_ms_per_query=round(1000 * t_search / len(questions), 4)))  # fmt: skip
-    result = dict(dataset=str(args.data), questions=len(questions), passages=len(passages),
-                  embedder=args.embedder or "all-MiniLM-L6-v2", embed_seconds=round(t_embed, 1), rows=rows)  # fmt: skip
-    print(f"{len(questions)} questions, {len(passages)} pooled passages, embedder {result['embedder']}"
-          + (f", embedding {t_embed:.0f}s" if t_embed else ""))  # fmt: skip
+        rows.append(
+            dict(
+                index=index.built_kind,
+                params=index.describe().split(" ", 1)[1],
+                **recall(found, gold),
+                build_s=round(t_build, 3),
+                search_ms_per_query=round(1000 * t_search / len(questions), 4),
+            )
+        )
+    result = dict(
+        dataset=str(args.data),
+        questions=len(questions),
+        passages=len(passages),
+        embedder=args.embedder or "all-MiniLM-L6-v2",
+        embed_seconds=round(t_embed, 1),
+        rows=rows,
+    )
+    print(
+        f"{len(questions)} questions, {len(passages)} pooled passages, embedder {result['embedder']}"
+        + (f", embedding {t_embed:.0f}s" if t_embed else "")
+    )
     print(f"{'index':<6} {'params':<24} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'build s':>8} {'ms/query':>9}")
     for r in rows:
-        print(f"{r['index']:<6} {r['params']:<24} {r['recall@1']:6.3f} {r['recall@5']:6.3f} {r['recall@10']:6.3f} "
-              f"{r['build_s']:8.3f} {r['search_ms_per_query']:9.4f}")  # fmt: skip
+        print(
+            f"{r['index']:<6} {r['params']:<24} {r['recall@1']:6.3f} {r['recall@5']:6.3f} {r['recall@10']:6.3f} "
+            f"{r['build_s']:8.3f} {r['search_ms_per_query']:9.4f}"
+        )
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 

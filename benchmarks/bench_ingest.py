@@ -2,8 +2,9 @@
 
 Modes: `one-by-one` (max_tokens_per_pass=0), `packed-mask` (prepacked, one attention over the pass
 with a block-diagonal [T, T] mask: the first prepacked path) and `packed-varlen` (prepacked, one
-causal attention per chunk: what `ModelAdapter.forward_kv` does now). Modes are interleaved and repeated; the table shows
-the median tokens/s. `python -m ragkv.server.ingest_bench --chunk-tokens 64,256 --out results.json`
+causal attention per chunk: what `ModelAdapter.forward_kv` does now). Modes are interleaved and
+repeated; the table shows the median tokens/s.
+`python benchmarks/bench_ingest.py --chunk-tokens 64,256 --out results.json`
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import load_adapter
-from ..chunk_cache import precompute_many
+from ragkv.chunk_cache import precompute_many
+from ragkv.models import load_adapter
 
 
 class _Masked:
@@ -31,7 +32,9 @@ class _Masked:
         self.sink_ids = adapter.sink_ids
 
     @torch.inference_mode()
-    def forward_kv(self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_kv(
+        self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
         a, t = self.a, ids.shape[0]
         mask = None
         if segments is not None:
@@ -44,7 +47,9 @@ class _Masked:
         for layer in range(a.num_layers):
             q, k, v = a.qkv(layer, h, cos, sin)
             kv[0, layer], kv[1, layer] = k, v
-            o = a._sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask)  # [1, H_q, T, D]
+            o = a._sdpa(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask
+            )  # [1, H_q, T, D]
             block = a.layers[layer]
             h = h + block.self_attn.o_proj(o[0].transpose(0, 1).reshape(t, -1))
             h = h + block.mlp(block.post_attention_layernorm(h))
@@ -52,7 +57,7 @@ class _Masked:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ragkv.server.ingest_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_ingest.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--data-dir", default="~/.cache/ragkv")
     p.add_argument("--device", default="cpu")
@@ -73,11 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     vocab = adapter.config.vocab_size
     g = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{args.model} on {args.device} ({torch.get_num_threads()} threads), pass budget {args.pass_tokens} tokens, "
-          f"median of {args.repeats}", flush=True)  # fmt: skip
+    print(
+        f"{args.model} on {args.device} ({torch.get_num_threads()} threads), pass budget {args.pass_tokens} tokens, "
+        f"median of {args.repeats}",
+        flush=True,
+    )
     print(f"{'chunk tok':>9} {'chunks':>6} {'mode':<14} {'tok/s':>8} {'best':>8} {'x one-by-one':>12}", flush=True)
     for length in map(int, args.chunk_tokens.split(",")):
-        chunks = [torch.randint(100, vocab, (length,), generator=g).tolist() for _ in range(max(1, args.tokens // length))]
+        chunks = [
+            torch.randint(100, vocab, (length,), generator=g).tolist() for _ in range(max(1, args.tokens // length))
+        ]
         n_tok = sum(map(len, chunks))
         runs = {
             "one-by-one": lambda: precompute_many(adapter, chunks, max_tokens_per_pass=0),
@@ -96,14 +106,31 @@ def main(argv: list[str] | None = None) -> int:
         base = n_tok / statistics.median(times[modes[0]])
         for mode in modes:
             rate = n_tok / statistics.median(times[mode])
-            rows.append(dict(chunk_tokens=length, chunks=len(chunks), mode=mode, tokens_per_s=round(rate, 1),
-                             best_tokens_per_s=round(n_tok / min(times[mode]), 1),
-                             speedup_vs_first=round(rate / base, 3), seconds=[round(x, 3) for x in times[mode]]))  # fmt: skip
+            rows.append(
+                dict(
+                    chunk_tokens=length,
+                    chunks=len(chunks),
+                    mode=mode,
+                    tokens_per_s=round(rate, 1),
+                    best_tokens_per_s=round(n_tok / min(times[mode]), 1),
+                    speedup_vs_first=round(rate / base, 3),
+                    seconds=[round(x, 3) for x in times[mode]],
+                )
+            )
             r = rows[-1]
-            print(f"{r['chunk_tokens']:>9} {r['chunks']:>6} {r['mode']:<14} {r['tokens_per_s']:>8.1f} "
-                  f"{r['best_tokens_per_s']:>8.1f} {r['speedup_vs_first']:>12.2f}", flush=True)  # fmt: skip
-    result = dict(model=args.model, device=args.device, threads=torch.get_num_threads(), pass_tokens=args.pass_tokens,
-                  machine=platform.processor() or platform.machine(), rows=rows)  # fmt: skip
+            print(
+                f"{r['chunk_tokens']:>9} {r['chunks']:>6} {r['mode']:<14} {r['tokens_per_s']:>8.1f} "
+                f"{r['best_tokens_per_s']:>8.1f} {r['speedup_vs_first']:>12.2f}",
+                flush=True,
+            )
+    result = dict(
+        model=args.model,
+        device=args.device,
+        threads=torch.get_num_threads(),
+        pass_tokens=args.pass_tokens,
+        machine=platform.processor() or platform.machine(),
+        rows=rows,
+    )
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 

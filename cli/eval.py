@@ -11,12 +11,17 @@ from ..eval.datasets import FORMATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="compare strategies against a full prefill on a dataset",
-                       description="Evaluate fusion strategies against a full prefill of the same prompts: "
-                                   "quality (F1, ROUGE-L, KL, top-1) and TTFT, measured side by side.")
+    p = sub.add_parser(
+        "eval",
+        help="compare strategies against a full prefill on a dataset",
+        description="Evaluate fusion strategies against a full prefill of the same prompts: "
+        "quality (F1, ROUGE-L, KL, top-1) and TTFT, measured side by side.",
+    )
     p.add_argument("--data", required=True, help="dataset file")
     p.add_argument("--format", default="jsonl", choices=FORMATS, help="dataset format (default: jsonl)")
-    p.add_argument("--strategies", default="full,naive,cacheblend", help="comma-separated: full,prefix,naive,cacheblend,epic")
+    p.add_argument(
+        "--strategies", default="full,naive,cacheblend", help="comma-separated: full,prefix,naive,cacheblend,epic"
+    )
     p.add_argument("--ratios", default="0.15", help="comma-separated recompute ratios for cacheblend/epic")
     p.add_argument("--limit", type=int, default=20, help="number of samples (default 20)")
     p.add_argument("--max-chunks", type=int, default=None, help="keep at most this many passages per sample")
@@ -24,13 +29,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--retrieve", type=int, default=0, metavar="K",
-                   help="retrieval in the loop: ingest all samples' passages as one corpus, answer each question "
-                        "over the K chunks retrieved for it (default 0: each sample's own passages)")
+    p.add_argument(
+        "--retrieve",
+        type=int,
+        default=0,
+        metavar="K",
+        help="retrieval in the loop: ingest all samples' passages as one corpus, answer each question "
+        "over the K chunks retrieved for it (default 0: each sample's own passages)",
+    )
     p.add_argument("--tier", default="memory", help="where chunk KV is read from: memory (default) or disk")
     p.add_argument("--codec", default="identity", help="codec for the chunk KV tier (default identity)")
-    p.add_argument("--decode-workers", type=int, default=None,
-                   help="processes decoding a CPU-bound codec such as cachegen (default: one per core; 0: inline)")
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="processes decoding a CPU-bound codec such as cachegen (default: one per core; 0: inline)",
+    )
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
     p.set_defaults(func=run)
@@ -40,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..engine import Engine
+    from ..engine.engine import Engine
+    from ..engine.prompt import PromptTemplate, template_for
     from ..eval.datasets import load_samples
     from ..eval.report import markdown_table, plot
     from ..eval.runner import parse_specs, retrieve_in_the_loop, run_eval
-    from ..prompt import PromptTemplate, template_for
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,13 +71,28 @@ def run(args: argparse.Namespace) -> int:
     engine.template = template_for(args.format) if isinstance(engine.template, PromptTemplate) else engine.template
     if args.retrieve:
         samples = retrieve_in_the_loop(engine, samples, args.retrieve)
-    summary, rows = run_eval(engine, samples, specs, args.max_new_tokens,
-                             progress=lambda xs: tqdm(xs, desc=f"eval {Path(args.data).name}", unit="q"))
-    report = {"model": args.model, "dataset": str(args.data), "format": args.format, "n": len(samples),
-              "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
-                                                                  f"{torch.get_num_threads()} threads)",
-              "tier": args.tier, "codec": args.codec, "decode_workers": args.decode_workers,
-              "retrieve_k": args.retrieve, "results": summary, "samples": rows}
+    summary, rows = run_eval(
+        engine,
+        samples,
+        specs,
+        args.max_new_tokens,
+        progress=lambda xs: tqdm(xs, desc=f"eval {Path(args.data).name}", unit="q"),
+    )
+    report = {
+        "model": args.model,
+        "dataset": str(args.data),
+        "format": args.format,
+        "n": len(samples),
+        "device": args.device
+        if args.device != "cpu"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "tier": args.tier,
+        "codec": args.codec,
+        "decode_workers": args.decode_workers,
+        "retrieve_k": args.retrieve,
+        "results": summary,
+        "samples": rows,
+    }
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown_table(summary))
     if args.plot:
@@ -75,7 +104,7 @@ def _store_overrides(args: argparse.Namespace) -> dict:
     """`--tier memory|disk --codec NAME`: every chunk is read from that one tier, through that codec."""
     import tempfile
 
-    from ...storage.config import StorageConfig, TierConfig
+    from ..storage.config import StorageConfig, TierConfig
 
     if args.tier not in ("memory", "disk"):
         raise ValueError(f"unknown --tier {args.tier!r}; accepted: memory, disk")
@@ -84,4 +113,6 @@ def _store_overrides(args: argparse.Namespace) -> dict:
     workers = args.decode_workers
     if kind != "disk":
         return {"storage": StorageConfig(tiers=tiers, decode_workers=workers)}
-    return {"storage": StorageConfig(tiers=tiers, disk_dir=tempfile.mkdtemp(prefix="ragkv-eval-"), decode_workers=workers)}
+    return {
+        "storage": StorageConfig(tiers=tiers, disk_dir=tempfile.mkdtemp(prefix="ragkv-eval-"), decode_workers=workers)
+    }

@@ -66,11 +66,13 @@ class IngestReport:
 
     def summary(self) -> str:
         rate = self.kv_tokens / self.kv_seconds if self.kv_seconds else 0.0
-        return (f"{self.documents} documents ({self.documents_added} added, {self.documents_replaced} replaced, "
-                f"{self.documents_unchanged} unchanged), {self.tokens} tokens, {self.chunks} chunks "
-                f"({self.chunks_new} new); KV: {self.kv_computed} computed ({self.kv_tokens} tokens, {rate:.0f} tok/s), "
-                f"{self.kv_cached} already cached; {len(self.invalidated)} keys invalidated; "
-                f"{len(self.errors)} errors; {self.seconds:.1f}s")  # fmt: skip
+        return (
+            f"{self.documents} documents ({self.documents_added} added, {self.documents_replaced} replaced, "
+            f"{self.documents_unchanged} unchanged), {self.tokens} tokens, {self.chunks} chunks "
+            f"({self.chunks_new} new); KV: {self.kv_computed} computed ({self.kv_tokens} tokens, {rate:.0f} tok/s), "
+            f"{self.kv_cached} already cached; {len(self.invalidated)} keys invalidated; "
+            f"{len(self.errors)} errors; {self.seconds:.1f}s"
+        )
 
 
 class Ingester:
@@ -131,8 +133,17 @@ class _Run:
 
     def __init__(self, ing: Ingester) -> None:
         self.ing = ing
-        self.counts = dict(documents_added=0, documents_replaced=0, documents_unchanged=0, tokens=0, chunks=0,
-                           chunks_new=0, kv_computed=0, kv_cached=0, kv_tokens=0)  # fmt: skip
+        self.counts = dict(
+            documents_added=0,
+            documents_replaced=0,
+            documents_unchanged=0,
+            tokens=0,
+            chunks=0,
+            chunks_new=0,
+            kv_computed=0,
+            kv_cached=0,
+            kv_tokens=0,
+        )
         self.kv_seconds = 0.0
         self.errors: list[IngestError] = []
         self.invalidated: list[ChunkKey] = []
@@ -148,8 +159,12 @@ class _Run:
         limit = self.ing.retriever.config.max_document_bytes
         size = len(doc.text.encode())
         if size > limit:
-            self.errors.append(IngestError(doc.source or doc.id, f"document {doc.id!r} of {size} bytes is over the "
-                                           f"limit of {limit} bytes (max_document_bytes)"))  # fmt: skip
+            self.errors.append(
+                IngestError(
+                    doc.source or doc.id,
+                    f"document {doc.id!r} of {size} bytes is over the limit of {limit} bytes (max_document_bytes)",
+                )
+            )
             return
         self.batch.append(doc)
         if len(self.batch) >= self.ing.config.documents_per_batch:
@@ -221,5 +236,10 @@ class _Run:
         self.kv_bar.close()
 
     def report(self, seconds: float) -> IngestReport:
-        return IngestReport(**self.counts, kv_seconds=self.kv_seconds, seconds=seconds,
-                            invalidated=tuple(self.invalidated), errors=tuple(self.errors))  # fmt: skip
+        return IngestReport(
+            **self.counts,
+            kv_seconds=self.kv_seconds,
+            seconds=seconds,
+            invalidated=tuple(self.invalidated),
+            errors=tuple(self.errors),
+        )

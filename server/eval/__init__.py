@@ -1,1 +1,0 @@
-"""The evaluation harness: datasets, quality metrics, the runner and its report."""
