@@ -24,8 +24,9 @@ def full_prefill(model: ModelAdapter, plan: BlendPlan, reserve: int = 0) -> Blen
         raise ValueError(f"prompt of {n} tokens exceeds the model's exact attention span of {model.max_context}")
     t0 = time.perf_counter()
     out = model.model.model(plan.input_ids[None].to(dev), use_cache=True)
+    cache = getattr(out, "cache", None)  # transformers >= 5.2x; `past_key_values` before
     buffers = []
-    for layer in out.past_key_values.layers:  # keys/values [1, H_kv, N, D]
+    for layer in (cache if cache is not None else out.past_key_values).layers:  # keys/values [1, H_kv, N, D]
         k_all = torch.empty(*layer.keys.shape[:2], n + reserve, layer.keys.shape[3], dtype=model.dtype, device=dev)
         v_all = torch.empty_like(k_all)
         k_all[:, :, :n], v_all[:, :, :n] = layer.keys, layer.values
