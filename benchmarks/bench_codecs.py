@@ -105,8 +105,8 @@ def blend_fidelity(
         chunks = engine.tokenize_chunks(sample.chunks)
         for ids, kv in zip(chunks, sample_kvs):
             engine.store.put(chunk_key(engine.model, ids, engine.config.namespace), kv)
-        _, result, *_ = engine.run(sample.question, chunks=chunks, strategy="cacheblend", recompute_ratio=ratio)
-        logits = engine.teacher_forced_logits(result, forced)  # [P, vocab]
+        run = engine.run(sample.question, chunks=chunks, strategy="cacheblend", recompute_ratio=ratio, reserve=16)
+        logits = engine.teacher_forced_logits(run.blend, run.prompt_tokens, forced)  # [P, vocab]
         kls.append(float(kl_per_position(ref_logits, logits).mean()))
         agree.append(top1_agreement(ref_logits, logits))
     return {"kl_mean": sum(kls) / len(kls), "top1_agreement": sum(agree) / len(agree)}
@@ -116,9 +116,11 @@ def _references(engine, samples: Sequence) -> list[tuple[torch.Tensor, torch.Ten
     """Per sample: the full prefill's greedy answer (16 tokens) and its logits along that answer."""
     refs = []
     for sample in samples:
-        _, full, *_ = engine.run(sample.question, chunks=engine.tokenize_chunks(sample.chunks), strategy="full")
-        forced = torch.tensor(engine.decode_answer(full, 16) or [int(full.logits.argmax())])
-        refs.append((forced, engine.teacher_forced_logits(full, forced)))
+        full = engine.run(sample.question, chunks=engine.tokenize_chunks(sample.chunks), strategy="full", reserve=16)
+        forced = torch.tensor(
+            list(engine.answer_ids(full.blend, full.prompt_tokens, 16)) or [int(full.logits.argmax())]
+        )
+        refs.append((forced, engine.teacher_forced_logits(full.blend, full.prompt_tokens, forced)))
     return refs
 
 

@@ -1,9 +1,9 @@
 """Ingestion-throughput benchmark: chunk KV precompute one chunk per pass vs prepacked passes.
 
-Modes: `one-by-one` (max_tokens_per_pass=0), `packed-mask` (prepacked, one attention over the pass
-with a block-diagonal [T, T] mask: the first prepacked path) and `packed-varlen` (prepacked, one
-causal attention per chunk: what `ModelAdapter.forward_kv` does now). Modes are interleaved and
-repeated; the table shows the median tokens/s.
+Modes: `one-by-one` (max_tokens_per_pass=0) and `packed-varlen` (prepacked, one causal attention
+per chunk: what `ModelAdapter.forward_kv` does). The earlier `packed-mask` mode (one attention over
+the pass with a block-diagonal mask) was retired with its code; its figures stay in BENCHMARKS.md.
+Modes are interleaved and repeated; the table shows the median tokens/s.
 `python benchmarks/bench_ingest.py --chunk-tokens 64,256 --out results.json`
 """
 
@@ -22,40 +22,6 @@ from ragkv.chunk_cache import precompute_many
 from ragkv.models import load_adapter
 
 
-class _Masked:
-    """The adapter with the previous prepacked path: one attention over the whole pass with a
-    block-diagonal [T, T] mask (for the `packed-mask` mode; same math as `forward_kv`)."""
-
-    def __init__(self, adapter) -> None:
-        self.a = adapter
-        self.fingerprint, self.tokenizer_fingerprint = adapter.fingerprint, adapter.tokenizer_fingerprint
-        self.sink_ids = adapter.sink_ids
-
-    @torch.inference_mode()
-    def forward_kv(
-        self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        a, t = self.a, ids.shape[0]
-        mask = None
-        if segments is not None:
-            idx = torch.arange(t, device=a.device)
-            seg = segments.to(a.device)
-            mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # [T, T]
-        kv = torch.empty(2, a.num_layers, t, a.num_kv_heads, a.head_dim, dtype=a.dtype, device=a.device)
-        h = a.embed(ids)  # [T, hidden]
-        cos, sin = a.rope(positions)
-        for layer in range(a.num_layers):
-            q, k, v = a.qkv(layer, h, cos, sin)
-            kv[0, layer], kv[1, layer] = k, v
-            o = a._sdpa(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask
-            )  # [1, H_q, T, D]
-            block = a.layers[layer]
-            h = h + block.self_attn.o_proj(o[0].transpose(0, 1).reshape(t, -1))
-            h = h + block.mlp(block.post_attention_layernorm(h))
-        return kv
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/bench_ingest.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -65,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="tokens per measurement (chunks = tokens / length)")
     p.add_argument("--pass-tokens", type=int, default=2048, help="prepacking budget per forward pass")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--modes", default="one-by-one,packed-mask,packed-varlen")
+    p.add_argument("--modes", default="one-by-one,packed-varlen", help="comma-separated: one-by-one, packed-varlen")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="results-ingest-throughput.json")
     args = p.parse_args(argv)
@@ -73,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     adapter = load_adapter(args.model, data_dir=args.data_dir, device=args.device)
-    masked = _Masked(adapter)
     modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in ("one-by-one", "packed-varlen")]
+    if unknown:
+        p.error(f"unknown mode(s) {', '.join(unknown)}; accepted: one-by-one, packed-varlen")
     vocab = adapter.config.vocab_size
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -91,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         n_tok = sum(map(len, chunks))
         runs = {
             "one-by-one": lambda: precompute_many(adapter, chunks, max_tokens_per_pass=0),
-            "packed-mask": lambda: precompute_many(masked, chunks, max_tokens_per_pass=args.pass_tokens),
             "packed-varlen": lambda: precompute_many(adapter, chunks, max_tokens_per_pass=args.pass_tokens),
         }
         precompute_many(adapter, chunks[:2], max_tokens_per_pass=args.pass_tokens)  # warm-up

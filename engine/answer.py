@@ -14,14 +14,13 @@ class Answer:
     strategy: str
     recompute_ratio: float
     ttft_ms: float
-    parts_ms: dict[
-        str, float
-    ]  # lookup, precompute (misses), fetch (store reads), load, rerotate, recompute, first_token
+    parts_ms: dict[str, float]  # engine.run_result.PARTS: retrieve ... first_token, other; they sum to ttft_ms
     recompute_fraction: float
     prompt_tokens: int
     hits: dict[str, int] = field(default_factory=dict)  # per tier
     misses: int = 0
-    decode_ms: float = 0.0
+    decode_ms: float = 0.0  # from the first token to the end (includes upkeep_ms)
+    upkeep_ms: float = 0.0  # store upkeep the request deferred (promotions), run after the first token
     first_logits: object = None  # torch.Tensor [vocab]; kept out of to_dict()
 
     def to_dict(self) -> dict:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 
-from ..blend import BlendPlan, blend, extend, make_plan, make_strategy, to_dynamic_cache
-from ..blend.loop import BlendResult
+from ..blend import BlendPlan, BlendResult, blend, extend, make_plan, make_strategy, to_dynamic_cache
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
 from ..models import ModelAdapter, load_adapter
 from ..retriever import Document, RetrievedChunk, Retriever
@@ -21,8 +21,11 @@ from ..storage.config import build_store
 from .answer import Answer
 from .config import EngineConfig
 from .decode import decode
+from .full_prefill import full_prefill
 from .ingest import IngestConfig, Ingester, IngestReport
 from .prompt import PromptTemplate
+from .run_result import PARTS, RunResult
+from .stopwatch import Stopwatch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,11 +39,13 @@ class Engine:
         store: TieredStore,
         config: EngineConfig = EngineConfig(),
         template: PromptTemplate = PromptTemplate(),
+        embedder=None,
     ) -> None:
         self.model = model
         self.store = store
         self.config = config
         self.template = template
+        self.embedder = embedder  # the retriever's Embedder; None: the configured HF encoder
         self._retrievers: dict[str, Retriever] = {}
 
     @classmethod
@@ -62,7 +67,9 @@ class Engine:
             cfg = replace(self.config.retriever, namespace=ns)
             path = self.config.data_path(ns)
             path.mkdir(parents=True, exist_ok=True)
-            self._retrievers[ns] = Retriever.open(path, self.model, cfg, catalog_url=self.config.catalog(ns))
+            self._retrievers[ns] = Retriever.open(
+                path, self.model, cfg, embedder=self.embedder, catalog_url=self.config.catalog(ns)
+            )
         return self._retrievers[ns]
 
     def ingest(
@@ -103,43 +110,38 @@ class Engine:
         self, chunks: Sequence[Sequence[int]], namespace: str | None = None
     ) -> tuple[list[ChunkKey], dict[str, int], int]:
         """Keys of `chunks`, precomputing and storing the misses; returns (keys, hits per tier, misses)."""
-        keys = [chunk_key(self.model, c, namespace or self.config.namespace) for c in chunks]
-        where = self.store.lookup(keys)
+        keys, hits, missing, misses = self._lookup(chunks, namespace or self.config.namespace)
+        self._precompute(missing)
+        return keys, hits, misses
+
+    def _lookup(
+        self, chunks: Sequence[Sequence[int]], namespace: str
+    ) -> tuple[list[ChunkKey], dict[str, int], dict[ChunkKey, Sequence[int]], int]:
+        """(keys, hits per tier, missing key -> its token ids, misses counting repeats); no precompute."""
+        keys = [chunk_key(self.model, c, namespace) for c in chunks]
         hits: dict[str, int] = {}
-        for tier in where:
-            if tier is not None:
+        missing: dict[ChunkKey, Sequence[int]] = {}  # a repeated chunk is computed once
+        misses = 0
+        for key, chunk, tier in zip(keys, chunks, self.store.lookup(keys)):
+            if tier is None:
+                missing[key] = chunk
+                misses += 1
+            else:
                 hits[tier] = hits.get(tier, 0) + 1
-        missing = {k: c for k, c, w in zip(keys, chunks, where) if w is None}  # dedup repeated chunks
+        return keys, hits, missing, misses
+
+    def _precompute(self, missing: dict[ChunkKey, Sequence[int]]) -> None:
+        """Compute and store the KV of `missing` chunks (packed several per pass)."""
         if missing:
             computed = precompute_many(self.model, list(missing.values()), self.config.prepack_tokens)
             for key, kv in zip(missing, computed):
                 self.store.put(key, kv, cost=kv.num_tokens)
-        return keys, hits, sum(w is None for w in where)
 
-    def _sources(
-        self, plan: BlendPlan, keys: Sequence[ChunkKey], chunks: Sequence[Sequence[int]]
-    ) -> tuple[list[tuple[int, LayeredKV]], int]:
-        """Each chunk's cached KV (read lazily, layer by layer) at its start row; an entry that vanished
-        or failed its checksum since `lookup` is recomputed now. Returns (sources, recomputed count)."""
-        found = self.store.get_layered_many(keys)
-        recomputed = 0
-        for i, kv in enumerate(found):
-            if kv is None:
-                fresh = precompute_many(self.model, [chunks[i]])[0]
-                self.store.put(keys[i], fresh, cost=fresh.num_tokens)
-                found[i] = fresh
-                recomputed += 1
-        return [(start, kv) for (start, _), kv in zip(plan.chunk_spans, found)], recomputed
-
-    def _prefix_source(self, plan: BlendPlan, namespace: str) -> list[tuple[int, LayeredKV]]:
-        """Exact-prefix reuse: the KV of the prompt's prefix, computed from position 0."""
+    def _prefix_source(self, plan: BlendPlan, namespace: str) -> tuple[LayeredKV | None, ChunkKey]:
+        """Exact-prefix reuse: the cached KV of the prompt's prefix (None on a miss) and its key."""
         prefix = plan.input_ids[: plan.prefix_len].tolist()
         key = ChunkKey.of(self.model.fingerprint + ":prefix", self.model.tokenizer_fingerprint, prefix, namespace)
-        kv = self.store.get_layered(key)
-        if kv is None:
-            kv = ChunkKV(self.model.forward_kv(torch.tensor(prefix), torch.arange(len(prefix))), pos0=0)
-            self.store.put(key, kv)
-        return [(0, kv)]
+        return self.store.get_layered(key), key
 
     # -- the query path -------------------------------------------------------------------------
     def plan(self, question: str, chunks: Sequence[Sequence[int]]) -> BlendPlan:
@@ -157,55 +159,76 @@ class Engine:
         namespace: str | None = None,
         k: int | None = None,
         reserve: int | None = None,
-    ) -> tuple[BlendPlan, BlendResult, dict[str, float], dict[str, int], int]:
+    ) -> RunResult:
         """Plan and fuse one prompt over `documents` (texts), `chunks` (token ids) or, with neither,
-        the `k` retrieved chunks: (plan, blend result, parts in ms, hits per tier, misses). The result
-        keeps `reserve` rows (default: max_new_tokens) to decode into."""
+        the `k` retrieved chunks. The blend result keeps `reserve` rows (default: max_new_tokens) to
+        decode into. Store upkeep the request deferred runs after the TTFT is taken, before returning."""
+        with self._session(question, documents, chunks, strategy, recompute_ratio, namespace, k, reserve) as run:
+            return run
+
+    @contextmanager
+    def _session(self, question, documents, chunks, strategy, ratio, namespace, k, reserve) -> Iterator[RunResult]:
+        """Yields the RunResult while the request's store entries are pinned; leaving runs the upkeep
+        (promotions) the pins deferred, so callers leave after the first token is out."""
         name = strategy or self.config.blend.strategy
-        ratio = self.config.blend.recompute_ratio if recompute_ratio is None else recompute_ratio
+        ratio = self.config.blend.recompute_ratio if ratio is None else ratio
         fuse = make_strategy(name, ratio, self.config.blend)
         namespace = namespace or self.config.namespace
-        t0 = time.perf_counter()
+        reserve = self.config.max_new_tokens if reserve is None else reserve
+        watch = Stopwatch(self.model.device)
         if chunks is None and documents is None:  # nothing given: retrieve from the index
             chunks = [hit.token_ids for hit in self.retrieve(question, k or 5, namespace)]
+            watch.lap("retrieve")
         chunk_ids = list(chunks) if chunks is not None else self.tokenize_chunks(documents)
         plan = self.plan(question, chunk_ids)
-        hits, misses, sources = {}, 0, []
-        t1 = time.perf_counter()
-        keys: list[ChunkKey] = []
+        watch.lap("template")
+        keys, hits, missing, misses = [], {}, {}, 0
         if fuse.reuse == "chunks" and chunk_ids:
-            keys, hits, misses = self.ensure_cached(chunk_ids, namespace)
-        t2 = time.perf_counter()
+            keys, hits, missing, misses = self._lookup(chunk_ids, namespace)
+        watch.lap("lookup")
+        if missing:  # a part with nothing to do takes no lap: it stays exactly 0
+            self._precompute(missing)
+            watch.lap("precompute")
         with self.store.pinned(keys):  # nothing this request reads is evicted under it
+            sources: list[tuple[int, LayeredKV]] = []
             if keys:
-                sources, recomputed = self._sources(plan, keys, chunk_ids)
-                misses += recomputed
+                found = self.store.get_layered_many(keys)  # file reads and checksums; layers decode lazily
+                watch.lap("load")
+                for i, kv in enumerate(found):  # vanished or corrupt since lookup: compute it now
+                    if kv is None:
+                        found[i] = precompute_many(self.model, [chunk_ids[i]])[0]
+                        self.store.put(keys[i], found[i], cost=found[i].num_tokens)
+                        misses += 1
+                        watch.lap("precompute")
+                sources = [(start, kv) for (start, _), kv in zip(plan.chunk_spans, found)]
             elif fuse.reuse == "prefix" and plan.prefix_len > 1:
-                sources = self._prefix_source(plan, namespace)
-            t3 = time.perf_counter()
-            result = blend(
-                self.model, plan, fuse, sources, reserve=self.config.max_new_tokens if reserve is None else reserve
-            )
-        parts = {"lookup": (t1 - t0) * 1e3, "precompute": (t2 - t1) * 1e3, "fetch": (t3 - t2) * 1e3}
-        parts.update({k: v * 1e3 for k, v in result.seconds.items() if k != "total"})
-        return plan, result, parts, hits, misses
-
-    def decode_answer(self, result: BlendResult, max_new_tokens: int, temperature: float = 0.0) -> list[int]:
-        """Greedy (or sampled) answer token ids from a blend result, EOS excluded."""
-        eos = self.eos_ids
-        tokens = []
-        for token in decode(self.model, result, max_new_tokens, eos, temperature):
-            if token in eos:
-                break
-            tokens.append(token)
-        return tokens
+                kv, key = self._prefix_source(plan, namespace)
+                watch.lap("load")
+                if kv is None:
+                    prefix = plan.input_ids[: plan.prefix_len]
+                    kv = ChunkKV(self.model.forward_kv(prefix, torch.arange(plan.prefix_len)), pos0=0)
+                    self.store.put(key, kv)
+                    misses += 1
+                    watch.lap("precompute")
+                sources = [(0, kv)]
+            if fuse.reuse == "none":
+                result = full_prefill(self.model, plan, reserve)
+            else:
+                result = blend(self.model, plan, fuse, sources, reserve=reserve)
+            watch.lap("other")  # the blend's own parts are moved out of this lap below
+            parts = {name: watch.parts.get(name, 0.0) for name in PARTS}
+            for part, seconds in result.seconds.items():
+                if part in parts and part != "other":
+                    parts[part] += seconds * 1e3
+                    parts["other"] -= seconds * 1e3
+            yield RunResult(plan, result, watch.elapsed_ms(), parts, hits, misses)
 
     @torch.inference_mode()
-    def teacher_forced_logits(self, result: BlendResult, forced: torch.Tensor) -> torch.Tensor:
-        """Logits [P, vocab] at each of the P positions of `forced` [P] fed after the prompt."""
+    def teacher_forced_logits(self, result: BlendResult, prompt_tokens: int, forced: torch.Tensor) -> torch.Tensor:
+        """Logits [P, vocab] at each of the P positions of `forced` [P] fed after a prompt of `prompt_tokens`."""
         if forced.numel() == 1:
             return result.logits[None]
-        after = extend(self.model, result, forced[:-1].to(self.model.device), result.keys[0].shape[2])  # [P-1, vocab]
+        after = extend(self.model, result, forced[:-1].to(self.model.device), prompt_tokens)  # [P-1, vocab]
         return torch.cat([result.logits[None], after])  # [P, vocab]
 
     @property
@@ -213,10 +236,22 @@ class Engine:
         ids = (self.tokenizer.eos_token_id, getattr(self.model.config, "eos_token_id", None))
         return {i for i in ids if isinstance(i, int)}
 
+    def answer_ids(
+        self, result: BlendResult, prompt_tokens: int, max_new_tokens: int, temperature: float = 0.0
+    ) -> Iterator[int]:
+        """The answer's token ids after a blend of `prompt_tokens` (greedy, or sampled), EOS excluded:
+        the one decode loop of the engine."""
+        eos = self.eos_ids
+        for token in decode(self.model, result, prompt_tokens, max_new_tokens, eos, temperature):
+            if token in eos:
+                return
+            yield token
+
     def prepare(self, question: str, documents: Sequence[str] | None = None, **kwargs):
         """(DynamicCache of all but the last prompt token, input_ids [1, N]) for `model.generate`."""
-        plan, result, *_ = self.run(question, documents, **kwargs)
-        return to_dynamic_cache(result, plan.num_tokens - 1), plan.input_ids[None].to(self.model.device)
+        run = self.run(question, documents, **kwargs)
+        cache = to_dynamic_cache(run.blend, run.prompt_tokens - 1)
+        return cache, run.plan.input_ids[None].to(self.model.device)
 
     def generate(
         self,
@@ -254,42 +289,41 @@ class Engine:
         self, question, documents, chunks, k, strategy, ratio, max_new_tokens, namespace, temperature
     ) -> Iterator[str | Answer]:
         t0 = time.perf_counter()
-        plan, result, parts, hits, misses = self.run(
-            question,
-            documents,
-            chunks=chunks,
-            strategy=strategy,
-            recompute_ratio=ratio,
-            namespace=namespace,
-            k=k,
-            reserve=max_new_tokens,
-        )
-        ttft = (time.perf_counter() - t0) * 1e3
-        eos = self.eos_ids
-        tokens: list[int] = []
-        text = ""
-        for token in decode(self.model, result, max_new_tokens, eos, temperature):
-            if token in eos:
-                break
-            tokens.append(token)
-            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            piece, text = full[len(text) :], full
-            if piece:
-                yield piece
-        name = strategy or self.config.blend.strategy
+        session = self._session(question, documents, chunks, strategy, ratio, namespace, k, max_new_tokens)
+        run = session.__enter__()
+        upkeep_ms = None
+        try:
+            tokens: list[int] = []
+            text = ""
+            for token in self.answer_ids(run.blend, run.prompt_tokens, max_new_tokens, temperature):
+                tokens.append(token)
+                full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                piece, text = full[len(text) :], full
+                if piece:
+                    yield piece
+                if upkeep_ms is None:  # the first token is out: now the store's deferred upkeep
+                    t1 = time.perf_counter()
+                    session.__exit__(None, None, None)
+                    upkeep_ms = (time.perf_counter() - t1) * 1e3
+        finally:
+            if upkeep_ms is None:
+                t1 = time.perf_counter()
+                session.__exit__(None, None, None)
+                upkeep_ms = (time.perf_counter() - t1) * 1e3
         yield Answer(
             text=text.strip(),
             token_ids=tokens,
-            strategy=name,
+            strategy=strategy or self.config.blend.strategy,
             recompute_ratio=self.config.blend.recompute_ratio if ratio is None else ratio,
-            ttft_ms=ttft,
-            parts_ms=parts,
-            recompute_fraction=result.recompute_fraction,
-            prompt_tokens=plan.num_tokens,
-            hits=hits,
-            misses=misses,
-            decode_ms=(time.perf_counter() - t0) * 1e3 - ttft,
-            first_logits=result.logits,
+            ttft_ms=run.ttft_ms,
+            parts_ms=run.parts_ms,
+            recompute_fraction=run.blend.recompute_fraction,
+            prompt_tokens=run.prompt_tokens,
+            hits=run.hits,
+            misses=run.misses,
+            decode_ms=(time.perf_counter() - t0) * 1e3 - run.ttft_ms,
+            upkeep_ms=upkeep_ms,
+            first_logits=run.logits,
         )
 
 

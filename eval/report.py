@@ -1,4 +1,5 @@
-"""The eval report: a markdown table of the summary, and an optional quality-vs-TTFT plot."""
+"""The eval report: a markdown table of the summary (speedups vs `full` and vs the model's own forward,
+`hf`), and an optional quality-vs-TTFT plot."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ COLUMNS = (
     "rouge_l_vs_full",
     "ttft_ms_median",
     "speedup_vs_full",
+    "speedup_vs_hf",
     "recompute_fraction",
 )
 

@@ -53,15 +53,17 @@ def main() -> None:
         keys, _, _ = engine.ensure_cached(chunks)
 
         def run(strategy):
-            sources = [] if strategy.reuse == "none" else engine._sources(plan, keys, chunks)[0]
+            found = [] if strategy.reuse == "none" else engine.store.get_layered_many(keys)
+            sources = [(start, kv) for (start, _), kv in zip(plan.chunk_spans, found)]
             return blend(engine.model, plan, strategy, sources, reserve=16)
 
         full = run(make_strategy("full"))
-        forced = torch.tensor(engine.decode_answer(full, 16)[:16] or [int(full.logits.argmax())])
-        reference = engine.teacher_forced_logits(full, forced)
+        n = plan.num_tokens
+        forced = torch.tensor(list(engine.answer_ids(full, n, 16)) or [int(full.logits.argmax())])
+        reference = engine.teacher_forced_logits(full, n, forced)
 
         def kl(result) -> float:
-            return float(kl_per_position(reference, engine.teacher_forced_logits(result, forced)).mean())
+            return float(kl_per_position(reference, engine.teacher_forced_logits(result, n, forced)).mean())
 
         naive = run(make_strategy("naive"))
         in_chunk = torch.zeros(plan.num_tokens, dtype=torch.bool)
@@ -69,9 +71,10 @@ def main() -> None:
             in_chunk[start:end] = True
         per_layer = []  # [L] of [N]: squared K+V deviation of naive from full, normalised per layer
         for layer in range(engine.model.num_layers):
-            d = (full.keys[layer][0] - naive.keys[layer][0]).pow(2).sum((0, 2)) + (
-                full.values[layer][0] - naive.values[layer][0]
-            ).pow(2).sum((0, 2))  # [N]
+            (fk, fv), (nk, nv) = full.buffers[layer], naive.buffers[layer]  # [1, H, N + reserve, D]
+            d = (fk[0, :, :n] - nk[0, :, :n]).pow(2).sum((0, 2)) + (fv[0, :, :n] - nv[0, :, :n]).pow(2).sum(
+                (0, 2)
+            )  # [N]
             per_layer.append(d / d[in_chunk].mean())
         dev = torch.stack(per_layer)  # [L, N]
         half = engine.model.num_layers // 2

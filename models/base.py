@@ -7,17 +7,14 @@ query tokens' positions, so selected tokens attend over cached and fresh keys al
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .fingerprint import model_fingerprint, tokenizer_fingerprint
 from .rope import check_rope, inv_freq, rotate_half
-
-_RECIPE = "ragkv-precompute-v1"
 
 
 class ModelAdapter(ABC):
@@ -46,8 +43,8 @@ class ModelAdapter(ABC):
             bos = bos if bos is not None else getattr(cfg, "bos_token_id", None)
             sink_ids = (int(bos),) if bos is not None else ()
         self.sink_ids = tuple(sink_ids)
-        self.fingerprint = self._fingerprint()
-        self.tokenizer_fingerprint = _tokenizer_fingerprint(tokenizer)
+        self.fingerprint = model_fingerprint(self)  # architecture, sampled weights, sinks, recipe: no paths
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
 
     # -- device -------------------------------------------------------------------------------
     @property
@@ -163,27 +160,3 @@ class ModelAdapter(ABC):
             kv[0, layer], kv[1, layer] = k, v
             h = self.attend(layer, h, q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], segments=spans)
         return kv
-
-    # -- identity -------------------------------------------------------------------------------
-    def _fingerprint(self) -> str:
-        """Changes with the architecture, the weights, the sink context and the precompute recipe."""
-        h = hashlib.sha256(_RECIPE.encode())
-        h.update(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
-        h.update(repr(self.sink_ids).encode())
-        m = self.model.model
-        for t in (
-            m.embed_tokens.weight[:8],
-            m.norm.weight,
-            self.layers[0].self_attn.q_proj.weight[:4],
-            self.layers[-1].mlp.down_proj.weight[:4],
-        ):
-            h.update(t.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()[:32]
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    if tokenizer is None:
-        return "no-tokenizer"
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]

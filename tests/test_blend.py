@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from ragkv.blend import BlendConfig, blend, kv_tensor, make_plan, make_strategy, rerotate, rotation, to_dynamic_cache
 from ragkv.chunk_cache import precompute, precompute_many
@@ -76,8 +77,24 @@ def test_ratio_zero_keeps_rerotated_chunk_rows(tiny_adapter, name):
     # The prefix is computed fresh and sees only itself: it must match a full prefill exactly.
     ref_kv, _ = _reference(tiny_adapter, plan)
     torch.testing.assert_close(merged[:, :, : plan.prefix_len], ref_kv[:, :, : plan.prefix_len], **TOL)
-    # Query rows are fresh: they differ from what a cached copy would hold only through context.
-    assert torch.isfinite(result.logits).all()
+    # Query rows are fresh: transformers' own forward of the query over the merged prefix + chunk rows
+    # (as a cache, at the query's positions) gives the same K/V and first-token logits.
+    q0 = plan.chunk_spans[-1][1]  # the query starts after the last chunk (no separators here)
+    cache = DynamicCache(
+        ddp_cache_data=[
+            (merged[0, i, :q0].transpose(0, 1)[None], merged[1, i, :q0].transpose(0, 1)[None])
+            for i in range(tiny_adapter.num_layers)
+        ]
+    )
+    with torch.inference_mode():
+        out = tiny_adapter.model(
+            plan.input_ids[None, q0:], past_key_values=cache, position_ids=plan.positions[None, q0:], use_cache=True
+        )
+    for layer in range(tiny_adapter.num_layers):
+        fresh = out.past_key_values.layers[layer]
+        torch.testing.assert_close(merged[0, layer, q0:], fresh.keys[0, :, q0:].transpose(0, 1), **TOL)
+        torch.testing.assert_close(merged[1, layer, q0:], fresh.values[0, :, q0:].transpose(0, 1), **TOL)
+    torch.testing.assert_close(result.logits, out.logits[0, -1].float(), **TOL)
 
 
 def test_cacheblend_recomputes_the_requested_fraction(tiny_adapter):

@@ -78,6 +78,8 @@ def test_specs_and_summary_table():
     row = {
         "ttft_ms": 10.0,
         "speedup_vs_full": 2.0,
+        "speedup_vs_hf": 1.5,
+        "hf_ttft_ms": 15.0,
         "f1": 1.0,
         "rouge_l": 1.0,
         "kl_first_token": 0.1,
@@ -87,6 +89,9 @@ def test_specs_and_summary_table():
         "recompute_fraction": 0.2,
         "prompt_tokens": 100,
     }
-    summary = summarize([{"naive": row}, {"naive": {**row, "ttft_ms": 30.0, "speedup_vs_full": 4.0}}])
+    summary = summarize(
+        [{"naive": row}, {"naive": {**row, "ttft_ms": 30.0, "speedup_vs_full": 4.0, "speedup_vs_hf": 0.5}}]
+    )
     assert summary["naive"]["ttft_ms_median"] == 20.0 and summary["naive"]["speedup_vs_full"] == 3.0
+    assert summary["naive"]["speedup_vs_hf"] == 1.0 and summary["naive"]["hf_ttft_ms_median"] == 15.0
     assert "| naive |" in markdown_table(summary)

