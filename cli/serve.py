@@ -24,6 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--queue-size", type=int, default=None, help="requests that may wait for the model (default 64)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.add_argument(
+        "--upstream",
+        default=None,
+        metavar="URL",
+        help="proxy mode: fuse here, generate on this vLLM server (started with ragkv's connector, see docs/VLLM.md)",
+    )
+    p.add_argument(
+        "--fused-dir",
+        default=None,
+        metavar="DIR",
+        help="proxy mode: where fused KV is published for vLLM's connector (default /dev/shm/ragkv-fused)",
+    )
+    p.add_argument("--upstream-model", default=None, help="proxy mode: the upstream's model name (default: ask it)")
     p.set_defaults(func=run)
 
 
@@ -47,7 +60,15 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(settings.torch_threads)
     print(f"loading {settings.model} ...", flush=True)
-    app = create_app(settings)
+    upstream = None
+    if args.upstream:
+        from ..server.fused_store import FusedKVStore
+        from ..server.upstream import Upstream, fused_dir_default
+
+        fused_dir = args.fused_dir or fused_dir_default()
+        upstream = Upstream(args.upstream, FusedKVStore(fused_dir, max_entries=16), model=args.upstream_model)
+        print(f"proxy mode: generating on {upstream.url}, fused KV published to {fused_dir}", flush=True)
+    app = create_app(settings, upstream=upstream)
     uvicorn.run(
         app,
         host=settings.host,

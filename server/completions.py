@@ -40,9 +40,10 @@ class Job:
     temperature: float
     namespace: str
     retrieved: list[dict] = field(default_factory=list)
+    upstream: dict = field(default_factory=dict)  # proxy mode: what the inference server did (server.upstream)
 
-    def run(self, engine, documents) -> Iterator[str | Answer]:
-        """Resolve the chunks (texts, chunk ids, retrieval) and generate: text pieces, then the Answer."""
+    def resolve_chunks(self, engine, documents) -> list[list[int]]:
+        """The chunks' token ids in order: texts, ingested chunk ids, then retrieved chunks."""
         chunks: list[list[int] | None] = [None] * (len(self.texts) + len(self.refs))
         for (pos, _), ids in zip(self.texts, engine.tokenize_chunks([t for _, t in self.texts])):
             chunks[pos] = ids
@@ -53,9 +54,13 @@ class Job:
             for hit in documents.search(self.namespace, self.retrieve_query, self.retrieve_k):
                 chunks.append(list(hit.token_ids))
                 self.retrieved.append({"chunk_id": hit.chunk_id, "doc_id": hit.doc_id, "score": round(hit.score, 6)})
+        return chunks
+
+    def run(self, engine, documents) -> Iterator[str | Answer]:
+        """Resolve the chunks and generate: text pieces, then the Answer."""
         yield from engine.generate(
             self.question,
-            chunks=chunks,
+            chunks=self.resolve_chunks(engine, documents),
             strategy=self.strategy,
             recompute_ratio=self.ratio,
             max_new_tokens=self.max_new_tokens,
@@ -126,6 +131,8 @@ def usage_and_ragkv(answer: Answer, job: Job, queue_ms: float) -> dict:
         chunks=len(job.texts) + len(job.refs) + len(job.retrieved),
         retrieved=job.retrieved,
     )
+    if job.upstream:
+        ragkv["upstream"] = job.upstream
     return {
         "usage": {
             "prompt_tokens": answer.prompt_tokens,
@@ -163,7 +170,11 @@ async def _respond(request: Request, body, job: Job, chat: bool):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     t0 = time.perf_counter()
-    events = state.worker.stream(lambda: job.run(state.engine, state.documents))
+    upstream = getattr(state, "upstream", None)  # proxy mode: ragkv fuses, the upstream generates
+    if upstream is not None:
+        events = upstream.stream(job, state)
+    else:
+        events = state.worker.stream(lambda: job.run(state.engine, state.documents))
     first = await _first(events)  # errors before the first token become a 4xx/5xx JSON reply
 
     def envelope(choice: dict, **extra) -> dict:
