@@ -18,6 +18,7 @@ from ..models import ModelAdapter, load_adapter
 from ..retriever import Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
 from ..storage.config import build_store
+from ..storage.lease import compute_once
 from .answer import Answer
 from .config import EngineConfig
 from .decode import decode
@@ -110,11 +111,12 @@ class Engine:
             if tier is not None:
                 hits[tier] = hits.get(tier, 0) + 1
         missing = {k: c for k, c, w in zip(keys, chunks, where) if w is None}  # dedup repeated chunks
-        if missing:
-            computed = precompute_many(self.model, list(missing.values()), self.config.prepack_tokens)
-            for key, kv in zip(missing, computed):
-                self.store.put(key, kv, cost=kv.num_tokens)
-        return keys, hits, sum(w is None for w in where)
+        # each chunk computed once across sidecars sharing a Redis tier; `shared`: computed by another one
+        shared = compute_once(self.store, missing, lambda c: precompute_many(self.model, c, self.config.prepack_tokens))
+        for k in keys:
+            if k in shared:
+                hits[shared[k]] = hits.get(shared[k], 0) + 1
+        return keys, hits, sum(w is None and k not in shared for k, w in zip(keys, where))
 
     def _sources(
         self, plan: BlendPlan, keys: Sequence[ChunkKey], chunks: Sequence[Sequence[int]]
