@@ -22,6 +22,7 @@ class Answer:
     hits: dict[str, int] = field(default_factory=dict)  # per tier
     misses: int = 0
     decode_ms: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # e.g. a shared cache tier was unreachable (degraded)
     first_logits: object = None  # torch.Tensor [vocab]; kept out of to_dict()
 
     def to_dict(self) -> dict:

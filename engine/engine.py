@@ -18,6 +18,7 @@ from ..models import ModelAdapter, load_adapter
 from ..retriever import Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
 from ..storage.config import build_store
+from ..storage.health import degraded_warnings
 from ..storage.lease import compute_once
 from .answer import Answer
 from .config import EngineConfig
@@ -291,6 +292,7 @@ class Engine:
             hits=hits,
             misses=misses,
             decode_ms=(time.perf_counter() - t0) * 1e3 - ttft,
+            warnings=degraded_warnings(self.store),
             first_logits=result.logits,
         )
 
