@@ -4,16 +4,20 @@ same request stream, duplicate precomputes, client errors while Redis is killed 
 
     python benchmarks/multi_sidecar.py --sidecars 3 --clients 12 --requests 20 --out docs/bench/multi_sidecar.json
 
-The request stream replays the RAGPulse trace (/work/shared/data/ragpulse, read at run time): its
-first clients x requests requests in time order, each with its retrieved passages (at most
---passages), so reuse follows the trace's real passage popularity. The trace has no text: each
-passage id becomes a reproducible made-up paragraph of --words words. Client c talks to sidecar
-c % sidecars. Phase 1: one sidecar, RAM tier only. Phase 2: N sidecars, RAM tier + the shared Redis
-tier (cachegen); Redis (appendonly, so a restart keeps what was committed) is killed after
---kill-at of the requests and restarted --down-s seconds later. Hits count chunks served from any
-tier or computed meanwhile by another sidecar; duplicates are precomputes of a chunk some sidecar had
-already computed (the Redis counter each sidecar reports). Needs redis-server on PATH
-(`.ci/redis.sh` installs it) and the converted SmolLM2 (~/.cache/ragkv).
+The request stream comes from the RAGPulse trace (/work/shared/data/ragpulse, read at run time):
+by default each request draws --passages distinct passages among the trace's --corpus most
+referenced ones, weighted by how often the whole trace references each (its real popularity, steady
+state); `--mode replay` takes the trace's first clients x requests requests in time order instead (a
+cold start: little reuse in a short prefix). The trace has no text: each passage id becomes a
+reproducible made-up paragraph of --words words. Client c talks to sidecar c % sidecars.
+
+Phase 1: one sidecar, RAM tier only. Phase 2: N sidecars, RAM tier + the shared Redis tier
+(cachegen); Redis (appendonly, so a restart keeps what was committed) is killed after --kill-at of
+the requests and restarted --down-s seconds later. Hits count chunks served from any tier or computed
+meanwhile by another sidecar; duplicates are precomputes of a chunk some sidecar had already computed
+(the Redis counter each sidecar reports). Phase 3 (in process): TTFT of SmolLM2 over 4 cached passages
+read from a cachegen Redis tier vs local disk tiers. Needs redis-server on PATH (`.ci/redis.sh`
+installs it) and the converted SmolLM2 (~/.cache/ragkv).
 """
 
 from __future__ import annotations
@@ -57,6 +61,27 @@ def load_stream(n: int, max_passages: int) -> list[list[int]]:
                     rows.append((float(r["timestamp"]), ids[:max_passages]))
     rows.sort(key=lambda x: x[0])
     return [ids for _, ids in rows[:n]]
+
+
+def popularity_stream(n: int, per_request: int, corpus: int, seed: int = 0) -> list[list[int]]:
+    """`n` requests of `per_request` distinct passages each from the trace's `corpus` most referenced
+    passages, each drawn with weight = how often the whole trace references it."""
+    import random
+    from collections import Counter
+
+    counts = Counter(p for ids in load_stream(10**9, 10**9) for p in ids)
+    top = counts.most_common(corpus)
+    ids, weights = [p for p, _ in top], [c for _, c in top]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        picked: list[int] = []
+        while len(picked) < per_request:
+            p = rng.choices(ids, weights)[0]
+            if p not in picked:
+                picked.append(p)
+        out.append(picked)
+    return out
 
 
 def passage_text(pid: int, words: int) -> str:
@@ -275,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=12)
     p.add_argument("--requests", type=int, default=20, help="per client")
     p.add_argument("--passages", type=int, default=4, help="at most this many passages per request")
+    p.add_argument("--corpus", type=int, default=200, help="popularity mode: the trace's N most referenced passages")
+    p.add_argument(
+        "--mode",
+        choices=("popularity", "replay"),
+        default="popularity",
+        help="draw passages by the trace's popularity, or replay its first requests in time order (cold start)",
+    )
     p.add_argument("--words", type=int, default=40, help="words per made-up passage")
     p.add_argument("--kill-at", type=float, default=0.4, help="fraction of requests after which Redis is killed")
     p.add_argument("--down-s", type=float, default=3.0, help="seconds Redis stays down")
@@ -286,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("bounded: 1-8 sidecars, 1-64 clients, 1-100 requests per client")
     if shutil.which("redis-server") is None:
         p.error("redis-server is not on PATH: run .ci/redis.sh (or apt-get install redis-server)")
-    stream = load_stream(args.clients * args.requests, args.passages)
+    n = args.clients * args.requests
+    stream = (
+        popularity_stream(n, args.passages, args.corpus) if args.mode == "popularity" else load_stream(n, args.passages)
+    )
     work = Path(tempfile.mkdtemp(prefix="ragkv-multi-"))
     logs = work / "logs"
     logs.mkdir()
