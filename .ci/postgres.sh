@@ -48,6 +48,20 @@ if [ "$("${PSQL[@]}" -c "SELECT 1 FROM pg_database WHERE datname = '$DB'")" != 1
     "${PSQL[@]}" -c "CREATE DATABASE $DB"
 fi
 
+# pgvector (shared retrieval): Debian's postgresql-NN-pgvector for the installed server's major version
+# (in Debian from trixie on; on older releases add apt.postgresql.org). Without it the pgvector tests skip.
+MAJOR="$(basename "$(dirname "$BIN")")"
+if [ ! -f "/usr/share/postgresql/$MAJOR/extension/vector.control" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq "postgresql-$MAJOR-pgvector" >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq "postgresql-$MAJOR-pgvector" >/dev/null 2>&1; } \
+        || echo "ci: postgresql-$MAJOR-pgvector is not available from apt; pgvector tests will skip"
+fi
+if [ -f "/usr/share/postgresql/$MAJOR/extension/vector.control" ]; then
+    "$BIN/psql" -h 127.0.0.1 -p "$PORT" -U "$PGUSER_NAME" -d "$DB" -tAq -c "CREATE EXTENSION IF NOT EXISTS vector"
+    echo "ci: pgvector enabled in $DB"
+fi
+
 echo "postgresql+psycopg://$PGUSER_NAME:$PW@127.0.0.1:$PORT/$DB" > .ci/pg_url
 chmod 600 .ci/pg_url
 echo "ci: PostgreSQL ready on 127.0.0.1:$PORT, database $DB (URL in .ci/pg_url)"

@@ -21,6 +21,7 @@ class Answer:
     misses: int = 0
     decode_ms: float = 0.0  # from the first token to the end (includes upkeep_ms)
     upkeep_ms: float = 0.0  # store upkeep the request deferred (promotions), run after the first token
+    warnings: list[str] = field(default_factory=list)  # e.g. a shared cache tier was unreachable (degraded)
     first_logits: object = None  # torch.Tensor [vocab]; kept out of to_dict()
 
     def to_dict(self) -> dict:

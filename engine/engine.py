@@ -18,6 +18,8 @@ from ..models import ModelAdapter, load_adapter
 from ..retriever import Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
 from ..storage.config import build_store
+from ..storage.health import degraded_warnings
+from ..storage.lease import compute_once
 from .answer import Answer
 from .config import EngineConfig
 from .decode import decode
@@ -111,7 +113,7 @@ class Engine:
     ) -> tuple[list[ChunkKey], dict[str, int], int]:
         """Keys of `chunks`, precomputing and storing the misses; returns (keys, hits per tier, misses)."""
         keys, hits, missing, misses = self._lookup(chunks, namespace or self.config.namespace)
-        self._precompute(missing)
+        misses = self._count_shared(keys, self._precompute(missing), hits, misses)
         return keys, hits, misses
 
     def _lookup(
@@ -130,12 +132,21 @@ class Engine:
                 hits[tier] = hits.get(tier, 0) + 1
         return keys, hits, missing, misses
 
-    def _precompute(self, missing: dict[ChunkKey, Sequence[int]]) -> None:
-        """Compute and store the KV of `missing` chunks (packed several per pass)."""
-        if missing:
-            computed = precompute_many(self.model, list(missing.values()), self.config.prepack_tokens)
-            for key, kv in zip(missing, computed):
-                self.store.put(key, kv, cost=kv.num_tokens)
+    def _precompute(self, missing: dict[ChunkKey, Sequence[int]]) -> dict[ChunkKey, str]:
+        """Compute and store the KV of `missing` chunks (packed several per pass), each once across the
+        sidecars sharing a Redis tier; returns the keys another sidecar computed meanwhile -> their tier."""
+        if not missing:
+            return {}
+        return compute_once(self.store, missing, lambda c: precompute_many(self.model, c, self.config.prepack_tokens))
+
+    @staticmethod
+    def _count_shared(keys: Sequence[ChunkKey], shared: dict[ChunkKey, str], hits: dict[str, int], misses: int) -> int:
+        """Chunks another sidecar computed while this one waited count as hits of their tier; new misses."""
+        for k in keys:
+            if k in shared:
+                hits[shared[k]] = hits.get(shared[k], 0) + 1
+                misses -= 1
+        return misses
 
     def _prefix_source(self, plan: BlendPlan, namespace: str) -> tuple[LayeredKV | None, ChunkKey]:
         """Exact-prefix reuse: the cached KV of the prompt's prefix (None on a miss) and its key."""
@@ -187,7 +198,7 @@ class Engine:
             keys, hits, missing, misses = self._lookup(chunk_ids, namespace)
         watch.lap("lookup")
         if missing:  # a part with nothing to do takes no lap: it stays exactly 0
-            self._precompute(missing)
+            misses = self._count_shared(keys, self._precompute(missing), hits, misses)
             watch.lap("precompute")
         with self.store.pinned(keys):  # nothing this request reads is evicted under it
             sources: list[tuple[int, LayeredKV]] = []
@@ -323,6 +334,7 @@ class Engine:
             misses=run.misses,
             decode_ms=(time.perf_counter() - t0) * 1e3 - run.ttft_ms,
             upkeep_ms=upkeep_ms,
+            warnings=degraded_warnings(self.store),
             first_logits=run.logits,
         )
 

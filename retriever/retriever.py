@@ -1,4 +1,5 @@
-"""Retriever: the facade over chunker, embedder, catalog and faiss index that the Engine calls.
+"""Retriever: the facade over chunker, embedder, catalog and faiss index that the Engine calls
+(or, when the catalog is PostgreSQL with pgvector, the index shared in that database: PgVectorIndex).
 
 `Retriever.open(data_dir, model)` opens (or creates) the catalog and index of a data directory for
 one model's tokenizer; `add_document` chunks, embeds and indexes a text; `remove_document` drops it
@@ -23,6 +24,7 @@ from .config import RetrieverConfig
 from .embedder import Embedder, HFEmbedder
 from .index import VectorIndex
 from .loaders import Document
+from .pgvector_index import PgVectorIndex
 
 
 class TokenizedModel(Protocol):
@@ -214,7 +216,12 @@ class Retriever:
         self.index.add(change.added_ids, change.added_vectors)
         self.index.generation = self.catalog.generation
 
-    def _load_or_rebuild(self) -> VectorIndex:
+    def _load_or_rebuild(self) -> VectorIndex | PgVectorIndex:
+        shared = PgVectorIndex.open(self.catalog.engine, self.embedder.dim, self.config)
+        if shared is not None:  # PostgreSQL + pgvector: vectors and search live in the catalog database
+            shared.sync(*self.catalog.embeddings())
+            shared.generation = self.catalog.generation
+            return shared
         index = VectorIndex.load(self.index_path, self.config)
         if (
             index is None

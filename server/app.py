@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from ..engine.documents import DocumentService
+from ..storage.health import remote_status
 from . import errors
 from .auth import tenant
 from .completions import router as completions_router
@@ -87,13 +88,15 @@ def _router():
     async def metrics(request: Request):
         s = request.app.state
         s.metrics.queue_depth.set(s.worker.depth)
+        s.metrics.observe_store(s.engine.store)
         return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @r.get("/v1/cache/stats")
     async def cache_stats(request: Request, namespace: str = Depends(tenant)):
         s = request.app.state
         stats = await asyncio.to_thread(lambda: s.engine.store.stats().to_dict())
-        return {"namespace": namespace, "store": stats, "queue_depth": s.worker.depth}
+        remote = remote_status(s.engine.store)  # shared tiers: up, outages, compute leases
+        return {"namespace": namespace, "store": stats, "remote": remote, "queue_depth": s.worker.depth}
 
     @r.post("/v1/documents")
     async def add_documents(body: DocumentsRequest, request: Request, namespace: str = Depends(tenant)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..engine.answer import Answer
+from ..storage.health import remote_status
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -47,6 +48,16 @@ class Metrics:
             "ragkv_queue_depth", "requests admitted to the model worker (running + waiting)", registry=r
         )
         self.rejected = Counter("ragkv_rejected", "requests refused because the model queue was full", registry=r)
+        self.degraded = Counter(
+            "ragkv_degraded_answers", "answers served while a shared cache tier was unreachable", registry=r
+        )
+        self.remote_up = Gauge("ragkv_remote_tier_up", "1 if the shared cache tier answers", ["tier"], registry=r)
+        self.remote_outages = Gauge(
+            "ragkv_remote_tier_outages", "times the shared cache tier became unreachable", ["tier"], registry=r
+        )
+        self.duplicates = Gauge(
+            "ragkv_duplicate_precomputes", "chunks precomputed here that another sidecar had computed", registry=r
+        )
 
     def observe_answer(self, answer: Answer) -> None:
         """Record one generation's TTFT, cache accounting and token counts."""
@@ -57,6 +68,15 @@ class Metrics:
         self.recompute.observe(answer.recompute_fraction)
         self.tokens.labels("prompt").inc(answer.prompt_tokens)
         self.tokens.labels("completion").inc(len(answer.token_ids))
+        if answer.warnings:
+            self.degraded.inc()
+
+    def observe_store(self, store) -> None:
+        """Refresh the shared-tier gauges (up, outages, duplicate precomputes) from the store."""
+        for name, s in remote_status(store).items():
+            self.remote_up.labels(name).set(1 if s.get("up") else 0)
+            self.remote_outages.labels(name).set(s.get("outages", 0))
+            self.duplicates.set((s.get("leases") or {}).get("duplicates", 0))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every collector."""

@@ -8,6 +8,7 @@ overrides, `RAGKV_*` environment variables, and a JSON or TOML config file; then
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,12 @@ class ServerSettings(BaseSettings):
     recompute_ratio: float = 0.15
     max_new_tokens: int = Field(32, ge=1)  # when a request names none
     torch_threads: int | None = Field(None, ge=1)
+    # -- sharing between sidecars: a Redis tier after the first one, a PostgreSQL catalog -----------
+    redis_url: str | None = None  # redis://host:port/db: every sidecar with the same URL shares chunk KV
+    redis_codec: str = "cachegen"
+    redis_prefix: str = "ragkv"
+    redis_bytes: int = Field(64 << 30, gt=0)  # this process's accounting budget; Redis maxmemory bounds the total
+    catalog_url: str | None = None  # SQLAlchemy URL of the document + chunk catalog (default: SQLite in data_dir)
     # -- auth: bearer API key -> namespace (tenant); empty = no auth, everyone is `namespace` ------
     api_keys: dict[str, str] = Field(default_factory=dict)
     namespace: str = "default"
@@ -113,6 +120,13 @@ class ServerSettings(BaseSettings):
         if self.store == "memory":
             kind = "gpu" if self.device.startswith("cuda") else "cpu"
             storage = StorageConfig(tiers=(TierConfig(kind, self.memory_bytes),))
+        if self.redis_url:  # the shared tier goes right after the first (memory) tier
+            redis = TierConfig(
+                "redis", self.redis_bytes, self.redis_codec, url=self.redis_url, prefix=self.redis_prefix
+            )
+            base = storage or EngineConfig(data_dir=self.data_dir, device=self.device, catalog_url=self.catalog_url)
+            base = base if isinstance(base, StorageConfig) else base.storage_config()
+            storage = replace(base, tiers=(base.tiers[0], redis, *base.tiers[1:]))
         return EngineConfig(
             model=self.model,
             data_dir=self.data_dir,
@@ -121,6 +135,7 @@ class ServerSettings(BaseSettings):
             namespace=self.namespace,
             max_new_tokens=self.max_new_tokens,
             storage=storage,
+            catalog_url=self.catalog_url,
             blend=BlendConfig(strategy=self.strategy, recompute_ratio=self.recompute_ratio),
             retriever=RetrieverConfig(chunk_min_tokens=self.chunk_min_tokens, chunk_max_tokens=self.chunk_max_tokens),
         )

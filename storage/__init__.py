@@ -9,6 +9,8 @@ from .disk import CheckReport, DiskTier
 from .layered import EncodedLayers, ResidentKV, materialize
 from .memory import MemoryTier
 from .policy import POLICIES, CostAwarePolicy, LRUPolicy, Policy, make_policy
+from .redis_link import RedisLink
+from .redis_tier import RedisTier
 from .stats import StoreStats, TierStats
 from .tier import EntryInfo, Tier, TierWriteError
 from .tiered import TieredStore
@@ -19,6 +21,8 @@ __all__ = [
     "TierWriteError",
     "MemoryTier",
     "DiskTier",
+    "RedisTier",
+    "RedisLink",
     "CheckReport",
     "TieredStore",
     "StoreStats",

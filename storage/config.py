@@ -17,10 +17,11 @@ from ..compression import DecodePool, get_codec
 from .disk import DiskTier
 from .memory import MemoryTier
 from .policy import POLICIES
+from .redis_tier import RedisTier
 from .tier import Tier
 from .tiered import TieredStore
 
-KINDS = ("gpu", "cpu", "disk")
+KINDS = ("gpu", "cpu", "disk", "redis")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _UNITS = {
     "": 1,
@@ -42,16 +43,23 @@ _UNITS = {
 
 @dataclass(frozen=True)
 class TierConfig:
-    """One tier: `kind` in gpu|cpu|disk, a byte budget, and the codec its entries are stored with."""
+    """One tier: `kind` in gpu|cpu|disk|redis, a byte budget, and the codec its entries are stored with.
+    A redis tier needs `url` (redis://host:port/db); its keys start with `prefix` and expire `ttl_s`
+    after their last hit."""
 
     kind: str
     capacity_bytes: int
     codec: str = "identity"
     name: str | None = None  # defaults to `kind`
+    url: str | None = None  # redis only
+    prefix: str = "ragkv"  # redis only
+    ttl_s: float | None = 7 * 24 * 3600.0  # redis only; None: no expiry
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown tier kind {self.kind!r}; accepted: {', '.join(KINDS)}")
+        if self.kind == "redis" and not self.url:
+            raise ValueError("a redis tier needs url='redis://host:port/db'")
         if self.capacity_bytes <= 0:
             raise ValueError(f"tier {self.kind!r}: capacity_bytes must be > 0, got {self.capacity_bytes}")
 
@@ -97,6 +105,17 @@ def build_tier(cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool 
             cfg.codec,
             storage.catalog_url,
             name=name,
+            dtype=dtype,
+            decode_pool=decode_pool,
+        )
+    if cfg.kind == "redis":
+        return RedisTier(
+            cfg.url,
+            cfg.capacity_bytes,
+            cfg.codec,
+            name=name,
+            prefix=cfg.prefix,
+            ttl_s=cfg.ttl_s,
             dtype=dtype,
             decode_pool=decode_pool,
         )

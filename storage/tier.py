@@ -46,6 +46,7 @@ class Tier(ABC):
     codec: Codec
     device: torch.device  # where `get` decodes to by default
     corrupt: int = 0  # entries found corrupt on read (dropped, never served)
+    shared: bool = False  # other processes read this tier (Redis): the store writes every put through to it
 
     @abstractmethod
     def lookup(self, key: ChunkKey) -> bool:

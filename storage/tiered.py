@@ -145,10 +145,14 @@ class TieredStore:
     def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, durable: bool = False) -> str | None:
         """Store in the first tier that accepts it (recompute `cost` defaults to the token count);
         `durable` also writes a copy to the last tier (the disk, when there is one) so it outlives
-        the process. Returns the tier now holding it, or None if no tier could (errors are logged)."""
+        the process; a `shared` tier (Redis) below the one it landed in always gets a copy. Returns
+        the tier now holding it, or None if no tier could (errors are logged)."""
         with self._lock:
             self._count["puts"] += 1
             landed = next((i for i in range(len(self.tiers)) if self._insert(i, key, kv, cost, 0)), None)
+            for j, tier in enumerate(self.tiers):
+                if tier.shared and landed is not None and j > landed:  # other sidecars read it: write through
+                    self._insert(j, key, kv, cost, 0)
             last = len(self.tiers) - 1
             if durable and landed is not None and landed < last and not self.tiers[last].lookup(key):
                 self._insert(last, key, kv, cost, 0)

@@ -14,6 +14,7 @@ from ragkv.compression import IdentityCodec
 
 SHAPE = (2, 3, 8, 2, 16)  # [2, L, T, H, D]: 1536 fp16 values, 3 KiB
 _PG_FILE = Path(__file__).resolve().parent.parent / ".ci" / "pg_url"
+_REDIS_FILE = Path(__file__).resolve().parent.parent / ".ci" / "redis_url"
 
 
 class BytesCodec(IdentityCodec):
@@ -63,3 +64,29 @@ def pg_reachable(url: str) -> str | None:
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def redis_url() -> str | None:
+    """RAGKV_TEST_REDIS_URL, else the URL `.ci/redis.sh` wrote, else None."""
+    url = os.environ.get("RAGKV_TEST_REDIS_URL")
+    if not url and _REDIS_FILE.exists():
+        url = _REDIS_FILE.read_text().strip()
+    return url or None
+
+
+def redis_skip_reason() -> str | None:
+    """None if a Redis answers at redis_url(), else why the Redis tests skip."""
+    url = redis_url()
+    if url is None:
+        return "no Redis: set RAGKV_TEST_REDIS_URL or run .ci/redis.sh"
+    try:
+        import redis
+    except ImportError:
+        return "redis-py is not installed (pip install 'ragkv[redis]')"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+        client.ping()
+        client.close()
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure means: skip
+        return f"Redis at {url} not reachable: {type(err).__name__}: {err}"

@@ -1,20 +1,31 @@
-"""One contract for every tier: CPU memory, disk + SQLite, disk + PostgreSQL, CUDA memory; every codec.
+"""One contract for every tier: CPU memory, disk + SQLite, disk + PostgreSQL, CUDA memory, Redis; every codec.
 
 PostgreSQL runs when RAGKV_TEST_PG_URL (or .ci/pg_url from .ci/postgres.sh) names a live server,
-CUDA when a GPU is present; otherwise those cases skip with the reason.
+Redis when RAGKV_TEST_REDIS_URL (or .ci/redis_url from .ci/redis.sh) does, CUDA when a GPU is present;
+otherwise those cases skip with the reason.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from storage_helpers import BytesCodec, chunk, key, pg_reachable, pg_url, same, unique_name
+from storage_helpers import (
+    BytesCodec,
+    chunk,
+    key,
+    pg_reachable,
+    pg_url,
+    redis_skip_reason,
+    redis_url,
+    same,
+    unique_name,
+)
 
 from ragkv.chunk_cache import LayeredKV
 from ragkv.compression import CODECS, get_codec
-from ragkv.storage import DiskTier, MemoryTier, TieredStore
+from ragkv.storage import DiskTier, MemoryTier, RedisTier, TieredStore
 
-TIERS = ["cpu", "disk-sqlite", "disk-pg", "gpu"]
+TIERS = ["cpu", "disk-sqlite", "disk-pg", "gpu", "redis"]
 CODEC_NAMES = sorted({*CODECS, "test-bytes"})
 
 
@@ -37,10 +48,15 @@ def make_tier(request, tmp_path):
             pytest.skip(f"PostgreSQL at RAGKV_TEST_PG_URL not reachable: {why}")
     if kind == "gpu" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
+    if kind == "redis" and (why := redis_skip_reason()):
+        pytest.skip(why)
     name = unique_name("disk-pg") if kind == "disk-pg" else "disk"
+    prefix = unique_name("ragkv-test")  # each test its own key space on the shared Redis
 
     def make(codec: str = "identity"):
-        if kind.startswith("disk"):
+        if kind == "redis":
+            tier = RedisTier(redis_url(), 1 << 20, _codec(codec), prefix=prefix, ttl_s=600)
+        elif kind.startswith("disk"):
             tier = DiskTier(tmp_path / "cache", 1 << 20, _codec(codec), catalog_url=url, name=name)
         else:
             tier = MemoryTier(1 << 20, device="cuda" if kind == "gpu" else "cpu", codec=_codec(codec))
@@ -51,6 +67,8 @@ def make_tier(request, tmp_path):
     yield make
     if kind == "disk-pg":
         made[-1].catalog.clear()
+    if kind == "redis" and made:
+        made[-1].clear()
     for tier in made:
         tier.close()
 

@@ -1,0 +1,224 @@
+"""Compute each chunk once, cluster-wide: a short Redis lease per missing chunk before precomputing it.
+
+`compute_once(store, missing, compute)` is the Engine's miss path. Without a Redis tier in the store it
+computes every missing chunk and stores it (what one process always did). With one, for each missing
+chunk it takes a lease (`SET {slot}:lease token NX PX lease_ms`, under the chunk's hash tag):
+
+- lease won: check the entry did not land meanwhile, compute (all won chunks in one batch), store
+  (the store writes it through to Redis), then release the lease (compare-and-delete);
+- lease held by another sidecar: wait, polling the entry's header, until it lands (a hit: nothing
+  computed here), or the lease vanishes without an entry (its holder died: try to take it), or
+  `wait_s` passes (compute anyway: counted as a timeout).
+
+Every precompute increments `{slot}:n` in Redis; a count above one is a duplicate, counted in
+`duplicates` here (the figure the multi-sidecar benchmark sums). Redis unreachable: no lease, compute
+locally (`unleased` counts it), the answer is served all the same.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from ..chunk_cache import ChunkKey, ChunkKV
+from .redis_tier import RedisTier
+from .tiered import TieredStore
+
+# delete the lease only if it is still ours (it may have expired and been taken by another sidecar)
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+@dataclass
+class LeaseStats:
+    """What the compute-once protocol did in this process."""
+
+    computed: int = 0  # chunks precomputed here
+    arrived: int = 0  # chunks another sidecar computed while we waited (hits, nothing computed here)
+    timeouts: int = 0  # waits that ran out: computed anyway
+    duplicates: int = 0  # precomputes of a chunk Redis had already counted once (by any sidecar)
+    unleased: int = 0  # chunks computed without a lease because Redis was unreachable
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ComputeLeases:
+    """Leases and precompute counters for the entries of one Redis tier."""
+
+    def __init__(self, tier: RedisTier, lease_ms: int = 30_000, wait_s: float = 30.0, poll_s: float = 0.02) -> None:
+        if lease_ms <= 0 or wait_s < 0 or poll_s <= 0:
+            raise ValueError(f"lease_ms and poll_s must be > 0 and wait_s >= 0; got {lease_ms}, {wait_s}, {poll_s}")
+        self.tier = tier
+        self.link = tier.link
+        self.lease_ms = lease_ms
+        self.wait_s = wait_s
+        self.poll_s = poll_s
+        self.stats = LeaseStats()
+        self._lock = threading.Lock()
+
+    def lease_key(self, key: ChunkKey) -> str:
+        return self.tier.slot(key) + ":lease"
+
+    def count_key(self, key: ChunkKey) -> str:
+        return self.tier.slot(key) + ":n"
+
+    # -- the protocol ---------------------------------------------------------------------------------
+    def run(
+        self,
+        store: TieredStore,
+        missing: Mapping[ChunkKey, Sequence[int]],
+        compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
+    ) -> set[ChunkKey]:
+        """Make every key of `missing` present in the store; returns the keys another sidecar computed."""
+        token = uuid.uuid4().hex
+        pending = list(missing)
+        arrived: set[ChunkKey] = set()
+        deadline = time.monotonic() + self.wait_s
+        while pending:
+            won = self._acquire(pending, token)
+            if won is None:  # Redis unreachable: no coordination, compute here
+                self._compute(store, pending, missing, compute, token=None)
+                self._count(unleased=len(pending))
+                break
+            mine = [k for k, w in zip(pending, won) if w]
+            if mine:
+                landed = self._present(mine)
+                arrived.update(k for k, p in zip(mine, landed) if p)
+                todo = [k for k, p in zip(mine, landed) if not p]
+                try:
+                    self._compute(store, todo, missing, compute, token)
+                finally:
+                    self._release(mine, token)
+            pending = [k for k, w in zip(pending, won) if not w]
+            if not pending:
+                break
+            pending = self._wait(pending, deadline, arrived)
+            if pending and time.monotonic() >= deadline:  # waited long enough: compute anyway
+                self._count(timeouts=len(pending))
+                self._compute(store, pending, missing, compute, token=None)
+                break
+        self._count(arrived=len(arrived))
+        return arrived
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _acquire(self, keys: list[ChunkKey], token: str) -> list[bool] | None:
+        def go(r):
+            pipe = r.pipeline(transaction=False)
+            for k in keys:
+                pipe.set(self.lease_key(k), token, nx=True, px=self.lease_ms)
+            return [bool(x) for x in pipe.execute()]
+
+        return self.link.call(go, None)
+
+    def _present(self, keys: list[ChunkKey]) -> list[bool]:
+        def go(r):
+            pipe = r.pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(self.tier.header_key(k))
+            return [bool(x) for x in pipe.execute()]
+
+        return self.link.call(go, [False] * len(keys))
+
+    def _wait(self, keys: list[ChunkKey], deadline: float, arrived: set[ChunkKey]) -> list[ChunkKey]:
+        """Poll until each key's entry lands (-> `arrived`) or its lease is gone; returns keys still
+        missing (lease gone without an entry, or the deadline passed, or Redis went away)."""
+        waiting = list(keys)
+        while waiting and time.monotonic() < deadline:
+            time.sleep(self.poll_s)
+
+            def go(r, keys=tuple(waiting)):
+                pipe = r.pipeline(transaction=False)
+                for k in keys:
+                    pipe.exists(self.tier.header_key(k))
+                    pipe.exists(self.lease_key(k))
+                out = pipe.execute()
+                return list(zip(out[::2], out[1::2]))
+
+            states = self.link.call(go, None)
+            if states is None:
+                return waiting  # Redis went away: the caller computes
+            still = []
+            orphaned = []
+            for k, (entry, lease) in zip(waiting, states):
+                if entry:
+                    arrived.add(k)
+                elif lease:
+                    still.append(k)
+                else:
+                    orphaned.append(k)
+            if orphaned:
+                return orphaned + still  # retry leases for the orphans (and keep waiting on the rest)
+            waiting = still
+        return waiting
+
+    def _compute(
+        self,
+        store: TieredStore,
+        keys: list[ChunkKey],
+        missing: Mapping[ChunkKey, Sequence[int]],
+        compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
+        token: str | None,
+    ) -> None:
+        if not keys:
+            return
+        for k, kv in zip(keys, compute([missing[k] for k in keys])):
+            store.put(k, kv, cost=kv.num_tokens)
+        counts = self._note_computed(keys)
+        self._count(computed=len(keys), duplicates=sum(c > 1 for c in counts))
+
+    def _note_computed(self, keys: list[ChunkKey]) -> list[int]:
+        def go(r):
+            pipe = r.pipeline(transaction=False)
+            for k in keys:
+                pipe.incr(self.count_key(k))
+                if self.tier.ttl_ms is not None:
+                    pipe.pexpire(self.count_key(k), self.tier.ttl_ms)
+            out = pipe.execute()
+            return out[:: 2 if self.tier.ttl_ms is not None else 1]
+
+        return self.link.call(go, [1] * len(keys))
+
+    def _release(self, keys: list[ChunkKey], token: str) -> None:
+        def go(r):
+            pipe = r.pipeline(transaction=False)
+            for k in keys:
+                pipe.eval(_RELEASE, 1, self.lease_key(k), token)
+            pipe.execute()
+
+        self.link.call(go, None)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, n in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
+
+def leases_of(store: TieredStore) -> ComputeLeases | None:
+    """The compute leases of the store's first Redis tier (made on first use), or None without one."""
+    tier = next((t for t in store.tiers if isinstance(t, RedisTier)), None)
+    if tier is None:
+        return None
+    if tier.leases is None:
+        tier.leases = ComputeLeases(tier)
+    return tier.leases
+
+
+def compute_once(
+    store: TieredStore,
+    missing: Mapping[ChunkKey, Sequence[int]],
+    compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
+) -> dict[ChunkKey, str]:
+    """Precompute (`compute(list of token ids) -> ChunkKVs`) and store the `missing` chunks, each once
+    across every sidecar sharing the store's Redis tier; returns {key: Redis tier name} for the keys
+    another sidecar computed meanwhile (hits for the caller)."""
+    if not missing:
+        return {}
+    leases = leases_of(store)
+    if leases is None:
+        for k, kv in zip(missing, compute(list(missing.values()))):
+            store.put(k, kv, cost=kv.num_tokens)
+        return {}
+    return dict.fromkeys(leases.run(store, missing, compute), leases.tier.name)
