@@ -64,7 +64,7 @@ class Upstream:
     def prepare(self, job, engine, documents) -> Prepared:
         t0 = time.perf_counter()
         chunks = job.resolve_chunks(engine, documents)
-        plan, result, parts, hits, misses = engine.run(
+        run = engine.run(
             job.question,
             chunks=chunks,
             strategy=job.strategy,
@@ -72,26 +72,29 @@ class Upstream:
             namespace=job.namespace,
             reserve=0,
         )
-        ids = plan.input_ids.tolist()
+        ids = run.plan.input_ids.tolist()
+        n = run.plan.num_tokens
         t1 = time.perf_counter()
         published, error = True, None
         try:
-            self.store.publish(ids, result.keys, result.values, dtype=self.publish_dtype)
+            keys = [k[:, :, :n] for k, _ in run.blend.buffers]  # per layer [1, H_kv, N, D]
+            values = [v[:, :, :n] for _, v in run.blend.buffers]
+            self.store.publish(ids, keys, values, dtype=self.publish_dtype)
         except (OSError, ValueError, RuntimeError) as err:  # vLLM then finds no entry and prefills itself
             published, error = False, f"{type(err).__name__}: {err}"
-        parts = {**parts, "publish": (time.perf_counter() - t1) * 1e3}
+        parts = {**run.parts_ms, "publish": (time.perf_counter() - t1) * 1e3}
         blend = engine.config.blend
         return Prepared(
             token_ids=ids,
             published=published,
             publish_error=error,
             parts_ms=parts,
-            hits=hits,
-            misses=misses,
-            recompute_fraction=result.recompute_fraction,
+            hits=run.hits,
+            misses=run.misses,
+            recompute_fraction=run.blend.recompute_fraction,
             strategy=job.strategy or blend.strategy,
             ratio=blend.recompute_ratio if job.ratio is None else job.ratio,
-            first_token=int(result.logits.argmax()),
+            first_token=int(run.logits.argmax()),
             t0=t0,
         )
 
