@@ -10,6 +10,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from .options import add_settings_args, settings_of
+
+FLAGS = {"strategy": "blend.strategy", "ratio": "blend.recompute_ratio", "max_new_tokens": "max_new_tokens"}
 NAMESPACE = "demo"  # the demo's catalog and index live apart from the user's (DATA_DIR/tenants/demo)
 
 
@@ -20,11 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Cache the chunk KV of a few shipped documents, then answer shipped questions "
         "with a full prefill and with CacheBlend reuse, printing answers and TTFT.",
     )
-    p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id (default smollm2)")
-    p.add_argument("--strategy", default="cacheblend", help="fusion strategy to compare with full (default cacheblend)")
-    p.add_argument("--ratio", type=float, default=0.15, help="recompute ratio (default 0.15)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--strategy", default=None, help="fusion strategy to compare with full (default cacheblend)")
+    p.add_argument("--ratio", type=float, default=None, help="recompute ratio (default 0.15)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default 32)")
     p.add_argument("-k", type=int, default=3, help="chunks retrieved per question (default 3)")
+    add_settings_args(p, FLAGS, namespace=False)  # the demo keeps its documents in its own namespace
     p.set_defaults(func=run)
 
 
@@ -35,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     demo = resources.files("ragkv.cli") / "demo"
     paths = sorted(str(p) for p in demo.iterdir() if p.name.endswith(".txt"))
     questions = [json.loads(line) for line in (demo / "questions.jsonl").read_text().splitlines() if line.strip()]
-    print(f"loading {args.model} ...", flush=True)
-    engine = Engine.from_pretrained(args.model)
+    settings = settings_of(args)
+    strategy, ratio, max_new_tokens = settings.blend.strategy, settings.blend.recompute_ratio, settings.max_new_tokens
+    print(f"loading {settings.model} ...", flush=True)
+    engine = Engine.from_pretrained(config=settings.engine_config())
     t0 = time.perf_counter()
     report = engine.ingest(paths, namespace=NAMESPACE, config=IngestConfig(progress=False))
     print(f"ingested {len(paths)} documents in {time.perf_counter() - t0:.1f}s: {report.summary()}\n")
@@ -45,17 +50,17 @@ def run(args: argparse.Namespace) -> int:
         hits = engine.retrieve(q["question"], args.k, namespace=NAMESPACE)
         chunks = [h.token_ids for h in hits]
         full = engine.generate(
-            q["question"], chunks=chunks, strategy="full", max_new_tokens=args.max_new_tokens, namespace=NAMESPACE
+            q["question"], chunks=chunks, strategy="full", max_new_tokens=max_new_tokens, namespace=NAMESPACE
         )
         fused = engine.generate(
             q["question"],
             chunks=chunks,
-            strategy=args.strategy,
-            recompute_ratio=args.ratio,
-            max_new_tokens=args.max_new_tokens,
+            strategy=strategy,
+            recompute_ratio=ratio,
+            max_new_tokens=max_new_tokens,
             namespace=NAMESPACE,
         )
-        label = f"{args.strategy}@{args.ratio:g}"
+        label = f"{strategy}@{ratio:g}"
         print(f"{q['question'][:58]:58s} {'full':16s} {full.ttft_ms:8.0f} {1.0:7.2f}  {full.text!r}")
         print(
             f"{'  chunks: ' + ', '.join(Path(h.doc_id).name for h in hits):58s} {label:16s} {fused.ttft_ms:8.0f} "

@@ -14,6 +14,7 @@ import torch
 from ..blend import BlendPlan, blend, extend, make_plan, make_strategy, to_dynamic_cache
 from ..blend.loop import BlendResult
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
+from ..compression.layered import DTYPES
 from ..models import ModelAdapter, load_adapter
 from ..retriever import Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
@@ -23,8 +24,6 @@ from .config import EngineConfig
 from .decode import decode
 from .ingest import IngestConfig, Ingester, IngestReport
 from .prompt import PromptTemplate
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Engine:
@@ -44,9 +43,10 @@ class Engine:
         self._retrievers: dict[str, Retriever] = {}
 
     @classmethod
-    def from_pretrained(cls, model: str = "smollm2", config: EngineConfig | None = None, **overrides) -> Engine:
-        """Load `model` (alias `smollm2`, a local path or a cached HF id) with the configured chunk store."""
-        config = config or EngineConfig.from_env(model=model, **overrides)
+    def from_pretrained(cls, model: str | None = None, config: EngineConfig | None = None, **overrides) -> Engine:
+        """Load `model` (alias `smollm2`, a local path or a cached HF id) with the configured chunk store.
+        Without `config`, the settings tree: `model` and `overrides` (None = not given) > `RAGKV_*` > file."""
+        config = config or EngineConfig.load(model=model, **overrides)
         adapter = load_adapter(config.model, data_dir=config.data_dir, device=config.device, dtype=_dtype(config.dtype))
         return cls(adapter, build_store(config.storage_config()), config)
 
@@ -295,6 +295,6 @@ class Engine:
 
 def _dtype(name: str) -> torch.dtype:
     try:
-        return _DTYPES[name]
+        return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}") from None
