@@ -10,7 +10,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from .options import add_settings_args, settings_of
+from .options import add_settings_args, load_engine, settings_of
 
 FLAGS = {"strategy": "blend.strategy", "ratio": "blend.recompute_ratio", "max_new_tokens": "max_new_tokens"}
 NAMESPACE = "demo"  # the demo's catalog and index live apart from the user's (DATA_DIR/tenants/demo)
@@ -32,7 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.engine import Engine
     from ..engine.ingest import IngestConfig
 
     demo = resources.files("ragkv.cli") / "demo"
@@ -40,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     questions = [json.loads(line) for line in (demo / "questions.jsonl").read_text().splitlines() if line.strip()]
     settings = settings_of(args)
     strategy, ratio, max_new_tokens = settings.blend.strategy, settings.blend.recompute_ratio, settings.max_new_tokens
-    print(f"loading {settings.model} ...", flush=True)
-    engine = Engine.from_pretrained(config=settings.engine_config())
+    engine = load_engine(settings)
     t0 = time.perf_counter()
     report = engine.ingest(paths, namespace=NAMESPACE, config=IngestConfig(progress=False))
     print(f"ingested {len(paths)} documents in {time.perf_counter() - t0:.1f}s: {report.summary()}\n")

@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .options import add_settings_args, settings_of
+from .options import add_settings_args, load_engine, settings_of
 
 # the retriever options `ingest` and `retrieve` share: flag dest -> settings path
 RETRIEVER_FLAGS = {"catalog_url": "catalog_url", "embedder": "retriever.embedder_path", "index": "retriever.index_kind"}
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_per_pass=args.pass_tokens,
         progress=not args.quiet,
     )
-    engine = open_engine(args)
+    engine = open_engine(args, quiet=args.quiet or args.json)
     removed = engine.remove_documents(args.remove) if args.remove else ()
     report = engine.ingest(args.paths, config=ingest_cfg) if args.paths else None
     engine.close()
@@ -87,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
     return 1 if report and report.errors else 0
 
 
-def open_engine(args: argparse.Namespace):
+def open_engine(args: argparse.Namespace, quiet: bool = False):
     """The Engine these options describe (its store's disk tier keeps the KV)."""
-    from ..engine.engine import Engine
-
-    return Engine.from_pretrained(config=settings_of(args).engine_config())
+    return load_engine(settings_of(args), quiet)

@@ -44,3 +44,23 @@ def settings_of(args: argparse.Namespace, cls=None, overrides: Mapping | None = 
 
     given = {**(overrides or {}), **{k: v for k, v in overrides_of(args).items() if v is not None}}
     return load_settings(getattr(args, "config", None), given, cls=cls or Settings)
+
+
+def load_engine(settings, quiet: bool = False):
+    """The Engine of `settings`, with one progress line per model load on stderr (transformers' own
+    per-load bars are silenced: the LLM and the embedder would each draw one)."""
+    import sys
+    import time
+
+    from transformers.utils import logging as hf_logging
+
+    from ..engine.engine import Engine
+
+    hf_logging.disable_progress_bar()
+    if not quiet:
+        print(f"loading {settings.model} on {settings.device} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(config=settings.engine_config())
+    if not quiet:
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return engine

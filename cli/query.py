@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .options import add_settings_args, settings_of
+from .options import add_settings_args, load_engine, settings_of
 
 FLAGS = {"strategy": "blend.strategy", "ratio": "blend.recompute_ratio", "max_new_tokens": "max_new_tokens"}
 _FILE_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".jsonl", ".json")
@@ -81,9 +81,7 @@ def run(args: argparse.Namespace) -> int:
             else f"{out['text']}\n[TTFT {out['ttft_ms']:.0f} ms, hits {out['hits']}, misses {out['misses']}]"
         )
         return 0
-    from ..engine.engine import Engine
-
-    engine = Engine.from_pretrained(config=settings.engine_config())
+    engine = load_engine(settings, quiet=args.json)
     chunks = engine.tokenize_chunks(docs) if docs else []
     if args.retrieve:
         from ..engine.documents import DocumentService

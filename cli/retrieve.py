@@ -19,7 +19,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = open_engine(args)
+    engine = open_engine(args, quiet=args.json)
     hits = engine.retrieve(args.question, args.k)
     data_dir = engine.config.data_path()
     engine.close()
