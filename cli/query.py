@@ -104,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
                 print(item, end="", flush=True)
         else:
             answer = item
-    engine.close()  # waits for the write-behind of new chunk KV to the disk tier
     if args.json:
-        print(json.dumps(answer.to_dict(), indent=2))
+        print(json.dumps(answer.to_dict(), indent=2), flush=True)
     else:
         print(
             ("\n" if args.stream else answer.text + "\n") + f"[{answer.strategy}, TTFT {answer.ttft_ms:.0f} ms, "
             f"hits {answer.hits}, misses {answer.misses}, recomputed {answer.recompute_fraction:.0%}]",
-            file=sys.stdout,
+            flush=True,
         )
+    engine.close()  # after the answer: waits for the write-behind of new chunk KV to the disk tier
     return 0

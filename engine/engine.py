@@ -112,8 +112,8 @@ class Engine:
         missing = {k: c for k, c, w in zip(keys, chunks, where) if w is None}  # dedup repeated chunks
         if missing:
             computed = precompute_many(self.model, list(missing.values()), self.config.prepack_tokens)
-            for key, kv in zip(missing, computed):
-                self.store.put(key, kv, cost=kv.num_tokens)
+            for key, kv in zip(missing, computed):  # copied to the disk tier off the request path
+                self.store.put(key, kv, cost=kv.num_tokens, write_behind=True)
         return keys, hits, sum(w is None for w in where)
 
     def _sources(
@@ -126,7 +126,7 @@ class Engine:
         for i, kv in enumerate(found):
             if kv is None:
                 fresh = precompute_many(self.model, [chunks[i]])[0]
-                self.store.put(keys[i], fresh, cost=fresh.num_tokens)
+                self.store.put(keys[i], fresh, cost=fresh.num_tokens, write_behind=True)
                 found[i] = fresh
                 recomputed += 1
         return [(start, kv) for (start, _), kv in zip(plan.chunk_spans, found)], recomputed
