@@ -110,6 +110,7 @@ class Engine:
             if tier is not None:
                 hits[tier] = hits.get(tier, 0) + 1
         missing = {k: c for k, c, w in zip(keys, chunks, where) if w is None}  # dedup repeated chunks
+        self.store.note_misses(sum(w is None for w in where))  # cache stats agree with the answer's misses
         if missing:
             computed = precompute_many(self.model, list(missing.values()), self.config.prepack_tokens)
             for key, kv in zip(missing, computed):  # copied to the disk tier off the request path

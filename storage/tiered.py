@@ -73,6 +73,12 @@ class TieredStore:
         """For each key, the name of the fastest tier holding it, or None; no I/O, no side effects."""
         return [next((t.name for t in self.tiers if t.lookup(k)), None) for k in keys]
 
+    def note_misses(self, n: int) -> None:
+        """Count `n` misses a caller found through `lookup` (and computed itself), so `stats().misses`
+        agrees with what the caller reports."""
+        with self._lock:
+            self._count["misses"] += n
+
     def get_layered(self, key: ChunkKey, device: torch.device | str | None = None) -> LayeredKV | None:
         """The entry from the fastest tier holding it, decoded layer by layer on `device`; None on a miss.
 
