@@ -54,3 +54,43 @@ def test_config_and_cache_stats_load_no_model(no_model, tmp_path, capsys, monkey
 def test_ingest_of_a_missing_path_fails_before_loading(no_model, tmp_path, capsys):
     assert main(["ingest", str(tmp_path / "nope.txt"), "--data-dir", str(tmp_path)]) == 2
     assert f"no such file or folder: {tmp_path / 'nope.txt'}" in capsys.readouterr().err
+
+
+class _EmptyCorpusEngine:
+    """An Engine stand-in whose corpus is empty (retrieve finds nothing)."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def retrieve(self, question, k, namespace=None):
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_retrieve_warns_about_an_empty_corpus(monkeypatch, tmp_path, capsys):
+    from ragkv.engine.engine import Engine
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, config=None: _EmptyCorpusEngine(config)))
+    assert main(["retrieve", "where?", "--data-dir", str(tmp_path), "--json"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "[]"  # the JSON stays parseable; the warning goes to stderr
+    assert f"warning: no chunks retrieved: the corpus in {tmp_path} (namespace default) is empty" in out.err
+
+
+def test_doc_that_looks_like_a_file_gets_a_hint(monkeypatch, tmp_path, capsys):
+    from ragkv.cli.query import looks_like_a_path
+    from ragkv.engine.engine import Engine
+
+    f = tmp_path / "notes.txt"
+    f.write_text("The Rhine bends north at Basel.")
+    assert looks_like_a_path(str(f)) and looks_like_a_path("missing/file.md")
+    assert not looks_like_a_path("The Rhine bends north at Basel.")
+
+    def stop(cls, config=None):
+        raise FileNotFoundError("stop here: the hint came before the model")
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(stop))
+    assert main(["query", "where?", "--doc", str(f)]) == 2
+    assert f"warning: --doc takes a document's text; '{f}' looks like a file: use --file {f}" in capsys.readouterr().err
