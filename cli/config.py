@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.settings import origins
+    from ..engine.settings import origins, unknown_env
 
     settings = settings_of(args)
     engine = settings.engine_config()  # the lower folders' own checks (tier order, codec names, ...)
@@ -32,10 +32,13 @@ def run(args: argparse.Namespace) -> int:
     tree["storage"]["tiers"] = [dict(kind=t.kind, capacity=t.capacity_bytes, codec=t.codec) for t in store.tiers]
     tree["storage"]["disk_dir"] = store.disk_dir
     tree["server"]["api_keys"] = {key[:3] + "***": ns for key, ns in settings.server.api_keys.items()}  # no secrets
+    ignored = unknown_env()
     if args.json:
-        print(json.dumps({"settings": tree, "origins": where}, indent=2))
+        print(json.dumps({"settings": tree, "origins": where, "ignored_env": ignored}, indent=2))
         return 0
     print(render(tree, where))
+    for name in ignored:
+        print(f"# ignored: {name} names no setting")
     return 0
 
 

@@ -306,6 +306,20 @@ def origins(settings: Settings, config: str | Path | None = None, overrides: Map
     return out
 
 
+def unknown_env() -> list[str]:
+    """`RAGKV_*` variables that name no setting (a typo is otherwise silently ignored); the test and
+    PostgreSQL helpers' own variables and `RAGKV_CONFIG` are not settings and not listed."""
+    fields = {name.upper() for name in Settings.model_fields}
+    return sorted(
+        name
+        for name in os.environ
+        if name.startswith("RAGKV_")
+        and name != CONFIG_ENV
+        and not name.startswith(("RAGKV_TEST_", "RAGKV_PG_"))
+        and name[len("RAGKV_") :].split("__")[0] not in fields
+    )
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():

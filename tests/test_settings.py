@@ -156,8 +156,10 @@ def test_config_command_prints_values_and_origins(clean_env, tmp_path, capsys):
     assert out["origins"]["blend.strategy"] == f"file {config}" and out["origins"]["device"] == "default"
     assert out["settings"]["server"]["api_keys"] == {"sec***": "t"}  # keys are not printed
     assert [t["kind"] for t in out["settings"]["storage"]["tiers"]] == ["cpu", "disk"]  # the store to be built
+    clean_env.setenv("RAGKV_DEVCE", "cuda")  # a typo
     assert main(["config"]) == 0
     text = capsys.readouterr().out
+    assert "# ignored: RAGKV_DEVCE names no setting" in text and 'device = "cpu"' in text
     assert "[storage]" in text and 'policy = "cost"' in text and "# env RAGKV_STORAGE__POLICY" in text
 
 
