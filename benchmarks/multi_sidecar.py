@@ -148,14 +148,15 @@ def start_sidecar(workdir: Path, name: str, redis_url: str | None, log_dir: Path
     env = {
         **os.environ,
         "PYTHONPATH": str(py),
-        "RAGKV_STORE": "memory",
         "RAGKV_DATA_DIR": str(data),
         "RAGKV_MAX_NEW_TOKENS": "1",
         "RAGKV_TORCH_THREADS": "1",
-        "RAGKV_QUEUE_SIZE": "256",
+        "RAGKV_SERVER__QUEUE_SIZE": "256",
     }
+    tiers = [{"kind": "cpu", "capacity": "2GiB"}]  # RAM only, + the shared Redis tier
     if redis_url:
-        env.update(RAGKV_REDIS_URL=redis_url, RAGKV_REDIS_CODEC="cachegen", RAGKV_REDIS_PREFIX="bench")
+        tiers.append({"kind": "redis", "capacity": "64GiB", "codec": "cachegen", "url": redis_url, "prefix": "bench"})
+    env["RAGKV_STORAGE__TIERS"] = json.dumps(tiers)
     log = open(log_dir / f"sidecar-{name}.log", "w")
     cmd = [sys.executable, "-m", "ragkv.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd + ["--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)

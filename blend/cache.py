@@ -11,7 +11,8 @@ from .loop import BlendResult
 def to_dynamic_cache(result: BlendResult, num_tokens: int | None = None) -> DynamicCache:
     """A DynamicCache holding the first `num_tokens` rows of every layer (all rows by default).
 
-    For `model.generate(input_ids, past_key_values=cache)` pass `num_tokens = N - 1`: generate then
+    For `model.generate(input_ids, cache=cache)` (transformers 5; `past_key_values=` before it, deprecated
+    since) pass `num_tokens = N - 1`: generate then
     computes the last prompt token itself and continues from there.
     """
     n = result.keys[0].shape[2] if num_tokens is None else num_tokens

@@ -12,17 +12,19 @@ import argparse
 import json
 from pathlib import Path
 
+from .options import add_settings_args, settings_of
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="chunk KV store: `cache stats`, `cache gc`", description=__doc__)
     p.add_argument("action", choices=("stats", "gc"), help="stats: sizes and counters; gc: reconcile and drop entries")
-    p.add_argument("--data-dir", default=None, help="data folder (default ~/.cache/ragkv or RAGKV_DATA_DIR)")
     p.add_argument("--server", default=None, metavar="URL", help="stats of a running sidecar instead")
     p.add_argument("--api-key", default=None, help="bearer key for --server")
     p.add_argument("--namespace", default=None, help="gc: drop every entry of this namespace")
     p.add_argument("--unreferenced", action="store_true", help="gc: drop entries no ingested chunk references")
     p.add_argument("--dry-run", action="store_true", help="gc: count what would be dropped, drop nothing")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_settings_args(p, namespace=False)  # --namespace here is gc's
     p.set_defaults(func=run)
 
 
@@ -33,10 +35,9 @@ def run(args: argparse.Namespace) -> int:
         stats = RagkvClient(args.server, api_key=args.api_key).cache_stats()
         print(json.dumps(stats, indent=2) if args.json else _table(stats["store"]))
         return 0
-    from ..engine.config import EngineConfig
     from ..storage.config import build_store
 
-    config = EngineConfig.from_env(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    config = settings_of(args).engine_config()  # the store only: no model is loaded
     store = build_store(config.storage_config())  # the disk tier reconciles its catalog on open
     try:
         if args.action == "stats":

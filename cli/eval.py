@@ -8,6 +8,7 @@ import platform
 from pathlib import Path
 
 from ..eval.datasets import FORMATS
+from .options import add_settings_args, settings_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=20, help="number of samples (default 20)")
     p.add_argument("--max-chunks", type=int, default=None, help="keep at most this many passages per sample")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for F1/ROUGE (default 32)")
-    p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
         "--retrieve",
@@ -47,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
+    add_settings_args(p, namespace=False)
     p.set_defaults(func=run)
 
 
@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(args.data, args.format, args.limit, args.max_chunks)
     if not samples:
         raise ValueError(f"no usable samples in {args.data} (format {args.format})")
-    engine = Engine.from_pretrained(args.model, device=args.device, **_store_overrides(args))
+    settings = settings_of(args)
+    engine = Engine.from_pretrained(
+        config=settings_of(args, overrides=_store_overrides(args, settings.device)).engine_config()
+    )
     engine.template = template_for(args.format) if isinstance(engine.template, PromptTemplate) else engine.template
     if args.retrieve:
         samples = retrieve_in_the_loop(engine, samples, args.retrieve)
@@ -79,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda xs: tqdm(xs, desc=f"eval {Path(args.data).name}", unit="q"),
     )
     report = {
-        "model": args.model,
+        "model": settings.model,
         "dataset": str(args.data),
         "format": args.format,
         "n": len(samples),
-        "device": args.device
-        if args.device != "cpu"
+        "device": settings.device
+        if settings.device != "cpu"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "tier": args.tier,
         "codec": args.codec,
@@ -96,23 +99,21 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(markdown_table(summary))
     if args.plot:
-        plot(summary, args.plot, f"{args.model} on {Path(args.data).name} (n={len(samples)})")
+        plot(summary, args.plot, f"{settings.model} on {Path(args.data).name} (n={len(samples)})")
     return 0
 
 
-def _store_overrides(args: argparse.Namespace) -> dict:
+def _store_overrides(args: argparse.Namespace, device: str) -> dict:
     """`--tier memory|disk --codec NAME`: every chunk is read from that one tier, through that codec."""
     import tempfile
 
-    from ..storage.config import StorageConfig, TierConfig
-
     if args.tier not in ("memory", "disk"):
         raise ValueError(f"unknown --tier {args.tier!r}; accepted: memory, disk")
-    kind = "disk" if args.tier == "disk" else ("gpu" if args.device.startswith("cuda") else "cpu")
-    tiers = (TierConfig(kind, 64 << 30, codec=args.codec),)
-    workers = args.decode_workers
-    if kind != "disk":
-        return {"storage": StorageConfig(tiers=tiers, decode_workers=workers)}
-    return {
-        "storage": StorageConfig(tiers=tiers, disk_dir=tempfile.mkdtemp(prefix="ragkv-eval-"), decode_workers=workers)
+    kind = "disk" if args.tier == "disk" else ("gpu" if device.startswith("cuda") else "cpu")
+    out = {
+        "storage.tiers": [dict(kind=kind, capacity=64 << 30, codec=args.codec)],
+        "storage.decode_workers": args.decode_workers,
     }
+    if kind == "disk":
+        out["storage.disk_dir"] = tempfile.mkdtemp(prefix="ragkv-eval-")
+    return out

@@ -2,6 +2,7 @@
 
 Re-running skips unchanged documents and cached KV; an interrupted run resumes. `--remove DOC_ID`
 deletes documents (and the KV of chunks no other document uses). Exit status 1 if any file failed.
+Settings: flags > `RAGKV_*` environment > `--config FILE` > defaults (see `ragkv config`).
 """
 
 from __future__ import annotations
@@ -10,20 +11,26 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
-from ..engine.config import EngineConfig
-from ..engine.ingest import IngestConfig
-from ..retriever import RetrieverConfig
+from .options import add_settings_args, load_engine, settings_of
+
+# the retriever options `ingest` and `retrieve` share: flag dest -> settings path
+RETRIEVER_FLAGS = {"catalog_url": "catalog_url", "embedder": "retriever.embedder_path", "index": "retriever.index_kind"}
+CHUNKING_FLAGS = {
+    "chunk_min": "retriever.chunk_min_tokens",
+    "chunk_max": "retriever.chunk_max_tokens",
+    "overlap": "retriever.overlap_tokens",
+    "max_document_size": "retriever.max_document_bytes",
+}
 
 
-def add_retriever_args(p: argparse.ArgumentParser) -> None:
+def add_retriever_args(p: argparse.ArgumentParser, chunking: bool = False) -> None:
     """Options shared by `ingest` and `retrieve`: where the data lives and which model / index."""
-    p.add_argument("--data-dir", default="~/.cache/ragkv", help="catalog, index, KV cache and model folder")
-    p.add_argument("--model", default="smollm2", help="model alias or local path (default: smollm2)")
+    add_settings_args(p, {**RETRIEVER_FLAGS, **(CHUNKING_FLAGS if chunking else {})})
     p.add_argument("--catalog-url", default=None, help="SQLAlchemy URL (default: sqlite:///DATA_DIR/catalog.sqlite)")
     p.add_argument("--embedder", default=None, help="local HF encoder folder (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"), help="faiss index kind")
-    p.add_argument("--namespace", default="default", help="tenant of the chunk keys")
+    p.add_argument("--index", default=None, choices=("flat", "ivf", "hnsw"), help="faiss index kind (default flat)")
 
 
 def register(subparsers) -> None:
@@ -31,11 +38,11 @@ def register(subparsers) -> None:
         "ingest", help="ingest files and folders (.txt .md .html .pdf .jsonl)", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (walked recursively)")
-    add_retriever_args(p)
-    p.add_argument("--chunk-min", type=int, default=256, help="minimum chunk length in model tokens")
-    p.add_argument("--chunk-max", type=int, default=512, help="maximum chunk length in model tokens")
-    p.add_argument("--overlap", type=int, default=0, help="tokens repeated from the previous chunk")
-    p.add_argument("--max-document-mb", type=float, default=20.0, help="larger documents are refused")
+    add_retriever_args(p, chunking=True)
+    p.add_argument("--chunk-min", type=int, default=None, help="minimum chunk length in model tokens (default 256)")
+    p.add_argument("--chunk-max", type=int, default=None, help="maximum chunk length in model tokens (default 512)")
+    p.add_argument("--overlap", type=int, default=None, help="tokens repeated from the previous chunk (default 0)")
+    p.add_argument("--max-document-size", default=None, metavar="SIZE", help="larger documents are refused (20MiB)")
     p.add_argument("--no-kv", action="store_true", help="only catalog and index; KV is computed on first use")
     p.add_argument("--batch-tokens", type=int, default=8192, help="chunk tokens per precompute batch")
     p.add_argument(
@@ -50,13 +57,18 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.paths and not args.remove:
         raise ValueError("nothing to do: give PATH... to ingest and/or --remove DOC_ID...")
+    missing = [p for p in args.paths if not Path(p).expanduser().exists()]
+    if missing:  # before the model loads
+        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+    from ..engine.ingest import IngestConfig
+
     ingest_cfg = IngestConfig(
         compute_kv=not args.no_kv,
         kv_batch_tokens=args.batch_tokens,
         max_tokens_per_pass=args.pass_tokens,
         progress=not args.quiet,
     )
-    engine = open_engine(args)
+    engine = open_engine(args, quiet=args.quiet or args.json)
     removed = engine.remove_documents(args.remove) if args.remove else ()
     report = engine.ingest(args.paths, config=ingest_cfg) if args.paths else None
     engine.close()
@@ -75,30 +87,6 @@ def run(args: argparse.Namespace) -> int:
     return 1 if report and report.errors else 0
 
 
-def open_engine(args: argparse.Namespace):
-    """The Engine over DATA_DIR that these options describe (its store's disk tier keeps the KV)."""
-    from ..engine.engine import Engine
-
-    config = EngineConfig.from_env(
-        model=args.model,
-        data_dir=args.data_dir,
-        catalog_url=args.catalog_url,
-        namespace=args.namespace,
-        retriever=retriever_config(args),
-    )
-    return Engine.from_pretrained(config=config)
-
-
-def retriever_config(args: argparse.Namespace) -> RetrieverConfig:
-    """The RetrieverConfig the command line asks for (chunking options only where the command has them)."""
-    chunking = (
-        dict(
-            chunk_min_tokens=args.chunk_min,
-            chunk_max_tokens=args.chunk_max,
-            overlap_tokens=args.overlap,
-            max_document_bytes=int(args.max_document_mb * (1 << 20)),
-        )
-        if hasattr(args, "chunk_min")
-        else {}
-    )
-    return RetrieverConfig(embedder_path=args.embedder, index_kind=args.index, namespace=args.namespace, **chunking)
+def open_engine(args: argparse.Namespace, quiet: bool = False):
+    """The Engine these options describe (its store's disk tier keeps the KV)."""
+    return load_engine(settings_of(args), quiet)

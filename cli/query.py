@@ -1,6 +1,9 @@
 """`ragkv query "question"`: one answer from the command line, over documents given as files
 (`--file`), strings (`--doc`) or, with `--retrieve K`, the ingested corpus; prints the answer and
 TTFT (or the whole Answer with `--json`). `--server URL` asks a running sidecar instead.
+
+Chunk KV computed here is written behind to the disk tier, so the next run with the same documents
+hits. Settings: flags > `RAGKV_*` environment > `--config FILE` > defaults (see `ragkv config`).
 """
 
 from __future__ import annotations
@@ -9,6 +12,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from .options import add_settings_args, load_engine, settings_of
+
+FLAGS = {"strategy": "blend.strategy", "ratio": "blend.recompute_ratio", "max_new_tokens": "max_new_tokens"}
+_FILE_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".jsonl", ".json")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,9 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retrieve", type=int, default=0, metavar="K", help="also fuse the K best ingested chunks")
     p.add_argument("--strategy", default=None, help="full, prefix, naive, cacheblend (default) or epic")
     p.add_argument("--ratio", type=float, default=None, help="recompute ratio in [0, 1] (default 0.15)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id")
-    p.add_argument("--data-dir", default=None, help="model, cache and index folder (default ~/.cache/ragkv)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length in tokens (default 32)")
+    add_settings_args(p, FLAGS)
     p.add_argument("--server", default=None, metavar="URL", help="ask a running `ragkv serve` at URL instead")
     p.add_argument("--api-key", default=None, help="bearer key for --server")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
@@ -33,8 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def looks_like_a_path(text: str) -> bool:
+    """A `--doc` value that is probably a file name meant for `--file`."""
+    return not any(c.isspace() for c in text) and (text.lower().endswith(_FILE_SUFFIXES) or Path(text).is_file())
+
+
 def _documents(args: argparse.Namespace) -> list[str]:
     docs = list(args.doc)
+    for d in args.doc:
+        if looks_like_a_path(d):
+            print(f"warning: --doc takes a document's text; {d!r} looks like a file: use --file {d}", file=sys.stderr)
     for f in args.file:
         path = Path(f)
         if not path.is_file():
@@ -44,9 +59,7 @@ def _documents(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..blend.config import validate
-
-    validate(args.strategy or "cacheblend", 0.15 if args.ratio is None else args.ratio)
+    settings = settings_of(args)  # validates strategy and ratio before anything loads
     docs = _documents(args)
     if args.server:
         from ..server.client import RagkvClient
@@ -60,32 +73,30 @@ def run(args: argparse.Namespace) -> int:
             recompute_ratio=args.ratio,
             max_new_tokens=args.max_new_tokens,
         )
+        for warning in (out.get("ragkv") or {}).get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
         print(
             json.dumps(out, indent=2)
             if args.json
             else f"{out['text']}\n[TTFT {out['ttft_ms']:.0f} ms, hits {out['hits']}, misses {out['misses']}]"
         )
         return 0
-    from ..engine.engine import Engine
-
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    engine = Engine.from_pretrained(args.model, **overrides)
+    engine = load_engine(settings, quiet=args.json)
     chunks = engine.tokenize_chunks(docs) if docs else []
     if args.retrieve:
         from ..engine.documents import DocumentService
 
-        chunks += [
-            list(h.token_ids)
-            for h in DocumentService(engine).search(engine.config.namespace, args.question, args.retrieve)
-        ]
-    events = engine.generate(
-        args.question,
-        chunks=chunks,
-        strategy=args.strategy,
-        recompute_ratio=args.ratio,
-        max_new_tokens=args.max_new_tokens,
-        stream=True,
-    )
+        hits = DocumentService(engine).search(engine.config.namespace, args.question, args.retrieve)
+        if not hits:
+            print(
+                f"warning: --retrieve {args.retrieve}: no chunks retrieved; the corpus in "
+                f"{engine.config.data_path()} (namespace {engine.config.namespace}) is empty (ragkv ingest PATH...)",
+                file=sys.stderr,
+            )
+        chunks += [list(h.token_ids) for h in hits]
+    if not chunks:
+        print("warning: no documents: the answer comes from the model alone", file=sys.stderr)
+    events = engine.generate(args.question, chunks=chunks, stream=True)
     answer = None
     for item in events:
         if isinstance(item, str):
@@ -93,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
                 print(item, end="", flush=True)
         else:
             answer = item
-    engine.close()
     if args.json:
-        print(json.dumps(answer.to_dict(), indent=2))
+        print(json.dumps(answer.to_dict(), indent=2), flush=True)
     else:
         print(
             ("\n" if args.stream else answer.text + "\n") + f"[{answer.strategy}, TTFT {answer.ttft_ms:.0f} ms, "
             f"hits {answer.hits}, misses {answer.misses}, recomputed {answer.recompute_fraction:.0%}]",
-            file=sys.stdout,
+            flush=True,
         )
+    engine.close()  # after the answer: waits for the write-behind of new chunk KV to the disk tier
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .ingest import add_retriever_args, open_engine
 
@@ -18,9 +19,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = open_engine(args)
+    engine = open_engine(args, quiet=args.json)
     hits = engine.retrieve(args.question, args.k)
+    data_dir = engine.config.data_path()
     engine.close()
+    if not hits:  # on stderr, so that --json output stays parseable
+        print(
+            f"warning: no chunks retrieved: the corpus in {data_dir} (namespace {engine.config.namespace}) "
+            "is empty; ingest documents first (ragkv ingest PATH...)",
+            file=sys.stderr,
+        )
     if args.json:
         print(
             json.dumps(
@@ -41,8 +49,6 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    if not hits:
-        print("no chunks: ingest documents first (ragkv ingest PATH...)")
     for rank, h in enumerate(hits, start=1):
         preview = " ".join(h.text.split())
         print(

@@ -1,24 +1,26 @@
-"""EngineConfig: the composed configuration of an Engine (model, devices, cache, blend defaults)."""
+"""EngineConfig: the composed configuration of an Engine (model, devices, cache, blend defaults).
+
+Users configure ragkv through the settings tree (engine/settings.py: flags > `RAGKV_*` env > config
+file > defaults); `EngineConfig.load(...)` / `Settings.engine_config()` compose this dataclass from it.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..blend import BlendConfig
 from ..retriever import RetrieverConfig
 from ..storage.config import StorageConfig, TierConfig
-
-DEFAULT_DATA_DIR = Path.home() / ".cache" / "ragkv"
+from .settings import DEFAULT_DATA_DIR
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything an Engine is built from; `from_env` reads `RAGKV_*` overrides."""
+    """Everything an Engine is built from; `load` reads it from the settings tree."""
 
     model: str = "smollm2"
-    data_dir: str = str(DEFAULT_DATA_DIR)
+    data_dir: str = DEFAULT_DATA_DIR
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype (fp32 on CPU; bf16/fp16 on GPU)
     kv_dtype: str = "float16"  # how chunk KV is held in memory tiers
@@ -54,11 +56,9 @@ class EngineConfig:
         )
 
     @classmethod
-    def from_env(cls, **overrides) -> EngineConfig:
-        """Defaults, then RAGKV_MODEL / RAGKV_DATA_DIR / RAGKV_DEVICE / RAGKV_DTYPE, then `overrides`."""
-        env = {
-            k: os.environ[f"RAGKV_{k.upper()}"]
-            for k in ("model", "data_dir", "device", "dtype")
-            if f"RAGKV_{k.upper()}" in os.environ
-        }
-        return cls(**{**env, **overrides})
+    def load(cls, config_file: str | Path | None = None, **overrides) -> EngineConfig:
+        """From the settings tree: `overrides` (settings names; None = not given) > `RAGKV_*` environment >
+        `config_file` (else `$RAGKV_CONFIG`) > defaults."""
+        from .settings import load_settings
+
+        return load_settings(config_file, overrides).engine_config()

@@ -14,6 +14,7 @@ import torch
 
 from ..blend import BlendPlan, BlendResult, blend, extend, make_plan, make_strategy, to_dynamic_cache
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
+from ..compression.layered import DTYPES
 from ..models import ModelAdapter, load_adapter
 from ..retriever import Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
@@ -28,8 +29,6 @@ from .ingest import IngestConfig, Ingester, IngestReport
 from .prompt import PromptTemplate
 from .run_result import PARTS, RunResult
 from .stopwatch import Stopwatch
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Engine:
@@ -51,9 +50,10 @@ class Engine:
         self._retrievers: dict[str, Retriever] = {}
 
     @classmethod
-    def from_pretrained(cls, model: str = "smollm2", config: EngineConfig | None = None, **overrides) -> Engine:
-        """Load `model` (alias `smollm2`, a local path or a cached HF id) with the configured chunk store."""
-        config = config or EngineConfig.from_env(model=model, **overrides)
+    def from_pretrained(cls, model: str | None = None, config: EngineConfig | None = None, **overrides) -> Engine:
+        """Load `model` (alias `smollm2`, a local path or a cached HF id) with the configured chunk store.
+        Without `config`, the settings tree: `model` and `overrides` (None = not given) > `RAGKV_*` > file."""
+        config = config or EngineConfig.load(model=model, **overrides)
         adapter = load_adapter(config.model, data_dir=config.data_dir, device=config.device, dtype=_dtype(config.dtype))
         return cls(adapter, build_store(config.storage_config()), config)
 
@@ -130,14 +130,17 @@ class Engine:
                 misses += 1
             else:
                 hits[tier] = hits.get(tier, 0) + 1
+        self.store.note_misses(misses)  # cache stats agree with the answer's misses
         return keys, hits, missing, misses
 
     def _precompute(self, missing: dict[ChunkKey, Sequence[int]]) -> dict[ChunkKey, str]:
         """Compute and store the KV of `missing` chunks (packed several per pass), each once across the
-        sidecars sharing a Redis tier; returns the keys another sidecar computed meanwhile -> their tier."""
+        sidecars sharing a Redis tier, copied to the disk tier off the request path (write-behind);
+        returns the keys another sidecar computed meanwhile -> their tier."""
         if not missing:
             return {}
-        return compute_once(self.store, missing, lambda c: precompute_many(self.model, c, self.config.prepack_tokens))
+        compute = lambda c: precompute_many(self.model, c, self.config.prepack_tokens)  # noqa: E731
+        return compute_once(self.store, missing, compute, write_behind=True)
 
     @staticmethod
     def _count_shared(keys: Sequence[ChunkKey], shared: dict[ChunkKey, str], hits: dict[str, int], misses: int) -> int:
@@ -208,7 +211,7 @@ class Engine:
                 for i, kv in enumerate(found):  # vanished or corrupt since lookup: compute it now
                     if kv is None:
                         found[i] = precompute_many(self.model, [chunk_ids[i]])[0]
-                        self.store.put(keys[i], found[i], cost=found[i].num_tokens)
+                        self.store.put(keys[i], found[i], cost=found[i].num_tokens, write_behind=True)
                         misses += 1
                         watch.lap("precompute")
                 sources = [(start, kv) for (start, _), kv in zip(plan.chunk_spans, found)]
@@ -341,6 +344,6 @@ class Engine:
 
 def _dtype(name: str) -> torch.dtype:
     try:
-        return _DTYPES[name]
+        return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}") from None

@@ -18,6 +18,7 @@ from ..engine.documents import DocumentService
 from ..storage.health import remote_status
 from . import errors
 from .auth import tenant
+from .completions import empty_retrieval_warning
 from .completions import router as completions_router
 from .errors import ApiError, error_response
 from .metrics import Metrics
@@ -80,7 +81,7 @@ def _router():
             "status": "ok",
             "model": s.settings.model,
             "queue_depth": s.worker.depth,
-            "queue_capacity": s.worker.capacity,
+            "queue_capacity": s.settings.server.queue_size,  # requests that may wait, as --queue-size says
             "auth": s.settings.auth_enabled,
         }
 
@@ -133,8 +134,11 @@ def _router():
         if body.k > s.settings.max_retrieve_k:
             raise ApiError(400, f"k {body.k} is over the limit of {s.settings.max_retrieve_k}", "k")
         hits = await s.worker.call(s.documents.search, namespace, body.query, body.k)
+        if not hits:
+            s.metrics.empty_retrievals.inc()
         return {
             "namespace": namespace,
+            "warnings": [] if hits else [empty_retrieval_warning(namespace)],
             "chunks": [
                 {
                     "chunk_id": h.chunk_id,

@@ -41,6 +41,12 @@ class Job:
     namespace: str
     retrieved: list[dict] = field(default_factory=list)
     upstream: dict = field(default_factory=dict)  # proxy mode: what the inference server did (server.upstream)
+    warnings: list[str] = field(default_factory=list)  # reported as `ragkv.warnings`
+
+    @property
+    def retrieved_nothing(self) -> bool:
+        """Retrieval was asked for and found no chunk."""
+        return self.retrieve_query is not None and not self.retrieved
 
     def resolve_chunks(self, engine, documents) -> list[list[int]]:
         """The chunks' token ids in order: texts, ingested chunk ids, then retrieved chunks."""
@@ -54,6 +60,8 @@ class Job:
             for hit in documents.search(self.namespace, self.retrieve_query, self.retrieve_k):
                 chunks.append(list(hit.token_ids))
                 self.retrieved.append({"chunk_id": hit.chunk_id, "doc_id": hit.doc_id, "score": round(hit.score, 6)})
+            if not self.retrieved:
+                self.warnings.append(empty_retrieval_warning(self.namespace))
         return chunks
 
     def run(self, engine, documents) -> Iterator[str | Answer]:
@@ -68,6 +76,13 @@ class Job:
             namespace=self.namespace,
             temperature=self.temperature,
         )
+
+
+def empty_retrieval_warning(namespace: str) -> str:
+    return (
+        f"retrieval found no chunks: namespace {namespace!r} has no ingested documents "
+        "(POST /v1/documents, or `ragkv ingest` for the default namespace); the answer uses no retrieved context"
+    )
 
 
 def make_job(req: ChatRequest | CompletionRequest, question: str, namespace: str, settings) -> Job:
@@ -130,6 +145,7 @@ def usage_and_ragkv(answer: Answer, job: Job, queue_ms: float) -> dict:
         queue_ms=queue_ms,
         chunks=len(job.texts) + len(job.refs) + len(job.retrieved),
         retrieved=job.retrieved,
+        warnings=[*job.warnings, *answer.warnings],  # empty retrieval; a shared tier unreachable
     )
     if job.upstream:
         ragkv["upstream"] = job.upstream
@@ -186,7 +202,7 @@ async def _respond(request: Request, body, job: Job, chat: bool):
         async for item in _chain(first, events):
             if isinstance(item, Answer):
                 answer = item
-        state.metrics.observe_answer(answer)
+        state.metrics.observe_answer(answer, empty_retrieval=job.retrieved_nothing)
         queue_ms = max(0.0, (time.perf_counter() - t0) * 1e3 - answer.ttft_ms - answer.decode_ms)
         extra = usage_and_ragkv(answer, job, queue_ms)
         if chat:
@@ -206,7 +222,7 @@ async def _respond(request: Request, body, job: Job, chat: bool):
         try:
             async for item in _chain(first, events):
                 if isinstance(item, Answer):
-                    state.metrics.observe_answer(item)
+                    state.metrics.observe_answer(item, empty_retrieval=job.retrieved_nothing)
                     qms = max(0.0, (time.perf_counter() - t0) * 1e3 - item.ttft_ms - item.decode_ms)
                     last = (
                         {"index": 0, "delta": {}, "finish_reason": _finish(item, job)}

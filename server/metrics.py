@@ -1,5 +1,6 @@
 """Prometheus metrics of one server: request counts and latencies, TTFT, chunk hits per tier, misses,
-recompute fraction, queue depth and rejections. Each app gets its own registry (tests build several).
+recompute fraction, queue depth, rejections and retrievals that found nothing. Each app gets its own
+registry (tests build several).
 """
 
 from __future__ import annotations
@@ -58,9 +59,14 @@ class Metrics:
         self.duplicates = Gauge(
             "ragkv_duplicate_precomputes", "chunks precomputed here that another sidecar had computed", registry=r
         )
+        self.empty_retrievals = Counter(
+            "ragkv_empty_retrievals", "retrievals (in a completion or /v1/retrieve) that found no chunks", registry=r
+        )
 
-    def observe_answer(self, answer: Answer) -> None:
-        """Record one generation's TTFT, cache accounting and token counts."""
+    def observe_answer(self, answer: Answer, empty_retrieval: bool = False) -> None:
+        """Record one generation's TTFT, cache accounting and token counts (and a retrieval that found nothing)."""
+        if empty_retrieval:
+            self.empty_retrievals.inc()
         self.ttft.labels(answer.strategy).observe(answer.ttft_ms / 1e3)
         for tier, n in answer.hits.items():
             self.hits.labels(tier).inc(n)

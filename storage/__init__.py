@@ -4,7 +4,7 @@ Read path for the Engine: `lookup(keys)` -> `with pinned(keys):` -> `get_layered
 `.layer(l)` per layer -> (unpin promotes lower-tier hits). Write path: `put(key, kv)` after precompute.
 """
 
-from .config import StorageConfig, TierConfig, build_store, parse_bytes
+from .config import StorageConfig, TierConfig, build_store
 from .disk import CheckReport, DiskTier
 from .layered import EncodedLayers, ResidentKV, materialize
 from .memory import MemoryTier
@@ -30,7 +30,6 @@ __all__ = [
     "StorageConfig",
     "TierConfig",
     "build_store",
-    "parse_bytes",
     "Policy",
     "LRUPolicy",
     "CostAwarePolicy",

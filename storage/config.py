@@ -1,19 +1,17 @@
 """StorageConfig: which tiers, their budgets and codecs, where the disk tier lives, which policy, and
 how many worker processes decode CPU-bound codecs (cachegen: see compression/pool.py).
 
-`server/` composes it (reading `RAGKV_*` there); `build_store(config)` turns it into a TieredStore.
-Capacities are bytes; `parse_bytes("4GiB")` reads the human form for config files and the CLI.
+The settings tree (engine/settings.py) composes it; `build_store(config)` turns it into a TieredStore.
+Capacities are bytes (the settings tree, engine/settings.py, reads "4GiB" with pydantic's ByteSize).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
-import torch
-
 from ..compression import DecodePool, get_codec
+from ..compression.layered import DTYPES
 from .disk import DiskTier
 from .memory import MemoryTier
 from .policy import POLICIES
@@ -22,23 +20,6 @@ from .tier import Tier
 from .tiered import TieredStore
 
 KINDS = ("gpu", "cpu", "disk", "redis")
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1e3,
-    "kb": 1e3,
-    "m": 1e6,
-    "mb": 1e6,
-    "g": 1e9,
-    "gb": 1e9,
-    "t": 1e12,
-    "tb": 1e12,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
 
 
 @dataclass(frozen=True)
@@ -62,6 +43,7 @@ class TierConfig:
             raise ValueError("a redis tier needs url='redis://host:port/db'")
         if self.capacity_bytes <= 0:
             raise ValueError(f"tier {self.kind!r}: capacity_bytes must be > 0, got {self.capacity_bytes}")
+        get_codec(self.codec)  # an unknown codec name fails here, with the list of known ones
 
 
 @dataclass(frozen=True)
@@ -81,8 +63,8 @@ class StorageConfig:
     def __post_init__(self) -> None:
         if not self.tiers:
             raise ValueError("StorageConfig needs at least one tier")
-        if self.kv_dtype is not None and self.kv_dtype not in _DTYPES:
-            raise ValueError(f"unknown kv_dtype {self.kv_dtype!r}; accepted: {', '.join(_DTYPES)} or None")
+        if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
+            raise ValueError(f"unknown kv_dtype {self.kv_dtype!r}; accepted: {', '.join(DTYPES)} or None")
         if self.decode_workers is not None and self.decode_workers < 0:
             raise ValueError(
                 f"decode_workers must be >= 0 (0: decode inline) or None (one per core), got {self.decode_workers}"
@@ -97,7 +79,7 @@ class StorageConfig:
 def build_tier(cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool | None = None) -> Tier:
     """The tier described by `cfg` (its CPU-bound decoding done by `decode_pool` when given)."""
     name = cfg.name or cfg.kind
-    dtype = _DTYPES[storage.kv_dtype] if storage.kv_dtype else None
+    dtype = DTYPES[storage.kv_dtype] if storage.kv_dtype else None
     if cfg.kind == "disk":
         return DiskTier(
             storage.disk_dir,
@@ -150,13 +132,3 @@ def build_store(config: StorageConfig) -> TieredStore:
             pool.close()
         raise
     return TieredStore(tiers, policy=config.policy, promote=config.promote, decode_pool=pool)
-
-
-def parse_bytes(text: str | int) -> int:
-    """`"4GiB"`, `"512MB"`, `"1e9"` or an int -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read a byte size from {text!r}; use e.g. 4GiB, 512MB, 1000000")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -71,6 +71,7 @@ class ComputeLeases:
         store: TieredStore,
         missing: Mapping[ChunkKey, Sequence[int]],
         compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
+        write_behind: bool = False,
     ) -> set[ChunkKey]:
         """Make every key of `missing` present in the store; returns the keys another sidecar computed."""
         token = uuid.uuid4().hex
@@ -80,7 +81,7 @@ class ComputeLeases:
         while pending:
             won = self._acquire(pending, token)
             if won is None:  # Redis unreachable: no coordination, compute here
-                self._compute(store, pending, missing, compute, token=None)
+                self._compute(store, pending, missing, compute, None, write_behind)
                 self._count(unleased=len(pending))
                 break
             mine = [k for k, w in zip(pending, won) if w]
@@ -89,7 +90,7 @@ class ComputeLeases:
                 arrived.update(k for k, p in zip(mine, landed) if p)
                 todo = [k for k, p in zip(mine, landed) if not p]
                 try:
-                    self._compute(store, todo, missing, compute, token)
+                    self._compute(store, todo, missing, compute, token, write_behind)
                 finally:
                     self._release(mine, token)
             pending = [k for k, w in zip(pending, won) if not w]
@@ -98,7 +99,7 @@ class ComputeLeases:
             pending = self._wait(pending, deadline, arrived)
             if pending and time.monotonic() >= deadline:  # waited long enough: compute anyway
                 self._count(timeouts=len(pending))
-                self._compute(store, pending, missing, compute, token=None)
+                self._compute(store, pending, missing, compute, None, write_behind)
                 break
         self._count(arrived=len(arrived))
         return arrived
@@ -161,11 +162,12 @@ class ComputeLeases:
         missing: Mapping[ChunkKey, Sequence[int]],
         compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
         token: str | None,
+        write_behind: bool = False,
     ) -> None:
         if not keys:
             return
         for k, kv in zip(keys, compute([missing[k] for k in keys])):
-            store.put(k, kv, cost=kv.num_tokens)
+            store.put(k, kv, cost=kv.num_tokens, write_behind=write_behind)
         counts = self._note_computed(keys)
         self._count(computed=len(keys), duplicates=sum(c > 1 for c in counts))
 
@@ -210,15 +212,16 @@ def compute_once(
     store: TieredStore,
     missing: Mapping[ChunkKey, Sequence[int]],
     compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
+    write_behind: bool = False,
 ) -> dict[ChunkKey, str]:
     """Precompute (`compute(list of token ids) -> ChunkKVs`) and store the `missing` chunks, each once
     across every sidecar sharing the store's Redis tier; returns {key: Redis tier name} for the keys
-    another sidecar computed meanwhile (hits for the caller)."""
+    another sidecar computed meanwhile (hits for the caller). `write_behind` is passed to `store.put`."""
     if not missing:
         return {}
     leases = leases_of(store)
     if leases is None:
         for k, kv in zip(missing, compute(list(missing.values()))):
-            store.put(k, kv, cost=kv.num_tokens)
+            store.put(k, kv, cost=kv.num_tokens, write_behind=write_behind)
         return {}
-    return dict.fromkeys(leases.run(store, missing, compute), leases.tier.name)
+    return dict.fromkeys(leases.run(store, missing, compute, write_behind), leases.tier.name)

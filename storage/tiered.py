@@ -2,7 +2,8 @@
 
 `lookup` says where each key lives without I/O; `get_layered` reads from the fastest tier holding it
 (lazily, layer by layer) and promotes a lower-tier hit to the first tier (after the request, when
-the key is pinned); `put` stores in the first tier; a tier over budget evicts by its policy and
+the key is pinned); `put` stores in the first tier (with `write_behind`, a background thread also
+copies it to the last tier, the disk, so it outlives the process); a tier over budget evicts by its policy and
 demotes the victim to the next tier. Pinned keys are never evicted. Copies are inclusive: a promoted
 entry keeps its lower copy, so demoting it again costs no write.
 """
@@ -10,6 +11,7 @@ entry keeps its lower copy, so demoting it again costs no write.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,11 +64,20 @@ class TieredStore:
         self.read_threads = read_threads
         self._pool: ThreadPoolExecutor | None = None
         self.decode_pool = decode_pool  # the tiers' worker processes, if any: the store closes them
+        self._behind: dict[ChunkKey, tuple[ChunkKV, float | None]] = {}  # waiting for the write-behind thread
+        self._behind_queue: queue.Queue[ChunkKey | None] = queue.Queue()
+        self._behind_thread: threading.Thread | None = None
 
     # -- the read path: lookup -> pin -> get_layered (per layer) -> unpin ---------------------------
     def lookup(self, keys: Sequence[ChunkKey]) -> list[str | None]:
         """For each key, the name of the fastest tier holding it, or None; no I/O, no side effects."""
         return [next((t.name for t in self.tiers if t.lookup(k)), None) for k in keys]
+
+    def note_misses(self, n: int) -> None:
+        """Count `n` misses a caller found through `lookup` (and computed itself), so `stats().misses`
+        agrees with what the caller reports."""
+        with self._lock:
+            self._count["misses"] += n
 
     def get_layered(self, key: ChunkKey, device: torch.device | str | None = None) -> LayeredKV | None:
         """The entry from the fastest tier holding it, decoded layer by layer on `device`; None on a miss.
@@ -142,11 +153,15 @@ class TieredStore:
             self.unpin(keys)
 
     # -- the write path ------------------------------------------------------------------------------
-    def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, durable: bool = False) -> str | None:
+    def put(
+        self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, durable: bool = False, write_behind: bool = False
+    ) -> str | None:
         """Store in the first tier that accepts it (recompute `cost` defaults to the token count);
         `durable` also writes a copy to the last tier (the disk, when there is one) so it outlives
-        the process; a `shared` tier (Redis) below the one it landed in always gets a copy. Returns
-        the tier now holding it, or None if no tier could (errors are logged)."""
+        the process; a `shared` tier (Redis) below the one it landed in always gets a copy;
+        `write_behind` queues the copy to the last tier for a background thread instead, off the
+        caller's path (`flush` and `close` wait for it). Returns the tier now holding it, or None if
+        no tier could (errors are logged)."""
         with self._lock:
             self._count["puts"] += 1
             landed = next((i for i in range(len(self.tiers)) if self._insert(i, key, kv, cost, 0)), None)
@@ -154,14 +169,45 @@ class TieredStore:
                 if tier.shared and landed is not None and j > landed:  # other sidecars read it: write through
                     self._insert(j, key, kv, cost, 0)
             last = len(self.tiers) - 1
-            if durable and landed is not None and landed < last and not self.tiers[last].lookup(key):
-                self._insert(last, key, kv, cost, 0)
+            if (durable or write_behind) and landed is not None and landed < last and not self.tiers[last].lookup(key):
+                if durable:
+                    self._insert(last, key, kv, cost, 0)
+                elif key not in self._behind:
+                    self._behind[key] = (kv, cost)
+                    self._start_writer()
+                    self._behind_queue.put(key)
             return self.lookup([key])[0]
+
+    def _start_writer(self) -> None:
+        if self._behind_thread is None:
+            self._behind_thread = threading.Thread(target=self._write_behind, name="ragkv-write-behind", daemon=True)
+            self._behind_thread.start()
+
+    def _write_behind(self) -> None:
+        """The write-behind thread: copy queued entries to the last tier, one at a time."""
+        last = len(self.tiers) - 1
+        while (key := self._behind_queue.get()) is not None:
+            try:
+                with self._lock:
+                    item = self._behind.pop(key, None)  # None: removed since it was queued
+                    if item is not None and not self.tiers[last].lookup(key):
+                        self._insert(last, key, item[0], item[1], 0)
+            except Exception as err:  # a failed copy costs a recompute later; the thread goes on
+                log.warning("write-behind of %s failed: %s", key, err)
+            finally:
+                self._behind_queue.task_done()
+        self._behind_queue.task_done()
+
+    def wait_written(self) -> None:
+        """Block until every queued write-behind copy is in the last tier."""
+        if self._behind_thread is not None:
+            self._behind_queue.join()
 
     def remove(self, key: ChunkKey) -> bool:
         """Drop `key` from every tier; True if any held it."""
         with self._lock:
             self._pending.pop(key, None)
+            self._behind.pop(key, None)
             return any([t.remove(key) for t in self.tiers])
 
     # -- stats and lifecycle ------------------------------------------------------------------------
@@ -194,12 +240,18 @@ class TieredStore:
             )
 
     def flush(self) -> None:
-        """Persist bookkeeping of persistent tiers."""
+        """Finish the write-behind copies, then persist bookkeeping of persistent tiers."""
+        self.wait_written()
         with self._lock:
             for t in self.tiers:
                 t.flush()
 
     def close(self) -> None:
+        self.wait_written()
+        if self._behind_thread is not None:
+            self._behind_queue.put(None)
+            self._behind_thread.join()
+            self._behind_thread = None
         if self._pool is not None:
             self._pool.shutdown()
         if self.decode_pool is not None:

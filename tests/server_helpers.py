@@ -27,6 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env_path(name: str) -> str:
+    from ragkv.engine.settings import nest
+
+    path, node = [], nest({name: 0})
+    while isinstance(node, dict):
+        key = next(iter(node))
+        path.append(key)
+        node = node[key]
+    return "__".join(path).upper()
+
+
 @contextmanager
 def running_server(tmp: Path, api_keys: dict[str, str] | None = None, startup_s: float = 180.0, **settings):
     """Yield (base URL, process) of a running server; SIGTERM it afterwards (bounded waits throughout)."""
@@ -43,11 +54,12 @@ def running_server(tmp: Path, api_keys: dict[str, str] | None = None, startup_s:
     env = {
         **os.environ,
         "PYTHONPATH": str(tmp / "py"),
-        "RAGKV_STORE": "memory",
+        "RAGKV_STORAGE__TIERS": json.dumps([{"kind": "cpu", "capacity": "2GiB"}]),  # a RAM store
         "RAGKV_DATA_DIR": str(data),
-        "RAGKV_API_KEYS": json.dumps(api_keys or {}),
+        "RAGKV_SERVER__API_KEYS": json.dumps(api_keys or {}),
     }
-    env.update({f"RAGKV_{k.upper()}": str(v) for k, v in settings.items()})
+    # settings by dotted path or top-level name: queue_size -> RAGKV_SERVER__QUEUE_SIZE
+    env.update({"RAGKV_" + _env_path(k): str(v) for k, v in settings.items()})
     log = open(tmp / f"server-{port}.log", "w")
     proc = subprocess.Popen(
         [

@@ -126,6 +126,25 @@ def test_prepacked_precompute_equals_one_by_one(tiny_adapter):
         torch.testing.assert_close(p.kv, single.kv, **TOL)
 
 
+def cache_keyword(cache) -> dict:
+    """`cache=` where transformers wants it (5.x deprecates `past_key_values` for generate), else the old name."""
+    import transformers
+
+    return {"cache": cache} if int(transformers.__version__.split(".")[0]) >= 5 else {"past_key_values": cache}
+
+
+def test_no_future_warning_from_generate_with_a_cache(tiny_adapter):
+    import warnings
+
+    prefix, chunks, query = _prompt(seed=6)
+    plan = make_plan(prefix, chunks, query)
+    result = blend(tiny_adapter, plan, make_strategy("naive", 0.0), _sources(tiny_adapter, plan, chunks))
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error", FutureWarning)
+        cache = cache_keyword(to_dynamic_cache(result, plan.num_tokens - 1))
+        tiny_adapter.model.generate(plan.input_ids[None], **cache, max_new_tokens=1, do_sample=False, pad_token_id=0)
+
+
 def test_dynamic_cache_feeds_generate(tiny_adapter):
     prefix, chunks, query = _prompt(seed=6)
     plan = make_plan(prefix, chunks, query)
@@ -135,7 +154,7 @@ def test_dynamic_cache_feeds_generate(tiny_adapter):
         ref = tiny_adapter.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
         out = tiny_adapter.model.generate(
             ids,
-            past_key_values=to_dynamic_cache(result, plan.num_tokens - 1),
+            **cache_keyword(to_dynamic_cache(result, plan.num_tokens - 1)),
             max_new_tokens=5,
             do_sample=False,
             pad_token_id=0,

@@ -53,6 +53,10 @@ def test_chat_with_retrieve_and_chunk_ids_hits_ingested_kv(url):
 
 
 def test_plugins_against_the_sidecar(url):
+    pytest.importorskip("langchain_core", reason="the langchain extra is not installed: pip install -e '.[langchain]'")
+    pytest.importorskip(
+        "llama_index.core", reason="the llamaindex extra is not installed: pip install -e '.[llamaindex]'"
+    )
     from ragkv.adapters.langchain import RagkvChatModel, RagkvRetriever, rag_chain
     from ragkv.adapters.llamaindex import RagkvLlamaRetriever, RagkvLLM, RagkvQueryEngine
 

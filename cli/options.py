@@ -1,0 +1,66 @@
+"""The options every command shares and how a command's flags become settings.
+
+Each command maps its flags to paths in the settings tree (engine/settings.py) and reads the tree
+through `settings_of(args)`: flags > `RAGKV_*` environment > `--config FILE` (else `$RAGKV_CONFIG`)
+> defaults. Flags default to None ("not given"), so an absent flag never hides the environment.
+This module imports no torch: `ragkv --help` and the commands that need no model stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+
+# flag dest -> settings path, for the options of `add_settings_args`
+COMMON = {"model": "model", "data_dir": "data_dir", "device": "device", "namespace": "namespace"}
+
+
+def add_settings_args(
+    p: argparse.ArgumentParser, flags: Mapping[str, str] | None = None, namespace: bool = True
+) -> None:
+    """--config, --model, --data-dir, --device and (with `namespace`) --namespace; `flags` (dest ->
+    settings path) are the command's other options that set settings, recorded for `settings_of`."""
+    p.add_argument("--config", default=None, metavar="FILE", help="settings file, .toml or .json (or $RAGKV_CONFIG)")
+    p.add_argument("--model", default=None, help="model alias, local path or cached HF id (default smollm2)")
+    p.add_argument("--data-dir", default=None, help="models, catalog, index and disk cache (default ~/.cache/ragkv)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default cpu)")
+    common = dict(COMMON)
+    if namespace:
+        p.add_argument("--namespace", default=None, help="tenant of documents and chunk keys (default 'default')")
+    else:
+        del common["namespace"]
+    p.set_defaults(settings_flags={**common, **(flags or {})})
+
+
+def overrides_of(args: argparse.Namespace) -> dict:
+    """The settings the command line gives: settings path -> value (None: flag not given)."""
+    return {path: getattr(args, dest, None) for dest, path in getattr(args, "settings_flags", COMMON).items()}
+
+
+def settings_of(args: argparse.Namespace, cls=None, overrides: Mapping | None = None):
+    """The settings tree this command runs with (flags, then the command's own `overrides`, > `RAGKV_*`
+    env > config file > defaults)."""
+    from ..engine.settings import Settings, load_settings
+
+    given = {**(overrides or {}), **{k: v for k, v in overrides_of(args).items() if v is not None}}
+    return load_settings(getattr(args, "config", None), given, cls=cls or Settings)
+
+
+def load_engine(settings, quiet: bool = False):
+    """The Engine of `settings`, with one progress line per model load on stderr (transformers' own
+    per-load bars are silenced: the LLM and the embedder would each draw one)."""
+    import sys
+    import time
+
+    from transformers.utils import logging as hf_logging
+
+    from ..engine.engine import Engine
+
+    hf_logging.disable_progress_bar()
+    if not quiet:
+        print(f"loading {settings.model} on {settings.device} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(config=settings.engine_config())
+    if not quiet:
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return engine
