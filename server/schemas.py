@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..blend.config import validate
 
@@ -95,6 +103,31 @@ class RagkvFields(BaseModel):
     documents: list[DocumentItem] | None = None
     retrieve: RetrieveOptions | None = None
     blend: BlendOptions | None = None
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _documents(cls, v):
+        """Each item as exactly one of its three forms, with one clear message when it is none of them."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for i, item in enumerate(v):
+            try:
+                if isinstance(item, str):
+                    out.append(valid_unicode(item))
+                elif isinstance(item, dict) and "chunk_id" in item:
+                    out.append(ChunkRef.model_validate(item))
+                elif isinstance(item, dict) and "text" in item:
+                    out.append(TextDocument.model_validate(item))
+                else:
+                    raise ValueError('expected a string, {"text": ...} or {"chunk_id": ...}')
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(x) for x in first.get("loc", ()))
+                raise ValueError(f"documents[{i}].{where}: {first.get('msg', 'invalid value')}") from None
+            except ValueError as err:
+                raise ValueError(f"documents[{i}]: {err}") from None
+        return out
 
 
 class ContentPart(BaseModel):

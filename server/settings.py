@@ -56,6 +56,7 @@ class ServerSettings(BaseSettings):
     max_retrieve_k: int = Field(16, ge=1)
     # -- the model queue ---------------------------------------------------------------------------
     queue_size: int = Field(64, ge=1)  # requests waiting for the one model worker; more get 429
+    max_inflight_per_tenant: int | None = Field(None, ge=1)  # one tenant's share of the queue (None: all of it)
     retry_after_s: int = Field(1, ge=1)
     shutdown_timeout_s: float = Field(30.0, gt=0)
     # -- retrieval: catalog + faiss index in DATA_DIR (default namespace), DATA_DIR/tenants/NS -------
