@@ -2,9 +2,11 @@
 
 The event loop never runs the model: `call(fn, tenant=...)`, `steps(gen_fn, tenant=...)` and
 `stream(gen_fn, tenant=...)` hand work to a single worker thread and await it, so /healthz answers
-while a request generates. Work is a generator run one step (one `next`) at a time; the thread takes
-steps round-robin across tenants that have work, so a tenant flooding long documents (ingested in
-small steps) delays another tenant's short chat by a few steps, not by the whole flood.
+while a request generates. Work is a generator run one step (one `next`) at a time. The thread
+shares its time fairly between the tenants that have work: it steps the tenant that has used the
+least model time so far, and a tenant that arrives (or comes back) starts at most `burst_s` behind
+the others, so a short chat runs its few steps almost at once while a tenant flooding long documents
+(ingested in small steps) waits a few steps, and a flood never holds the worker for its whole length.
 
 Admission: at most `capacity` requests (running + waiting) and at most `per_tenant` of one tenant;
 one more raises `QueueFull` (the app answers 429 + Retry-After). A request whose awaiting side is
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 _END = object()
+BURST_S = 0.25  # how far behind the busiest tenants a newly active tenant may start (its head start)
 
 
 class QueueFull(RuntimeError):
@@ -45,15 +49,22 @@ class _Task:
 
 
 class ModelWorker:
-    """A single model thread, round-robin across tenants, with admission limits."""
+    """A single model thread, fair in model time across tenants, with admission limits."""
 
-    def __init__(self, queue_size: int, init: Callable[[], None] | None = None, per_tenant: int | None = None) -> None:
+    def __init__(
+        self,
+        queue_size: int,
+        init: Callable[[], None] | None = None,
+        per_tenant: int | None = None,
+        burst_s: float = BURST_S,
+    ) -> None:
         self.capacity = queue_size + 1
         self.per_tenant = min(per_tenant or self.capacity, self.capacity)
         self._init = init
         self._cv = threading.Condition()
-        self._queues: dict[str, deque[_Task]] = {}  # tenant -> its tasks waiting for a step
-        self._turns: deque[str] = deque()  # tenants with work, in round-robin order
+        self._queues: dict[str, deque[_Task]] = {}  # tenant -> its tasks waiting for a step, in arrival order
+        self._used: dict[str, float] = {}  # tenant -> model seconds used (shifted on return, see _enqueue)
+        self.burst_s = burst_s
         self._admitted = 0
         self._by_tenant: Counter[str] = Counter()
         self._closed = False
@@ -132,10 +143,13 @@ class ModelWorker:
             self._cv.notify()
 
     def _enqueue(self, task: _Task) -> None:
-        q = self._queues.setdefault(task.tenant, deque())
-        if not q:
-            self._turns.append(task.tenant)
-        q.append(task)
+        if task.tenant not in self._queues:  # the tenant becomes active: catch its clock up, minus a head start
+            active = [self._used[t] for t in self._queues]
+            floor = min(active) - self.burst_s if active else 0.0
+            self._used[task.tenant] = max(self._used.get(task.tenant, 0.0), floor)
+            if not active:
+                self._used = {task.tenant: 0.0}  # idle: forget the past
+        self._queues.setdefault(task.tenant, deque()).append(task)
 
     def _cancel(self, task: _Task) -> None:
         """The awaiting side is gone: drop the task if it waits, else flag it to stop between steps."""
@@ -145,7 +159,6 @@ class ModelWorker:
             if q is not None and task in q:
                 q.remove(task)
                 if not q:
-                    self._turns.remove(task.tenant)
                     del self._queues[task.tenant]
                 self._release(task)
 
@@ -159,18 +172,16 @@ class ModelWorker:
 
     # -- the model thread ----------------------------------------------------------------------------
     def _next(self) -> _Task | None:
-        """The next task to step: the head of the next tenant in turn (None once closed and idle)."""
+        """The next task to step: the oldest of the tenant that used the least time (None once closed and idle)."""
         with self._cv:
-            while not self._turns:
+            while not self._queues:
                 if self._closed:
                     return None
                 self._cv.wait()
-            tenant = self._turns.popleft()
+            tenant = min(self._queues, key=lambda t: self._used[t])  # ties: the tenant that arrived first
             q = self._queues[tenant]
             task = q.popleft()
-            if q:
-                self._turns.append(tenant)
-            else:
+            if not q:
                 del self._queues[tenant]
             return task
 
@@ -178,12 +189,14 @@ class ModelWorker:
         if self._init is not None:
             self._init()
         while (task := self._next()) is not None:
+            t0 = time.perf_counter()
             done = self._step(task)
             with self._cv:
+                self._used[task.tenant] = self._used.get(task.tenant, 0.0) + time.perf_counter() - t0
                 if done:
                     self._release(task)
                 else:
-                    self._enqueue(task)  # behind this tenant's other work; other tenants go first
+                    self._enqueue(task)  # behind this tenant's other work
 
     def _step(self, task: _Task) -> bool:
         """Run one step of `task`; True when it is finished (ended, failed or cancelled)."""

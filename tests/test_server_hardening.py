@@ -95,7 +95,7 @@ def test_inputs_that_gave_a_500_get_a_400(app, path, body, needle):
 
 
 def test_a_tiny_temperature_samples_and_greedy_still_works(app):
-    for t in (1e-6, 0, 0.7):
+    for t in (1e-6, 0):
         r = post(app, "/v1/chat/completions", "{" + Q + f', "temperature": {t}, "documents": ["hello there"]}}')
         assert r.status_code == 200, r.text
 
@@ -167,11 +167,11 @@ def _mutate(value, rng: random.Random, depth: int = 0):
 
 
 def test_seeded_fuzz_of_every_endpoint_gets_no_5xx(app):
-    """300 mutated bodies (plus raw junk) over the OpenAPI schema's POST endpoints: every answer < 500."""
+    """140 mutated bodies (plus raw junk) over the OpenAPI schema's POST endpoints: every answer < 500."""
     paths = [p for p, ops in app.openapi()["paths"].items() if "post" in ops]
     assert set(TEMPLATES) <= set(paths)
     rng = random.Random(15)
-    bodies = [(p, json.dumps(_mutate(TEMPLATES[p], rng))) for p in TEMPLATES for _ in range(70)]
+    bodies = [(p, json.dumps(_mutate(TEMPLATES[p], rng))) for p in TEMPLATES for _ in range(35)]
     bodies += [(p, junk) for p in paths for junk in ("", "[]", "null", '{"a":', "\x00", '{"documents": 5}')]
     statuses = []
 
@@ -201,7 +201,7 @@ def test_cache_stats_show_only_the_tenants_own_entries(app):
 
 
 # -- the worker: round-robin across tenants, per-tenant limits, cancellation -----------------------------
-def test_steps_go_round_robin_across_tenants():
+def test_a_newly_active_tenant_is_stepped_before_a_flooding_one():
     order: list[str] = []
     gate = threading.Event()
 
@@ -228,7 +228,7 @@ def test_steps_go_round_robin_across_tenants():
 
     asyncio.run(main())
     first_b = order.index("b")
-    assert first_b <= 4 and order.index("b", first_b + 1) <= first_b + 5  # not behind 15 steps of tenant a
+    assert first_b <= 1 and order[first_b + 1] == "b"  # at most the step already running, not 15 steps of tenant a
     assert len(order) == 17
 
 
