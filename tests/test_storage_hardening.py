@@ -188,3 +188,33 @@ def test_dropping_a_corrupt_row_deletes_only_its_own_file(tmp_path):
     assert again.get(key(0)) is None and (again.root / other).exists() and same(again.get(key(1)), chunk(1))
     again.close()
     assert json.dumps(again.last_check.__dict__)  # the report stays JSON-able for `ragkv cache gc --json`
+
+
+def test_cache_stats_and_gc_dry_run_change_nothing(tmp_path, capsys):
+    from ragkv.cli.main import main
+    from ragkv.engine.config import EngineConfig
+    from ragkv.storage.config import build_store
+
+    store = build_store(EngineConfig(data_dir=str(tmp_path)).storage_config())
+    store.tiers[-1].put(key(0), chunk(0))
+    root = store.tiers[-1].root
+    store.close()
+    (root / "tmp" / "99-0badc0de.x.tmp").write_bytes(b"a dead writer's")
+    junk = root / "data" / "default" / f"{key(3).digest}.old.kv"
+    junk.write_bytes(b"damaged")
+    _age(junk, 3600)
+
+    def listing():
+        return sorted(
+            p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "catalog" not in p.name
+        )
+
+    before = listing()
+    assert main(["cache", "stats", "--data-dir", str(tmp_path), "--json"]) == 0
+    assert main(["cache", "gc", "--data-dir", str(tmp_path), "--dry-run", "--json"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.rindex('{\n  "entries"') :])["disk_check"]["disk"]
+    assert report["dry_run"] and report["temp_files_removed"] == 1 and report["orphan_files_removed"] == 1
+    assert listing() == before
+    assert main(["cache", "gc", "--data-dir", str(tmp_path), "--json"]) == 0
+    assert not junk.exists() and not (root / "tmp" / "99-0badc0de.x.tmp").exists()
