@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from .options import add_settings_args, settings_of
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from ..storage.config import build_store
 
     config = settings_of(args).engine_config()  # the store only: no model is loaded
-    store = build_store(config.storage_config())  # the disk tier reconciles its catalog on open
+    read_only = args.action == "stats" or args.dry_run  # then the disk tier's opening check only counts
+    store = build_store(replace(config.storage_config(), repair_on_open=not read_only))
     try:
         if args.action == "stats":
             stats = store.stats().to_dict()

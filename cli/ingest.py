@@ -44,7 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--overlap", type=int, default=None, help="tokens repeated from the previous chunk (default 0)")
     p.add_argument("--max-document-size", default=None, metavar="SIZE", help="larger documents are refused (20MiB)")
     p.add_argument("--no-kv", action="store_true", help="only catalog and index; KV is computed on first use")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="chunk tokens per precompute batch")
+    p.add_argument(
+        "--batch-tokens", type=int, default=2048, help="chunk tokens per precompute batch (stored as it goes)"
+    )
     p.add_argument(
         "--pass-tokens", type=int, default=2048, help="tokens per prepacked forward pass (0: one chunk each)"
     )

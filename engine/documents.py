@@ -3,12 +3,17 @@
 Each namespace (tenant) has its own catalog and faiss index (`Engine.retriever(namespace)`: the
 default namespace's in the data dir, where `ragkv ingest` writes, others in `tenants/NAMESPACE`), and
 its chunk keys carry the namespace, so one tenant can neither retrieve nor hit another's chunks.
-Everything here runs on the model worker thread (it uses the model and SQLite).
+Everything here runs on the model worker thread (it uses the model and SQLite); `ingest_steps` is
+ingestion in small steps (one document, or one KV batch of `SERVER_KV_BATCH_TOKENS`) so the worker
+can serve other tenants between them and stop when the client is gone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+SERVER_KV_BATCH_TOKENS = 512  # one step of a server-side ingestion: about one chunk's forward pass
 
 
 class RetrievalUnavailable(RuntimeError):
@@ -33,13 +38,24 @@ class DocumentService:
 
     def ingest(self, namespace: str, documents: Sequence[dict]) -> dict:
         """Add (or replace) `documents` ({id, text, metadata}) and precompute their chunk KV; a report dict."""
+        return deque(self.ingest_steps(namespace, documents), maxlen=1)[0]  # the last step is the report
+
+    def ingest_steps(self, namespace: str, documents: Sequence[dict]) -> Iterator[dict | None]:
+        """`ingest` in steps: None after each document and KV batch, then the report dict."""
+        from ..engine.ingest import IngestConfig, Ingester
         from ..retriever import Document
 
-        self.retriever(namespace)
-        report = self.engine.ingest(
-            documents=[Document(d["id"], d["text"], dict(d.get("metadata") or {}), "api") for d in documents],
-            namespace=namespace,
-        )
+        docs = [Document(d["id"], d["text"], dict(d.get("metadata") or {}), "api") for d in documents]
+        retriever = self.retriever(namespace)
+        if not (hasattr(self.engine, "model") and hasattr(self.engine, "store")):
+            yield self._report(self.engine.ingest(documents=docs, namespace=namespace))
+            return
+        config = IngestConfig(progress=False, documents_per_batch=1, kv_batch_tokens=SERVER_KV_BATCH_TOKENS)
+        for step in Ingester(self.engine.model, self.engine.store, retriever, config).ingest_steps(docs):
+            yield None if step is None else self._report(step)
+
+    @staticmethod
+    def _report(report) -> dict:
         return {
             "documents": report.documents,
             "added": report.documents_added,

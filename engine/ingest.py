@@ -1,14 +1,18 @@
 """Ingestion: files -> documents -> chunks -> catalog + faiss -> batched (prepacked) chunk KV -> store.
 
 `Ingester(adapter, store, retriever, config).ingest(paths)` is what `Engine.ingest` and `ragkv ingest`
-call. The catalog is written per document and KV per batch, so an interrupted run resumes: unchanged
-documents are skipped and only chunks whose key the store lacks are precomputed.
+call. The catalog is written per document and KV per small batch (one prepacked forward pass of
+`kv_batch_tokens`, a few seconds on a CPU), so a killed run loses little and resumes: unchanged
+documents are skipped and only chunks whose key the store lacks are precomputed. `ingest_steps`
+runs the same work as a generator that yields between documents and KV batches, so the server's
+model worker can interleave other tenants' requests with a long ingestion.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,7 +27,7 @@ class IngestConfig:
     """How KV is precomputed during ingestion."""
 
     compute_kv: bool = True  # False: only catalog + index (KV is then computed on first use)
-    kv_batch_tokens: int = 8192  # pending chunk tokens that trigger a precompute batch
+    kv_batch_tokens: int = 2048  # chunk tokens per precompute batch, stored as soon as it is computed
     max_tokens_per_pass: int = 2048  # prepacking budget of one forward pass (0 = one chunk per pass)
     documents_per_batch: int = 32  # documents chunked and embedded together (each still committed alone)
     save_every_documents: int = 200  # also save the faiss index this often (it is rebuilt if stale anyway)
@@ -100,6 +104,11 @@ class Ingester:
 
     def ingest_documents(self, docs: Iterable[Document | LoadError]) -> IngestReport:
         """Ingest documents (LoadError items are recorded as errors); see the module docstring."""
+        return deque(self.ingest_steps(docs), maxlen=1)[0]  # the last step is the report
+
+    def ingest_steps(self, docs: Iterable[Document | LoadError]) -> Iterator[IngestReport | None]:
+        """`ingest_documents` in steps: yields None after each document and each KV batch, then the report.
+        Closing the generator early stops the run; what was committed stays (and the index is saved)."""
         t0 = time.perf_counter()
         run = _Run(self)
         try:
@@ -108,11 +117,17 @@ class Ingester:
                     run.errors.append(IngestError(doc.path, doc.message, doc.line))
                 else:
                     run.add(doc)
+                yield None
+                while run.pending_tokens >= self.config.kv_batch_tokens:
+                    run.flush_batch()
+                    yield None
             run.add_batch()
-            run.flush()
+            while run.pending:
+                run.flush_batch()
+                yield None
         finally:
             run.close()
-        return run.report(time.perf_counter() - t0)
+        yield run.report(time.perf_counter() - t0)
 
     def remove(self, doc_ids: Sequence[str]) -> tuple[ChunkKey, ...]:
         """Delete documents from catalog and index and their orphaned chunks' KV from the store."""
@@ -211,24 +226,29 @@ class _Run:
                 self.pending_tokens += len(fresh[key])
                 self.kv_bar.total += len(fresh[key])
         self.kv_bar.refresh()
-        if self.pending_tokens >= self.ing.config.kv_batch_tokens:
-            self.flush()
 
-    def flush(self) -> None:
-        """Precompute the pending chunks (prepacked) and store them."""
+    def flush_batch(self) -> None:
+        """Precompute the oldest pending chunks, up to `kv_batch_tokens` (at least one chunk), and store them."""
         if not self.pending:
             return
-        keys, ids = list(self.pending), list(self.pending.values())
+        keys, ids, n = [], [], 0
+        for key, chunk_ids in self.pending.items():
+            if keys and n + len(chunk_ids) > self.ing.config.kv_batch_tokens:
+                break
+            keys.append(key)
+            ids.append(chunk_ids)
+            n += len(chunk_ids)
         t = time.perf_counter()
         kvs = precompute_many(self.ing.adapter, ids, self.ing.config.max_tokens_per_pass)
         for key, kv in zip(keys, kvs):
             self.ing.store.put(key, kv, durable=True)
         self.kv_seconds += time.perf_counter() - t
-        n = sum(map(len, ids))
         self.counts["kv_computed"] += len(keys)
         self.counts["kv_tokens"] += n
         self.kv_bar.update(n)
-        self.pending, self.pending_tokens = {}, 0
+        for key in keys:
+            del self.pending[key]
+        self.pending_tokens -= n
 
     def close(self) -> None:
         self.ing.retriever.save()  # also after an interruption: the catalog is already committed

@@ -116,6 +116,7 @@ class ServerOptions(_Section):
     max_tokens_limit: int = Field(512, ge=1)  # the largest max_tokens a request may ask for
     max_retrieve_k: int = Field(16, ge=1)
     queue_size: int = Field(64, ge=1)  # requests waiting for the one model worker; more get 429
+    max_inflight_per_tenant: int | None = Field(None, ge=1)  # one tenant's share of the queue (None: all)
     retry_after_s: int = Field(1, ge=1)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 

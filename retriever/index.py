@@ -7,9 +7,11 @@ missing file is rebuilt from the catalog (see `Retriever.open`), so the two neve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
 import faiss
@@ -107,10 +109,13 @@ class VectorIndex:
         """Write `path` (faiss) and `path.json` (manifest) atomically, the manifest last."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
+        blob = faiss.serialize_index(self.index).tobytes()
+        unique = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # several processes may save the same index
+        tmp = path.with_name(path.name + unique)
+        tmp.write_bytes(blob)
         os.replace(tmp, path)
         manifest = dict(
+            sha256=hashlib.sha256(blob).hexdigest(),  # pairs the manifest with exactly this index file
             dim=self.dim,
             built_kind=self.built_kind,
             ntotal=self.ntotal,
@@ -118,7 +123,7 @@ class VectorIndex:
             trained_on=self._trained_on,
             stale=self.stale,
         )
-        tmp_json = path.with_name(path.name + ".json.tmp")
+        tmp_json = path.with_name(path.name + ".json" + unique)
         tmp_json.write_text(json.dumps(manifest))
         os.replace(tmp_json, path.with_name(path.name + ".json"))
 
@@ -129,8 +134,11 @@ class VectorIndex:
         manifest_path = path.with_name(path.name + ".json")
         try:
             manifest = json.loads(manifest_path.read_text())
-            index = faiss.read_index(str(path))
-        except (OSError, ValueError, RuntimeError):
+            blob = path.read_bytes()
+            if manifest.get("sha256") != hashlib.sha256(blob).hexdigest():
+                return None  # another process replaced one of the pair meanwhile (or an older layout)
+            index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        except (OSError, ValueError, RuntimeError, AttributeError):
             return None
         if index.ntotal != manifest.get("ntotal") or index.d != manifest.get("dim"):
             return None

@@ -4,6 +4,11 @@
 `Retriever.open(data_dir, model)` opens (or creates) the catalog and index of a data directory for
 one model's tokenizer; `add_document` chunks, embeds and indexes a text; `remove_document` drops it
 and names the chunk keys whose KV is now invalid; `search(query, k)` returns `RetrievedChunk`s.
+
+The catalog is the truth and may be shared by several processes (a server and `ragkv ingest` on one
+data dir): the in-memory index records the namespace generation it reflects, follows its own writes
+incrementally, and is rebuilt from the catalog when another process has written (checked before each
+search and each save), so a saved index is never stamped with a generation it does not contain.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ class Retriever:
         """The retriever of `data_dir`: catalog `catalog.sqlite` (or `catalog_url`), index `index/chunks.faiss`."""
         config = config or RetrieverConfig()
         data_dir = Path(data_dir).expanduser()
-        catalog = Catalog(catalog_url or f"sqlite:///{data_dir / 'catalog.sqlite'}")
+        catalog = Catalog(catalog_url or f"sqlite:///{data_dir / 'catalog.sqlite'}", config.namespace)
         if embedder is None:
             embedder = HFEmbedder(config.embedder_path, config.embed_batch_size, config.embed_max_length)
         return cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config)
@@ -161,11 +166,16 @@ class Retriever:
         return tuple(ChunkKey.parse(k) for k in change.removed_keys)
 
     def save(self) -> None:
-        """Persist the index beside the catalog (rebuilding it first if it went stale)."""
-        if self.index.needs_rebuild():
-            self._rebuild()
-        self.index.generation = self.catalog.generation
+        """Persist the index beside the catalog (rebuilt first if it went stale or another process wrote)."""
+        self.refresh()
         self.index.save(self.index_path)
+
+    def refresh(self) -> bool:
+        """Rebuild the index from the catalog if it is stale or misses another process's writes; True if it did."""
+        if self.index.needs_rebuild() or self.index.generation != self.catalog.generation:
+            self._rebuild()
+            return True
+        return False
 
     # -- reads -----------------------------------------------------------------------------------
     def search(self, query: str, k: int = 10) -> list[RetrievedChunk]:
@@ -176,8 +186,7 @@ class Retriever:
         """`search` for several queries with one embedding batch."""
         if k <= 0:
             raise ValueError(f"k must be >= 1, got {k}")
-        if self.index.stale:
-            self._rebuild()
+        self.refresh()
         scores, ids = self.index.search(self.embedder.embed(list(queries)), k)  # [Q, k] each
         rows = self.catalog.chunks(sorted({int(i) for i in ids.flatten() if i >= 0}))
         return [
@@ -212,9 +221,13 @@ class Retriever:
         return h.hexdigest()
 
     def _apply(self, change) -> None:
+        """Follow our own write in place; if another process wrote in between, leave the index's older
+        generation so the next search or save rebuilds it from the catalog."""
+        if self.index.generation != change.generation - 1:
+            return
         self.index.remove(change.removed_ids)
         self.index.add(change.added_ids, change.added_vectors)
-        self.index.generation = self.catalog.generation
+        self.index.generation = change.generation
 
     def _load_or_rebuild(self) -> VectorIndex | PgVectorIndex:
         shared = PgVectorIndex.open(self.catalog.engine, self.embedder.dim, self.config)
@@ -236,6 +249,7 @@ class Retriever:
         return index
 
     def _rebuild(self) -> None:
+        generation = self.catalog.generation  # read first: a write landing meanwhile leaves the index behind
         ids, vectors = self.catalog.embeddings()  # [N], [N, dim]
         self.index.build(ids, vectors if len(ids) else np.zeros((0, self.embedder.dim), np.float32))
-        self.index.generation = self.catalog.generation
+        self.index.generation = generation

@@ -20,10 +20,12 @@ from . import errors
 from .auth import tenant
 from .completions import empty_retrieval_warning
 from .completions import router as completions_router
+from .disconnect import cancel_on_disconnect
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .schemas import DocumentsRequest, RetrieveRequest
 from .settings import ServerSettings
+from .tenant_stats import TenantCounters, tenant_store_stats
 from .worker import ModelWorker
 
 
@@ -58,8 +60,9 @@ def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.upstream = upstream
-    app.state.worker = ModelWorker(settings.queue_size, init=init)
+    app.state.worker = ModelWorker(settings.queue_size, init=init, per_tenant=settings.max_inflight_per_tenant)
     app.state.metrics = Metrics()
+    app.state.tenant_counters = TenantCounters()
     app.state.documents = DocumentService(engine)
     errors.install(app, settings.retry_after_s)
     app.add_middleware(_Observe)
@@ -95,9 +98,12 @@ def _router():
     @r.get("/v1/cache/stats")
     async def cache_stats(request: Request, namespace: str = Depends(tenant)):
         s = request.app.state
-        stats = await asyncio.to_thread(lambda: s.engine.store.stats().to_dict())
-        remote = remote_status(s.engine.store)  # shared tiers: up, outages, compute leases
-        return {"namespace": namespace, "store": stats, "remote": remote, "queue_depth": s.worker.depth}
+        stats = await asyncio.to_thread(tenant_store_stats, s.engine.store, namespace, s.tenant_counters)
+        # shared tiers' health only: their read and lease counters cover every tenant
+        remote = {
+            name: {"up": st["up"], "outages": st["outages"]} for name, st in remote_status(s.engine.store).items()
+        }
+        return {"namespace": namespace, "store": stats, "remote": remote, "queue_depth": s.worker.in_flight(namespace)}
 
     @r.post("/v1/documents")
     async def add_documents(body: DocumentsRequest, request: Request, namespace: str = Depends(tenant)):
@@ -109,13 +115,20 @@ def _router():
                 "documents",
             )
         docs = [d.model_dump() for d in body.documents]
-        report = await s.worker.call(s.documents.ingest, namespace, docs)
+
+        async def ingest() -> dict:
+            report = None  # one step per document / KV batch; other tenants' requests run in between
+            async for item in s.worker.steps(lambda: s.documents.ingest_steps(namespace, docs), namespace):
+                report = item
+            return report
+
+        report = await cancel_on_disconnect(request, ingest())
         return {"namespace": namespace, **report}
 
     @r.get("/v1/documents/{doc_id}")
     async def get_document(doc_id: str, request: Request, namespace: str = Depends(tenant)):
         s = request.app.state
-        doc = await s.worker.call(s.documents.get, namespace, doc_id)
+        doc = await s.worker.call(s.documents.get, namespace, doc_id, tenant=namespace)
         if doc is None:
             raise ApiError(404, f"no document {doc_id!r} in this namespace", "doc_id")
         return doc
@@ -123,7 +136,7 @@ def _router():
     @r.delete("/v1/documents/{doc_id}")
     async def delete_document(doc_id: str, request: Request, namespace: str = Depends(tenant)):
         s = request.app.state
-        dropped = await s.worker.call(s.documents.delete, namespace, doc_id)
+        dropped = await s.worker.call(s.documents.delete, namespace, doc_id, tenant=namespace)
         if dropped is None:
             raise ApiError(404, f"no document {doc_id!r} in this namespace", "doc_id")
         return {"id": doc_id, "deleted": True, "invalidated_keys": dropped}
@@ -133,7 +146,8 @@ def _router():
         s = request.app.state
         if body.k > s.settings.max_retrieve_k:
             raise ApiError(400, f"k {body.k} is over the limit of {s.settings.max_retrieve_k}", "k")
-        hits = await s.worker.call(s.documents.search, namespace, body.query, body.k)
+        search = s.worker.call(s.documents.search, namespace, body.query, body.k, tenant=namespace)
+        hits = await cancel_on_disconnect(request, search)
         if not hits:
             s.metrics.empty_retrievals.inc()
         return {

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.answer import Answer
 from .auth import tenant
+from .disconnect import cancel_on_disconnect
 from .errors import ApiError
 from .schemas import ChatRequest, ChunkRef, CompletionRequest, TextDocument, chat_question
 
@@ -190,19 +191,26 @@ async def _respond(request: Request, body, job: Job, chat: bool):
     if upstream is not None:
         events = upstream.stream(job, state)
     else:
-        events = state.worker.stream(lambda: job.run(state.engine, state.documents))
-    first = await _first(events)  # errors before the first token become a 4xx/5xx JSON reply
+        events = state.worker.stream(lambda: job.run(state.engine, state.documents), job.namespace)
+    # errors before the first token become a 4xx/5xx JSON reply; a client gone meanwhile cancels the job
+    first = await cancel_on_disconnect(request, _first(events))
 
     def envelope(choice: dict, **extra) -> dict:
         obj = "chat.completion.chunk" if chat else "text_completion"
         return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra}
 
     if not body.stream:
-        answer = first
-        async for item in _chain(first, events):
-            if isinstance(item, Answer):
-                answer = item
+
+        async def rest():
+            answer = first
+            async for item in _chain(first, events):
+                if isinstance(item, Answer):
+                    answer = item
+            return answer
+
+        answer = await cancel_on_disconnect(request, rest())
         state.metrics.observe_answer(answer, empty_retrieval=job.retrieved_nothing)
+        state.tenant_counters.observe(job.namespace, answer)
         queue_ms = max(0.0, (time.perf_counter() - t0) * 1e3 - answer.ttft_ms - answer.decode_ms)
         extra = usage_and_ragkv(answer, job, queue_ms)
         if chat:
@@ -223,6 +231,7 @@ async def _respond(request: Request, body, job: Job, chat: bool):
             async for item in _chain(first, events):
                 if isinstance(item, Answer):
                     state.metrics.observe_answer(item, empty_retrieval=job.retrieved_nothing)
+                    state.tenant_counters.observe(job.namespace, item)
                     qms = max(0.0, (time.perf_counter() - t0) * 1e3 - item.ttft_ms - item.decode_ms)
                     last = (
                         {"index": 0, "delta": {}, "finish_reason": _finish(item, job)}

@@ -5,11 +5,60 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..blend.config import validate
+
+MAX_INT64 = 2**63 - 1  # SQL integer columns (chunk ids) hold no more
+MIN_TEMPERATURE = 1e-6  # below this (but above 0) logits / temperature overflow float32 into NaN
+
+
+def valid_unicode(text: str) -> str:
+    """`text` if it encodes as UTF-8; a lone surrogate (e.g. JSON `"\\ud800"`) is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"invalid Unicode at character {err.start}: a lone surrogate ({text[err.start]!r}); "
+            "send valid UTF-8 text (surrogates only as a high + low pair)"
+        ) from None
+    return text
+
+
+def storable(text: str) -> str:
+    """`valid_unicode` text without NUL characters (SQL text columns, PostgreSQL's above all, refuse them)."""
+    valid_unicode(text)
+    if "\x00" in text:
+        raise ValueError(f"NUL character (\\u0000) at position {text.index(chr(0))}: stored text may not contain it")
+    return text
+
+
+def _storable_json(value):
+    """`value` if every string inside it (keys included) is `storable`."""
+    if isinstance(value, str):
+        storable(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _storable_json(k)
+            _storable_json(v)
+    elif isinstance(value, list):
+        for v in value:
+            _storable_json(v)
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+StoredText = Annotated[str, AfterValidator(storable)]
 
 
 class _Strict(BaseModel):
@@ -19,8 +68,8 @@ class _Strict(BaseModel):
 class BlendOptions(_Strict):
     """How the request's chunks are fused (server defaults where absent)."""
 
-    strategy: str | None = None
-    recompute_ratio: float | None = None
+    strategy: Text | None = Field(None, max_length=64)
+    recompute_ratio: float | None = Field(None, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> BlendOptions:
@@ -31,21 +80,21 @@ class BlendOptions(_Strict):
 class RetrieveOptions(_Strict):
     """Search the tenant's ingested chunks; `query` defaults to the question."""
 
-    query: str | None = None
-    k: int = Field(4, ge=1)
+    query: Text | None = None
+    k: int = Field(4, ge=1, le=1024)
 
 
 class TextDocument(_Strict):
-    text: str
+    text: Text
 
 
 class ChunkRef(_Strict):
     """An ingested chunk by its catalog id (as `/v1/retrieve` returns it)."""
 
-    chunk_id: int = Field(ge=0)
+    chunk_id: int = Field(ge=0, le=MAX_INT64)
 
 
-DocumentItem = str | TextDocument | ChunkRef
+DocumentItem = Text | TextDocument | ChunkRef
 
 
 class RagkvFields(BaseModel):
@@ -55,17 +104,42 @@ class RagkvFields(BaseModel):
     retrieve: RetrieveOptions | None = None
     blend: BlendOptions | None = None
 
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _documents(cls, v):
+        """Each item as exactly one of its three forms, with one clear message when it is none of them."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for i, item in enumerate(v):
+            try:
+                if isinstance(item, str):
+                    out.append(valid_unicode(item))
+                elif isinstance(item, dict) and "chunk_id" in item:
+                    out.append(ChunkRef.model_validate(item))
+                elif isinstance(item, dict) and "text" in item:
+                    out.append(TextDocument.model_validate(item))
+                else:
+                    raise ValueError('expected a string, {"text": ...} or {"chunk_id": ...}')
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(x) for x in first.get("loc", ()))
+                raise ValueError(f"documents[{i}].{where}: {first.get('msg', 'invalid value')}") from None
+            except ValueError as err:
+                raise ValueError(f"documents[{i}]: {err}") from None
+        return out
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         """The message's text (text parts joined; other part types are refused)."""
@@ -79,18 +153,27 @@ class ChatMessage(BaseModel):
 
 class _Completion(RagkvFields):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    model: Text | None = Field(None, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT64)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float | None) -> float | None:
+        if v is not None and 0.0 < v < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature {v!r} is too small to sample with: use 0 (greedy) or a value in [{MIN_TEMPERATURE}, 2]"
+            )
+        return v
 
 
 class ChatRequest(_Completion):
     """`POST /v1/chat/completions`."""
 
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT64)
 
     @field_validator("messages")
     @classmethod
@@ -105,7 +188,7 @@ class ChatRequest(_Completion):
 class CompletionRequest(_Completion):
     """`POST /v1/completions`: the prompt is the question."""
 
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
     @field_validator("prompt")
     @classmethod
@@ -119,9 +202,9 @@ class CompletionRequest(_Completion):
 class DocumentIn(_Strict):
     """One document to ingest."""
 
-    id: str = Field(min_length=1, max_length=256)
-    text: str = Field(min_length=1)
-    metadata: dict = Field(default_factory=dict)
+    id: StoredText = Field(min_length=1, max_length=256)
+    text: StoredText = Field(min_length=1)
+    metadata: Annotated[dict, AfterValidator(_storable_json)] = Field(default_factory=dict)
 
 
 class DocumentsRequest(_Strict):
@@ -133,8 +216,8 @@ class DocumentsRequest(_Strict):
 class RetrieveRequest(_Strict):
     """`POST /v1/retrieve`."""
 
-    query: str = Field(min_length=1)
-    k: int = Field(4, ge=1)
+    query: Text = Field(min_length=1)
+    k: int = Field(4, ge=1, le=1024)
 
 
 def chat_question(messages: list[ChatMessage]) -> str:

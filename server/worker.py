@@ -1,105 +1,119 @@
-"""ModelWorker: the one thread that runs model work, behind a bounded queue.
+"""ModelWorker: the one thread that runs model work, shared fairly between tenants.
 
-The event loop never runs the model: `call(fn)` and `stream(gen_fn)` hand work to a single worker
-thread and await it, so /healthz answers while a request generates. At most `capacity` requests are
-admitted (running + waiting); one more raises `QueueFull` (the app answers 429 + Retry-After).
-`close()` stops admitting and waits for the admitted requests to finish.
+The event loop never runs the model: `call(fn, tenant=...)`, `steps(gen_fn, tenant=...)` and
+`stream(gen_fn, tenant=...)` hand work to a single worker thread and await it, so /healthz answers
+while a request generates. Work is a generator run one step (one `next`) at a time. The thread
+shares its time fairly between the tenants that have work: it steps the tenant that has used the
+least model time so far, and a tenant that arrives (or comes back) starts at most `burst_s` behind
+the others, so a short chat runs its few steps almost at once while a tenant flooding long documents
+(ingested in small steps) waits a few steps, and a flood never holds the worker for its whole length.
+
+Admission: at most `capacity` requests (running + waiting) and at most `per_tenant` of one tenant;
+one more raises `QueueFull` (the app answers 429 + Retry-After). A request whose awaiting side is
+gone (client disconnected, task cancelled) is cancelled: dropped from its queue before it starts, or
+stopped between two steps, and its slot is freed. `close()` stops admitting and waits for the
+admitted requests to finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 _END = object()
+BURST_S = 0.25  # how far behind the busiest tenants a newly active tenant may start (its head start)
 
 
 class QueueFull(RuntimeError):
-    """The model queue is at capacity."""
+    """The model queue (or one tenant's share of it) is at capacity."""
 
 
 class ShuttingDown(RuntimeError):
     """The worker no longer admits requests."""
 
 
-class ModelWorker:
-    """A single model thread with an admission limit of `queue_size` waiting + 1 running."""
+class _Task:
+    """One admitted request: its generator (made on the worker thread) and where its items go."""
 
-    def __init__(self, queue_size: int, init: Callable[[], None] | None = None) -> None:
+    def __init__(self, tenant: str, gen_fn: Callable[[], Iterator], deliver: Callable[[Any], None]) -> None:
+        self.tenant = tenant
+        self.gen_fn = gen_fn
+        self.gen: Iterator | None = None
+        self.deliver = deliver  # called (thread-safely) with each item, then _END or an exception
+        self.cancelled = threading.Event()
+
+
+class ModelWorker:
+    """A single model thread, fair in model time across tenants, with admission limits."""
+
+    def __init__(
+        self,
+        queue_size: int,
+        init: Callable[[], None] | None = None,
+        per_tenant: int | None = None,
+        burst_s: float = BURST_S,
+    ) -> None:
         self.capacity = queue_size + 1
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragkv-model", initializer=init)
-        self._lock = threading.Lock()
+        self.per_tenant = min(per_tenant or self.capacity, self.capacity)
+        self._init = init
+        self._cv = threading.Condition()
+        self._queues: dict[str, deque[_Task]] = {}  # tenant -> its tasks waiting for a step, in arrival order
+        self._used: dict[str, float] = {}  # tenant -> model seconds used (shifted on return, see _enqueue)
+        self.burst_s = burst_s
         self._admitted = 0
+        self._by_tenant: Counter[str] = Counter()
         self._closed = False
+        self._thread = threading.Thread(target=self._run, name="ragkv-model", daemon=True)
+        self._thread.start()
 
     @property
     def depth(self) -> int:
         """Requests admitted and not yet finished (running + waiting)."""
         return self._admitted
 
-    def _admit(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down")
-            if self._admitted >= self.capacity:
-                raise QueueFull(f"the model queue is full ({self.capacity - 1} waiting)")
-            self._admitted += 1
+    def in_flight(self, tenant: str) -> int:
+        """Requests of `tenant` admitted and not yet finished."""
+        return self._by_tenant[tenant]
 
-    def _release(self) -> None:
-        with self._lock:
-            self._admitted -= 1
+    # -- the asyncio side ----------------------------------------------------------------------------
+    async def call(self, fn: Callable[..., T], *args: Any, tenant: str = "default") -> T:
+        """Run `fn(*args)` on the model thread (one step) and return its result (or raise its exception)."""
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` on the model thread and return its result (or raise its exception)."""
-        self._admit()
+        def one() -> Iterator[T]:
+            yield fn(*args)
 
-        def run() -> T:
-            try:
-                return fn(*args)
-            finally:
-                self._release()  # counted until the thread is done, even if the caller went away
+        result = None
+        async for item in self.stream(one, tenant):
+            result = item
+        return result  # type: ignore[return-value]
 
-        try:
-            future = asyncio.get_running_loop().run_in_executor(self._pool, run)
-        except BaseException:
-            self._release()
-            raise
-        return await future
+    async def steps(self, gen_fn: Callable[[], Iterator[T]], tenant: str = "default") -> AsyncIterator[T]:
+        """Run `gen_fn()` step by step on the model thread, yielding its non-None items (None marks a step
+        boundary only). Cancelling the awaiting task cancels the work between steps."""
+        async for item in self.stream(gen_fn, tenant):
+            if item is not None:
+                yield item
 
-    def stream(self, gen_fn: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-        """Iterate `gen_fn()` on the model thread, yielding its items here as they come. Admission and
-        scheduling happen now (QueueFull is raised before any response starts); closing the returned
-        iterator early (client gone) stops the generator at its next item."""
-        self._admit()
+    def stream(self, gen_fn: Callable[[], Iterator[T]], tenant: str = "default") -> AsyncIterator[T]:
+        """Iterate `gen_fn()` on the model thread, yielding its items here as they come. Admission happens
+        now (QueueFull is raised before any response starts); closing the returned iterator early (client
+        gone) cancels the work: it leaves the queue, or stops before its next step."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
 
-        def run() -> None:
-            try:
-                for item in gen_fn():
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-                    if stop.is_set():
-                        break
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
-            except BaseException as err:  # noqa: BLE001 - handed to the awaiting side
-                loop.call_soon_threadsafe(queue.put_nowait, err)
-            finally:
-                self._release()
+        def deliver(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        try:
-            loop.run_in_executor(self._pool, run)
-        except BaseException:
-            self._release()
-            raise
-        return self._drain(queue, stop)
+        task = _Task(tenant, gen_fn, deliver)
+        self._admit(task)
+        return self._drain(queue, task)
 
-    @staticmethod
-    async def _drain(queue: asyncio.Queue, stop: threading.Event) -> AsyncIterator:
+    async def _drain(self, queue: asyncio.Queue, task: _Task) -> AsyncIterator:
         try:
             while True:
                 item = await queue.get()
@@ -109,10 +123,106 @@ class ModelWorker:
                     raise item
                 yield item
         finally:
-            stop.set()  # the thread finishes its current item and stops
+            self._cancel(task)
+
+    # -- admission and cancellation ------------------------------------------------------------------
+    def _admit(self, task: _Task) -> None:
+        with self._cv:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            if self._admitted >= self.capacity:
+                raise QueueFull(f"the model queue is full ({self.capacity - 1} waiting)")
+            if self._by_tenant[task.tenant] >= self.per_tenant:
+                raise QueueFull(
+                    f"this tenant has {self._by_tenant[task.tenant]} requests in flight; "
+                    f"the limit per tenant is {self.per_tenant}"
+                )
+            self._admitted += 1
+            self._by_tenant[task.tenant] += 1
+            self._enqueue(task)
+            self._cv.notify()
+
+    def _enqueue(self, task: _Task) -> None:
+        if task.tenant not in self._queues:  # the tenant becomes active: catch its clock up, minus a head start
+            active = [self._used[t] for t in self._queues]
+            floor = min(active) - self.burst_s if active else 0.0
+            self._used[task.tenant] = max(self._used.get(task.tenant, 0.0), floor)
+            if not active:
+                self._used = {task.tenant: 0.0}  # idle: forget the past
+        self._queues.setdefault(task.tenant, deque()).append(task)
+
+    def _cancel(self, task: _Task) -> None:
+        """The awaiting side is gone: drop the task if it waits, else flag it to stop between steps."""
+        task.cancelled.set()
+        with self._cv:
+            q = self._queues.get(task.tenant)
+            if q is not None and task in q:
+                q.remove(task)
+                if not q:
+                    del self._queues[task.tenant]
+                self._release(task)
+
+    def _release(self, task: _Task) -> None:
+        """Free the task's admission slot (called with the lock held, once per task)."""
+        self._admitted -= 1
+        self._by_tenant[task.tenant] -= 1
+        if not self._by_tenant[task.tenant]:
+            del self._by_tenant[task.tenant]
+        self._cv.notify_all()
+
+    # -- the model thread ----------------------------------------------------------------------------
+    def _next(self) -> _Task | None:
+        """The next task to step: the oldest of the tenant that used the least time (None once closed and idle)."""
+        with self._cv:
+            while not self._queues:
+                if self._closed:
+                    return None
+                self._cv.wait()
+            tenant = min(self._queues, key=lambda t: self._used[t])  # ties: the tenant that arrived first
+            q = self._queues[tenant]
+            task = q.popleft()
+            if not q:
+                del self._queues[tenant]
+            return task
+
+    def _run(self) -> None:
+        if self._init is not None:
+            self._init()
+        while (task := self._next()) is not None:
+            t0 = time.perf_counter()
+            done = self._step(task)
+            with self._cv:
+                self._used[task.tenant] = self._used.get(task.tenant, 0.0) + time.perf_counter() - t0
+                if done:
+                    self._release(task)
+                else:
+                    self._enqueue(task)  # behind this tenant's other work
+
+    def _step(self, task: _Task) -> bool:
+        """Run one step of `task`; True when it is finished (ended, failed or cancelled)."""
+        try:
+            if task.cancelled.is_set():
+                if task.gen is not None:
+                    task.gen.close()  # runs the generator's cleanup (e.g. an ingestion saves its index)
+                return True
+            if task.gen is None:
+                task.gen = iter(task.gen_fn())
+            task.deliver(next(task.gen))
+            return False
+        except StopIteration:
+            task.deliver(_END)
+            return True
+        except BaseException as err:  # noqa: BLE001 - handed to the awaiting side
+            task.deliver(err)
+            return True
 
     def close(self, wait: bool = True) -> None:
         """Admit nothing more; with `wait`, return when every admitted request has finished."""
-        with self._lock:
+        with self._cv:
             self._closed = True
-        self._pool.shutdown(wait=wait)
+            self._cv.notify_all()
+            if wait:
+                while self._admitted:
+                    self._cv.wait()
+        if wait:
+            self._thread.join()

@@ -2,10 +2,13 @@
 
 A row is written only after its payload file is durable, so the catalog never names a file that
 was not fully written; rows are scoped by tier name so several disk tiers can share one database.
+A database that does not read back (garbage in the SQLite file, a failed integrity check) raises
+`CatalogDamaged`, whose message says how to heal it; unreadable single rows are skipped.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -13,6 +16,8 @@ import sqlalchemy as sa
 
 from ..chunk_cache import ChunkKey
 from .tier import EntryInfo
+
+log = logging.getLogger(__name__)
 
 _META = sa.MetaData()
 CHUNKS = sa.Table(
@@ -42,6 +47,10 @@ class CatalogRow:
     checksum: str
 
 
+class CatalogDamaged(RuntimeError):
+    """The catalog database does not read back; the message names it and how to heal it."""
+
+
 class Catalog:
     """The `ragkv_chunks` table for one tier."""
 
@@ -53,18 +62,94 @@ class Catalog:
         self.engine = sa.create_engine(url, pool_pre_ping=url.startswith("postgresql"))
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        _META.create_all(self.engine, checkfirst=True)
+        try:
+            _META.create_all(self.engine, checkfirst=True)
+            if url.startswith("sqlite"):
+                with self.engine.connect() as conn:
+                    verdict = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
+                if verdict != ["ok"]:
+                    raise CatalogDamaged(self.damaged("; ".join(map(str, verdict[:3]))))
+        except sa.exc.DatabaseError as err:
+            self.engine.dispose()
+            raise CatalogDamaged(self.damaged(err.orig or err)) from None
+        except CatalogDamaged:
+            self.engine.dispose()
+            raise
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The SQLite file of this catalog (None for a server database or an in-memory one)."""
+        url = sa.engine.make_url(self.url)
+        local = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+        return url.database if local else None
+
+    def damaged(self, why) -> str:
+        """The CatalogDamaged message: what is damaged, why, and how to heal it."""
+        where = self.sqlite_path or self.url
+        return (
+            f"the chunk catalog {where} is damaged ({why}); no payload file was touched. To heal: stop every "
+            f"ragkv process using it, move {where} (and its -wal / -shm files) aside, and start again: the disk "
+            "tier rebuilds its rows from the payload headers (documents in a shared catalog must be re-ingested)"
+        )
 
     def rows(self) -> list[CatalogRow]:
-        """Every row of this tier."""
+        """Every readable row of this tier (a row that does not parse is logged and skipped)."""
+        out = []
+        try:
+            with self.engine.connect() as conn:
+                for r in conn.execute(sa.select(CHUNKS).where(CHUNKS.c.tier == self.tier)).mappings():
+                    try:
+                        out.append(_row(r))
+                    except (ValueError, TypeError, KeyError) as err:
+                        log.warning("catalog %s: skipping an unreadable row (%s)", self.url, err)
+        except sa.exc.DatabaseError as err:
+            raise CatalogDamaged(self.damaged(err.orig or err)) from None
+        return out
+
+    def row(self, key: ChunkKey) -> CatalogRow | None:
+        """The row of `key`, or None (also when it does not parse)."""
         with self.engine.connect() as conn:
-            result = conn.execute(sa.select(CHUNKS).where(CHUNKS.c.tier == self.tier))
-            return [_row(r) for r in result.mappings()]
+            r = conn.execute(sa.select(CHUNKS).where(CHUNKS.c.tier == self.tier, CHUNKS.c.key == str(key)))
+            m = r.mappings().first()
+        try:
+            return None if m is None else _row(m)
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    def files(self, names: Iterable[str]) -> set[str]:
+        """Which of the file `names` some row of this tier names now."""
+        names, found = list(names), set()
+        with self.engine.connect() as conn:
+            for b in range(0, len(names), 500):
+                q = sa.select(CHUNKS.c.file).where(CHUNKS.c.tier == self.tier, CHUNKS.c.file.in_(names[b : b + 500]))
+                found.update(conn.execute(q).scalars())
+        return found
+
+    def insert_new(self, row: CatalogRow) -> bool:
+        """Insert `row` unless its key already has one (a writer's row always wins); True if inserted."""
+        with self.engine.begin() as conn:
+            q = sa.select(CHUNKS.c.key).where(CHUNKS.c.tier == self.tier, CHUNKS.c.key == str(row.info.key))
+            if conn.execute(q).first() is not None:
+                return False
+            conn.execute(sa.insert(CHUNKS).values(**self._values(row)))
+            return True
+
+    def delete_if_file(self, key: ChunkKey, file: str) -> None:
+        """Drop the row of `key` only while it still names `file` (a concurrent replacement survives)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.delete(CHUNKS).where(CHUNKS.c.tier == self.tier, CHUNKS.c.key == str(key), CHUNKS.c.file == file)
+            )
 
     def upsert(self, row: CatalogRow) -> None:
         """Insert or replace the row of `row.info.key` in one transaction."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(CHUNKS).where(CHUNKS.c.tier == self.tier, CHUNKS.c.key == str(row.info.key)))
+            conn.execute(sa.insert(CHUNKS).values(**self._values(row)))
+
+    def _values(self, row: CatalogRow) -> dict:
         i = row.info
-        values = dict(
+        return dict(
             tier=self.tier,
             key=str(i.key),
             file=row.file,
@@ -77,9 +162,6 @@ class Catalog:
             last_access=i.last_access,
             priority=i.priority,
         )
-        with self.engine.begin() as conn:
-            conn.execute(sa.delete(CHUNKS).where(CHUNKS.c.tier == self.tier, CHUNKS.c.key == str(i.key)))
-            conn.execute(sa.insert(CHUNKS).values(**values))
 
     def delete(self, keys: Iterable[ChunkKey]) -> None:
         """Drop the rows of `keys` (absent ones are ignored)."""

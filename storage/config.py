@@ -59,6 +59,7 @@ class StorageConfig:
     promote: bool = True
     kv_dtype: str | None = "float16"  # entries are stored in this dtype (None: as computed)
     decode_workers: int | None = None  # processes decoding CPU-bound codecs (cachegen); None: one per core, 0: none
+    repair_on_open: bool = True  # False: the disk tier's opening check only counts (`cache stats`, `gc --dry-run`)
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -89,6 +90,7 @@ def build_tier(cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool 
             name=name,
             dtype=dtype,
             decode_pool=decode_pool,
+            repair=storage.repair_on_open,
         )
     if cfg.kind == "redis":
         return RedisTier(

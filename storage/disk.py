@@ -2,41 +2,58 @@
 
 Writes are crash-safe: payload to a temp file, fsync, rename to a fresh name, fsync the directory,
 then the catalog row; the in-memory index (what `lookup` reads) changes only after the commit.
-`check()` (run at start) removes orphan and temp files and drops rows whose file is gone or has the
-wrong size, so the tier survives a restart (or a crash at any step) with only whole entries visible.
+
+Several processes may share one tier directory. Each holds an exclusive `flock` on its own file in
+`locks/` for its lifetime and names its temp files after it. `check()` (run at open) touches only
+what is provably dead: temp files of writers whose lock is free; rows whose file is gone or has the
+wrong size, deleted only while they still name that file; payload files no row names that are older
+than `grace_s`: a whole file is adopted back into the catalog from its header (key, codec, checksum),
+only a damaged or superseded one is deleted. So a damaged catalog loses no healthy payload, and a
+catalog that does not read back is healed (the tier's own SQLite file: moved aside and rebuilt from
+the headers) or reported with how to heal it. `repair=False` only counts (`gc --dry-run`).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+import re
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import sqlalchemy as sa
 import torch
 
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
 from ..compression import Codec, DecodePool, get_codec
-from .catalog import Catalog, CatalogRow
+from .catalog import Catalog, CatalogDamaged, CatalogRow
 from .layered import EncodedLayers
-from .payload import CorruptPayload, pack_header, read_payload
+from .payload import CorruptPayload, pack_header, read_any_payload, read_payload
 from .tier import EntryInfo, Tier, TierWriteError, resolve_codec
 
 log = logging.getLogger(__name__)
 _FLUSH_EVERY = 256  # persist hits/recency after this many touched entries
+_WRITER_ID = re.compile(r"[0-9]+-[0-9a-f]{8}")  # pid-random: names a writer's lock and temp files
+GRACE_S = 600.0  # unnamed payload files younger than this may belong to a writer about to commit them
 
 
 @dataclass(frozen=True)
 class CheckReport:
-    """What `DiskTier.check()` repaired."""
+    """What `DiskTier.check()` repaired (or, with `dry_run`, would repair)."""
 
     entries: int
     orphan_files_removed: int
     temp_files_removed: int
     rows_dropped: int
+    files_adopted: int = 0  # whole payload files no row named, given their row back from the header
+    files_spared: int = 0  # unnamed files younger than the grace period, temp files of live writers
+    dry_run: bool = False
+    healed_from: str | None = None  # where a damaged catalog file was moved before the rebuild
 
 
 class DiskTier(Tier):
@@ -51,6 +68,8 @@ class DiskTier(Tier):
         name: str = "disk",
         dtype: torch.dtype | None = None,
         decode_pool: DecodePool | None = None,
+        grace_s: float = GRACE_S,
+        repair: bool = True,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
@@ -62,17 +81,38 @@ class DiskTier(Tier):
         self.decode_pool = decode_pool  # decodes layers of CPU-bound codecs in worker processes
         self.device = torch.device("cpu")
         self.corrupt = 0
+        self.grace_s = grace_s
         try:
             (self.root / "data").mkdir(parents=True, exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)
+            (self.root / "locks").mkdir(exist_ok=True)
         except OSError as err:
             raise TierWriteError(f"disk tier {name!r}: cannot create {self.root}: {err}") from err
-        self.catalog = Catalog(catalog_url or f"sqlite:///{self.root / 'catalog.sqlite'}", name)
+        self.writer_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._writer_lock = _hold_lock(self.root / "locks" / f"{self.writer_id}.lock")
         self._index: dict[ChunkKey, CatalogRow] = {}
         self._bytes = 0
         self._dirty: set[ChunkKey] = set()
         self._lock = threading.RLock()
-        self.last_check = self.check()
+        url = catalog_url or f"sqlite:///{self.root / 'catalog.sqlite'}"
+        self.catalog: Catalog | None = None
+        try:
+            try:
+                self.catalog = Catalog(url, name)
+                self.last_check = self.check(repair=repair)
+            except CatalogDamaged:
+                if catalog_url is not None or not repair:
+                    raise  # a shared catalog (documents too) is never moved aside here: the message says how
+                if self.catalog is not None:
+                    self.catalog.close()
+                healed_from = self._move_catalog_aside()
+                self.catalog = Catalog(url, name)
+                self.last_check = replace(self.check(adopt_any_age=True), healed_from=healed_from)
+        except BaseException:
+            if self.catalog is not None:
+                self.catalog.close()
+            self._release_lock()
+            raise
 
     # -- reads: cheap bookkeeping, then I/O outside the lock -----------------------------------
     @property
@@ -106,7 +146,7 @@ class DiskTier(Tier):
                 p = read_payload(f, key, row.checksum)
             codec = self.codec if p.enc.codec == self.codec.name else get_codec(p.enc.codec)
         except FileNotFoundError:
-            return None  # removed by a concurrent eviction: a plain miss
+            return self._vanished(key, row, device)
         except (CorruptPayload, ValueError) as err:
             log.warning("disk tier %r: dropping corrupt entry %s (%s)", self.name, key, err)
             with self._lock:
@@ -151,8 +191,11 @@ class DiskTier(Tier):
         self.catalog.update_access(infos)
 
     def close(self) -> None:
-        self.flush()
-        self.catalog.close()
+        try:
+            self.flush()
+        finally:
+            self.catalog.close()
+            self._release_lock()
 
     def clear(self) -> None:
         """Drop every entry (files and rows)."""
@@ -161,34 +204,145 @@ class DiskTier(Tier):
                 self._drop(key)
 
     # -- start-up reconciliation --------------------------------------------------------------------
-    def check(self) -> CheckReport:
-        """Reconcile catalog and files: remove orphans and temp files, drop rows without a whole file."""
+    def check(self, repair: bool = True, adopt_any_age: bool = False) -> CheckReport:
+        """Reconcile catalog and files, touching only what is provably dead (see the module docstring);
+        `repair=False` changes nothing and reports what a repair would do."""
+        try:
+            return self._check(repair, adopt_any_age)
+        except sa.exc.DatabaseError as err:
+            raise CatalogDamaged(self.catalog.damaged(err.orig or err)) from None
+
+    def _check(self, repair: bool, adopt_any_age: bool) -> CheckReport:
         with self._lock:
-            temps = [p for p in (self.root / "tmp").iterdir() if p.is_file()]
-            for p in temps:
-                _unlink(p)
+            now = time.time()
+            temps_removed, spared = self._dead_temps(repair)
+            rows = self.catalog.rows()  # rows first: a row read here names a file that is already durable
             files = {p.relative_to(self.root).as_posix(): p for p in (self.root / "data").rglob("*.kv")}
             keep: dict[ChunkKey, CatalogRow] = {}
-            bad: list[ChunkKey] = []
-            for row in self.catalog.rows():
-                path = files.get(row.file)
-                if path is not None and path.stat().st_size == row.info.nbytes:
+            bad: list[CatalogRow] = []
+            for row in rows:
+                size = _size(files.get(row.file))
+                if size is not None and size == row.info.nbytes and _owns(row.info.key, row.file):
                     keep[row.info.key] = row
                 else:
-                    bad.append(row.info.key)
-            self.catalog.delete(bad)
-            wanted = {r.file for r in keep.values()}
-            orphans = [p for rel, p in files.items() if rel not in wanted]
-            for p in orphans:
+                    bad.append(row)
+            if repair:
+                for row in bad:
+                    self.catalog.delete_if_file(row.info.key, row.file)
+            named = {r.file for r in keep.values()}
+            unnamed = [(rel, p) for rel, p in files.items() if rel not in named]
+            old_enough = []
+            for rel, p in unnamed:
+                mtime = _mtime(p)
+                if mtime is None:
+                    continue  # gone meanwhile (a concurrent eviction or replacement)
+                if adopt_any_age or now - mtime >= self.grace_s:
+                    old_enough.append((rel, p))
+                else:
+                    spared += 1
+            if old_enough:
+                named_now = self.catalog.files([rel for rel, _ in old_enough])  # committed since the listing
+                old_enough = [(rel, p) for rel, p in old_enough if rel not in named_now]
+            adopted = removed = 0
+            for rel, p in old_enough:
+                row = self._adoptable(rel, p, keep)
+                if row is not None:
+                    if not repair or self.catalog.insert_new(row):
+                        keep[row.info.key] = row
+                        adopted += 1
+                    continue
+                removed += 1
+                if repair:
+                    _unlink(p)
+            if repair:
+                self._index = keep
+                self._bytes = sum(r.info.nbytes for r in keep.values())
+            else:
+                self._index = {k: r for k, r in keep.items() if (self.root / r.file).exists()}
+                self._bytes = sum(r.info.nbytes for r in self._index.values())
+            return CheckReport(len(keep), removed, temps_removed, len(bad), adopted, spared, not repair)
+
+    def _adoptable(self, rel: str, path: Path, keep: dict[ChunkKey, CatalogRow]) -> CatalogRow | None:
+        """The catalog row a whole, unnamed payload file describes; None for a damaged file, one not under
+        its key's name, or one superseded by a row of the same key (those are the files to delete)."""
+        try:
+            with open(path, "rb") as f:
+                owner, p = read_any_payload(f)
+            key = ChunkKey.parse(owner)
+        except (OSError, CorruptPayload, ValueError) as err:
+            log.warning("disk tier %r: %s is not a whole entry (%s)", self.name, rel, err)
+            return None
+        if key in keep or not _owns(key, rel):
+            return None
+        size = path.stat().st_size
+        info = EntryInfo(key, size, p.num_tokens, float(p.num_tokens))
+        return CatalogRow(info, rel, p.enc.codec, p.checksum)
+
+    def _dead_temps(self, repair: bool) -> tuple[int, int]:
+        """Remove temp files of writers that are gone and their stale locks; counts (removed, spared because
+        the writer is alive). Temps are listed before locks: a writer locks before it writes, so a temp whose
+        writer has no held lock now is dead. Temp files not named after a writer count as dead past grace."""
+        now = time.time()
+        temps = list((self.root / "tmp").glob("*.tmp"))
+        alive = {self.writer_id}
+        for lock in (self.root / "locks").glob("*.lock"):
+            if lock.stem != self.writer_id and _lock_held(lock, release_if_free=repair):
+                alive.add(lock.stem)
+        removed = spared = 0
+        for p in temps:
+            owner = p.name.split(".", 1)[0]
+            mtime = _mtime(p)
+            if mtime is None:
+                continue
+            if owner in alive or (not _WRITER_ID.fullmatch(owner) and now - mtime < self.grace_s):
+                spared += 1
+                continue
+            removed += 1
+            if repair:
                 _unlink(p)
-            self._index = keep
-            self._bytes = sum(r.info.nbytes for r in keep.values())
-            return CheckReport(len(keep), len(orphans), len(temps), len(bad))
+        return removed, spared
+
+    def _vanished(self, key: ChunkKey, row: CatalogRow, device) -> LayeredKV | None:
+        """The file of `row` is gone (another process replaced or evicted the entry): follow the
+        catalog's current row for `key` if it names another file, else forget the entry. A miss."""
+        try:
+            current = self.catalog.row(key)
+        except Exception as err:  # noqa: BLE001 - the catalog is down: treat as a plain miss
+            log.warning("disk tier %r: catalog read for %s failed: %s", self.name, key, err)
+            return None
+        with self._lock:
+            if self._index.get(key) is not row:
+                return None
+            if current is not None and current.file != row.file and (self.root / current.file).exists():
+                self._index[key] = current
+                self._bytes += current.info.nbytes - row.info.nbytes
+                return self.get(key, device)
+            self._index.pop(key, None)
+            self._bytes -= row.info.nbytes
+            self._dirty.discard(key)
+        self.catalog.delete_if_file(key, row.file)
+        return None
+
+    def _move_catalog_aside(self) -> str:
+        """Rename the tier's own damaged SQLite catalog (and its WAL files); the new path."""
+        src = self.root / "catalog.sqlite"
+        dst = self.root / f"catalog.sqlite.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{src}{suffix}").exists():
+                os.replace(f"{src}{suffix}", f"{dst}{suffix}")
+        log.warning("disk tier %r: damaged catalog moved to %s; rebuilding rows from payload headers", self.name, dst)
+        return str(dst)
+
+    def _release_lock(self) -> None:
+        fd, self._writer_lock = self._writer_lock, None
+        if fd is not None:
+            _unlink(self.root / "locks" / f"{self.writer_id}.lock")
+            os.close(fd)
 
     # -- internals ----------------------------------------------------------------------------------
     def _write_file(self, key: ChunkKey, rel: str, header: bytes, payload: bytes) -> None:
         """temp file -> fsync -> rename -> fsync dir; any OSError leaves no file and names the cause."""
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.tmp"
+        tmp = self.root / "tmp" / f"{self.writer_id}.{uuid.uuid4().hex}.tmp"
         final = self.root / rel
         try:
             with open(tmp, "wb") as f:
@@ -214,9 +368,57 @@ class DiskTier(Tier):
             return False
         self._bytes -= row.info.nbytes
         self._dirty.discard(key)
-        self.catalog.delete([key])  # row first: a crash now leaves an orphan file, never a dangling row
-        _unlink(self.root / row.file)
+        # row first (a crash now leaves an orphan file, never a dangling row), and only while it names the file
+        # this process knows: a newer version another process committed stays; only a file under this key's
+        # own name is deleted, never one a damaged row points at
+        self.catalog.delete_if_file(key, row.file)
+        if _owns(key, row.file):
+            _unlink(self.root / row.file)
         return True
+
+
+def _owns(key: ChunkKey, rel: str) -> bool:
+    """Whether `rel` is a payload file name `put` gives `key`: data/NAMESPACE/DIGEST.SUFFIX.kv."""
+    folder, _, name = rel.rpartition("/")
+    return folder == f"data/{key.namespace}" and name.startswith(f"{key.digest}.") and name.endswith(".kv")
+
+
+def _size(path: Path | None) -> int | None:
+    try:
+        return None if path is None else path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _hold_lock(path: Path) -> int:
+    """Create `path` and hold an exclusive flock on it until the descriptor is closed (or the process dies)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _lock_held(path: Path, release_if_free: bool) -> bool:
+    """Whether a live process holds `path`'s flock; a free (dead writer's) lock file is removed if asked."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return True
+    if release_if_free:
+        _unlink(path)
+    os.close(fd)
+    return False
 
 
 def _unlink(path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -55,6 +56,17 @@ def pack_header(key: ChunkKey, enc: EncodedKV, pos0: int, num_tokens: int, num_l
 
 def read_payload(f: BinaryIO, key: ChunkKey, checksum: str | None = None) -> Payload:
     """Read and verify one entry from `f`; raises CorruptPayload naming what did not match."""
+    owner, payload = read_any_payload(f)
+    if owner != str(key):
+        raise CorruptPayload(f"payload belongs to {owner!r}, not {key}")
+    if checksum is not None and payload.checksum != checksum:
+        raise CorruptPayload("checksum differs from the catalog's")
+    return payload
+
+
+def read_any_payload(f: BinaryIO) -> tuple[str, Payload]:
+    """Read and verify the entry in `f` whatever its key: (the key string its header names, the payload).
+    What rebuilds catalog rows from files; raises CorruptPayload when the file is not a whole entry."""
     start = f.read(len(MAGIC) + _LEN.size)
     if len(start) < len(MAGIC) + _LEN.size or start[: len(MAGIC)] != MAGIC:
         raise CorruptPayload("not a ragkv payload (bad magic or truncated header)")
@@ -68,17 +80,41 @@ def read_payload(f: BinaryIO, key: ChunkKey, checksum: str | None = None) -> Pay
         payload_len = int(head["payload_len"])
     except (ValueError, KeyError, TypeError) as err:
         raise CorruptPayload(f"unreadable header: {err}") from None
-    if head.get("key") != str(key):
-        raise CorruptPayload(f"payload belongs to {head.get('key')!r}, not {key}")
     payload = f.read(payload_len)
     if len(payload) != payload_len or f.read(1):
         raise CorruptPayload(f"payload length {len(payload)}(+) does not match the header's {payload_len}")
     if _checksum(head_json, payload) != digest:
         raise CorruptPayload("checksum mismatch")
-    if checksum is not None and digest.hex() != checksum:
-        raise CorruptPayload("checksum differs from the catalog's")
-    enc = EncodedKV(head["codec"], payload, head["meta"])
-    return Payload(enc, int(head["pos0"]), int(head["num_tokens"]), int(head["num_layers"]), digest.hex())
+    try:
+        enc = EncodedKV(head["codec"], payload, head["meta"])
+        out = Payload(enc, int(head["pos0"]), int(head["num_tokens"]), int(head["num_layers"]), digest.hex())
+        key = str(head["key"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptPayload(f"unreadable header: {err}") from None
+    verify_layers(enc)
+    return key, out
+
+
+def verify_layers(enc: EncodedKV) -> None:
+    """Check the per-layer framing and CRC32s of a layered payload, so a layer that would fail its CRC
+    on decode is caught at read time (the entry is dropped and recomputed, never half-served)."""
+    meta = enc.meta if isinstance(enc.meta, dict) else {}
+    offsets, crcs = meta.get("offsets"), meta.get("crc")
+    if offsets is None or crcs is None:
+        return  # a codec without per-layer framing: the SHA-256 above is all there is
+    if not isinstance(offsets, list) or not isinstance(crcs, list) or len(offsets) != len(crcs) + 1:
+        raise CorruptPayload("unreadable layer framing")
+    if offsets[0] != 0 or offsets[-1] != len(enc.payload):
+        raise CorruptPayload(f"layer framing does not match the payload ({len(crcs)} CRCs, {len(offsets)} offsets)")
+    view = memoryview(enc.payload)
+    try:
+        for i, crc in enumerate(crcs):
+            if not offsets[i] <= offsets[i + 1] or zlib.crc32(view[offsets[i] : offsets[i + 1]]) != crc:
+                raise CorruptPayload(f"layer {i} fails its CRC32 check")
+    except (TypeError, ValueError, IndexError) as err:
+        if isinstance(err, CorruptPayload):
+            raise
+        raise CorruptPayload(f"unreadable layer framing: {err}") from None
 
 
 def _checksum(head_json: bytes, payload: bytes) -> bytes:
