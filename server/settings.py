@@ -120,13 +120,15 @@ class ServerSettings(BaseSettings):
         if self.store == "memory":
             kind = "gpu" if self.device.startswith("cuda") else "cpu"
             storage = StorageConfig(tiers=(TierConfig(kind, self.memory_bytes),))
+        if storage is None and (self.redis_url or self.catalog_url):
+            # the disk tier is this machine's: its catalog stays in SQLite under data_dir even when the
+            # document catalog is a shared PostgreSQL (another sidecar's check() would drop our rows)
+            storage = EngineConfig(data_dir=self.data_dir, device=self.device).storage_config()
         if self.redis_url:  # the shared tier goes right after the first (memory) tier
             redis = TierConfig(
                 "redis", self.redis_bytes, self.redis_codec, url=self.redis_url, prefix=self.redis_prefix
             )
-            base = storage or EngineConfig(data_dir=self.data_dir, device=self.device, catalog_url=self.catalog_url)
-            base = base if isinstance(base, StorageConfig) else base.storage_config()
-            storage = replace(base, tiers=(base.tiers[0], redis, *base.tiers[1:]))
+            storage = replace(storage, tiers=(storage.tiers[0], redis, *storage.tiers[1:]))
         return EngineConfig(
             model=self.model,
             data_dir=self.data_dir,

@@ -154,3 +154,15 @@ def test_backoff_skips_calls_then_probes_and_recovers(monkeypatch):
     assert link.call(lambda r: calls.append(1), "skipped") == "skipped" and calls == []  # within the backoff
     link._retry_at = 0.0  # the backoff has passed: the next call probes
     assert link.call(lambda r: "answered", None) == "answered" and link.up and link.outages == 1
+
+
+def test_serve_settings_put_the_redis_tier_after_ram_and_keep_the_disk_catalog_local(tmp_path):
+    from ragkv.server.settings import load_settings
+
+    pg = "postgresql+psycopg://u:p@127.0.0.1:1/db"
+    cfg = load_settings(redis_url="redis://127.0.0.1:1/0", catalog_url=pg, data_dir=str(tmp_path)).engine_config()
+    storage = cfg.storage_config()
+    assert [(t.kind, t.codec) for t in storage.tiers] == [("cpu", "identity"), ("redis", "cachegen"), ("disk", "lz4")]
+    assert storage.catalog_url.startswith("sqlite:///") and cfg.catalog() == pg  # documents shared, disk local
+    memory = load_settings(redis_url="redis://127.0.0.1:1/0", store="memory").engine_config().storage_config()
+    assert [t.kind for t in memory.tiers] == ["cpu", "redis"]
