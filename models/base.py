@@ -168,7 +168,9 @@ class ModelAdapter(ABC):
     def _fingerprint(self) -> str:
         """Changes with the architecture, the weights, the sink context and the precompute recipe."""
         h = hashlib.sha256(_RECIPE.encode())
-        h.update(json.dumps(self.config.to_dict(), sort_keys=True, default=str).encode())
+        config = self.config.to_dict()
+        config.pop("_name_or_path", None)  # where this machine keeps the weights: not part of their identity
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         h.update(repr(self.sink_ids).encode())
         m = self.model.model
         for t in (
