@@ -292,7 +292,7 @@ class Engine:
             hits=hits,
             misses=misses,
             decode_ms=(time.perf_counter() - t0) * 1e3 - ttft,
-            warnings=degraded_warnings(self.store),
+            warnings=degraded_warnings(self.store, since=t0),
             first_logits=result.logits,
         )
 

@@ -166,3 +166,16 @@ def test_serve_settings_put_the_redis_tier_after_ram_and_keep_the_disk_catalog_l
     assert storage.catalog_url.startswith("sqlite:///") and cfg.catalog() == pg  # documents shared, disk local
     memory = load_settings(redis_url="redis://127.0.0.1:1/0", store="memory").engine_config().storage_config()
     assert [t.kind for t in memory.tiers] == ["cpu", "redis"]
+
+
+def test_a_request_that_met_an_outage_is_warned_even_after_redis_came_back():
+    import time
+
+    from ragkv.storage.health import degraded_warnings
+
+    store = TieredStore([MemoryTier(1 << 20), RedisTier(closed_port_url(), 1 << 20, "identity", prefix="x")])
+    t0 = time.perf_counter()
+    assert store.lookup([key(1)]) == [None]
+    store.tiers[1].link.up = True  # as if the next probe had reconnected
+    assert "'redis' is unreachable" in degraded_warnings(store, since=t0)[0]
+    assert degraded_warnings(store, since=time.perf_counter()) == [] and degraded_warnings(store) == []
