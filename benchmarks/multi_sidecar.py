@@ -184,7 +184,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # -- one run ------------------------------------------------------------------------------------------------
-def replay(urls: list[str], stream: list[list[int]], clients: int, words: int, on_progress=None) -> dict:
+def replay(
+    urls: list[str], stream: list[list[int]], clients: int, words: int, on_progress=None, events: dict | None = None
+) -> dict:
     """Client c sends requests c, c + clients, ... of `stream` to urls[c % len(urls)], one at a time."""
     results: list[dict] = []
     errors: list[str] = []
@@ -211,7 +213,8 @@ def replay(urls: list[str], stream: list[list[int]], clients: int, words: int, o
                 with lock:
                     done[0] += 1
                     if ok:
-                        results.append({**row, "latency_ms": (time.perf_counter() - t0) * 1e3, "sidecar": url})
+                        now = time.perf_counter()
+                        results.append({**row, "latency_ms": (now - t0) * 1e3, "sidecar": url, "finished": now})
                     else:
                         errors.append(f"{getattr(r, 'status_code', '')} {str(getattr(r, 'text', r))[:200]}")
                 if on_progress:
@@ -225,6 +228,15 @@ def replay(urls: list[str], stream: list[list[int]], clients: int, words: int, o
         t.join()
     hits = sum(sum(r["hits"].values()) for r in results)
     misses = sum(r["misses"] for r in results)
+    if events is not None and "restarted_at" in events:  # requests that finished after Redis came back
+        after = [r for r in results if r["finished"] > events["restarted_at"]]
+        h = sum(sum(r["hits"].values()) for r in after)
+        m = sum(r["misses"] for r in after)
+        events["after_restart"] = {
+            "answered": len(after),
+            "hit_rate": h / max(1, h + m),
+            "hits_by_tier": _sum_dicts(r["hits"] for r in after),
+        }
     return {
         "requests": len(stream),
         "answered": len(results),
@@ -356,12 +368,13 @@ def main(argv: list[str] | None = None) -> int:
                 def restart() -> None:
                     time.sleep(args.down_s)
                     redis.start()
-                    events["restarted"] = True
+                    events["restarted_at"] = time.perf_counter()
 
                 threading.Thread(target=restart, daemon=True).start()
 
-        out["multi"] = replay(urls, stream, args.clients, args.words, progress if args.kill_at > 0 else None)
+        out["multi"] = replay(urls, stream, args.clients, args.words, progress if args.kill_at > 0 else None, events)
         out["multi"]["redis_killed_after_requests"] = events.get("killed_at")
+        out["multi"]["after_restart"] = events.get("after_restart")
         out["multi"]["leases"] = remote_stats(urls)
         print(f"{args.sidecars} sidecars: {json.dumps(out['multi'])}", flush=True)
         if "single" in out:
