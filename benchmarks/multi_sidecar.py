@@ -263,10 +263,15 @@ def _sum_dicts(ds) -> dict:
 def remote_stats(urls: list[str]) -> dict:
     """Sum of the sidecars' compute-lease counters (computed, arrived, timeouts, duplicates, unleased)."""
     total: dict = {}
+    errors = []
     for url in urls:
-        leases = httpx.get(f"{url}/v1/cache/stats", timeout=30).json()["remote"].get("redis", {}).get("leases") or {}
+        r = httpx.get(f"{url}/v1/cache/stats", timeout=30)
+        if r.status_code != 200:
+            errors.append(f"{r.status_code} {r.text[:200]}")
+            continue
+        leases = r.json()["remote"].get("redis", {}).get("leases") or {}
         total = _sum_dicts([total, leases])
-    return total
+    return {**total, "stats_errors": errors} if errors else total
 
 
 # -- TTFT: Redis tier vs disk tier, in process ------------------------------------------------------------

@@ -22,5 +22,5 @@ def degraded_warnings(store: TieredStore, since: float | None = None) -> list[st
         f"cache tier {name!r} is unreachable ({s.get('last_error')}): answered from local tiers, "
         "misses recomputed; reconnecting with backoff"
         for name, s in remote_status(store).items()
-        if not s.get("up", True) or (since is not None and s.get("last_failure_at", float("-inf")) >= since)
+        if not s.get("up", True) or (since is not None and (s.get("last_failure_at") or float("-inf")) >= since)
     ]

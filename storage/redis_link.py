@@ -52,7 +52,7 @@ class RedisLink:
         self.outages = 0  # times the link went down
         self.failed_calls = 0  # calls answered by their fallback because Redis was unreachable
         self.last_error: str | None = None
-        self.last_failure_at = float("-inf")  # time.perf_counter() of the last call answered by its fallback
+        self.last_failure_at: float | None = None  # time.perf_counter() of the last call answered by its fallback
 
     def call(self, fn: Callable[[object], T], fallback: T) -> T:
         """`fn(client)`, or `fallback` when Redis is unreachable (now, or within the current backoff) or

@@ -7,6 +7,7 @@ no Redis answers. The outage tests need no Redis: they point at a closed loopbac
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -53,6 +54,7 @@ def test_an_entry_written_by_one_process_is_a_hit_for_another(redis_prefix):
 
 def test_keys_share_a_cluster_hash_tag_and_carry_namespace_and_ttl(redis_prefix):
     tier = _tier(redis_prefix)
+    json.dumps(tier.status(), allow_nan=False)  # a link that never failed is strict JSON too
     k = key(3, "tenant-a")
     tier.put(k, chunk(3))
     r = tier.link.client
@@ -135,6 +137,7 @@ def test_unreachable_redis_degrades_to_misses_and_write_errors():
     with pytest.raises(TierWriteError, match="not stored"):
         tier.put(key(1), chunk(1))
     s = tier.status()
+    json.dumps(s, allow_nan=False)  # served by /v1/cache/stats: must be strict JSON
     assert s["up"] is False and s["outages"] == 1 and s["failed_calls"] >= 4 and "Connection" in s["last_error"]
 
 
