@@ -185,7 +185,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # -- one run ------------------------------------------------------------------------------------------------
-def replay(urls: list[str], stream: list[list[int]], clients: int, words: int, on_progress=None) -> dict:
+def replay(
+    urls: list[str], stream: list[list[int]], clients: int, words: int, on_progress=None, events: dict | None = None
+) -> dict:
     """Client c sends requests c, c + clients, ... of `stream` to urls[c % len(urls)], one at a time."""
     results: list[dict] = []
     errors: list[str] = []
@@ -212,7 +214,8 @@ def replay(urls: list[str], stream: list[list[int]], clients: int, words: int, o
                 with lock:
                     done[0] += 1
                     if ok:
-                        results.append({**row, "latency_ms": (time.perf_counter() - t0) * 1e3, "sidecar": url})
+                        now = time.perf_counter()
+                        results.append({**row, "latency_ms": (now - t0) * 1e3, "sidecar": url, "finished": now})
                     else:
                         errors.append(f"{getattr(r, 'status_code', '')} {str(getattr(r, 'text', r))[:200]}")
                 if on_progress:
@@ -226,6 +229,15 @@ def replay(urls: list[str], stream: list[list[int]], clients: int, words: int, o
         t.join()
     hits = sum(sum(r["hits"].values()) for r in results)
     misses = sum(r["misses"] for r in results)
+    if events is not None and "restarted_at" in events:  # requests that finished after Redis came back
+        after = [r for r in results if r["finished"] > events["restarted_at"]]
+        h = sum(sum(r["hits"].values()) for r in after)
+        m = sum(r["misses"] for r in after)
+        events["after_restart"] = {
+            "answered": len(after),
+            "hit_rate": h / max(1, h + m),
+            "hits_by_tier": _sum_dicts(r["hits"] for r in after),
+        }
     return {
         "requests": len(stream),
         "answered": len(results),
@@ -252,10 +264,15 @@ def _sum_dicts(ds) -> dict:
 def remote_stats(urls: list[str]) -> dict:
     """Sum of the sidecars' compute-lease counters (computed, arrived, timeouts, duplicates, unleased)."""
     total: dict = {}
+    errors = []
     for url in urls:
-        leases = httpx.get(f"{url}/v1/cache/stats", timeout=30).json()["remote"].get("redis", {}).get("leases") or {}
+        r = httpx.get(f"{url}/v1/cache/stats", timeout=30)
+        if r.status_code != 200:
+            errors.append(f"{r.status_code} {r.text[:200]}")
+            continue
+        leases = r.json()["remote"].get("redis", {}).get("leases") or {}
         total = _sum_dicts([total, leases])
-    return total
+    return {**total, "stats_errors": errors} if errors else total
 
 
 # -- TTFT: Redis tier vs disk tier, in process ------------------------------------------------------------
@@ -277,19 +294,34 @@ def ttft_remote_vs_disk(redis_url: str, workdir: Path, reps: int, words: int) ->
     }
     engines = {k: Engine(model, build_store(c), EngineConfig(max_new_tokens=1)) for k, c in stores.items()}
     times: dict[str, list[float]] = {k: [] for k in engines}
+    cache_ms: dict[str, list[float]] = {k: [] for k in engines}  # the tier's share: fetch + per-layer load
+    read_ms: dict[str, list[float]] = {k: [] for k in engines}  # read + decode all layers, no model
+    keys = None
     for e in engines.values():
         e.generate("What is this about?", docs, max_new_tokens=1)  # stores the chunks, warms up
+        keys = e.ensure_cached(e.tokenize_chunks(docs))[0]
     for _ in range(reps):  # interleaved, so machine noise hits every variant alike
         for k, e in engines.items():
             a = e.generate("What is this about?", docs, max_new_tokens=1)
             assert a.misses == 0, f"{k}: expected all hits, got {a.hits} / {a.misses} misses"
             times[k].append(a.ttft_ms)
+            cache_ms[k].append(a.parts_ms["fetch"] + a.parts_ms["load"])
+            t0 = time.perf_counter()
+            for kv in e.store.get_layered_many(keys):
+                for layer in range(kv.num_layers):
+                    kv.layer(layer)
+            read_ms[k].append((time.perf_counter() - t0) * 1e3)
     for e in engines.values():
         e.store.close()
     med = {k: statistics.median(v) for k, v in times.items()}
+    read = {k: statistics.median(v) for k, v in read_ms.items()}
     return {
         "ttft_ms_median": med,
+        "fetch_plus_load_ms_median": {k: statistics.median(v) for k, v in cache_ms.items()},
+        "read_decode_ms_median": read,
+        "ratio_read_redis_vs_disk_cachegen": read["redis/cachegen"] / read["disk/cachegen"],
         "ttft_ms_all": times,
+        "read_decode_ms_all": read_ms,
         "ratio_redis_vs_disk_cachegen": med["redis/cachegen"] / med["disk/cachegen"],
         "ratio_redis_vs_disk_lz4": med["redis/cachegen"] / med["disk/lz4"],
     }
@@ -313,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-s", type=float, default=3.0, help="seconds Redis stays down")
     p.add_argument("--ttft-reps", type=int, default=10)
     p.add_argument("--skip-single", action="store_true", help="skip the one-sidecar baseline")
+    p.add_argument("--only-ttft", action="store_true", help="only the in-process TTFT comparison")
     p.add_argument("--out", default="multi_sidecar.json")
     args = p.parse_args(argv)
     if not 1 <= args.sidecars <= 8 or not 1 <= args.clients <= 64 or not 1 <= args.requests <= 100:
@@ -335,6 +368,21 @@ def main(argv: list[str] | None = None) -> int:
         "passage_refs": sum(len(r) for r in stream),
     }
     procs: list[subprocess.Popen] = []
+    if args.only_ttft:
+        try:
+            out["ttft"] = ttft_remote_vs_disk(redis.url, work, args.ttft_reps, args.words)
+        finally:
+            redis.kill()
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        t = out["ttft"]
+        for name in ("ttft_ms_median", "fetch_plus_load_ms_median", "read_decode_ms_median"):
+            print(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in t[name].items()))
+        print(
+            f"redis/cachegen over disk/cachegen: TTFT {t['ratio_redis_vs_disk_cachegen']:.3f}x, "
+            f"read+decode {t['ratio_read_redis_vs_disk_cachegen']:.3f}x"
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     try:
         if not args.skip_single:
             url, proc = start_sidecar(work, "single", None, logs)
@@ -357,12 +405,13 @@ def main(argv: list[str] | None = None) -> int:
                 def restart() -> None:
                     time.sleep(args.down_s)
                     redis.start()
-                    events["restarted"] = True
+                    events["restarted_at"] = time.perf_counter()
 
                 threading.Thread(target=restart, daemon=True).start()
 
-        out["multi"] = replay(urls, stream, args.clients, args.words, progress if args.kill_at > 0 else None)
+        out["multi"] = replay(urls, stream, args.clients, args.words, progress if args.kill_at > 0 else None, events)
         out["multi"]["redis_killed_after_requests"] = events.get("killed_at")
+        out["multi"]["after_restart"] = events.get("after_restart")
         out["multi"]["leases"] = remote_stats(urls)
         print(f"{args.sidecars} sidecars: {json.dumps(out['multi'])}", flush=True)
         if "single" in out:

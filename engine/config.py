@@ -51,7 +51,9 @@ class EngineConfig:
         return StorageConfig(
             tiers=(TierConfig(first, 2 << 30), TierConfig("disk", 32 << 30, codec="lz4")),
             disk_dir=str(self.data_path() / "cache"),
-            catalog_url=self.catalog(),
+            # the disk tier is this machine's: its catalog stays in SQLite under data_dir even when the
+            # document catalog is a shared database (another machine's check() must not see our files)
+            catalog_url=f"sqlite:///{self.data_path() / 'catalog.sqlite'}",
             kv_dtype=self.kv_dtype,
         )
 

@@ -337,7 +337,7 @@ class Engine:
             misses=run.misses,
             decode_ms=(time.perf_counter() - t0) * 1e3 - run.ttft_ms,
             upkeep_ms=upkeep_ms,
-            warnings=degraded_warnings(self.store),
+            warnings=degraded_warnings(self.store, since=t0),
             first_logits=run.logits,
         )
 

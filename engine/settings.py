@@ -71,6 +71,12 @@ class StorageSettings(_Section):
     policy: Literal["lru", "cost"] = "lru"
     promote: bool = True  # a lower-tier hit is copied up after the request
     decode_workers: int | None = Field(None, ge=0)  # cachegen decode processes; None: one per core, 0: inline
+    # a shared Redis tier right after the first tier, unless `tiers` already has one: every sidecar naming the
+    # same URL shares chunk KV (RAGKV_STORAGE__REDIS_URL=redis://host:6379/0)
+    redis_url: str | None = None
+    redis_codec: str = "cachegen"
+    redis_prefix: str = "ragkv"
+    redis_capacity: ByteSize = ByteSize(64 << 30)  # this process's accounting; Redis maxmemory bounds the total
 
 
 class BlendSettings(_Section):
@@ -221,6 +227,9 @@ class Settings(BaseSettings):
                 for t in s.tiers
             )
             storage = replace(storage, tiers=tiers)
+        if s.redis_url and not any(t.kind == "redis" for t in storage.tiers):
+            redis = TierConfig("redis", int(s.redis_capacity), s.redis_codec, url=s.redis_url, prefix=s.redis_prefix)
+            storage = replace(storage, tiers=(storage.tiers[0], redis, *storage.tiers[1:]))
         if s.disk_dir is not None:
             storage = replace(storage, disk_dir=str(Path(s.disk_dir).expanduser()))
         return replace(base, storage=storage)

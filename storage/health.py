@@ -15,11 +15,12 @@ def remote_status(store: TieredStore) -> dict[str, dict]:
     return {t.name: t.status() for t in tiers if callable(getattr(t, "status", None))}
 
 
-def degraded_warnings(store: TieredStore) -> list[str]:
-    """One sentence per remote tier that is unreachable now; empty when all are up."""
+def degraded_warnings(store: TieredStore, since: float | None = None) -> list[str]:
+    """One sentence per remote tier that is unreachable now, or failed a call after `since` (a
+    `time.perf_counter()` value, e.g. the start of a request); empty when all served."""
     return [
         f"cache tier {name!r} is unreachable ({s.get('last_error')}): answered from local tiers, "
         "misses recomputed; reconnecting with backoff"
         for name, s in remote_status(store).items()
-        if not s.get("up", True)
+        if not s.get("up", True) or (since is not None and (s.get("last_failure_at") or float("-inf")) >= since)
     ]

@@ -4,8 +4,9 @@
 computes every missing chunk and stores it (what one process always did). With one, for each missing
 chunk it takes a lease (`SET {slot}:lease token NX PX lease_ms`, under the chunk's hash tag):
 
-- lease won: check the entry did not land meanwhile, compute (all won chunks in one batch), store
-  (the store writes it through to Redis), then release the lease (compare-and-delete);
+- lease won: check the entry did not land meanwhile, compute (all won chunks in one batch; a thread
+  extends the leases every lease_ms / 3 while it runs), store (the store writes it through to
+  Redis), then release the lease (compare-and-delete);
 - lease held by another sidecar: wait, polling the entry's header, until it lands (a hit: nothing
   computed here), or the lease vanishes without an entry (its holder died: try to take it), or
   `wait_s` passes (compute anyway: counted as a timeout).
@@ -29,6 +30,10 @@ from .tiered import TieredStore
 
 # delete the lease only if it is still ours (it may have expired and been taken by another sidecar)
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+# extend the lease only if it is still ours
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+)
 
 
 @dataclass
@@ -89,9 +94,11 @@ class ComputeLeases:
                 landed = self._present(mine)
                 arrived.update(k for k, p in zip(mine, landed) if p)
                 todo = [k for k, p in zip(mine, landed) if not p]
+                renew = self._keep_alive(mine, token)  # a slow precompute must not lose its leases
                 try:
                     self._compute(store, todo, missing, compute, token, write_behind)
                 finally:
+                    renew.set()
                     self._release(mine, token)
             pending = [k for k, w in zip(pending, won) if not w]
             if not pending:
@@ -182,6 +189,23 @@ class ComputeLeases:
             return out[:: 2 if self.tier.ttl_ms is not None else 1]
 
         return self.link.call(go, [1] * len(keys))
+
+    def _keep_alive(self, keys: list[ChunkKey], token: str) -> threading.Event:
+        """Extend our leases on `keys` every lease_ms / 3 until the returned event is set."""
+        stop = threading.Event()
+
+        def renew(r):
+            pipe = r.pipeline(transaction=False)
+            for k in keys:
+                pipe.eval(_RENEW, 1, self.lease_key(k), token, self.lease_ms)
+            pipe.execute()
+
+        def loop() -> None:
+            while not stop.wait(self.lease_ms / 3000):
+                self.link.call(renew, None)
+
+        threading.Thread(target=loop, name="ragkv-lease-renew", daemon=True).start()
+        return stop
 
     def _release(self, keys: list[ChunkKey], token: str) -> None:
         def go(r):

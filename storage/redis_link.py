@@ -52,6 +52,7 @@ class RedisLink:
         self.outages = 0  # times the link went down
         self.failed_calls = 0  # calls answered by their fallback because Redis was unreachable
         self.last_error: str | None = None
+        self.last_failure_at: float | None = None  # time.perf_counter() of the last call answered by its fallback
 
     def call(self, fn: Callable[[object], T], fallback: T) -> T:
         """`fn(client)`, or `fallback` when Redis is unreachable (now, or within the current backoff) or
@@ -59,6 +60,7 @@ class RedisLink:
         with self._lock:
             if not self.up and time.monotonic() < self._retry_at:
                 self.failed_calls += 1
+                self.last_failure_at = time.perf_counter()
                 return fallback
         try:
             out = fn(self.client)
@@ -68,6 +70,7 @@ class RedisLink:
         except self._refusals as err:
             with self._lock:
                 self.failed_calls += 1
+                self.last_failure_at = time.perf_counter()
                 self.last_error = f"{type(err).__name__}: {err}"
             log.warning("Redis at %s refused a command: %s", self._safe_url(), self.last_error)
             return fallback
@@ -90,6 +93,7 @@ class RedisLink:
             "outages": self.outages,
             "failed_calls": self.failed_calls,
             "last_error": self.last_error,
+            "last_failure_at": self.last_failure_at,
         }
 
     def close(self) -> None:
@@ -98,6 +102,7 @@ class RedisLink:
     def _down(self, err: Exception) -> None:
         with self._lock:
             self.failed_calls += 1
+            self.last_failure_at = time.perf_counter()
             self.last_error = f"{type(err).__name__}: {err}"
             self._retry_at = time.monotonic() + self._delay
             delay, self._delay = self._delay, min(self._delay * 2, self.max_backoff_s)

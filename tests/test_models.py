@@ -31,3 +31,14 @@ def test_dynamic_rope_is_refused():
     model.config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
     with pytest.raises(ValueError, match="cannot be re-rotated exactly.*default, linear, llama3"):
         adapter_for(model)
+
+
+def test_fingerprint_ignores_where_the_weights_are_loaded_from():
+    """Sidecars on other machines (or data dirs) must compute the same chunk keys for the same model."""
+    from tiny_models import tiny_model
+
+    from ragkv.models import adapter_for
+
+    a, b = tiny_model("llama"), tiny_model("llama")
+    a.config._name_or_path, b.config._name_or_path = "/data-s0/models/m", "/elsewhere/m"
+    assert adapter_for(a, sink_ids=(1,)).fingerprint == adapter_for(b, sink_ids=(1,)).fingerprint

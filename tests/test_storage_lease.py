@@ -129,3 +129,16 @@ def test_engines_sharing_redis_reuse_each_others_chunks(prefix, tiny_adapter):
     _, hits_a, misses_a = a.ensure_cached(chunks)
     _, hits_b, misses_b = b.ensure_cached(chunks)
     assert (hits_a, misses_a) == ({}, 2) and (hits_b, misses_b) == ({"redis": 2}, 0)
+
+
+def test_a_precompute_slower_than_the_lease_keeps_it(prefix):
+    stores = [_store(prefix), _store(prefix)]
+    for s in stores:
+        leases_of(s).lease_ms = 300  # renewed every 100 ms while computing
+    compute = SlowCompute(1.0)  # > 3 lease lifetimes
+    first = threading.Thread(target=compute_once, args=(stores[0], _missing(1), compute))
+    first.start()
+    time.sleep(0.2)
+    assert compute_once(stores[1], _missing(1), compute) == {key(1): "redis"}  # waited, did not take over
+    first.join()
+    assert compute.calls == [1] and leases_of(stores[1]).stats.computed == 0

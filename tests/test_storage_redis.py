@@ -7,6 +7,7 @@ no Redis answers. The outage tests need no Redis: they point at a closed loopbac
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -53,6 +54,7 @@ def test_an_entry_written_by_one_process_is_a_hit_for_another(redis_prefix):
 
 def test_keys_share_a_cluster_hash_tag_and_carry_namespace_and_ttl(redis_prefix):
     tier = _tier(redis_prefix)
+    json.dumps(tier.status(), allow_nan=False)  # a link that never failed is strict JSON too
     k = key(3, "tenant-a")
     tier.put(k, chunk(3))
     r = tier.link.client
@@ -135,6 +137,7 @@ def test_unreachable_redis_degrades_to_misses_and_write_errors():
     with pytest.raises(TierWriteError, match="not stored"):
         tier.put(key(1), chunk(1))
     s = tier.status()
+    json.dumps(s, allow_nan=False)  # served by /v1/cache/stats: must be strict JSON
     assert s["up"] is False and s["outages"] == 1 and s["failed_calls"] >= 4 and "Connection" in s["last_error"]
 
 
@@ -154,3 +157,29 @@ def test_backoff_skips_calls_then_probes_and_recovers(monkeypatch):
     assert link.call(lambda r: calls.append(1), "skipped") == "skipped" and calls == []  # within the backoff
     link._retry_at = 0.0  # the backoff has passed: the next call probes
     assert link.call(lambda r: "answered", None) == "answered" and link.up and link.outages == 1
+
+
+def test_serve_settings_put_the_redis_tier_after_ram_and_keep_the_disk_catalog_local(tmp_path):
+    from ragkv.server.settings import load_settings
+
+    pg = "postgresql+psycopg://u:p@127.0.0.1:1/db"
+    cfg = load_settings(redis_url="redis://127.0.0.1:1/0", catalog_url=pg, data_dir=str(tmp_path)).engine_config()
+    storage = cfg.storage_config()
+    assert [(t.kind, t.codec) for t in storage.tiers] == [("cpu", "identity"), ("redis", "cachegen"), ("disk", "lz4")]
+    assert storage.catalog_url.startswith("sqlite:///") and cfg.catalog() == pg  # documents shared, disk local
+    ram_only = {"storage.tiers": [{"kind": "cpu", "capacity": "2GiB"}]}
+    memory = load_settings(redis_url="redis://127.0.0.1:1/0", **ram_only).engine_config().storage_config()
+    assert [t.kind for t in memory.tiers] == ["cpu", "redis"]
+
+
+def test_a_request_that_met_an_outage_is_warned_even_after_redis_came_back():
+    import time
+
+    from ragkv.storage.health import degraded_warnings
+
+    store = TieredStore([MemoryTier(1 << 20), RedisTier(closed_port_url(), 1 << 20, "identity", prefix="x")])
+    t0 = time.perf_counter()
+    assert store.lookup([key(1)]) == [None]
+    store.tiers[1].link.up = True  # as if the next probe had reconnected
+    assert "'redis' is unreachable" in degraded_warnings(store, since=t0)[0]
+    assert degraded_warnings(store, since=time.perf_counter()) == [] and degraded_warnings(store) == []
