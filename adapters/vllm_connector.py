@@ -11,10 +11,12 @@ Start vLLM with it (the class is built on first access, so `import ragkv` never 
 Scheduler side: for a new request it looks up the `FusedKVStore` entry of the request's exact
 prompt token ids (missing, stale or of another shape: no match, vLLM prefills normally) and reports
 N - 1 - (locally cached tokens) external tokens. Worker side: `start_load_kv` writes those rows of
-every layer into the request's paged-cache slots (the cache is vLLM's per-layer [blocks, H_kv,
-block_size, D_k + D_v] view); a failed read is reported with `get_block_ids_with_load_errors`, which
-vLLM recomputes under `kv_load_failure_policy: recompute`. Extra config: `fused_dir` (required),
-`model` (entries published for another model name are stale; default: not checked), `max_age_s`.
+every layer into the request's paged-cache slots through the attention backend's own cache writer
+(`do_kv_cache_update`, the call vLLM's forward makes; the CPU backend keeps a block's keys then its
+values per head, not vLLM's generic [blocks, H_kv, block_size, D_k + D_v] K|V rows); a failed read
+is reported with `get_block_ids_with_load_errors`, which vLLM recomputes under
+`kv_load_failure_policy: recompute`. Extra config: `fused_dir` (required), `model` (entries
+published for another model name are stale; default: not checked), `max_age_s`.
 Tensor/pipeline parallelism is not supported (one worker holds all heads and layers).
 
 The logic lives in plain classes (`FusedPromptMatcher`, `LoadSpec`, `inject_rows`) that tests drive
@@ -24,7 +26,7 @@ without vLLM; `RagkvConnector` only binds them to `KVConnectorBase_V1`.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +64,25 @@ def inject_rows(kv_layer: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor
             "[T, H_kv, C] for a cache [blocks, H_kv, block_size, C]"
         )
     kv_layer[blocks.to(kv_layer.device), :, offsets.to(kv_layer.device)] = rows.to(kv_layer.device, kv_layer.dtype)
+
+
+Writer = Callable[
+    [str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None
+]  # name, cache, rows, blocks, offs
+
+
+def write_with_backend(layer, kv_layer: torch.Tensor, rows: torch.Tensor, blocks, offsets, block_size: int, dtype):
+    """Write rows [T, H_kv, 2 D] through the attention backend's own cache writer
+    (`layer.impl.do_kv_cache_update`, as vLLM's forward does), so the backend's block layout (e.g. the
+    CPU backend's K block then V block per head) is right by construction; plain `inject_rows` for a
+    layer without one."""
+    impl = getattr(layer, "impl", None)
+    if impl is None or not hasattr(impl, "do_kv_cache_update"):
+        return inject_rows(kv_layer, rows, blocks, offsets)
+    d = rows.shape[-1] // 2
+    rows = rows.to(kv_layer.device, dtype)
+    slots = (blocks * block_size + offsets).to(kv_layer.device)
+    impl.do_kv_cache_update(layer, rows[..., :d].contiguous(), rows[..., d:].contiguous(), kv_layer, slots)
 
 
 @dataclass
@@ -120,9 +141,11 @@ class FusedPromptMatcher:
         self.pending.pop(req_id, None)
 
     # -- worker side -----------------------------------------------------------------------------
-    def load(self, loads: Sequence[LoadSpec], kv_caches: dict[str, torch.Tensor]) -> int:
-        """Write every load's rows into `kv_caches` (layer name -> paged view). A load whose entry has
-        vanished or does not fit marks its blocks failed (vLLM recomputes them). Returns rows loaded."""
+    def load(self, loads: Sequence[LoadSpec], kv_caches: dict[str, torch.Tensor], write: Writer | None = None) -> int:
+        """Write every load's rows into `kv_caches` (layer name -> paged view) with `write` (default
+        `inject_rows`). A load whose entry has vanished or does not fit marks its blocks failed (vLLM
+        recomputes them). Returns rows loaded."""
+        write = write or (lambda name, kv, rows, blocks, offsets: inject_rows(kv, rows, blocks, offsets))
         layers = [(name, layer_index(name), kv) for name, kv in kv_caches.items()]
         done = 0
         for spec in loads:
@@ -131,8 +154,8 @@ class FusedPromptMatcher:
                 if entry is None:
                     raise FileNotFoundError("the fused entry is gone or stale")
                 blocks, offsets = slot_mapping(spec.block_ids, self.block_size, spec.start, spec.end)
-                for _, index, kv in layers:
-                    inject_rows(kv, FusedKVStore.read_layer(entry, index, spec.start, spec.end), blocks, offsets)
+                for name, index, kv in layers:
+                    write(name, kv, FusedKVStore.read_layer(entry, index, spec.start, spec.end), blocks, offsets)
                 done += spec.end - spec.start
             except (OSError, ValueError, RuntimeError, SafetensorError):
                 self.failed_blocks |= spec.block_ids_in_range(self.block_size)
@@ -155,7 +178,6 @@ def _connector_class():
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (
         KVConnectorBase_V1,
         KVConnectorMetadata,
-        KVConnectorRole,
     )
 
     @dataclass
@@ -184,7 +206,7 @@ def _connector_class():
                 vllm_config.cache_config.block_size,
                 None if max_age is None else float(max_age),
             )
-            self.is_scheduler = role == KVConnectorRole.SCHEDULER
+            self.model_dtype = mc.dtype
             self.requests: dict = {}  # req_id -> Request, pending a load (scheduler side)
 
         # scheduler side
@@ -212,12 +234,17 @@ def _connector_class():
             meta = self._get_connector_metadata()
             if not meta.loads:
                 return
-            caches = {}
-            for name, layer in forward_context.no_compile_layers.items():
+            caches, layers = {}, forward_context.no_compile_layers
+            for name, layer in layers.items():
                 kv = getattr(layer, "kv_cache", None)
                 if isinstance(kv, torch.Tensor) and kv.dim() == 4:
                     caches[name] = kv
-            self.matcher.load(meta.loads, caches)
+            bs, dtype = self.matcher.block_size, self.model_dtype
+
+            def write(name, kv, rows, blocks, offsets):
+                write_with_backend(layers[name], kv, rows, blocks, offsets, bs, dtype)
+
+            self.matcher.load(meta.loads, caches, write)
 
         def wait_for_layer_load(self, layer_name):
             return

@@ -147,6 +147,7 @@ class Upstream:
             fused_tokens=len(prep.token_ids) - 1 if prep.published else 0,
             ragkv_first_token=prep.first_token,
             upstream_first_token=tokens[0] if tokens else None,
+            completion_token_ids=tokens,
             usage=usage,
         )
         parts = {**prep.parts_ms, "upstream_first_token": (t_first - t_send) * 1e3}

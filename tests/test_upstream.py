@@ -165,3 +165,24 @@ def test_an_unreachable_upstream_is_a_502_naming_it(engine, tmp_path):
     assert r.status_code == 502 and down in r.json()["error"]["message"]
     with pytest.raises(ValueError, match="http:// or https://"):
         Upstream("localhost:8000", FusedKVStore(tmp_path))
+
+
+def test_serve_upstream_flags_build_the_proxy(tmp_path, monkeypatch):
+    import uvicorn
+
+    import ragkv.server.app as app_module
+    from ragkv.cli.main import build_parser
+
+    seen = {}
+    monkeypatch.setattr(app_module, "create_app", lambda settings, upstream=None: seen.setdefault("up", upstream))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    args = build_parser().parse_args(
+        ["serve", "--upstream", "http://127.0.0.1:8000/", "--fused-dir", str(tmp_path / "f"), "--upstream-model", "m"]
+    )
+    assert args.func(args) == 0
+    up = seen["up"]
+    assert up.url == "http://127.0.0.1:8000" and up.model == "m" and up.store.root == tmp_path / "f"
+    args = build_parser().parse_args(["serve"])
+    seen.clear()
+    args.func(args)
+    assert seen["up"] is None  # no --upstream: ragkv generates itself

@@ -152,6 +152,8 @@ def connector_cls(monkeypatch):
 
 def _vllm_config(fused_dir, **extra):
     class ModelConfig:
+        dtype = torch.float32
+
         def get_num_layers(self, parallel_config):
             return SHAPE.num_layers
 
@@ -275,3 +277,23 @@ def test_loaded_rows_plus_the_last_token_reproduce_ragkvs_first_token_logits(tmp
             past_key_values=DynamicCache(ddp_cache_data=layers),
         )
     torch.testing.assert_close(out.logits[0, -1].float(), result.logits.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_rows_go_through_the_backends_own_cache_writer_when_it_has_one():
+    calls = []
+
+    class Impl:
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+            calls.append((layer, key, value, kv_cache, slot_mapping))
+
+    layer = SimpleNamespace(impl=Impl())
+    rows = torch.randn(5, 2, 8, dtype=torch.float64)
+    kv = torch.zeros(4, 2, BLOCK, 8)
+    blocks, offsets = vc.slot_mapping([3, 1], BLOCK, 2, 7)
+    vc.write_with_backend(layer, kv, rows, blocks, offsets, BLOCK, torch.float32)
+    [(got_layer, k, v, cache, slots)] = calls
+    assert got_layer is layer and cache is kv and not kv.any()  # the backend wrote, not us
+    assert torch.equal(k, rows[..., :4].float()) and torch.equal(v, rows[..., 4:].float())
+    assert slots.tolist() == [3 * BLOCK + 2, 3 * BLOCK + 3, 1 * BLOCK + 0, 1 * BLOCK + 1, 1 * BLOCK + 2]
+    vc.write_with_backend(SimpleNamespace(), kv, rows, blocks, offsets, BLOCK, torch.float32)  # no impl
+    assert torch.equal(kv[3, :, 2], rows[0].float()) and torch.equal(kv[1, :, 2], rows[4].float())
