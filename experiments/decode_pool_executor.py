@@ -124,6 +124,7 @@ def main() -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--format", default="musique")
     ap.add_argument("--limit", type=int, default=2)
+    ap.add_argument("--max-chunks", type=int, default=None, help="passages per record (default all)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="decode_pool_executor.json")
@@ -136,10 +137,11 @@ def main() -> int:
     adapter = load_adapter("smollm2")
     chunks = [
         PromptTemplate.chunk_ids(adapter.tokenizer, c)
-        for s in load_samples(args.data, args.format, args.limit)
+        for s in load_samples(args.data, args.format, args.limit, args.max_chunks)
         for c in s.chunks
     ]
     kvs = [kv.to(dtype=torch.float16) for kv in precompute_many(adapter, chunks, max_tokens_per_pass=2048)]
+    print(f"precomputed {len(kvs)} chunks", flush=True)
     codec = get_codec("cachegen")
     encs = [codec.encode(kv) for kv in kvs]
     values = sum(kv.kv.numel() for kv in kvs)
