@@ -20,7 +20,6 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
@@ -48,8 +47,7 @@ _BOOT = (
 
 def _decode_into(shm_name: str, k_offset: int, v_offset: int, header: dict, section: bytes) -> None:
     """Worker: decode one layer and write its K and V halves at their offsets in the shared block."""
-    shm = SharedMemory(shm_name)
-    resource_tracker.unregister(shm._name, "shared_memory")  # the parent owns (and unlinks) the block
+    shm = SharedMemory(shm_name)  # spawn children share the parent's resource tracker: the parent unlinks
     try:
         layer = LayerTask(section=section, **header).run("cpu").contiguous()  # [2, T, H, D]
         for half, offset in ((layer[0], k_offset), (layer[1], v_offset)):
