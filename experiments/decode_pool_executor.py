@@ -20,7 +20,6 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
@@ -48,8 +47,7 @@ _BOOT = (
 
 def _decode_into(shm_name: str, k_offset: int, v_offset: int, header: dict, section: bytes) -> None:
     """Worker: decode one layer and write its K and V halves at their offsets in the shared block."""
-    shm = SharedMemory(shm_name)
-    resource_tracker.unregister(shm._name, "shared_memory")  # the parent owns (and unlinks) the block
+    shm = SharedMemory(shm_name)  # spawn children share the parent's resource tracker: the parent unlinks
     try:
         layer = LayerTask(section=section, **header).run("cpu").contiguous()  # [2, T, H, D]
         for half, offset in ((layer[0], k_offset), (layer[1], v_offset)):
@@ -124,6 +122,7 @@ def main() -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--format", default="musique")
     ap.add_argument("--limit", type=int, default=2)
+    ap.add_argument("--max-chunks", type=int, default=None, help="passages per record (default all)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="decode_pool_executor.json")
@@ -136,10 +135,11 @@ def main() -> int:
     adapter = load_adapter("smollm2")
     chunks = [
         PromptTemplate.chunk_ids(adapter.tokenizer, c)
-        for s in load_samples(args.data, args.format, args.limit)
+        for s in load_samples(args.data, args.format, args.limit, args.max_chunks)
         for c in s.chunks
     ]
     kvs = [kv.to(dtype=torch.float16) for kv in precompute_many(adapter, chunks, max_tokens_per_pass=2048)]
+    print(f"precomputed {len(kvs)} chunks", flush=True)
     codec = get_codec("cachegen")
     encs = [codec.encode(kv) for kv in kvs]
     values = sum(kv.kv.numel() for kv in kvs)

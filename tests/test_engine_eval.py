@@ -1,0 +1,29 @@
+"""The eval runner on the tiny Engine: `full` is its own reference, and every row carries the honest
+baseline (`hf`: the model's own forward on the same token ids) and speedups against it."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_engine import PASSAGES, tiny_engine
+
+from ragkv.eval.datasets import Sample
+from ragkv.eval.runner import Spec, evaluate_sample, summarize
+
+
+def test_evaluate_sample_reports_speedups_against_full_and_hf():
+    engine = tiny_engine()
+    sample = Sample("s1", "Where does the river bend?", tuple(PASSAGES), ("the stone bridge",))
+    specs = [Spec("full"), Spec("naive"), Spec("cacheblend", 1.0)]
+    rows = evaluate_sample(engine, sample, specs, max_new_tokens=4)
+    assert list(rows) == ["full", "naive", "cacheblend@1"]
+    full = rows["full"]
+    assert full["kl_mean"] == 0.0 and full["top1_agreement"] == 1.0 and full["speedup_vs_full"] == 1.0
+    assert rows["cacheblend@1"]["kl_mean"] < 1e-8 and rows["cacheblend@1"]["top1_agreement"] == 1.0  # exact
+    hf = full["hf_ttft_ms"]
+    for row in rows.values():
+        assert row["hf_ttft_ms"] == hf and row["misses"] == 0  # chunk KV was cached before timing
+        assert row["speedup_vs_hf"] == pytest.approx(hf / row["ttft_ms"])
+        assert sum(row["parts_ms"].values()) == pytest.approx(row["ttft_ms"], rel=0.05)
+    summary = summarize([rows])
+    assert summary["naive"]["speedup_vs_hf"] == pytest.approx(rows["naive"]["speedup_vs_hf"])
+    assert summary["full"]["hf_ttft_ms_median"] == hf
