@@ -180,3 +180,11 @@ def test_origins_name_the_source(clean_env, tmp_path):
     where = origins(s, None, {"namespace": "ns1"})
     assert where["namespace"] == "flag" and where["device"] == "env RAGKV_DEVICE" and where["dtype"] == "default"
     assert isinstance(s, Settings)
+
+
+def test_json_config_file(clean_env, tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"namespace": "team-a", "retriever": {"chunk_max_tokens": 300}}))
+    s = load_settings(config)
+    assert (s.namespace, s.retriever.chunk_max_tokens) == ("team-a", 300)
+    assert s.engine_config().retriever.namespace == "team-a"
