@@ -57,6 +57,10 @@ def load_engine(settings, quiet: bool = False):
     from ..engine.engine import Engine
 
     hf_logging.disable_progress_bar()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     if not quiet:
         print(f"loading {settings.model} on {settings.device} ...", end="", file=sys.stderr, flush=True)
     t0 = time.perf_counter()

@@ -60,7 +60,12 @@ class EngineConfig:
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides) -> EngineConfig:
         """From the settings tree: `overrides` (settings names; None = not given) > `RAGKV_*` environment >
-        `config_file` (else `$RAGKV_CONFIG`) > defaults."""
+        `config_file` (else `$RAGKV_CONFIG`) > defaults. An override that is already a built config
+        (`storage=StorageConfig(...)`, `blend=BlendConfig(...)`, `retriever=RetrieverConfig(...)`) is used as given."""
+        from dataclasses import is_dataclass, replace
+
         from .settings import load_settings
 
-        return load_settings(config_file, overrides).engine_config()
+        built = {k: v for k, v in overrides.items() if is_dataclass(v)}
+        given = {k: v for k, v in overrides.items() if k not in built}
+        return replace(load_settings(config_file, given).engine_config(), **built)

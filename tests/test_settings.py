@@ -98,6 +98,17 @@ def test_explicit_none_never_beats_the_environment(clean_env):
     assert EngineConfig.load(data_dir="/given").data_dir == "/given"
 
 
+def test_built_configs_pass_through_the_library_entry(clean_env, tmp_path):
+    from ragkv.engine.config import EngineConfig
+    from ragkv.storage.config import StorageConfig, TierConfig
+
+    clean_env.setenv("RAGKV_DEVICE", "cuda")
+    storage = StorageConfig(tiers=(TierConfig("cpu", 1 << 20),))
+    cfg = EngineConfig.load(storage=storage, data_dir=str(tmp_path))
+    assert cfg.storage is storage and cfg.storage_config() is storage
+    assert (cfg.device, cfg.data_dir) == ("cuda", str(tmp_path))
+
+
 def test_storage_tiers_codecs_and_policy_from_the_environment(clean_env, tmp_path):
     tiers = [{"kind": "cpu", "capacity": "1GiB", "codec": "int8"}, {"kind": "disk", "capacity": "8GB", "codec": "lz4"}]
     clean_env.setenv("RAGKV_STORAGE__TIERS", json.dumps(tiers))
@@ -169,3 +180,11 @@ def test_origins_name_the_source(clean_env, tmp_path):
     where = origins(s, None, {"namespace": "ns1"})
     assert where["namespace"] == "flag" and where["device"] == "env RAGKV_DEVICE" and where["dtype"] == "default"
     assert isinstance(s, Settings)
+
+
+def test_json_config_file(clean_env, tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"namespace": "team-a", "retriever": {"chunk_max_tokens": 300}}))
+    s = load_settings(config)
+    assert (s.namespace, s.retriever.chunk_max_tokens) == ("team-a", 300)
+    assert s.engine_config().retriever.namespace == "team-a"
