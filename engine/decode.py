@@ -20,7 +20,7 @@ def decode(
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids, the first picked from the blend's logits, stopping at EOS."""
     logits = result.logits
-    start = result.keys[0].shape[2]
+    start = result.num_tokens
     for step in range(max_new_tokens):
         if temperature > 0.0:
             token = int(torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1))

@@ -205,7 +205,7 @@ class Engine:
         """Logits [P, vocab] at each of the P positions of `forced` [P] fed after the prompt."""
         if forced.numel() == 1:
             return result.logits[None]
-        after = extend(self.model, result, forced[:-1].to(self.model.device), result.keys[0].shape[2])  # [P-1, vocab]
+        after = extend(self.model, result, forced[:-1].to(self.model.device), result.num_tokens)  # [P-1, vocab]
         return torch.cat([result.logits[None], after])  # [P, vocab]
 
     @property
