@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def compute_limit(plan, result, num_layers: int) -> float:
     return round(plan.num_tokens / work, 2)
 
 
-def bench_prompts(args, model, device: torch.device, rows: list, errors: list) -> None:
+def bench_prompts(args, model, device: torch.device, rows: list, errors: list, save: Callable[[], None]) -> None:
     timer = Timer(device)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -213,6 +214,7 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list) -
                 row["x_hf"] = round(hf_ms / row["ttft_ms"], 2)
             rows.append(row)
             _print_row(row)
+            save()  # a run cut short by a time limit keeps every finished row
 
         stores = {}
         try:
@@ -242,7 +244,12 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list) -
                 for source in sources if strategy.reuse != "none" else ["-"]:
                     if source != "-" and source != "gpu" and label not in source_strategies:
                         continue
-                    kinds = attentions if (source in ("gpu", "-") and name in ("cacheblend", "epic")) else ["auto"]
+                    if source not in ("gpu", "-"):
+                        kinds = [args.source_attention]
+                    elif name in ("cacheblend", "epic"):
+                        kinds = attentions
+                    else:
+                        kinds = ["auto"]
                     for attention in kinds:
                         try:
                             record(
@@ -372,6 +379,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--sources", default="gpu,pinned,disk-lz4,disk-int8")
     p.add_argument("--source-strategies", default="cacheblend@0.15", help="strategies also run from non-GPU sources")
     p.add_argument("--attention", default="flex,dense", help="mask kinds for cacheblend/epic rows (auto, blocks, ...)")
+    p.add_argument("--source-attention", default="dense", help="mask kind of the rows read from non-GPU sources")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precompute-tokens", default="128,256,512", help="chunk lengths of the precompute comparison")
@@ -395,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("CUDA is not available: run on a GPU machine, or pass --dry-run (CPU, tiny shapes)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type != "cuda":  # FlexAttention's eager reference is what the CPU runs, on purpose
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     model = build_model(args.shape, args.device, dtype, args.layers or None)
@@ -408,11 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     precompute_rows: list[dict] = []
     errors: list[dict] = []
-    bench_prompts(args, model, device, rows, errors)
-    try:
-        bench_precompute(args, model, device, precompute_rows)
-    except Exception as exc:
-        errors.append(dict(part="precompute", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = dict(
         benchmark="bench_gpu",
         date=datetime.date.today().isoformat(),
@@ -423,11 +430,19 @@ def main(argv: list[str] | None = None) -> int:
         rows=rows,
         precompute=precompute_rows,
         errors=errors,
-        seconds=round(time.perf_counter() - t0, 1),
+        seconds=None,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+
+    def save() -> None:
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        out.write_text(json.dumps(report, indent=1))
+
+    bench_prompts(args, model, device, rows, errors, save)
+    try:
+        bench_precompute(args, model, device, precompute_rows)
+    except Exception as exc:
+        errors.append(dict(part="precompute", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()))
+    save()
     print(f"wrote {out} ({len(rows)} rows, {len(errors)} errors) in {report['seconds']} s", flush=True)
     return 1 if errors else 0
 

@@ -19,7 +19,7 @@ def test_bench_gpu_dry_run_covers_every_row(tmp_path):
         assert (tokens, "hf-forward", "-", "sdpa") in rows and (tokens, "full", "-", "auto") in rows
         assert (tokens, "naive", "gpu", "auto") in rows
         for source in ("pinned", "disk-lz4", "disk-int8"):
-            assert (tokens, "cacheblend@0.15", source, "auto") in rows
+            assert (tokens, "cacheblend@0.15", source, "dense") in rows
         for attention in ("blocks", "dense", "flex"):
             assert (tokens, "cacheblend@0.15", "gpu", attention) in rows and (
                 tokens,
@@ -29,7 +29,7 @@ def test_bench_gpu_dry_run_covers_every_row(tmp_path):
             ) in rows
     by_key = {(r["tokens"], r["strategy"], r["source"], r["attention"]): r for r in report["rows"]}
     cb = by_key[(53, "cacheblend@0.15", "gpu", "dense")]
-    assert cb["recompute_fraction"] == by_key[(53, "cacheblend@0.15", "disk-lz4", "auto")]["recompute_fraction"]
+    assert cb["recompute_fraction"] == by_key[(53, "cacheblend@0.15", "disk-lz4", "dense")]["recompute_fraction"]
     assert 0.15 < cb["recompute_fraction"] < 1.0 and cb["limit_x"] > 1.0
     assert by_key[(53, "naive", "gpu", "auto")]["recompute_fraction"] == 0.0
     assert report["precompute"][0]["chunk_tokens"] == 8
