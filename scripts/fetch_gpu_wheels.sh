@@ -14,7 +14,7 @@ PACKAGES=(
   anyio==4.16.0 sniffio==1.3.1 prometheus_client==0.26.0 gguf==0.19.0 uvicorn==0.54.0 h11==0.16.0
   click==8.5.1 httpx==0.28.1 httpcore==1.0.9 certifi==2026.10.19.post1 idna==3.20 tqdm==4.70.1 pypdf==7.1.1
   transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 safetensors==0.8.0 regex==2026.11.19
-  accelerate==1.15.0 psutil==7.2.2
+  accelerate==1.15.0 psutil==7.2.2 opentelemetry-api==1.45.2
   # what transformers 5 and huggingface_hub 2 import
   typer==0.29.2 shellingham==1.5.4 rich==15.0.0 annotated-doc==0.0.7 markdown-it-py==4.3.0 mdurl==0.1.2
   pygments==2.21.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 hf-xet==1.8.0 fsspec==2026.9.0
