@@ -95,6 +95,7 @@ class LayerLoader:
     def _iter_cuda(self) -> Iterator[torch.Tensor]:
         side = torch.cuda.Stream(device=self.device)
         main = torch.cuda.current_stream(self.device)
+        side.wait_stream(main)  # sources written on the compute stream (a fresh precompute) are complete
         self._staging: list[torch.Tensor | None] = [None, None]  # taken when a layer first needs one
         copied: list[torch.cuda.Event | None] = [None, None]  # when each staging buffer's last copy finished
 

@@ -73,6 +73,7 @@ def blend(
         cached[start : start + kv.num_tokens] = True
         target_rows.append(torch.arange(start, start + kv.num_tokens))  # [T]
         deltas.append(torch.full((kv.num_tokens,), start - kv.pos0))  # [T]
+    spans = [(start, kv.num_tokens) for start, kv in sources]  # target rows of each source, in loader order
     num_cached = sum(kv.num_tokens for _, kv in sources)
     if int(cached.sum()) != num_cached:
         raise ValueError("cached sources must not overlap")
@@ -91,6 +92,7 @@ def blend(
     cached_dev = cached.to(dev)
     positions = torch.arange(n, device=dev)  # [N]
     cos, sin = model.rope(positions)  # [N, D]
+    cos_a, sin_a = cos[active], sin[active]  # [S, D]: gathered once per active set, not per layer
     h = model.embed(plan.input_ids.to(dev)[active])  # [S, hidden]
     check_layers = strategy.check_layers()
     mask = _mask(active_host, n, dev, attention)  # built once per active set, reused in every layer
@@ -110,13 +112,13 @@ def blend(
             rows = next(loader)  # [2, Nc, H, D]
             t1 = time.perf_counter()
             rotated = rerotate(rows[0], rot_cos, rot_sin).to(dtype)  # [Nc, H, D]
-            k_buf.index_copy_(1, rows_dev, rotated.transpose(0, 1))
-            v_buf.index_copy_(1, rows_dev, rows[1].transpose(0, 1))
+            _scatter(k_buf, rotated, rows_dev, spans)
+            _scatter(v_buf, rows[1], rows_dev, spans)
             seconds["rerotate"] += time.perf_counter() - t1
             seconds["load"] += t1 - t0
         t0 = time.perf_counter()
         # 4. Fresh q/k/v of the active tokens.
-        q, k, v = model.qkv(layer, h, cos[active], sin[active])  # [S, H_q, D], [S, H_kv, D] x2
+        q, k, v = model.qkv(layer, h, cos_a, sin_a)  # [S, H_q, D], [S, H_kv, D] x2
         # 5. At a check layer, keep the tokens whose fresh K/V deviate most from the cached rows
         #    (the one place the active set, and so the mask, changes: one read-back per check layer).
         if layer in check_layers:
@@ -125,6 +127,7 @@ def blend(
             keep = strategy.narrow(check_layers.index(layer), plan, active, is_cached, deviation, num_cached)
             kept = keep.nonzero().flatten()  # [S'] (sorted)
             active, h, q, k, v = active[kept], h[kept], q[kept], k[kept], v[kept]
+            cos_a, sin_a = cos_a[kept], sin_a[kept]
             active_host = active.cpu()
             recomputing = int(cached[active_host].sum())
             mask = _mask(active_host, n, dev, attention)
@@ -144,6 +147,18 @@ def blend(
     seconds["total"] = time.perf_counter() - t_start
     fraction = recomputed / (num_cached * model.num_layers) if num_cached else 1.0
     return BlendResult(buffers, logits, fraction, n, seconds)
+
+
+def _scatter(buf: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+    """Write loaded rows [Nc, H, D] into a layer buffer [H, N, D] at their target rows: one index_copy_
+    on CUDA (one kernel), one slice copy per source on CPU (measured 2x faster there than index_copy_)."""
+    if buf.is_cuda:
+        buf.index_copy_(1, targets, rows.transpose(0, 1))
+        return
+    offset = 0
+    for start, count in spans:
+        buf[:, start : start + count] = rows[offset : offset + count].transpose(0, 1)
+        offset += count
 
 
 def _mask(active_host: torch.Tensor, n: int, device: torch.device, kind: str) -> QueryMask | None:

@@ -282,3 +282,19 @@ def test_blend_result_prompt_kv_views_the_buffers(tiny_adapter):
     assert k.shape[2] == plan.num_tokens and result.buffers[0][0].shape[2] == plan.num_tokens + 4
     assert k.data_ptr() == result.buffers[0][0].data_ptr()  # a view, not a copy
     assert result.prompt_kv(5)[1][1].shape[2] == 5
+
+
+def test_layer_loader_reads_k_and_v_of_stored_and_decoded_sources(tiny_adapter):
+    from ragkv.blend.loader import LayerLoader, _stored_chunk
+    from ragkv.compression import get_codec
+    from ragkv.storage.layered import EncodedLayers, ResidentKV
+
+    _, chunks, _ = _prompt(seed=14)
+    kvs = precompute_many(tiny_adapter, chunks)
+    resident = ResidentKV(kvs[0], torch.device("cpu"))
+    codec = get_codec("lz4")
+    encoded = EncodedLayers(codec.encode(kvs[1]), codec, kvs[1].pos0, kvs[1].num_tokens, kvs[1].num_layers, "cpu")
+    assert _stored_chunk(resident) is kvs[0] and _stored_chunk(kvs[2]) is kvs[2] and _stored_chunk(encoded) is None
+    loader = LayerLoader([resident, encoded, kvs[2]], tiny_adapter.num_layers, torch.device("cpu"), torch.float32)
+    for layer, rows in enumerate(loader):
+        assert torch.equal(rows, torch.cat([kv.layer(layer) for kv in kvs], dim=1))
