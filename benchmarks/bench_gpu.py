@@ -33,6 +33,7 @@ import torch
 from ragkv.blend import LayerLoader, blend, make_plan, make_strategy
 from ragkv.chunk_cache import ChunkKey, precompute_many
 from ragkv.models import adapter_for
+from ragkv.models import attention as attention_kernels
 
 SHAPES = {
     "llama-3.1-8b": dict(
@@ -435,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         report["seconds"] = round(time.perf_counter() - t0, 1)
+        report["flex_failure"] = attention_kernels.FLEX_FAILURE
+        report["varlen_failure"] = attention_kernels.VARLEN_FAILURE
         out.write_text(json.dumps(report, indent=1))
 
     bench_prompts(args, model, device, rows, errors, save)

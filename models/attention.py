@@ -13,6 +13,7 @@ one SDPA call per sequence elsewhere.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -86,16 +87,22 @@ def _flex_attention(device: torch.device):
     return _COMPILED_FLEX
 
 
+FLEX_FAILURE: str | None = None  # why FlexAttention failed in this process (then `auto` uses dense masks)
+
+
 class FlexMask(QueryMask):
     """FlexAttention with a block mask over the sorted query positions: fully masked key blocks are
-    skipped, so the work is about what the causal mask keeps. The block mask is built on the device."""
+    skipped, so the work is about what the causal mask keeps. The block mask is built on the device.
+    With `fallback` (what `auto` asks for), a failure to compile or run FlexAttention is reported once
+    (a warning, and `FLEX_FAILURE`) and the attention is computed with one dense mask instead."""
 
-    def __init__(self, positions: torch.Tensor, num_keys: int, device: torch.device) -> None:
+    def __init__(self, positions: torch.Tensor, num_keys: int, device: torch.device, fallback: bool = False) -> None:
         from torch.nn.attention.flex_attention import create_block_mask
 
         pos = positions.to(device)
         self.num_queries = pos.shape[0]
         self.num_keys = num_keys
+        self.positions, self.device, self.fallback = pos, device, fallback
 
         def causal_by_position(b, h, q_idx, kv_idx):
             return kv_idx <= pos[q_idx]
@@ -107,22 +114,46 @@ class FlexMask(QueryMask):
 
     def attend(self, q, k, v, scale):
         n = self.num_keys
-        return self._flex(q, k[:, :, :n], v[:, :, :n], block_mask=self.block_mask, scale=scale, enable_gqa=True)
+        if not self.fallback:
+            return self._flex(q, k[:, :, :n], v[:, :, :n], block_mask=self.block_mask, scale=scale, enable_gqa=True)
+        try:
+            return self._flex(q, k[:, :, :n], v[:, :, :n], block_mask=self.block_mask, scale=scale, enable_gqa=True)
+        except Exception as exc:  # a compiler or kernel failure: report it once, then stay correct
+            _flex_failed(exc)
+            return DenseMask(self.positions, n, self.device).attend(q, k, v, scale)
+
+
+def _flex_failed(exc: Exception) -> None:
+    global FLEX_FAILURE
+    if FLEX_FAILURE is None:
+        FLEX_FAILURE = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"FlexAttention failed ({FLEX_FAILURE}); attention='auto' uses one dense mask from now on", stacklevel=3
+        )
 
 
 def query_mask(positions: torch.Tensor, num_keys: int, device: torch.device, kind: str = "auto") -> QueryMask:
     """The mask for queries at sorted `positions` [T] over `num_keys` keys. `auto`: blocks on CPU (fastest
-    there), FlexAttention on CUDA. Unknown kinds fail naming the accepted ones."""
+    there), FlexAttention on CUDA (one dense mask if FlexAttention failed in this process). Unknown
+    kinds fail naming the accepted ones."""
     device = torch.device(device)
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown attention mask kind {kind!r}; accepted: {', '.join(MASK_KINDS)}")
+    if kind == "auto" and device.type == "cuda" and FLEX_FAILURE is None:
+        try:
+            return FlexMask(positions, num_keys, device, fallback=True)
+        except Exception as exc:  # building the block mask failed: report once, use dense masks
+            _flex_failed(exc)
     if kind == "auto":
-        kind = "flex" if device.type == "cuda" else "blocks"
+        kind = "dense" if device.type == "cuda" else "blocks"
     if kind == "blocks":
         return BlockedMask(positions, device)
     if kind == "dense":
         return DenseMask(positions, num_keys, device)
     return FlexMask(positions, num_keys, device)
+
+
+VARLEN_FAILURE: str | None = None  # why variable-length attention failed in this process
 
 
 class Segments:
@@ -143,13 +174,21 @@ class Segments:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q [1, H_q, T, D] over k, v [1, H_kv, T, D] of the same packed tokens -> [1, H_q, T, D]."""
-        if varlen_available(q):
+        global VARLEN_FAILURE
+        if varlen_available(q) and VARLEN_FAILURE is None:
             from torch.nn.attention.varlen import varlen_attn
 
             qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D]
             cu, m = self.cu_seq, self.max_len
-            out = varlen_attn(qt, kt, vt, cu, cu, m, m, scale=scale, window_size=(-1, 0), enable_gqa=True)  # [T, H, D]
-            return out.transpose(0, 1)[None]
+            try:
+                out = varlen_attn(qt, kt, vt, cu, cu, m, m, scale=scale, window_size=(-1, 0), enable_gqa=True)
+                return out.transpose(0, 1)[None]  # [1, H_q, T, D]
+            except Exception as exc:  # no flash kernel for this card or build: report once, loop instead
+                VARLEN_FAILURE = f"{type(exc).__name__}: {exc}"
+                warnings.warn(
+                    f"variable-length attention failed ({VARLEN_FAILURE}); packed passes attend per sequence",
+                    stacklevel=3,
+                )
         return torch.cat([sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], scale) for s, e in self.spans], dim=2)
 
 

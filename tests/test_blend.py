@@ -298,3 +298,27 @@ def test_layer_loader_reads_k_and_v_of_stored_and_decoded_sources(tiny_adapter):
     loader = LayerLoader([resident, encoded, kvs[2]], tiny_adapter.num_layers, torch.device("cpu"), torch.float32)
     for layer, rows in enumerate(loader):
         assert torch.equal(rows, torch.cat([kv.layer(layer) for kv in kvs], dim=1))
+
+
+def test_flex_failure_under_auto_falls_back_to_a_dense_mask_once(monkeypatch):
+    from ragkv.models import attention
+
+    monkeypatch.setattr(attention, "FLEX_FAILURE", None)
+    g = torch.Generator().manual_seed(15)
+    pos = torch.tensor([3, 7, 8, 20, 29])
+    q, k, v = torch.randn(1, 4, 5, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g), torch.randn(1, 2, 30, 16)
+    mask = attention.FlexMask(pos, 30, torch.device("cpu"), fallback=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this card")
+
+    mask._flex = broken
+    with pytest.warns(UserWarning, match="FlexAttention failed \\(RuntimeError: no kernel for this card\\)"):
+        out = mask.attend(q, k, v, 0.25)
+    want = attention.DenseMask(pos, 30, torch.device("cpu")).attend(q, k, v, 0.25)
+    torch.testing.assert_close(out, want)
+    assert attention.FLEX_FAILURE == "RuntimeError: no kernel for this card"
+    strict = attention.FlexMask(pos, 30, torch.device("cpu"))
+    strict._flex = broken
+    with pytest.raises(RuntimeError, match="no kernel"):  # an explicit `flex` never hides a failure
+        strict.attend(q, k, v, 0.25)

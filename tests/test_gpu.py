@@ -14,7 +14,7 @@ from tiny_models import TINY_FAMILIES, tiny_model
 from ragkv.blend import blend, kv_tensor, make_plan, make_strategy, to_dynamic_cache
 from ragkv.blend.loader import LayerLoader
 from ragkv.chunk_cache import ChunkKey, ChunkKV, precompute, precompute_many
-from ragkv.models import adapter_for
+from ragkv.models import adapter_for, attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -62,6 +62,7 @@ def test_every_strategy_on_cuda_equals_cpu(family):
         assert _rel(got.logits, want.logits) < REL, (family, strategy.label)
         assert _rel(kv_tensor(got), kv_tensor(want)) < REL, (family, strategy.label)
         assert got.recompute_fraction == pytest.approx(want.recompute_fraction), (family, strategy.label)
+    assert attention.FLEX_FAILURE is None  # `auto` ran FlexAttention, not its dense fallback
 
 
 @pytest.mark.parametrize("attention", ["blocks", "dense", "flex"])
@@ -205,6 +206,7 @@ def test_prepacked_varlen_precompute_on_cuda_equals_one_by_one():
     packed = precompute_many(adapter, chunks, max_tokens_per_pass=256)
     q = torch.zeros(1, 4, 8, 16, device="cuda", dtype=torch.bfloat16)
     assert varlen_available(q) or pytest.skip("varlen attention is not in this torch build")
+    assert attention.VARLEN_FAILURE is None  # the packed passes ran the variable-length kernel
     for a, b in zip(single, packed):
         assert _rel(b.kv, a.kv) < 2e-2  # bf16: a different kernel, not a different result
 
