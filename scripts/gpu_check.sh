@@ -45,7 +45,7 @@ cat "$OUT/env.txt"
 
 # 3. The gpu tests (skipped cleanly without CUDA: the dry run checks that they import and collect).
 timeout 150 "$PY" -m pytest -m gpu tests/test_gpu.py tests/test_storage_contract.py -q -p no:cacheprovider \
-  -W ignore::UserWarning -W ignore::FutureWarning --junitxml="$OUT/pytest-gpu.xml" > "$OUT/pytest-gpu.txt" 2>&1
+  -W ignore::UserWarning -W ignore::FutureWarning --durations=10 --junitxml="$OUT/pytest-gpu.xml" > "$OUT/pytest-gpu.txt" 2>&1
 PYTEST_RC=$?
 tail -25 "$OUT/pytest-gpu.txt"
 
