@@ -104,8 +104,11 @@ class FlexMask(QueryMask):
         self.num_keys = num_keys
         self.positions, self.device, self.fallback = pos, device, fallback
 
+        pad = -pos.shape[0] % 128  # padded query blocks may index past T: give them the last position
+        padded = torch.cat([pos, pos[-1:].expand(pad)]) if pad else pos
+
         def causal_by_position(b, h, q_idx, kv_idx):
-            return kv_idx <= pos[q_idx]
+            return kv_idx <= padded[q_idx]
 
         self.block_mask = create_block_mask(
             causal_by_position, None, None, self.num_queries, num_keys, device=device, _compile=device.type == "cuda"
