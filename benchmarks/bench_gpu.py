@@ -117,7 +117,9 @@ def build_model(shape: str, device: str, dtype: torch.dtype, layers: int | None 
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(saved)
-    return adapter_for(model.eval(), sink_ids=(1,))
+    return adapter_for(
+        model.to(device, dtype).eval(), sink_ids=(1,)
+    )  # .to: a no-op unless the default dtype was ignored
 
 
 class Timer:
