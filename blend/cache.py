@@ -15,13 +15,12 @@ def to_dynamic_cache(result: BlendResult, num_tokens: int | None = None) -> Dyna
     since) pass `num_tokens = N - 1`: generate then
     computes the last prompt token itself and continues from there.
     """
-    n = result.keys[0].shape[2] if num_tokens is None else num_tokens
-    layers = [(k[:, :, :n], v[:, :, :n]) for k, v in zip(result.keys, result.values)]  # [1, H, n, D] each
-    return DynamicCache(ddp_cache_data=layers)
+    return DynamicCache(ddp_cache_data=result.prompt_kv(num_tokens))  # [1, H, n, D] per layer
 
 
 def kv_tensor(result: BlendResult) -> torch.Tensor:
     """The merged KV in ragkv's layout: [2, L, N, H_kv, D]."""
-    k = torch.stack([x[0].transpose(0, 1) for x in result.keys])  # [L, N, H, D]
-    v = torch.stack([x[0].transpose(0, 1) for x in result.values])  # [L, N, H, D]
+    layers = result.prompt_kv()
+    k = torch.stack([x[0].transpose(0, 1) for x, _ in layers])  # [L, N, H, D]
+    v = torch.stack([x[0].transpose(0, 1) for _, x in layers])  # [L, N, H, D]
     return torch.stack([k, v])

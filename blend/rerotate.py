@@ -10,8 +10,9 @@ import torch
 
 
 def rotation(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, D] (fp32) of rotating by `delta` [T] positions; `inv_freq` is [D/2]."""
-    angles = delta.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]  # [T, D/2]
+    """cos, sin [T, D] (fp32, on `inv_freq`'s device) of rotating by `delta` [T] positions (any device);
+    `inv_freq` is [D/2]."""
+    angles = delta.to(inv_freq.device, torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]  # [T, D/2]
     angles = torch.cat((angles, angles), dim=-1)  # [T, D]
     return angles.cos().float(), angles.sin().float()
 

@@ -39,13 +39,15 @@ def query_attention(
 
 
 def keep_top(is_cached: torch.Tensor, deviation: torch.Tensor, budget: int) -> torch.Tensor:
-    """[S] bool: every fresh token, plus the `budget` cached tokens with the largest deviation."""
+    """[S] bool: every fresh token, plus the `budget` cached tokens with the largest deviation.
+
+    No host read-back: fresh tokens rank last (-inf), so when the budget exceeds the cached tokens the
+    extra picks are fresh tokens, which are kept anyway."""
     keep = ~is_cached
-    cached_idx = is_cached.nonzero().flatten()  # [C]
-    budget = min(budget, cached_idx.numel())
+    budget = min(budget, is_cached.shape[0])
     if budget > 0:
-        top = deviation[cached_idx].topk(budget).indices  # [budget]
-        keep[cached_idx[top]] = True
+        ranked = deviation.float().masked_fill(keep, float("-inf"))  # [S]
+        keep = keep.index_fill(0, ranked.topk(budget).indices, True)
     return keep
 
 

@@ -36,10 +36,7 @@ def full_prefill(model: ModelAdapter, plan: BlendPlan, reserve: int = 0) -> Blen
     logits = model.model.lm_head(out.last_hidden_state[0, -1:]).float()[0]  # [vocab]; the state is normed
     _sync(dev)
     seconds = {"load": 0.0, "rerotate": 0.0, "recompute": t1 - t0, "first_token": time.perf_counter() - t1}
-    fields = dict(buffers=buffers, logits=logits, recompute_fraction=1.0, seconds=seconds)
-    if "keys" in BlendResult.__dataclass_fields__:  # views of the buffers, while BlendResult still has them
-        fields.update(keys=[k[:, :, :n] for k, _ in buffers], values=[v[:, :, :n] for _, v in buffers])
-    return BlendResult(**fields)
+    return BlendResult(buffers, logits, recompute_fraction=1.0, num_tokens=n, seconds=seconds)
 
 
 def _sync(device: torch.device) -> None:

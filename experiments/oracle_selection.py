@@ -70,11 +70,8 @@ def main() -> None:
         for start, end in plan.chunk_spans:
             in_chunk[start:end] = True
         per_layer = []  # [L] of [N]: squared K+V deviation of naive from full, normalised per layer
-        for layer in range(engine.model.num_layers):
-            (fk, fv), (nk, nv) = full.buffers[layer], naive.buffers[layer]  # [1, H, N + reserve, D]
-            d = (fk[0, :, :n] - nk[0, :, :n]).pow(2).sum((0, 2)) + (fv[0, :, :n] - nv[0, :, :n]).pow(2).sum(
-                (0, 2)
-            )  # [N]
+        for (full_k, full_v), (naive_k, naive_v) in zip(full.prompt_kv(), naive.prompt_kv()):
+            d = (full_k[0] - naive_k[0]).pow(2).sum((0, 2)) + (full_v[0] - naive_v[0]).pow(2).sum((0, 2))  # [N]
             per_layer.append(d / d[in_chunk].mean())
         dev = torch.stack(per_layer)  # [L, N]
         half = engine.model.num_layers // 2

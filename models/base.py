@@ -11,8 +11,8 @@ from abc import ABC
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from .attention import QueryMask, Segments, query_mask, sdpa
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
 from .rope import check_rope, inv_freq, rotate_half
 
@@ -92,23 +92,29 @@ class ModelAdapter(ABC):
         q: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        query_positions: torch.Tensor | None = None,
-        segments: Sequence[tuple[int, int]] | None = None,
+        query_positions: torch.Tensor | QueryMask | None = None,
+        segments: Sequence[tuple[int, int]] | Segments | None = None,
     ) -> torch.Tensor:
         """Attention of q [T, H_q, D] over keys/values [1, H_kv, N, D] (key j at position j), then MLP.
 
-        Masks: plain causal when T == N and nothing else is given; `query_positions` [T] (sorted) for
-        a subset of queries attending causally by position; `segments` for independent causal
-        sequences packed side by side (block-diagonal). Returns the new hidden states [T, hidden].
+        Masks: plain causal when T == N and nothing else is given; `query_positions` for a subset of
+        queries attending causally by position: a `QueryMask` built once per request (see
+        `models.attention`), or the sorted positions [T] (a mask is built for this call); `segments`
+        for independent causal sequences packed side by side (block-diagonal). Returns the new hidden
+        states [T, hidden].
         """
         block = self.layers[layer]
         qh = q.transpose(0, 1)[None]  # [1, H_q, T, D]
         if segments is not None:
-            o = torch.cat([self._sdpa(qh[:, :, s:e], keys[:, :, s:e], values[:, :, s:e]) for s, e in segments], dim=2)
+            packed = segments if isinstance(segments, Segments) else Segments(segments, q.device)
+            o = packed.attend(qh, keys, values, self.scaling)
         elif query_positions is not None:
-            o = self._sdpa_by_position(qh, keys, values, query_positions)
+            mask = query_positions
+            if not isinstance(mask, QueryMask):
+                mask = query_mask(mask, keys.shape[2], q.device, "dense" if q.is_cuda else "blocks")
+            o = mask.attend(qh, keys, values, self.scaling)
         else:
-            o = self._sdpa(qh, keys, values)
+            o = sdpa(qh, keys, values, self.scaling)
         o = o[0].transpose(0, 1).reshape(h.shape[0], -1)  # [T, H_q * D]
         h = h + block.self_attn.o_proj(o)
         return h + block.mlp(block.post_attention_layernorm(h))
@@ -117,23 +123,7 @@ class ModelAdapter(ABC):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """[1, H_q, T, D] over [1, H_kv, N, D]; causal when no mask is given."""
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
-        )
-
-    def _sdpa_by_position(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Queries at sorted positions `pos` [T] attend keys 0..pos. Queries are split into blocks and
-        each block reads keys only up to its last position, so masked-out work stays small."""
-        t = q.shape[2]
-        blocks = max(1, min(8, t // 64))
-        key_pos = torch.arange(k.shape[2], device=k.device)  # [N]
-        out = []
-        for idx in torch.arange(t, device=q.device).tensor_split(blocks):
-            p = pos[idx]  # [t_b]
-            end = int(p[-1]) + 1
-            mask = key_pos[None, :end] <= p[:, None]  # [t_b, end]
-            out.append(self._sdpa(q[:, :, idx], k[:, :, :end], v[:, :, :end], mask))
-        return torch.cat(out, dim=2)  # [1, H_q, T, D]
+        return sdpa(q, k, v, self.scaling, mask)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] after the last layer -> logits [T, vocab] (fp32)."""
@@ -147,11 +137,7 @@ class ModelAdapter(ABC):
         """Every layer's K/V of `ids` [T]: [2, L, T, H_kv, D]. `segments` [T] (contiguous ids) packs
         independent sequences: each attends only within itself."""
         t = ids.shape[0]
-        spans = None
-        if segments is not None:
-            change = (segments[1:] != segments[:-1]).nonzero().flatten() + 1  # segment boundaries
-            edges = [0, *change.tolist(), t]
-            spans = list(zip(edges[:-1], edges[1:]))
+        spans = Segments.from_ids(segments.cpu(), self.device) if segments is not None else None  # built once
         kv = torch.empty(2, self.num_layers, t, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
         h = self.embed(ids)  # [T, hidden]
         cos, sin = self.rope(positions)

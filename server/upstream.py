@@ -73,12 +73,11 @@ class Upstream:
             reserve=0,
         )
         ids = run.plan.input_ids.tolist()
-        n = run.plan.num_tokens
         t1 = time.perf_counter()
         published, error = True, None
         try:
-            keys = [k[:, :, :n] for k, _ in run.blend.buffers]  # per layer [1, H_kv, N, D]
-            values = [v[:, :, :n] for _, v in run.blend.buffers]
+            kv = run.blend.prompt_kv()  # per layer (K, V) [1, H_kv, N, D]
+            keys, values = [k for k, _ in kv], [v for _, v in kv]
             self.store.publish(ids, keys, values, dtype=self.publish_dtype)
         except (OSError, ValueError, RuntimeError) as err:  # vLLM then finds no entry and prefills itself
             published, error = False, f"{type(err).__name__}: {err}"

@@ -259,3 +259,102 @@ def test_layer_loader_yields_every_layer_in_order_and_surfaces_errors(tiny_adapt
     with pytest.raises(ValueError, match="layer 1 fails"):
         next(it)
     assert max(failing.reads) <= 1  # nothing read past the failing layer
+
+
+@pytest.mark.parametrize("attention", ["dense", "flex"])
+def test_every_attention_mask_equals_sdpa_blocks(attention):
+    from tiny_models import tiny_model
+
+    from ragkv.models import adapter_for
+
+    adapter = adapter_for(tiny_model("qwen3"), sink_ids=(1,))
+    prefix, chunks, query = _prompt(seed=11, repeat=True)
+    plan = make_plan(prefix, chunks, query)
+    sources = _sources(adapter, plan, chunks)
+    for name, ratio in (("cacheblend", 0.15), ("naive", 0.0), ("epic", 0.3)):
+        want = blend(adapter, plan, make_strategy(name, ratio), sources, attention="blocks")
+        got = blend(adapter, plan, make_strategy(name, ratio), sources, attention=attention)
+        torch.testing.assert_close(got.logits, want.logits, **TOL)
+        torch.testing.assert_close(kv_tensor(got), kv_tensor(want), **TOL)
+        assert got.recompute_fraction == want.recompute_fraction
+
+
+def test_query_masks_equal_a_dense_reference_with_many_blocks():
+    from ragkv.models.attention import query_mask
+
+    g = torch.Generator().manual_seed(12)
+    n = 700
+    pos = torch.cat([torch.randperm(n - 20, generator=g)[:300].sort().values, torch.arange(n - 20, n)])  # [320]
+    q = torch.randn(1, 4, pos.shape[0], 16, generator=g)
+    k, v = torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)
+    scores = q @ k.repeat_interleave(2, dim=1).transpose(2, 3) * 0.25  # [1, 4, T, N]
+    scores = scores.masked_fill(torch.arange(n)[None, :] > pos[:, None], float("-inf"))
+    ref = scores.softmax(-1) @ v.repeat_interleave(2, dim=1)
+    for kind in ("blocks", "dense", "flex"):
+        mask = query_mask(pos, n, torch.device("cpu"), kind)
+        torch.testing.assert_close(mask.attend(q, k, v, 0.25), ref, atol=1e-5, rtol=1e-5)
+    assert len(query_mask(pos, n, torch.device("cpu"), "blocks").blocks) == 5  # 320 queries // 64
+    with pytest.raises(ValueError, match="unknown attention mask kind 'sparse'; accepted: auto, blocks, dense, flex"):
+        query_mask(pos, n, torch.device("cpu"), "sparse")
+
+
+def test_keep_top_keeps_every_fresh_token_and_the_most_deviating_cached_ones():
+    from ragkv.blend.select import keep_top
+
+    is_cached = torch.tensor([False, True, True, True, False, True])
+    deviation = torch.tensor([9.0, 0.5, 3.0, 1.0, 0.0, 2.0])
+    assert keep_top(is_cached, deviation, 2).tolist() == [True, False, True, False, True, True]
+    assert keep_top(is_cached, deviation, 10).tolist() == [True] * 6  # a budget over the cached count keeps all
+    assert keep_top(is_cached, deviation, 0).tolist() == [True, False, False, False, True, False]
+
+
+def test_blend_result_prompt_kv_views_the_buffers(tiny_adapter):
+    prefix, chunks, query = _prompt(seed=13)
+    plan = make_plan(prefix, chunks, query)
+    result = blend(tiny_adapter, plan, make_strategy("naive"), _sources(tiny_adapter, plan, chunks), reserve=4)
+    layers = result.prompt_kv()
+    assert len(layers) == tiny_adapter.num_layers and result.num_tokens == plan.num_tokens
+    k, v = layers[0]
+    assert k.shape[2] == plan.num_tokens and result.buffers[0][0].shape[2] == plan.num_tokens + 4
+    assert k.data_ptr() == result.buffers[0][0].data_ptr()  # a view, not a copy
+    assert result.prompt_kv(5)[1][1].shape[2] == 5
+
+
+def test_layer_loader_reads_k_and_v_of_stored_and_decoded_sources(tiny_adapter):
+    from ragkv.blend.loader import LayerLoader, _stored_chunk
+    from ragkv.compression import get_codec
+    from ragkv.storage.layered import EncodedLayers, ResidentKV
+
+    _, chunks, _ = _prompt(seed=14)
+    kvs = precompute_many(tiny_adapter, chunks)
+    resident = ResidentKV(kvs[0], torch.device("cpu"))
+    codec = get_codec("lz4")
+    encoded = EncodedLayers(codec.encode(kvs[1]), codec, kvs[1].pos0, kvs[1].num_tokens, kvs[1].num_layers, "cpu")
+    assert _stored_chunk(resident) is kvs[0] and _stored_chunk(kvs[2]) is kvs[2] and _stored_chunk(encoded) is None
+    loader = LayerLoader([resident, encoded, kvs[2]], tiny_adapter.num_layers, torch.device("cpu"), torch.float32)
+    for layer, rows in enumerate(loader):
+        assert torch.equal(rows, torch.cat([kv.layer(layer) for kv in kvs], dim=1))
+
+
+def test_flex_failure_under_auto_falls_back_to_a_dense_mask_once(monkeypatch):
+    from ragkv.models import attention
+
+    monkeypatch.setattr(attention, "FLEX_FAILURE", None)
+    g = torch.Generator().manual_seed(15)
+    pos = torch.tensor([3, 7, 8, 20, 29])
+    q, k, v = torch.randn(1, 4, 5, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g), torch.randn(1, 2, 30, 16)
+    mask = attention.FlexMask(pos, 30, torch.device("cpu"), fallback=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this card")
+
+    mask._flex = broken
+    with pytest.warns(UserWarning, match="FlexAttention failed \\(RuntimeError: no kernel for this card\\)"):
+        out = mask.attend(q, k, v, 0.25)
+    want = attention.DenseMask(pos, 30, torch.device("cpu")).attend(q, k, v, 0.25)
+    torch.testing.assert_close(out, want)
+    assert attention.FLEX_FAILURE == "RuntimeError: no kernel for this card"
+    strict = attention.FlexMask(pos, 30, torch.device("cpu"))
+    strict._flex = broken
+    with pytest.raises(RuntimeError, match="no kernel"):  # an explicit `flex` never hides a failure
+        strict.attend(q, k, v, 0.25)

@@ -1,0 +1,460 @@
+"""GPU fusion benchmark: TTFT of the blend vs HF forward on a random-init model of a real shape.
+
+`python benchmarks/bench_gpu.py` (or `ragkv bench gpu`): a Llama-3.1-8B-shaped model built from a
+LlamaConfig (no weights: random init, bf16 on CUDA), prompts of 10, 20 and 40 chunks x 512 random
+tokens + a 32-token query. Baselines: HF forward (`model(ids, logits_to_keep=1)`) and `full`; then
+`naive`, `cacheblend@0.15`, `epic@0.15` with chunk KV resident on the GPU, and (cacheblend by
+default) pinned in CPU memory and on the disk tier (lz4, int8; warm page cache; prompts of up to
+`--disk-max-chunks`). TTFT = store look-up + blend up to the first token's logits, timed with CUDA
+events, median of `--repeats` after `--warmup` runs. Each row also shows the time to load every
+layer of the cached rows alone (no compute), the peak GPU memory above the weights, and the compute
+limit: 1 / (fraction of the token-layer work the strategy computes). Then prepacked vs one-by-one
+precompute. Writes JSON (after every row) and prints a table. `--dry-run`: a tiny model on CPU,
+tiny prompts, one repeat, the same code paths (pinned memory becomes plain host memory without CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ragkv.blend import LayerLoader, blend, make_plan, make_strategy
+from ragkv.chunk_cache import ChunkKey, precompute_many
+from ragkv.models import adapter_for
+from ragkv.models import attention as attention_kernels
+
+SHAPES = {
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+}
+DRY_RUN = dict(
+    shape="tiny",
+    device="cpu",
+    dtype="float32",
+    chunks="2,3",
+    chunk_tokens=16,
+    query_tokens=4,
+    repeats=1,
+    warmup=0,
+    precompute_tokens="8,16",
+    precompute_chunks=4,
+)
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype, layers: int | None = None):
+    """A random-init LlamaForCausalLM of `shape`, built directly on `device` in `dtype` (no weights read)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; accepted: {', '.join(SHAPES)}")
+    fields = dict(SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if layers:
+        fields["num_hidden_layers"] = layers
+    config = LlamaConfig(**fields)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(saved)
+    return adapter_for(
+        model.to(device, dtype).eval(), sink_ids=(1,)
+    )  # .to: a no-op unless the default dtype was ignored
+
+
+class Timer:
+    """Milliseconds of a callable: CUDA events on CUDA (synchronized), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def _median(timer: Timer, fn: Callable[[], object], repeats: int, warmup: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        timer(fn)
+    times = [timer(fn) for _ in range(repeats)]
+    return statistics.median(times), times
+
+
+def _peak_gb(device: torch.device, fn: Callable[[], object]) -> float | None:
+    """Peak GPU memory (GB) allocated above what was allocated before `fn` (None on CPU)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 1e9, 3)
+
+
+def make_stores(kind: str, kvs, device: torch.device, root: Path):
+    """(store, keys) holding `kvs` in the tier named `kind`: gpu, pinned, or disk-CODEC."""
+    from ragkv.storage import MemoryTier, TieredStore
+    from ragkv.storage.disk import DiskTier
+
+    cuda = device.type == "cuda"
+    if kind == "gpu":
+        tier = MemoryTier(1 << 40, device=device)  # on CPU (dry run) this is plain host memory
+    elif kind == "pinned":
+        tier = MemoryTier(1 << 40, device="cpu", pin=cuda)
+    elif kind.startswith("disk-"):
+        codec = kind.removeprefix("disk-")
+        tier = DiskTier(root / codec.replace("+", "_"), 1 << 42, codec)
+    else:
+        raise ValueError(f"unknown source {kind!r}; accepted: gpu, pinned, disk-CODEC (e.g. disk-lz4)")
+    store = TieredStore([tier], promote=False)
+    keys = [ChunkKey.of("bench-gpu", kind, [i]) for i in range(len(kvs))]
+    for key, kv in zip(keys, kvs):
+        store.put(key, kv)
+    return store, keys
+
+
+def compute_limit(plan, result, num_layers: int) -> float:
+    """1 / (fraction of the token-layer work computed): fresh rows every layer + recomputed chunk rows."""
+    cached = sum(end - start for start, end in plan.chunk_spans)
+    fresh = plan.num_tokens - cached
+    work = fresh + result.recompute_fraction * cached
+    return round(plan.num_tokens / work, 2)
+
+
+def bench_prompts(args, model, device: torch.device, rows: list, errors: list, save: Callable[[], None]) -> None:
+    timer = Timer(device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    strategies = args.strategies.split(",")
+    sources = args.sources.split(",")
+    source_strategies = set(args.source_strategies.split(","))
+    attentions = args.attention.split(",")
+    root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    for num_chunks in map(int, args.chunks.split(",")):
+        chunks = [torch.randint(3, vocab, (args.chunk_tokens,), generator=g).tolist() for _ in range(num_chunks)]
+        query = torch.randint(3, vocab, (args.query_tokens,), generator=g).tolist()
+        plan = make_plan([1], chunks, query)
+        kvs = precompute_many(model, chunks, max_tokens_per_pass=args.pass_tokens)
+        ids = plan.input_ids[None].to(device)
+        print(f"-- {num_chunks} chunks: {plan.num_tokens} prompt tokens", flush=True)
+        base = {"chunks": num_chunks, "tokens": plan.num_tokens}
+        hf_ms = None
+
+        def record(row: dict) -> None:
+            row = {**base, **row}
+            if hf_ms and row.get("ttft_ms"):
+                row["x_hf"] = round(hf_ms / row["ttft_ms"], 2)
+            rows.append(row)
+            _print_row(row)
+            save()  # a run cut short by a time limit keeps every finished row
+
+        stores = {}
+        try:
+            if "hf" in strategies:
+
+                def hf():
+                    with torch.inference_mode():
+                        model.model(ids, logits_to_keep=1, use_cache=False)
+
+                hf_ms, times = _median(timer, hf, args.repeats, args.warmup)
+                record(
+                    dict(
+                        strategy="hf-forward",
+                        source="-",
+                        attention="sdpa",
+                        ttft_ms=round(hf_ms, 2),
+                        times_ms=_r(times),
+                        peak_gb=_peak_gb(device, hf),
+                        limit_x=1.0,
+                    )
+                )
+            for label in strategies:
+                if label == "hf":
+                    continue
+                name, _, ratio = label.partition("@")
+                strategy = make_strategy(name, float(ratio or 0.0))
+                for source in sources if strategy.reuse != "none" else ["-"]:
+                    if source != "-" and source != "gpu" and label not in source_strategies:
+                        continue
+                    if source.startswith("disk-") and num_chunks > args.disk_max_chunks:
+                        continue  # CPU decoding of the biggest prompts would eat the run's time budget
+                    if source not in ("gpu", "-"):
+                        kinds = [args.source_attention]
+                    elif name in ("cacheblend", "epic"):
+                        kinds = attentions
+                    else:
+                        kinds = ["auto"]
+                    for attention in kinds:
+                        try:
+                            record(
+                                _blend_row(
+                                    args, model, device, timer, plan, kvs, strategy, source, attention, stores, root
+                                )
+                            )
+                        except Exception as exc:  # one failing row must not lose the run
+                            errors.append(
+                                dict(
+                                    base,
+                                    strategy=label,
+                                    source=source,
+                                    attention=attention,
+                                    error=f"{type(exc).__name__}: {exc}",
+                                    trace=traceback.format_exc(),
+                                )
+                            )
+                            print(f"   FAILED {label} {source} {attention}: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            for store, _ in stores.values():
+                store.close()
+        del kvs
+
+
+def _blend_row(args, model, device, timer, plan, kvs, strategy, source, attention, stores, root) -> dict:
+    if source == "-":
+        get_sources = lambda: ()  # noqa: E731
+        load_ms = None
+    else:
+        if source not in stores:
+            stores[source] = make_stores(source, kvs, device, root)
+        store, keys = stores[source]
+        spans = [start for start, _ in plan.chunk_spans]
+        get_sources = lambda: list(zip(spans, store.get_layered_many(keys, device)))  # noqa: E731
+
+        def load_only():
+            for _ in LayerLoader([kv for _, kv in get_sources()], model.num_layers, device, model.dtype):
+                pass
+
+        load_ms, _ = _median(timer, load_only, max(1, args.repeats // 2), min(1, args.warmup))
+    out = {}
+
+    def run():
+        out["result"] = blend(model, plan, strategy, get_sources(), attention=attention)
+
+    ttft, times = _median(timer, run, args.repeats, args.warmup)
+    peak = _peak_gb(device, run)
+    result = out.pop("result")
+    parts = {k: round(v * 1e3, 2) for k, v in result.seconds.items()}  # host clock (enqueue time on CUDA)
+    return dict(
+        strategy=strategy.label,
+        source=source,
+        attention=attention,
+        ttft_ms=round(ttft, 2),
+        times_ms=_r(times),
+        load_only_ms=None if load_ms is None else round(load_ms, 2),
+        host_parts_ms=parts,
+        peak_gb=peak,
+        recompute_fraction=round(result.recompute_fraction, 4),
+        limit_x=compute_limit(plan, result, model.num_layers),
+    )
+
+
+def bench_precompute(args, model, device: torch.device, rows: list) -> None:
+    """Prepacked (one pass, variable-length attention per chunk) vs one chunk per pass."""
+    timer = Timer(device)
+    g = torch.Generator().manual_seed(2)
+    for length in map(int, args.precompute_tokens.split(",")):
+        chunks = [
+            torch.randint(3, model.config.vocab_size, (length,), generator=g).tolist()
+            for _ in range(args.precompute_chunks)
+        ]
+        budget = args.precompute_chunks * (length + len(model.sink_ids))
+        repeats, warmup = min(3, args.repeats), min(1, args.warmup)
+        one, _ = _median(timer, lambda: precompute_many(model, chunks, 0), repeats, warmup)
+        packed, _ = _median(timer, lambda: precompute_many(model, chunks, budget), repeats, warmup)
+        row = dict(
+            chunk_tokens=length,
+            chunks=len(chunks),
+            one_by_one_ms=round(one, 2),
+            prepacked_ms=round(packed, 2),
+            x_one_by_one=round(one / packed, 2),
+        )
+        rows.append(row)
+        print(
+            f"precompute {len(chunks)} x {length} tokens: one-by-one {one:.1f} ms, prepacked {packed:.1f} ms "
+            f"({row['x_one_by_one']}x)",
+            flush=True,
+        )
+
+
+def _r(times: list[float]) -> list[float]:
+    return [round(t, 2) for t in times]
+
+
+_HEADER = (
+    f"{'tokens':>7} {'strategy':<16} {'source':<10} {'attn':<6} {'TTFT ms':>9} {'x HF':>6} {'limit':>6} "
+    f"{'load ms':>8} {'peak GB':>8} {'recomp':>7}"
+)
+
+
+def _print_row(r: dict) -> None:
+    def f(key, fmt):
+        v = r.get(key)
+        return format(v, fmt) if isinstance(v, (int, float)) else format("-", fmt.split(".")[0].rstrip("f"))
+
+    print(
+        f"{r['tokens']:>7} {r['strategy']:<16} {r['source']:<10} {r['attention']:<6} {f('ttft_ms', '>9.1f')} "
+        f"{f('x_hf', '>6.2f')} {f('limit_x', '>6.2f')} {f('load_only_ms', '>8.1f')} {f('peak_gb', '>8.2f')} "
+        f"{f('recompute_fraction', '>7.3f')}",
+        flush=True,
+    )
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="ragkv bench gpu", description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, tiny prompts, one repeat")
+    p.add_argument("--shape", default="llama-3.1-8b", help=f"model shape: {', '.join(SHAPES)}")
+    p.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the shape's)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--chunks", default="10,20,40", help="chunks per prompt, comma-separated")
+    p.add_argument("--chunk-tokens", type=int, default=512)
+    p.add_argument("--query-tokens", type=int, default=32)
+    p.add_argument("--pass-tokens", type=int, default=16384, help="prepacking budget of the chunk precompute")
+    p.add_argument("--strategies", default="hf,full,naive,cacheblend@0.15,epic@0.15")
+    p.add_argument("--sources", default="gpu,pinned,disk-lz4,disk-int8")
+    p.add_argument("--source-strategies", default="cacheblend@0.15", help="strategies also run from non-GPU sources")
+    p.add_argument("--attention", default="flex,dense", help="mask kinds for cacheblend/epic rows (auto, blocks, ...)")
+    p.add_argument("--disk-max-chunks", type=int, default=20, help="disk sources only for prompts up to this size")
+    p.add_argument("--source-attention", default="dense", help="mask kind of the rows read from non-GPU sources")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--precompute-tokens", default="128,256,512", help="chunk lengths of the precompute comparison")
+    p.add_argument("--precompute-chunks", type=int, default=64)
+    p.add_argument("--out", default="gpu-out/bench_gpu.json")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        defaults = {a.dest: a.default for a in p._actions}
+        for key, value in DRY_RUN.items():
+            if getattr(args, key) == defaults[key]:  # explicit flags still win
+                setattr(args, key, value)
+        if args.attention == defaults["attention"]:
+            args.attention = "blocks,dense,flex"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: run on a GPU machine, or pass --dry-run (CPU, tiny shapes)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type != "cuda":  # FlexAttention's eager reference is what the CPU runs, on purpose
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    model = build_model(args.shape, args.device, dtype, args.layers or None)
+    print(
+        f"{args.shape} ({model.num_layers} layers) {args.dtype} on "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}; "
+        f"built in {time.perf_counter() - t0:.1f} s; TTFT median of {args.repeats} after {args.warmup} warm-up",
+        flush=True,
+    )
+    print(_HEADER, flush=True)
+    rows: list[dict] = []
+    precompute_rows: list[dict] = []
+    errors: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = dict(
+        benchmark="bench_gpu",
+        date=datetime.date.today().isoformat(),
+        command="ragkv bench gpu " + " ".join(sys.argv[1:] if argv is None else argv),
+        machine=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        torch=torch.__version__,
+        args=vars(args),
+        rows=rows,
+        precompute=precompute_rows,
+        errors=errors,
+        seconds=None,
+    )
+
+    def save() -> None:
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        report["flex_failure"] = attention_kernels.FLEX_FAILURE
+        report["varlen_failure"] = attention_kernels.VARLEN_FAILURE
+        out.write_text(json.dumps(report, indent=1))
+
+    bench_prompts(args, model, device, rows, errors, save)
+    try:
+        bench_precompute(args, model, device, precompute_rows)
+    except Exception as exc:
+        errors.append(dict(part="precompute", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()))
+    save()
+    print(f"wrote {out} ({len(rows)} rows, {len(errors)} errors) in {report['seconds']} s", flush=True)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
