@@ -164,8 +164,12 @@ def test_metrics_and_cache_stats(url):
     assert 'ragkv_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in text
     assert "ragkv_ttft_seconds_bucket" in text and 'ragkv_chunk_hits_total{tier="cpu"}' in text
     assert "ragkv_recompute_fraction_count" in text and "ragkv_request_seconds_bucket" in text
-    stats = httpx.get(f"{url}/v1/cache/stats", headers={"Authorization": "Bearer key-b"}).json()
-    assert stats["namespace"] == "tenant-b" and stats["store"]["tiers"][0]["entries"] >= 4
+    a, b = (httpx.get(f"{url}/v1/cache/stats", headers={"Authorization": f"Bearer {k}"}).json() for k in KEYS)
+    assert a["namespace"] == "tenant-a" and b["namespace"] == "tenant-b" and b["store"]["scope"] == "tenant"
+    # each tenant sees only its own entries: tenant-b asked about the two Venus documents only (an unscoped
+    # view would show tenant-b every entry, tenant-a's too)
+    a_entries, b_entries = (s["store"]["tiers"][0]["entries"] for s in (a, b))
+    assert b_entries == 2 and a_entries >= 4 and a["store"]["requests"] >= 1
 
 
 def test_zz_shutdown_finishes_in_flight_request(server):
