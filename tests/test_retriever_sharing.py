@@ -4,6 +4,7 @@ catalog), a save never stamps a stale index, and a catalog of the unscoped layou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -131,9 +132,10 @@ _PROCESS = textwrap.dedent(
 )
 
 
-def test_three_processes_on_one_data_dir_lose_no_document(tmp_path):
-    """Two 'servers' and an 'ingest', 20 documents each, then a restart: all 60 found by everyone."""
-    names, n = ["serve1", "serve2", "ingest"], 20
+def test_three_processes_on_one_data_dir_lose_no_document(tmp_path, model):
+    """Two 'servers' and an 'ingest', 12 documents each, then a restart (a fresh retriever here): all found
+    by everyone. (`docs/BENCHMARKS.md` has the same with 50 documents each.)"""
+    names, n = ["serve1", "serve2", "ingest"], 12
     (tmp_path / "py").mkdir()
     (tmp_path / "py" / "ragkv").symlink_to(TESTS.parent)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "py")}
@@ -148,16 +150,14 @@ def test_three_processes_on_one_data_dir_lose_no_document(tmp_path):
     procs = [run(name, n) for name in names]
     found = [json.loads(p.communicate(timeout=240)[0])["found"] for p in procs]
     assert found == [dict.fromkeys(names, n)] * len(names)
-    for f in data.glob("*.done"):
-        f.unlink()
-    restart = subprocess.run(
-        [sys.executable, "-c", _PROCESS, str(TESTS), str(data), "restart", str(n), "1", *names],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert json.loads(restart.stdout)["found"] == dict.fromkeys(names, n), restart.stderr[-2000:]
+    restarted = Retriever.open(data, model, CFG, HashEmbedder())
+
+    def text(who, i):
+        return " ".join(hashlib.sha1(f"{who}/{i}/{j}".encode()).hexdigest()[:12] for j in range(4))
+
+    found = {who: sum(restarted.search(text(who, i), k=1)[0].doc_id == f"{who}-{i}" for i in range(n)) for who in names}
+    assert found == dict.fromkeys(names, n)
+    restarted.close()
 
 
 def test_an_unscoped_catalog_is_migrated(tmp_path, model):

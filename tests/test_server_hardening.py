@@ -167,11 +167,11 @@ def _mutate(value, rng: random.Random, depth: int = 0):
 
 
 def test_seeded_fuzz_of_every_endpoint_gets_no_5xx(app):
-    """140 mutated bodies (plus raw junk) over the OpenAPI schema's POST endpoints: every answer < 500."""
+    """120 mutated bodies (plus raw junk) over the OpenAPI schema's POST endpoints: every answer < 500."""
     paths = [p for p, ops in app.openapi()["paths"].items() if "post" in ops]
     assert set(TEMPLATES) <= set(paths)
     rng = random.Random(15)
-    bodies = [(p, json.dumps(_mutate(TEMPLATES[p], rng))) for p in TEMPLATES for _ in range(35)]
+    bodies = [(p, json.dumps(_mutate(TEMPLATES[p], rng))) for p in TEMPLATES for _ in range(30)]
     bodies += [(p, junk) for p in paths for junk in ("", "[]", "null", '{"a":', "\x00", '{"documents": 5}')]
     statuses = []
 
