@@ -101,3 +101,13 @@ def test_triton_kernel_on_model_kv():
         out = torch.empty((2, t, h, d), dtype=torch.float16)
         decode_packed_triton(section, PackedLayout.of(MIXED, t, h * d, layer, kv.num_layers), out)
         assert torch.equal(out, codec.decode_layer(enc, layer)), f"layer {layer}"
+
+
+@pytest.mark.parametrize("name", ("packed", "int8", "cachegen"))
+def test_bench_device_rows_check_parity(name):
+    from bench_codecs import device_decode_stats
+
+    kvs = [make_kv(shape=(2, 2, 30, 2, 8), dtype=torch.float16, seed=s) for s in range(2)]
+    stats = device_decode_stats(get_codec(name), kvs, "cpu", repeat=1)  # the --device path, on the CPU here
+    assert stats["device_parity"] == 1.0
+    assert set(stats) == {"device_decode_gb_s", "device_h2d_decode_gb_s", "device_parity"}

@@ -93,3 +93,14 @@ def test_store_tiers_use_the_models_schedule(tmp_path):
     enc = store.tiers[0].codec.encode(make_kv(shape=(2, 4, 16, 2, 8)))
     assert PackedCodec().decode(enc).kv.shape == (2, 4, 16, 2, 8)  # entries carry their bits: any reader decodes
     assert get_codec("packed").name == "packed"
+
+
+def test_calibrate_cli_rejects_bad_input_before_loading_a_model(capsys):
+    from ragkv.cli.main import main
+
+    assert main(["calibrate", "--eval-data", "held_out.json:nope"]) == 2
+    assert "PATH:FORMAT" in capsys.readouterr().err
+    assert main(["calibrate", "--budget", "1", "--min-bits", "1"]) == 2
+    assert "nothing above --min-bits" in capsys.readouterr().err
+    assert main(["calibrate", "--curve", "0.5"]) == 2
+    assert "--curve budgets" in capsys.readouterr().err
