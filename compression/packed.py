@@ -180,6 +180,19 @@ def _dequant(code: torch.Tensor, group: torch.Tensor, lo: torch.Tensor, step: to
     return lo.float()[group] + code.float() * step.float()[group]
 
 
+def dequant_part(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, part: PartLayout) -> torch.Tensor:
+    """Values [T, C] fp32 of one part's codes [T, C] and grids [S] (fp16): `lo + code * step`. Grids
+    that tile [T, C] exactly broadcast (no per-element gather); the rest are gathered by scale_index."""
+    t, c = codes.shape
+    if t % part.group_tokens or c % part.group_channels:
+        group = scale_index(part, t, c).to(codes.device)  # [T, C]
+        return lo.float()[group] + codes.float() * step.float()[group]
+    rows, gt, per_row, gc = t // part.group_tokens, part.group_tokens, part.groups_per_row, part.group_channels
+    shape = (rows, 1, per_row, 1)
+    x = codes.view(rows, gt, per_row, gc).float()  # [rows, gt, per_row, gc]
+    return (lo.float().view(shape) + x * step.float().view(shape)).view(t, c)
+
+
 def pack_planes(codes: np.ndarray, bits: int) -> bytes:
     """Bit planes of `codes` [N] (uint8 < 2**bits): plane j = bit j of each code, 8 codes a byte, little bit order."""
     return b"".join(np.packbits((codes >> j) & 1, bitorder="little").tobytes() for j in range(bits))
@@ -255,8 +268,7 @@ class PackedCodec(LayeredCodec):
             step = torch.from_numpy(buf[part.step : part.planes].copy()).view(torch.float16)  # [S]
             planes = buf[part.planes : part.planes + part.bits * layout.plane_bytes].reshape(part.bits, -1)
             codes = torch.from_numpy(unpack_planes(planes, part.bits, t * c)).view(t, c)  # [T, C] uint8
-            group = scale_index(part, t, c)  # [T, C]
-            out[kv] = _dequant(codes, group, lo, step)
+            out[kv] = dequant_part(codes, lo, step, part)
         return out.view(2, t, h, d).to(device)
 
     # -- decode on the device --------------------------------------------------------------------------
@@ -307,6 +319,5 @@ def decode_packed_torch(section: torch.Tensor, layout: PackedLayout, out: torch.
         for j in range(part.bits):
             bits = (planes[j][:, None] >> shifts) & 1  # [plane_bytes, 8]
             codes |= bits.reshape(-1) << j
-        group = scale_index(part, t, c).to(dev).reshape(-1)  # [N]
-        flat[kv] = (lo.float()[group] + codes[:n].float() * step.float()[group]).to(out.dtype)
+        flat[kv] = dequant_part(codes[:n].view(t, c), lo, step, part).view(n).to(out.dtype)
     return out
