@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--format", default="musique")
     ap.add_argument("--skip", type=int, default=4)
     ap.add_argument("--limit", type=int, default=2)
+    ap.add_argument("--max-chunks", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated variant names")
     ap.add_argument("--out", default="packed_vs_cachegen.json")
@@ -52,7 +53,7 @@ def main() -> None:
     engine = Engine.from_pretrained("smollm2")
     names = [n for n in args.variants.split(";") if n]
     rows = []
-    for sample in load_samples(args.data, args.format, limit=args.skip + args.limit)[args.skip :]:
+    for sample in load_samples(args.data, args.format, args.skip + args.limit, args.max_chunks)[args.skip :]:
         prompt = Prompt.of(engine, sample)
         row = {
             "id": sample.id,
