@@ -34,6 +34,10 @@ VARIANTS = {
         PackedConfig(key_bits=(3,), value_bits=(2,), key_group=(64, 1))
     ),
     "packed K4 V2": lambda: PackedCodec(PackedConfig(key_bits=(4,), value_bits=(2,))),
+    # `ragkv calibrate` at 2.5 bits/value from musique record 1's sensitivity (3 bands, probe 2 bits)
+    "packed calibrated @2.5, K (3,2,1) V (5,2,1)": lambda: PackedCodec(
+        PackedConfig(key_bits=(3, 2, 1), value_bits=(5, 2, 1))
+    ),
 }
 
 
