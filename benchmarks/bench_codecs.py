@@ -5,7 +5,8 @@ tier holds). Speeds are fp16-equivalent bytes per second; CPU-bound codecs (cach
 both inline on one core and through a DecodePool, as a store with `decode_workers` does. Fidelity
 runs `cacheblend@RATIO` with the chunk KV read through a tier of each codec and compares it with a
 full prefill of the same prompt (kl_mean and top-1 teacher-forced over 16 answer tokens, as
-`ragkv eval`).
+`ragkv eval`). `--device cuda` adds decoding on the GPU from the encoded bytes (`Codec.device_layer`:
+the Triton kernel for packed, torch dequantization for int8/fp8, the host decoder for the others).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="decode processes for CPU-bound codecs, as a store would start (default: one per core)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="also decode every layer on this device from its encoded bytes (e.g. cuda): device_decode_gb_s "
+        "columns (default cpu: host decoding only, as before)",
     )
     p.add_argument("--out", default="codecs.json", help="JSON results file")
     return p.parse_args(argv)
@@ -82,6 +89,50 @@ def codec_stats(
         "decode_1core_mb_s": one_core,
         "rel_error": (err / norm) ** 0.5,
         "stated_rel_error": getattr(codec, "rel_error", 0.0),
+    }
+
+
+def device_decode_stats(
+    codec: Codec, kvs: Sequence[ChunkKV], device: torch.device | str, repeat: int = 5
+) -> dict[str, float]:
+    """GB/s of fp16 output when every layer is decoded where it is computed (`Codec.device_layer`):
+    `device_decode_gb_s` with the encoded sections already on `device`; `device_h2d_decode_gb_s`
+    including their copy from pinned host memory (one stream, copy then decode, layer after layer).
+    Medians of `repeat` passes; the decoded layers are checked bit-identical to host decoding once."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    tasks, host, resident, parity = [], [], [], True
+    for kv in kvs:
+        enc = codec.encode(kv)
+        for layer in range(kv.num_layers):
+            task = codec.layer_task(enc, layer, torch.float16)
+            section = task.section_tensor(pin=cuda)
+            tasks.append(task)
+            host.append(section)
+            resident.append(section.to(device))
+    outs = [torch.empty((2, *t.shape), dtype=torch.float16, device=device) for t in tasks]
+    for task, section, out in zip(tasks, resident, outs):  # warm (kernel compile), then check parity
+        codec.device_layer(task, section, out)
+        parity = parity and torch.equal(out.cpu(), task.run("cpu"))
+    sync()
+    resident_s, h2d_s = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for task, section, out in zip(tasks, resident, outs):
+            codec.device_layer(task, section, out)
+        sync()
+        resident_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for task, section, out in zip(tasks, host, outs):
+            codec.device_layer(task, section.to(device, non_blocking=True), out)
+        sync()
+        h2d_s.append(time.perf_counter() - t)
+    out_bytes = sum(o.numel() * 2 for o in outs)
+    return {
+        "device_decode_gb_s": out_bytes / statistics.median(resident_s) / 1e9,
+        "device_h2d_decode_gb_s": out_bytes / statistics.median(h2d_s) / 1e9,
+        "device_parity": float(parity),
     }
 
 
@@ -155,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if pool is not None:
             pool.close()
+    if args.device != "cpu":
+        for n, c in codecs.items():
+            rows[n].update(device_decode_stats(c, flat, args.device))
     if not args.no_fidelity:
         refs = _references(engine, samples)
         base = blend_fidelity(engine, samples, kvs, "identity", args.ratio, refs)
@@ -175,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         "ratio": args.ratio,
         "torch_threads": torch.get_num_threads(),
         "decode_workers": pool.workers if pool is not None else 0,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
     }
     Path(args.out).write_text(json.dumps({"meta": meta, "codecs": rows}, indent=2))
     print(markdown_table(rows))
@@ -190,6 +246,9 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
         "encode_mb_s",
         "decode_mb_s",
         "decode_1core_mb_s",
+        "device_decode_gb_s",
+        "device_h2d_decode_gb_s",
+        "device_parity",
         "rel_error",
         "stated_rel_error",
         "kl_mean",

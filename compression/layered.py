@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import zlib
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..chunk_cache import ChunkKV
@@ -65,6 +66,12 @@ class LayerTask:
             )
         return out.to(dtype=self.dtype)
 
+    def section_tensor(self, pin: bool = False) -> torch.Tensor:
+        """A copy of the section as a 1-D uint8 CPU tensor (in pinned memory with `pin`, ready for a
+        non-blocking copy to the GPU and `codec.device_layer(task, that copy)`)."""
+        host = torch.from_numpy(np.frombuffer(self.section, dtype=np.uint8).copy())  # [bytes]
+        return host.pin_memory() if pin else host
+
 
 class LayeredCodec(Codec):
     """A codec whose payload is one independently decodable, checksummed section per layer."""
@@ -89,6 +96,17 @@ class LayeredCodec(Codec):
         device: torch.device | str,
     ) -> torch.Tensor:
         """One layer [2, T, H, D] on `device` from its section; `shape` is (T, H, D)."""
+
+    def device_layer(self, task: LayerTask, section: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`task`'s layer [2, T, H, D] in `task.dtype` on the device `section` is on, from `section`:
+        the layer's CRC-checked bytes (`task.section`) as a 1-D uint8 tensor already there (the loader
+        moves the *encoded* bytes). Writes into `out` when given. This default reads the bytes back to
+        the host and decodes there; codecs that decode on the device (int8, fp8, packed) override it."""
+        if section.dtype != torch.uint8 or section.dim() != 1:
+            raise ValueError(f"section must be a 1-D uint8 tensor, got {section.dtype} of shape {tuple(section.shape)}")
+        host = replace(task, section=section.cpu().numpy().tobytes())
+        result = host.run(section.device)
+        return result if out is None else out.copy_(result)
 
     # -- the Codec interface ------------------------------------------------------------------------
     def encode(self, kv: ChunkKV) -> EncodedKV:

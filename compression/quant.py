@@ -56,6 +56,26 @@ class _ScaledCodec(LayeredCodec):
         out[1] *= scale_v[:, None]
         return out.view(2, t, h, d)
 
+    def device_layer(self, task, section: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Dequantize on `section`'s device (the GPU): the same fp32 arithmetic as `decode_section`, so
+        the same bits; `section` is the layer's bytes as a 1-D uint8 tensor (storage offset a multiple of 4)."""
+        t, h, d = task.shape
+        c = h * d
+        n_scales = 4 * (c + t)
+        if section.dtype != torch.uint8 or section.dim() != 1 or section.numel() != n_scales + 2 * t * c:
+            raise ValueError(
+                f"{self.name} section must be a 1-D uint8 tensor of {n_scales + 2 * t * c} bytes, "
+                f"got {section.dtype} {tuple(section.shape)}"
+            )
+        scale_k = section[: 4 * c].view(torch.float32)  # [C]
+        scale_v = section[4 * c : n_scales].view(torch.float32)  # [T]
+        codes = section[n_scales:].view(self.code_dtype).view(2, t, c)  # [2, T, C]
+        x = codes.float()  # [2, T, C]
+        x[0] *= scale_k[None, :]
+        x[1] *= scale_v[:, None]
+        x = x.view(2, t, h, d)
+        return x.to(task.dtype) if out is None else out.copy_(x)
+
     def max_abs_error(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Element-wise error bound for values `x` coded with `scale` (broadcastable)."""
         raise NotImplementedError

@@ -7,10 +7,11 @@ from .codec import Codec
 from .identity import IdentityCodec
 from .layered import LayeredCodec
 from .lz4codec import Lz4Codec
+from .packed import PackedCodec
 from .quant import HAS_FP8, Fp8Codec, Int8Codec
 
 CODECS: dict[str, type[LayeredCodec]] = {
-    c.name: c for c in (IdentityCodec, Int8Codec, CacheGenCodec, *((Fp8Codec,) if HAS_FP8 else ()))
+    c.name: c for c in (IdentityCodec, Int8Codec, CacheGenCodec, PackedCodec, *((Fp8Codec,) if HAS_FP8 else ()))
 }
 CODECS["lz4"] = Lz4Codec
 

@@ -55,6 +55,7 @@ class EngineConfig:
             # document catalog is a shared database (another machine's check() must not see our files)
             catalog_url=f"sqlite:///{self.data_path() / 'catalog.sqlite'}",
             kv_dtype=self.kv_dtype,
+            codec_schedule=str(self.data_path() / "calibration"),  # where `ragkv calibrate` writes
         )
 
     @classmethod

@@ -55,7 +55,7 @@ class Engine:
         Without `config`, the settings tree: `model` and `overrides` (None = not given) > `RAGKV_*` > file."""
         config = config or EngineConfig.load(model=model, **overrides)
         adapter = load_adapter(config.model, data_dir=config.data_dir, device=config.device, dtype=_dtype(config.dtype))
-        return cls(adapter, build_store(config.storage_config()), config)
+        return cls(adapter, build_store(config.storage_config(), adapter.fingerprint), config)  # calibrated codecs
 
     @property
     def tokenizer(self):

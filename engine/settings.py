@@ -73,6 +73,7 @@ class StorageSettings(_Section):
     decode_workers: int | None = Field(None, ge=0)  # cachegen decode processes; None: one per core, 0: inline
     # a shared Redis tier right after the first tier, unless `tiers` already has one: every sidecar naming the
     # same URL shares chunk KV (RAGKV_STORAGE__REDIS_URL=redis://host:6379/0)
+    codec_schedule: str | None = None  # a `ragkv calibrate` schedule file or folder; None: DATA_DIR/calibration
     redis_url: str | None = None
     redis_codec: str = "cachegen"
     redis_prefix: str = "ragkv"
@@ -230,6 +231,8 @@ class Settings(BaseSettings):
         if s.redis_url and not any(t.kind == "redis" for t in storage.tiers):
             redis = TierConfig("redis", int(s.redis_capacity), s.redis_codec, url=s.redis_url, prefix=s.redis_prefix)
             storage = replace(storage, tiers=(storage.tiers[0], redis, *storage.tiers[1:]))
+        if s.codec_schedule is not None:
+            storage = replace(storage, codec_schedule=str(Path(s.codec_schedule).expanduser()))
         if s.disk_dir is not None:
             storage = replace(storage, disk_dir=str(Path(s.disk_dir).expanduser()))
         return replace(base, storage=storage)

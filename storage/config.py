@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..compression import DecodePool, get_codec
 from ..compression.layered import DTYPES
+from ..compression.schedule import codec_with_schedule, find_schedule
 from .disk import DiskTier
 from .memory import MemoryTier
 from .policy import POLICIES
@@ -60,6 +61,7 @@ class StorageConfig:
     kv_dtype: str | None = "float16"  # entries are stored in this dtype (None: as computed)
     decode_workers: int | None = None  # processes decoding CPU-bound codecs (cachegen); None: one per core, 0: none
     repair_on_open: bool = True  # False: the disk tier's opening check only counts (`cache stats`, `gc --dry-run`)
+    codec_schedule: str | None = None  # `ragkv calibrate`'s schedule file, or its directory (keyed by model)
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -77,15 +79,19 @@ class StorageConfig:
             raise ValueError("StorageConfig: at most one disk tier, and it must be the last (slowest)")
 
 
-def build_tier(cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool | None = None) -> Tier:
-    """The tier described by `cfg` (its CPU-bound decoding done by `decode_pool` when given)."""
+def build_tier(
+    cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool | None = None, model_fingerprint: str | None = None
+) -> Tier:
+    """The tier described by `cfg` (its CPU-bound decoding done by `decode_pool` when given); a codec a
+    calibrated schedule covers takes the schedule's bits for `model_fingerprint`, else its defaults."""
     name = cfg.name or cfg.kind
     dtype = DTYPES[storage.kv_dtype] if storage.kv_dtype else None
+    codec = codec_with_schedule(cfg.codec, find_schedule(storage.codec_schedule, model_fingerprint))
     if cfg.kind == "disk":
         return DiskTier(
             storage.disk_dir,
             cfg.capacity_bytes,
-            cfg.codec,
+            codec,
             storage.catalog_url,
             name=name,
             dtype=dtype,
@@ -96,7 +102,7 @@ def build_tier(cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool 
         return RedisTier(
             cfg.url,
             cfg.capacity_bytes,
-            cfg.codec,
+            codec,
             name=name,
             prefix=cfg.prefix,
             ttl_s=cfg.ttl_s,
@@ -104,9 +110,7 @@ def build_tier(cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool 
             decode_pool=decode_pool,
         )
     device = "cuda" if cfg.kind == "gpu" else "cpu"
-    return MemoryTier(
-        cfg.capacity_bytes, device=device, codec=cfg.codec, name=name, dtype=dtype, decode_pool=decode_pool
-    )
+    return MemoryTier(cfg.capacity_bytes, device=device, codec=codec, name=name, dtype=dtype, decode_pool=decode_pool)
 
 
 def default_decode_workers() -> int:
@@ -123,12 +127,13 @@ def decode_workers(config: StorageConfig) -> int:
     return default_decode_workers() if config.decode_workers is None else config.decode_workers
 
 
-def build_store(config: StorageConfig) -> TieredStore:
-    """A TieredStore over the configured tiers (a disk tier reconciles its catalog on the way)."""
+def build_store(config: StorageConfig, model_fingerprint: str | None = None) -> TieredStore:
+    """A TieredStore over the configured tiers (a disk tier reconciles its catalog on the way); with
+    `config.codec_schedule`, the schedule calibrated for `model_fingerprint` sets the codec's bits."""
     workers = decode_workers(config)
     pool = DecodePool(workers) if workers else None
     try:
-        tiers = [build_tier(t, config, pool) for t in config.tiers]
+        tiers = [build_tier(t, config, pool, model_fingerprint) for t in config.tiers]
     except BaseException:
         if pool is not None:
             pool.close()

@@ -1,0 +1,131 @@
+"""`ragkv calibrate`: pick the `packed` codec's bits per band of layers (K and V) for one model and a
+bits/value budget, from how much its answers suffer on a few prompts; stores the schedule under the
+data directory keyed by the model fingerprint (a store with `codec_schedule` set reads it there).
+Optionally measures the schedule on other prompts (`--eval-data`), never the calibration ones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..eval.datasets import FORMATS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the packed codec's bits per layer band to a model and a bits/value budget",
+        description="Measure how sensitive a model is to quantized K and V per band of layers (cacheblend "
+        "kl_mean against the full prefill) and store the bits per band that fit a bits/value budget.",
+    )
+    p.add_argument("--data", default=None, help="dataset file to calibrate on (default: the shipped demo documents)")
+    p.add_argument("--format", default="musique", choices=FORMATS, help="its format (default musique)")
+    p.add_argument("--limit", type=int, default=2, help="prompts to calibrate on (default 2)")
+    p.add_argument("--max-chunks", type=int, default=None, help="keep at most this many passages per prompt")
+    p.add_argument("--budget", type=float, default=2.5, help="bits/value, codes and grids (default 2.5)")
+    p.add_argument("--bands", type=int, default=6, help="equal bands of layers (default 6)")
+    p.add_argument("--probe-bits", type=int, default=2, help="bits each band is probed at (default 2)")
+    p.add_argument("--min-bits", type=int, default=1, help="fewest bits any band gets (default 1)")
+    p.add_argument("--ratio", type=float, default=0.15, help="cacheblend recompute ratio (default 0.15)")
+    p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id")
+    p.add_argument("--data-dir", default=None, help="where schedules live (default: RAGKV_DATA_DIR or ~/.cache/ragkv)")
+    p.add_argument("--out", default=None, help="schedule file (default: DATA_DIR/calibration/<model key>.json)")
+    p.add_argument(
+        "--eval-data",
+        action="append",
+        default=[],
+        metavar="PATH:FORMAT",
+        help="held-out prompts to measure the schedule on (repeatable), e.g. wikimqa.json:wikimqa",
+    )
+    p.add_argument("--eval-limit", type=int, default=2, help="prompts per --eval-data file (default 2)")
+    p.add_argument("--eval-max-chunks", type=int, default=None, help="passages per held-out prompt")
+    p.add_argument(
+        "--curve",
+        default="",
+        help="comma-separated further budgets whose schedules are also measured on --eval-data (rate-distortion)",
+    )
+    p.add_argument("--compare", default="cachegen", help="comma-separated codecs measured beside (default cachegen)")
+    p.add_argument("--report", default=None, help="write the held-out measurement as JSON here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=run)
+
+
+def demo_samples():
+    """The shipped demo questions, each over all the shipped documents."""
+    from importlib import resources
+
+    from ..eval.datasets import Sample
+
+    demo = resources.files("ragkv.cli") / "demo"
+    docs = tuple(p.read_text() for p in sorted(demo.iterdir(), key=lambda p: p.name) if p.name.endswith(".txt"))
+    lines = (demo / "questions.jsonl").read_text().splitlines()
+    return [
+        Sample(q["id"], q["question"], docs, tuple(q["answers"])) for q in (json.loads(x) for x in lines if x.strip())
+    ]
+
+
+def parse_eval_data(spec: str) -> tuple[str, str]:
+    path, sep, fmt = spec.rpartition(":")
+    if not sep or fmt not in FORMATS:
+        raise ValueError(f"--eval-data takes PATH:FORMAT with FORMAT one of {', '.join(FORMATS)}; got {spec!r}")
+    return path, fmt
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..compression import get_codec
+    from ..compression.packed import PackedCodec
+    from ..compression.schedule import schedule_path
+    from ..engine.config import EngineConfig
+    from ..engine.engine import Engine
+    from ..eval.calibration import CalibrationPrompt, calibrate, evaluate_codecs, schedule_for_budget
+    from ..eval.datasets import load_samples
+    from ..storage.config import StorageConfig, TierConfig
+
+    if args.budget <= args.min_bits:
+        raise ValueError(f"--budget {args.budget} leaves nothing above --min-bits {args.min_bits}")
+    held_out = [parse_eval_data(s) for s in args.eval_data]  # bad specs fail before any model work
+    curve = [float(b) for b in args.curve.split(",") if b.strip()]
+    if curve and min(curve) <= args.min_bits:
+        raise ValueError(f"--curve budgets must exceed --min-bits {args.min_bits}; got {curve}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    samples = load_samples(args.data, args.format, args.limit, args.max_chunks) if args.data else demo_samples()
+    if not samples:
+        raise ValueError(f"no usable samples in {args.data} (format {args.format})")
+    config = EngineConfig.load(data_dir=args.data_dir)  # None: the environment, file or default
+    engine = Engine.from_pretrained(args.model, storage=StorageConfig(tiers=(TierConfig("cpu", 1 << 30),)))
+    prompts = [CalibrationPrompt.of(engine, s) for s in samples[: args.limit]]
+    schedule = calibrate(
+        engine, prompts, args.budget, args.bands, args.probe_bits, args.min_bits, args.ratio, progress=print
+    )
+    out = Path(args.out) if args.out else schedule_path(Path(config.data_dir) / "calibration", engine.model.fingerprint)
+    schedule.save(out)
+    print(f"K bits per band {list(schedule.key_bits)}, V bits {list(schedule.value_bits)} -> {out}")
+    if held_out:
+        codecs = {n: get_codec(n) for n in args.compare.split(",") if n.strip()}
+        codecs["packed (defaults)"] = PackedCodec()
+        for budget in [args.budget, *curve]:
+            other = schedule_for_budget(schedule.model_fingerprint, schedule.measured, budget)
+            label = f"packed calibrated @{budget:g} K{list(other.key_bits)} V{list(other.value_bits)}"
+            codecs[label] = PackedCodec(other.packed_config())
+        report = {"schedule": json.loads(schedule.to_json()), "held_out": {}}
+        for path, fmt in held_out:
+            others = load_samples(path, fmt, args.eval_limit, args.eval_max_chunks)
+            rows = evaluate_codecs([CalibrationPrompt.of(engine, s) for s in others], codecs, args.ratio)
+            report["held_out"][f"{path}:{fmt}"] = rows
+            print(json.dumps(rows), flush=True)
+            base = sum(r["uncompressed"]["kl_mean"] for r in rows) / len(rows)
+            for name in codecs:
+                kl = sum(r[name]["kl_mean"] for r in rows) / len(rows)
+                bits = sum(r[name]["bits"] for r in rows) / len(rows)
+                print(
+                    f"{Path(path).name}: {name}: {bits:.3f} bits/value, "
+                    f"kl_mean {kl:.4f} = {kl / base:.2f}x uncompressed"
+                )
+        if args.report:
+            Path(args.report).write_text(json.dumps(report, indent=1))
+    return 0

@@ -1,0 +1,323 @@
+"""packed: a fixed-rate, GPU-decodable lossy codec for chunk KV (2-4 bits/value, no entropy coding).
+
+Per layer, K and V are each quantized to `b` bits (set per band of layers, separately for K and V,
+like cachegen's bins) on a uniform grid per *scale group*: K per channel over all the chunk's tokens,
+V per channel too by default (`PackedConfig.key_group` / `value_group`: tokens x channels sharing one
+grid). Each group stores its grid as two fp16 numbers, `lo` and `step`, picked by searching a few
+clipping ranges for the least squared error; a value decodes as `lo + code * step`, computed in fp32
+(exact: `code * step` needs at most 19 mantissa bits) and rounded once to the output dtype, so every
+decoder (torch on any device, the Triton kernel) gives the same bits.
+
+Codes are stored as *bit planes*: plane j holds bit j of every code, 8 codes per byte (little bit
+order), so any width 1..8 unpacks the same way: one byte per plane for 8 outputs, no entropy state,
+no data-dependent control flow. Section of one layer (all offsets 4-byte aligned):
+
+    K: lo fp16 [S_k] | step fp16 [S_k] | planes uint8 [b_k, ceil(T*C / 8)] | pad to 4
+    V: the same with S_v, b_v
+
+`PackedLayout` computes the offsets from the shape and params alone, so a device decoder needs no
+host read of the section. The format version is `params["format"]`; a reader refuses a version it
+does not know.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .layered import LayeredCodec, LayerTask
+from .quant import check_finite
+
+FORMAT = 1
+MAX_BITS = 8
+_FP16_MAX = 65504.0
+_CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # share of each side's range kept, searched per group
+
+
+@dataclass(frozen=True)
+class PackedConfig:
+    """Bits per equal band of layers (early first) for K and V, and the scale groups' geometry:
+    (tokens, channels) sharing one grid, 0 tokens meaning all the chunk's tokens. Defaults: see
+    docs/BENCHMARKS.md ("packed"); a calibrated schedule (`ragkv calibrate`) replaces the bits."""
+
+    key_bits: tuple[int, ...] = (3, 3, 3, 3, 3, 3)
+    value_bits: tuple[int, ...] = (2, 2, 2, 2, 2, 2)
+    key_group: tuple[int, int] = (0, 1)  # per channel, over all tokens
+    value_group: tuple[int, int] = (0, 1)
+
+    def __post_init__(self) -> None:
+        for name in ("key_bits", "value_bits"):
+            bits = getattr(self, name)
+            if not bits or not all(isinstance(b, int) and 1 <= b <= MAX_BITS for b in bits):
+                raise ValueError(f"{name} must be a non-empty tuple of ints in 1..{MAX_BITS}, got {bits}")
+        for name in ("key_group", "value_group"):
+            group = getattr(self, name)
+            if len(group) != 2 or group[0] < 0 or group[1] < 1:
+                raise ValueError(f"{name} must be (tokens >= 0 (0: all), channels >= 1), got {group}")
+
+    @staticmethod
+    def _band(bits: tuple[int, ...], layer: int, num_layers: int) -> int:
+        return bits[min(layer * len(bits) // num_layers, len(bits) - 1)]
+
+    def bits(self, layer: int, num_layers: int) -> tuple[int, int]:
+        """(K bits, V bits) of `layer` (layers split into len(bits) equal bands)."""
+        return self._band(self.key_bits, layer, num_layers), self._band(self.value_bits, layer, num_layers)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "key_bits": list(self.key_bits),
+            "value_bits": list(self.value_bits),
+            "key_group": list(self.key_group),
+            "value_group": list(self.value_group),
+        }
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> PackedConfig:
+        """The config an entry was written with; an unknown format version is refused."""
+        if params.get("format") != FORMAT:
+            raise ValueError(f"packed entry of format {params.get('format')!r}; this reader decodes format {FORMAT}")
+        return cls(
+            tuple(int(b) for b in params["key_bits"]),
+            tuple(int(b) for b in params["value_bits"]),
+            tuple(int(g) for g in params["key_group"]),
+            tuple(int(g) for g in params["value_group"]),
+        )
+
+    def mean_bits(self) -> float:
+        """Code bits per value averaged over K and V and the bands (scales not counted)."""
+        return (sum(self.key_bits) / len(self.key_bits) + sum(self.value_bits) / len(self.value_bits)) / 2
+
+
+def _align4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+@dataclass(frozen=True)
+class PartLayout:
+    """Where one of K / V lives in a layer's section (byte offsets) and how its groups tile [T, C]."""
+
+    bits: int
+    group_tokens: int  # tokens per scale group (resolved: 0 became T)
+    group_channels: int
+    groups_per_row: int  # ceil(C / group_channels)
+    scales: int  # S: number of scale groups
+    lo: int  # byte offset of lo fp16 [S]
+    step: int  # byte offset of step fp16 [S]
+    planes: int  # byte offset of planes [bits, plane_bytes]
+    end: int  # byte offset after this part (4-aligned)
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Byte layout of one layer's section, from (T, C), the layer's bits and the groups' geometry."""
+
+    tokens: int
+    channels: int
+    plane_bytes: int  # ceil(T * C / 8)
+    parts: tuple[PartLayout, PartLayout]  # K, V
+
+    @property
+    def nbytes(self) -> int:
+        return self.parts[1].end
+
+    @classmethod
+    def of(cls, config: PackedConfig, tokens: int, channels: int, layer: int, num_layers: int) -> PackedLayout:
+        plane_bytes = (tokens * channels + 7) // 8
+        parts = []
+        start = 0
+        for bits, (gt, gc) in zip(config.bits(layer, num_layers), (config.key_group, config.value_group)):
+            gt = gt or tokens
+            per_row = -(-channels // gc)
+            scales = -(-tokens // gt) * per_row
+            lo, step, planes = start, start + 2 * scales, start + 4 * scales
+            end = _align4(planes + bits * plane_bytes)
+            parts.append(PartLayout(bits, gt, gc, per_row, scales, lo, step, planes, end))
+            start = end
+        return cls(tokens, channels, plane_bytes, (parts[0], parts[1]))
+
+
+def scale_index(part: PartLayout, tokens: int, channels: int) -> torch.Tensor:
+    """The scale group of every element of a [T, C] part: [T, C] int64."""
+    t = torch.arange(tokens)[:, None] // part.group_tokens
+    c = torch.arange(channels)[None, :] // part.group_channels
+    return t * part.groups_per_row + c  # [T, C]
+
+
+def fit_grid(x: torch.Tensor, group: torch.Tensor, scales: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, step) fp16 [S] for values `x` [N] (float64) in groups `group` [N]: per group, the grid of
+    2**bits levels over a clipped range (each side of the mean shrunk by one of `_CLIPS`) with
+    the least squared error."""
+    levels = (1 << bits) - 1
+    lo_x = torch.full((scales,), math.inf, dtype=x.dtype).scatter_reduce(0, group, x, "amin")
+    hi_x = torch.full((scales,), -math.inf, dtype=x.dtype).scatter_reduce(0, group, x, "amax")
+    mean = torch.zeros(scales, dtype=x.dtype).scatter_reduce(0, group, x, "mean", include_self=False)
+    best = None
+    for clip in _CLIPS:  # each side pulled toward the group's mean, so one outlier does not stretch the grid
+        lo_c, hi_c = mean - clip * (mean - lo_x), mean + clip * (hi_x - mean)
+        step = ((hi_c - lo_c) / levels).clamp_min(2.0**-24).half()  # [S]: fp16, what the decoder reads
+        lo = lo_c.half()
+        err = (_dequant(_codes(x, group, lo, step, levels), group, lo, step) - x).pow(2)
+        sse = torch.zeros(scales, dtype=x.dtype).index_add_(0, group, err)  # [S]
+        if best is None:
+            best = (sse, lo, step)
+        else:
+            take = sse < best[0]
+            best = (torch.where(take, sse, best[0]), torch.where(take, lo, best[1]), torch.where(take, step, best[2]))
+    return best[1], best[2]
+
+
+def _codes(x: torch.Tensor, group: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
+    return torch.round((x - lo.double()[group]) / step.double()[group]).clamp(0, levels)  # [N] float64
+
+
+def _dequant(code: torch.Tensor, group: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The decoder's arithmetic: fp32 lo + code * step (the product is exact in fp32)."""
+    return lo.float()[group] + code.float() * step.float()[group]
+
+
+def dequant_part(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, part: PartLayout) -> torch.Tensor:
+    """Values [T, C] fp32 of one part's codes [T, C] and grids [S] (fp16): `lo + code * step`. Grids
+    that tile [T, C] exactly broadcast (no per-element gather); the rest are gathered by scale_index."""
+    t, c = codes.shape
+    if t % part.group_tokens or c % part.group_channels:
+        group = scale_index(part, t, c).to(codes.device)  # [T, C]
+        return lo.float()[group] + codes.float() * step.float()[group]
+    rows, gt, per_row, gc = t // part.group_tokens, part.group_tokens, part.groups_per_row, part.group_channels
+    shape = (rows, 1, per_row, 1)
+    x = codes.view(rows, gt, per_row, gc).float()  # [rows, gt, per_row, gc]
+    return (lo.float().view(shape) + x * step.float().view(shape)).view(t, c)
+
+
+def pack_planes(codes: np.ndarray, bits: int) -> bytes:
+    """Bit planes of `codes` [N] (uint8 < 2**bits): plane j = bit j of each code, 8 codes a byte, little bit order."""
+    return b"".join(np.packbits((codes >> j) & 1, bitorder="little").tobytes() for j in range(bits))
+
+
+_LITTLE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")  # [256, 8]
+
+
+def unpack_planes(planes: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Codes [n] uint8 from `planes` [bits, ceil(n / 8)] uint8 (inverse of `pack_planes`)."""
+    codes = _LITTLE_BITS.take(planes[0], axis=0).reshape(-1)[:n].copy()  # [n]
+    for j in range(1, bits):
+        codes |= _LITTLE_BITS.take(planes[j], axis=0).reshape(-1)[:n] << j
+    return codes
+
+
+def _check_section(section_len: int, layout: PackedLayout) -> None:
+    if section_len != layout.nbytes:
+        raise ValueError(f"packed section is {section_len} bytes; its layout needs {layout.nbytes}")
+
+
+class PackedCodec(LayeredCodec):
+    """Bit-plane packed K/V codes with one fp16 (lo, step) grid per scale group; decodes on any device
+    (`device_layer`: the Triton kernel on CUDA, torch elsewhere), bit-identically."""
+
+    name = "packed"
+    lossless = False
+
+    def __init__(self, config: PackedConfig | None = None) -> None:
+        self.config = config or PackedConfig()
+
+    @property
+    def rel_error(self) -> float:
+        """Stated bound on ||x - x'|| / ||x|| for Gaussian-like groups (range <= 6 std, no clipping
+        chosen): rounding noise step / sqrt(12) with step = range / (2**b - 1), at the fewest bits."""
+        bits = min(min(self.config.key_bits), min(self.config.value_bits))
+        return 6.0 / ((1 << bits) - 1) / math.sqrt(12.0)
+
+    def params(self) -> dict[str, Any]:
+        return self.config.params()
+
+    # -- encode ----------------------------------------------------------------------------------------
+    def encode_layer(self, layer_kv, layer, num_layers) -> bytes:
+        check_finite(layer_kv, self.name)
+        if float(layer_kv.abs().max()) > _FP16_MAX:
+            raise ValueError(f"packed stores fp16 grids; this chunk's KV exceeds |x| = {_FP16_MAX}")
+        t = layer_kv.shape[1]
+        x = layer_kv.double().reshape(2, t, -1)  # [2, T, C]
+        c = x.shape[2]
+        layout = PackedLayout.of(self.config, t, c, layer, num_layers)
+        out = bytearray(layout.nbytes)
+        for kv, part in enumerate(layout.parts):
+            group = scale_index(part, t, c).reshape(-1)  # [T*C]
+            values = x[kv].reshape(-1)  # [T*C]
+            lo, step = fit_grid(values, group, part.scales, part.bits)
+            codes = _codes(values, group, lo, step, (1 << part.bits) - 1).to(torch.uint8).numpy()
+            out[part.lo : part.step] = lo.view(torch.uint8).numpy().tobytes()
+            out[part.step : part.planes] = step.view(torch.uint8).numpy().tobytes()
+            planes = pack_planes(codes, part.bits)
+            out[part.planes : part.planes + len(planes)] = planes
+        return bytes(out)
+
+    # -- decode on the host (reference) ----------------------------------------------------------------
+    def decode_section(self, section, params, shape, stored, layer, num_layers, device) -> torch.Tensor:
+        t, h, d = shape
+        c = h * d
+        layout = PackedLayout.of(PackedConfig.from_params(params), t, c, layer, num_layers)
+        _check_section(len(section), layout)
+        buf = np.frombuffer(section, dtype=np.uint8)
+        out = torch.empty((2, t, c), dtype=torch.float32)  # [2, T, C]
+        for kv, part in enumerate(layout.parts):
+            lo = torch.from_numpy(buf[part.lo : part.step].copy()).view(torch.float16)  # [S]
+            step = torch.from_numpy(buf[part.step : part.planes].copy()).view(torch.float16)  # [S]
+            planes = buf[part.planes : part.planes + part.bits * layout.plane_bytes].reshape(part.bits, -1)
+            codes = torch.from_numpy(unpack_planes(planes, part.bits, t * c)).view(t, c)  # [T, C] uint8
+            out[kv] = dequant_part(codes, lo, step, part)
+        return out.view(2, t, h, d).to(device)
+
+    # -- decode on the device --------------------------------------------------------------------------
+    def device_layer(self, task: LayerTask, section: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`task`'s layer [2, T, H, D] in `task.dtype`, decoded where `section` (its bytes as a uint8
+        tensor, e.g. copied to the GPU) lives: the Triton kernel on CUDA when triton is installed,
+        else torch ops on that device. Writes into `out` when given (contiguous [2, T, H, D])."""
+        t, h, d = task.shape
+        layout = PackedLayout.of(PackedConfig.from_params(task.params), t, h * d, task.layer, task.num_layers)
+        _check_device_section(section, layout.nbytes)
+        if out is None:
+            out = torch.empty((2, t, h, d), dtype=task.dtype, device=section.device)
+        elif tuple(out.shape) != (2, t, h, d) or not out.is_contiguous() or out.device != section.device:
+            raise ValueError(f"out must be a contiguous [2, {t}, {h}, {d}] tensor on {section.device}")
+        from .packed_triton import HAS_TRITON, decode_packed_triton
+
+        if section.is_cuda and HAS_TRITON:
+            decode_packed_triton(section, layout, out)
+        else:
+            decode_packed_torch(section, layout, out)
+        return out
+
+
+def _check_device_section(section: torch.Tensor, nbytes: int) -> None:
+    if section.dtype != torch.uint8 or section.dim() != 1:
+        raise ValueError(f"section must be a 1-D uint8 tensor, got {section.dtype} of shape {tuple(section.shape)}")
+    if section.numel() != nbytes:
+        raise ValueError(f"packed section is {section.numel()} bytes; its layout needs {nbytes}")
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def decode_packed_torch(section: torch.Tensor, layout: PackedLayout, out: torch.Tensor) -> torch.Tensor:
+    """The torch decoder on `section`'s device (the Triton kernel's reference): writes `out` [2, T, H, D]."""
+    t, c = layout.tokens, layout.channels
+    n = t * c
+    dev = section.device
+    shifts = _BIT_SHIFTS.get(dev)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[dev] = torch.arange(8, dtype=torch.uint8, device=dev)
+    flat = out.view(2, n)
+    for kv, part in enumerate(layout.parts):
+        lo = section[part.lo : part.step].view(torch.float16)  # [S]
+        step = section[part.step : part.planes].view(torch.float16)  # [S]
+        planes = section[part.planes : part.planes + part.bits * layout.plane_bytes].view(part.bits, -1)
+        codes = torch.zeros(layout.plane_bytes * 8, dtype=torch.uint8, device=dev)
+        for j in range(part.bits):
+            bits = (planes[j][:, None] >> shifts) & 1  # [plane_bytes, 8]
+            codes |= bits.reshape(-1) << j
+        flat[kv] = dequant_part(codes[:n].view(t, c), lo, step, part).view(n).to(out.dtype)
+    return out

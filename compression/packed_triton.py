@@ -1,0 +1,127 @@
+"""The Triton kernel that decodes one layer of a `packed` section where its bytes are (the GPU).
+
+One launch per layer, grid (blocks of elements, K/V): each lane makes one output element from one bit
+of each of its part's planes (8 neighbouring lanes share a byte, served by the cache) and its scale
+group's fp16 (lo, step): `lo + code * step` in fp32, rounded once to the output dtype, exactly as
+`decode_packed_torch` (bf16 rounded to nearest even by integer arithmetic, so the interpreter, which
+would truncate, and the compiled kernel agree). Offsets come from `PackedLayout` (host arithmetic:
+nothing is read back from the device). Runs on CPU tensors under `TRITON_INTERPRET=1` (how the tests
+check it without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .packed import MAX_BITS, PackedLayout
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # triton is optional: without it every device decodes with torch ops
+    HAS_TRITON = False
+
+BLOCK = 1024  # elements per program on the GPU
+INTERPRETED_BLOCK = 1 << 14  # under TRITON_INTERPRET each program is a numpy pass: fewer, larger ones
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _packed_layer_kernel(
+        src,  # uint8 [section bytes]
+        src16,  # the same bytes as fp16 (the section's length is a multiple of 4)
+        out,  # [2, T * C] output dtype
+        n,  # T * C
+        channels,
+        plane_bytes,
+        k_bits,
+        k_gt,
+        k_gc,
+        k_per_row,
+        k_lo,
+        k_step,
+        k_planes,
+        v_bits,
+        v_gt,
+        v_gc,
+        v_per_row,
+        v_lo,
+        v_step,
+        v_planes,
+        MAX_B: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+    ):
+        kv = tl.program_id(1)
+        is_v = kv.to(tl.int32)
+        bits = k_bits + is_v * (v_bits - k_bits)
+        gt = k_gt + is_v * (v_gt - k_gt)
+        gc = k_gc + is_v * (v_gc - k_gc)
+        per_row = k_per_row + is_v * (v_per_row - k_per_row)
+        lo_at = (k_lo + is_v * (v_lo - k_lo)) // 2  # in fp16 elements
+        step_at = (k_step + is_v * (v_step - k_step)) // 2
+        planes_at = k_planes + is_v * (v_planes - k_planes)
+
+        e = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        live = e < n
+        byte = e // 8
+        shift = (e % 8).to(tl.int32)
+        code = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
+        for j in tl.static_range(MAX_B):
+            wanted = live & (tl.full([BLOCK_SIZE], j, tl.int32) < bits)  # planes past this part's bits: no load
+            plane = tl.load(src + planes_at + j * plane_bytes + byte, mask=wanted, other=0)
+            code = code | (((plane.to(tl.int32) >> shift) & 1) << j)
+        t = e // channels
+        c = e % channels
+        group = (t // gt) * per_row + c // gc
+        lo = tl.load(src16 + lo_at + group, mask=live, other=0.0).to(tl.float32)
+        step = tl.load(src16 + step_at + group, mask=live, other=0.0).to(tl.float32)
+        value = lo + code.to(tl.float32) * step
+        if OUT_BF16:  # round to nearest even by hand: the same bits compiled or interpreted (values are finite)
+            b = value.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            tl.store(out + kv * n + e, b.to(tl.uint16).to(tl.int16, bitcast=True), mask=live)
+        else:
+            tl.store(out + kv * n + e, value.to(out.dtype.element_ty), mask=live)
+
+
+def decode_packed_triton(section: torch.Tensor, layout: PackedLayout, out: torch.Tensor) -> torch.Tensor:
+    """Decode `section` (uint8, on the device; its storage offset a multiple of 4) into `out`
+    [2, T, H, D] (contiguous, same device) with one kernel launch."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed: decode with decode_packed_torch, or pip install triton")
+    n = layout.tokens * layout.channels
+    k, v = layout.parts
+    block = INTERPRETED_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+    grid = (triton.cdiv(n, block), 2)
+    bf16 = out.dtype == torch.bfloat16
+    _packed_layer_kernel[grid](
+        section,
+        section.view(torch.float16),
+        out.view(torch.int16) if bf16 else out,
+        n,
+        layout.channels,
+        layout.plane_bytes,
+        k.bits,
+        k.group_tokens,
+        k.group_channels,
+        k.groups_per_row,
+        k.lo,
+        k.step,
+        k.planes,
+        v.bits,
+        v.group_tokens,
+        v.group_channels,
+        v.groups_per_row,
+        v.lo,
+        v.step,
+        v.planes,
+        MAX_B=MAX_BITS,
+        BLOCK_SIZE=block,
+        OUT_BF16=bf16,
+    )
+    return out
