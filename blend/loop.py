@@ -67,6 +67,7 @@ def blend(
     loader = iter(LayerLoader([kv for _, kv in sources], model.num_layers, dev, dtype)) if num_cached else None
 
     # 2. The active set: tokens whose hidden states flow through the layers.
+    strategy.prepare(model, plan, sources)  # h7 hook: query-aware / cachecraft choose their tokens before layer 0
     active = strategy.initial_tokens(plan, cached).nonzero().flatten().to(dev)  # [S] sorted rows
     assert active.numel() > 0 and int(active[-1]) == n - 1, "the last prompt token must always be computed"
     cached_dev = cached.to(dev)
