@@ -18,6 +18,7 @@ from ..models import ModelAdapter, load_adapter
 from ..retriever import Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
 from ..storage.config import build_store
+from ..storage.metadata import metadata_store
 from .answer import Answer
 from .config import EngineConfig
 from .decode import decode
@@ -176,6 +177,8 @@ class Engine:
         if fuse.reuse == "chunks" and chunk_ids:
             keys, hits, misses = self.ensure_cached(chunk_ids, namespace)
         t2 = time.perf_counter()
+        if keys and hasattr(fuse, "bind"):  # h7 hook: cachecraft reads the chunks' recorded metadata
+            fuse.bind(keys, metadata_store(self.store))
         with self.store.pinned(keys):  # nothing this request reads is evicted under it
             if keys:
                 sources, recomputed = self._sources(plan, keys, chunk_ids)

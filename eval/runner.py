@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..engine.engine import Engine
+from .context import record_sample_context
 from .datasets import Sample
 from .metrics import f1, kl_per_position, rouge_l, top1_agreement
 
@@ -40,11 +41,16 @@ def parse_specs(strategies: Sequence[str], ratios: Sequence[float]) -> list[Spec
 
 
 @torch.inference_mode()
-def evaluate_sample(engine: Engine, sample: Sample, specs: Sequence[Spec], max_new_tokens: int) -> dict[str, dict]:
-    """Per spec: ttft_ms, quality vs gold, fidelity vs the full prefill (the first spec must be full)."""
+def evaluate_sample(
+    engine: Engine, sample: Sample, specs: Sequence[Spec], max_new_tokens: int, context: str = "reversed"
+) -> dict[str, dict]:
+    """Per spec: ttft_ms, quality vs gold, fidelity vs the full prefill (the first spec must be full).
+    `context`: the chunk order of the context pass that records cachecraft's metadata (eval/context.py)."""
     assert specs and specs[0].strategy == "full", "the full prefill is the reference and runs first"
     chunks = [list(c) for c in sample.chunk_ids] if sample.chunk_ids else engine.tokenize_chunks(sample.chunks)
     engine.ensure_cached(chunks)  # chunk KV in the store before timing: TTFT is the cache-hit path
+    if any(s.strategy.startswith("cachecraft") for s in specs):  # h7: metadata recorded before timing
+        record_sample_context(engine, sample.question, chunks, context)
     out: dict[str, dict] = {}
     reference = None
     for spec in specs:
@@ -129,9 +135,10 @@ def run_eval(
     specs: Sequence[Spec],
     max_new_tokens: int = 32,
     progress: Callable | None = None,
+    context: str = "reversed",
 ) -> tuple[dict[str, dict], list[dict[str, dict]]]:
     """Evaluate every sample; returns (summary, per-sample rows)."""
     rows = []
     for sample in progress(samples) if progress else samples:
-        rows.append(evaluate_sample(engine, sample, specs, max_new_tokens))
+        rows.append(evaluate_sample(engine, sample, specs, max_new_tokens, context))
     return summarize(rows), rows
