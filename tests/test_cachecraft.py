@@ -186,3 +186,10 @@ def test_in_context_kv_is_reused_unchanged_at_ratio_zero(tiny_adapter):
     result = blend(tiny_adapter, plan, make_strategy("cachecraft", 0.0), sources)
     torch.testing.assert_close(result.logits, out.logits[0, -1].float(), **TOL)
     assert result.recompute_fraction == 0.0
+
+
+def test_eval_context_order_is_validated():
+    from ragkv.eval.context import record_sample_context
+
+    with pytest.raises(ValueError, match="unknown context order 'sideways'; accepted: reversed, same, none"):
+        record_sample_context(None, "q?", [[3, 4]], "sideways")
