@@ -47,12 +47,13 @@ def scout(
     rot = [rotation(torch.full((kv.num_tokens,), start - kv.pos0), model.inv_freq) for start, kv in sources]
     h = model.embed(plan.input_ids.to(dev)[rows])  # [S, hidden]
     last = max(layers)
+    k_buf = torch.empty(1, model.num_kv_heads, n, model.head_dim, dtype=dtype, device=dev)  # [1, H, N, D]
+    v_buf = torch.empty_like(k_buf)  # both reused layer after layer
+    rot = [(c.to(dev), s.to(dev)) for c, s in rot]
     for layer in range(last + 1):
-        k_buf = torch.empty(1, model.num_kv_heads, n, model.head_dim, dtype=dtype, device=dev)  # [1, H, N, D]
-        v_buf = torch.empty_like(k_buf)
         for (start, kv), (c, s) in zip(sources, rot):
             part = kv.layer(layer).to(device=dev, dtype=dtype)  # [2, T, H, D]
-            k_buf[0, :, start : start + kv.num_tokens] = rerotate(part[0], c.to(dev), s.to(dev)).transpose(0, 1)
+            k_buf[0, :, start : start + kv.num_tokens] = rerotate(part[0], c, s).transpose(0, 1)
             v_buf[0, :, start : start + kv.num_tokens] = part[1].transpose(0, 1)
         q, k, v = model.qkv(layer, h, cos, sin)  # [S, H_q, D], [S, H_kv, D] x2
         k_buf[0][:, rows] = k.transpose(0, 1)
