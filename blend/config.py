@@ -24,7 +24,9 @@ class BlendConfig:
     deviation: str = "v"  # compare fresh vs cached values ("v"), keys ("k") or both ("kv")
     score: str = "deviation"  # rank by KV deviation, by the query's attention, or by their product
     select: str = "check"  # "check": at check layers (CacheBlend); "query": by a scout pass before layer 0
-    scout_layers: tuple[int, ...] = (1, 2)  # layers whose question attention ranks tokens when select="query"
+    # layers whose question attention ranks tokens when select="query" (those past the model's depth are
+    # dropped; none left: its last layer). Deep layers measured best: docs/BENCHMARKS.md
+    scout_layers: tuple[int, ...] = (2, 6, 12, 20, 29)
     craft_alpha: float = 0.0  # cachecraft: chunk budget = alpha * CCI * (1 - overlap); 0 = scale to the ratio
     craft_min_share: float = 0.25  # cachecraft: each chunk keeps at least this share of its even budget
 

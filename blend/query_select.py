@@ -1,11 +1,13 @@
 """Query-aware token selection, chosen before the blend's first layer (in the spirit of ProphetKV).
 
 A scout pass (`blend/scout.py`) runs only the fresh rows (template, separators, question) through the
-first layers over the cached chunk KV, as naive fusion would. At each observed layer the question's
-attention to every chunk token is measured (softmax over all keys, summed over heads and question
-tokens, normalised over chunk rows); the layers are averaged. The chunk tokens the question attends to
-most are the ones recomputed from layer 0, so the blend needs no check layer and every layer's load can
-start at once.
+layers up to the deepest observed one, over the cached chunk KV, as naive fusion would. At each
+observed layer the question's attention to every chunk token is measured (softmax over all keys,
+summed over heads and question tokens, normalised over chunk rows); the layers are averaged. The chunk
+tokens the question attends to most are recomputed from layer 0, so the blend needs no check layer and
+every layer's load can start at once. The default layers (2, 6, 12, 20, 29) reach the last layer of
+SmolLM2: deep attention ranked tokens better than layers 1-2 (docs/BENCHMARKS.md), and the scout then
+costs about one naive blend.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ def question_attention(
     layers: Sequence[int],
 ) -> torch.Tensor:
     """[N] fp32 on CPU: the question's attention to each prompt row, averaged over `layers` after
-    normalising each layer's mass over the chunk rows (0 outside chunks)."""
+    normalising each layer's mass over the chunk rows (0 outside chunks). Layers past the model's depth
+    are dropped (none left: its last layer)."""
+    layers = [layer for layer in layers if layer < model.num_layers] or [model.num_layers - 1]
     chunk = plan.chunk_mask()
     if not bool(chunk.any()):
         return torch.zeros(plan.num_tokens)

@@ -107,3 +107,13 @@ def test_selection_suffix_is_validated():
         make_strategy("cacheblend+deviation", 0.15)
     with pytest.raises(ValueError, match="scout_layers"):
         BlendConfig(scout_layers=())
+
+
+def test_scout_layers_past_the_models_depth_are_dropped(tiny_adapter):
+    plan, _ = _prompt(seed=4)
+    kv, attentions, _ = _full_prefill(tiny_adapter, plan)  # the tiny models have 4 layers
+    sources = _in_context_sources(plan, kv)
+    deep = question_attention(tiny_adapter, plan, sources, (2, 6, 12))
+    torch.testing.assert_close(deep, _reference_score(plan, attentions, (2,)), atol=1e-5, rtol=1e-4)
+    last = question_attention(tiny_adapter, plan, sources, (20, 29))
+    torch.testing.assert_close(last, _reference_score(plan, attentions, (3,)), atol=1e-5, rtol=1e-4)
