@@ -157,7 +157,7 @@ def blend_fidelity(
         for ids, kv in zip(chunks, sample_kvs):
             engine.store.put(chunk_key(engine.model, ids, engine.config.namespace), kv)
         run = engine.run(sample.question, chunks=chunks, strategy="cacheblend", recompute_ratio=ratio, reserve=16)
-        logits = engine.teacher_forced_logits(run.blend, run.prompt_tokens, forced)  # [P, vocab]
+        logits = engine.teacher_forced_logits(run.blend, forced)  # [P, vocab]
         kls.append(float(kl_per_position(ref_logits, logits).mean()))
         agree.append(top1_agreement(ref_logits, logits))
     return {"kl_mean": sum(kls) / len(kls), "top1_agreement": sum(agree) / len(agree)}
@@ -168,10 +168,8 @@ def _references(engine, samples: Sequence) -> list[tuple[torch.Tensor, torch.Ten
     refs = []
     for sample in samples:
         full = engine.run(sample.question, chunks=engine.tokenize_chunks(sample.chunks), strategy="full", reserve=16)
-        forced = torch.tensor(
-            list(engine.answer_ids(full.blend, full.prompt_tokens, 16)) or [int(full.logits.argmax())]
-        )
-        refs.append((forced, engine.teacher_forced_logits(full.blend, full.prompt_tokens, forced)))
+        forced = torch.tensor(list(engine.answer_ids(full.blend, 16)) or [int(full.logits.argmax())])
+        refs.append((forced, engine.teacher_forced_logits(full.blend, forced)))
     return refs
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STRATEGIES = ("full", "prefix", "naive", "cacheblend", "epic")
+STRATEGIES = ("full", "prefix", "naive", "cacheblend", "epic", "cachecraft")
 DEVIATIONS = ("v", "k", "kv")
 SCORES = ("deviation", "attention", "deviation*attention")
+# how cacheblend/cachecraft pick tokens: at a check layer ("check"), or before layer 0 by the question's
+# attention in a scout pass ("query"); a strategy name may carry it: "cacheblend+query"
+SELECTIONS = ("check", "query")
+SELECTIVE = ("cacheblend", "cachecraft")  # the strategies that take a selection suffix
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,12 @@ class BlendConfig:
     gradual_factor: float = 2.0  # gradual filtering: each earlier check layer keeps this many times more
     deviation: str = "v"  # compare fresh vs cached values ("v"), keys ("k") or both ("kv")
     score: str = "deviation"  # rank by KV deviation, by the query's attention, or by their product
+    select: str = "check"  # "check": at check layers (CacheBlend); "query": by a scout pass before layer 0
+    # layers whose question attention ranks tokens when select="query" (those past the model's depth are
+    # dropped; none left: its last layer). Deep layers measured best: docs/BENCHMARKS.md
+    scout_layers: tuple[int, ...] = (2, 6, 12, 20, 29)
+    craft_alpha: float = 0.0  # cachecraft: chunk budget = alpha * CCI * (1 - overlap); 0 = scale to the ratio
+    craft_min_share: float = 0.25  # cachecraft: each chunk keeps at least this share of its even budget
 
     def __post_init__(self) -> None:
         validate(self.strategy, self.recompute_ratio)
@@ -32,13 +42,35 @@ class BlendConfig:
             raise ValueError(f"gradual_factor must be >= 1, got {self.gradual_factor}")
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; accepted: {', '.join(SCORES)}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"unknown select {self.select!r}; accepted: {', '.join(SELECTIONS)}")
+        if not self.scout_layers or min(self.scout_layers) < 0:
+            raise ValueError(f"scout_layers must be non-empty layer indices >= 0, got {self.scout_layers}")
+        if self.craft_alpha < 0.0:
+            raise ValueError(f"craft_alpha must be >= 0 (0 scales budgets to the ratio), got {self.craft_alpha}")
+        if not (0.0 <= self.craft_min_share <= 1.0):
+            raise ValueError(f"craft_min_share must be within [0, 1], got {self.craft_min_share}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"unknown deviation {self.deviation!r}; accepted: {', '.join(DEVIATIONS)}")
 
 
+def split_name(strategy: str) -> tuple[str, str | None]:
+    """`"cacheblend+query"` -> ("cacheblend", "query"); a plain name has no selection suffix (None)."""
+    base, plus, select = strategy.partition("+")
+    if base not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; accepted: {', '.join(STRATEGIES)}")
+    if not plus:
+        return base, None
+    if base not in SELECTIVE or select not in SELECTIONS:
+        raise ValueError(
+            f"unknown strategy {strategy!r}: a selection suffix is accepted only on "
+            f"{', '.join(SELECTIVE)}, one of +{', +'.join(SELECTIONS)}"
+        )
+    return base, select
+
+
 def validate(strategy: str, ratio: float) -> None:
     """Raise a clear error for an unknown strategy or a ratio outside [0, 1]."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; accepted: {', '.join(STRATEGIES)}")
+    split_name(strategy)
     if not (0.0 <= float(ratio) <= 1.0):
         raise ValueError(f"recompute_ratio must be within [0, 1], got {ratio}")

@@ -84,7 +84,9 @@ def blend(
         rot_cos, rot_sin = rot_cos.to(dev), rot_sin.to(dev)
         loader = iter(LayerLoader([kv for _, kv in sources], model.num_layers, dev, dtype))
 
-    # 2. The active set: tokens whose hidden states flow through the layers (sorted rows).
+    # 2. The active set: tokens whose hidden states flow through the layers (sorted rows). Query-aware
+    #    strategies and cachecraft choose their tokens here, before layer 0.
+    strategy.prepare(model, plan, sources)
     active_host = strategy.initial_tokens(plan, cached).nonzero().flatten()  # [S] host
     if active_host.numel() == 0 or int(active_host[-1]) != n - 1:
         raise ValueError(f"strategy {strategy.label} must compute the last prompt token")

@@ -3,18 +3,22 @@ is reused, and how the computed set is narrowed at check layers.
 
 `full` reuses nothing (the baseline); `prefix` reuses only an exact prompt prefix (what vLLM/SGLang
 do); `naive` reuses every chunk and computes only fresh tokens; `cacheblend` recomputes the tokens
-whose KV deviates most; `epic` recomputes the first tokens of every chunk.
+whose KV deviates most; `epic` recomputes the first tokens of every chunk; `cachecraft`
+(blend/cachecraft.py) budgets each chunk from what was recorded when it was last seen in context.
+`cacheblend+query` picks its tokens before layer 0 by the question's attention (blend/query_select.py).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import replace
 
 import torch
 
-from .config import BlendConfig, validate
+from .config import BlendConfig, split_name, validate
 from .plan import BlendPlan
+from .query_select import query_aware_tokens
 from .select import budget, keep_top
 
 
@@ -28,6 +32,10 @@ class Strategy(ABC):
         validate(self.name, ratio)
         self.ratio = float(ratio)
         self.config = config
+
+    def prepare(self, model, plan: BlendPlan, sources) -> None:
+        """Called by the blend loop before `initial_tokens`, with the model and the cached `sources`
+        (target start row, LayeredKV): strategies that choose tokens before layer 0 do it here."""
 
     @abstractmethod
     def initial_tokens(self, plan: BlendPlan, cached: torch.Tensor) -> torch.Tensor:
@@ -78,17 +86,36 @@ class Naive(Strategy):
 
 class CacheBlend(Strategy):
     """Layers before the first check layer run in full; each check layer keeps the most deviating
-    tokens, a larger set first (gradual filtering), `ratio` of the chunk tokens at the last."""
+    tokens, a larger set first (gradual filtering), `ratio` of the chunk tokens at the last.
+    With `config.select == "query"` the tokens are instead those the question attends to most in a
+    scout pass, chosen before layer 0 (no full layers, no check layer)."""
 
     name = "cacheblend"
+
+    def __init__(self, ratio: float = 0.0, config: BlendConfig = BlendConfig()) -> None:
+        super().__init__(ratio, config)
+        self._chosen: torch.Tensor | None = None  # [N] rows chosen before layer 0 (select="query")
+
+    @property
+    def label(self) -> str:
+        suffix = "+query" if self.config.select == "query" else ""
+        return f"{self.name}{suffix}@{self.ratio:g}"
+
+    def prepare(self, model, plan, sources):
+        if self.config.select == "query" and self.ratio > 0.0:
+            self._chosen = query_aware_tokens(model, plan, sources, self.ratio, self.config.scout_layers)
 
     def initial_tokens(self, plan, cached):
         if self.ratio == 0.0:  # nothing to recompute: exactly naive, no full layers
             return ~cached
+        if self.config.select == "query":
+            if self._chosen is None:
+                raise RuntimeError("cacheblend+query chooses its tokens in prepare(), before initial_tokens")
+            return ~cached | self._chosen
         return torch.ones(plan.num_tokens, dtype=torch.bool)
 
     def check_layers(self):
-        return self.config.check_layers if self.ratio > 0.0 else ()
+        return self.config.check_layers if self.ratio > 0.0 and self.config.select == "check" else ()
 
     def fraction(self, step: int) -> float:
         later = len(self.check_layers()) - 1 - step
@@ -114,6 +141,14 @@ STRATEGY_CLASSES: dict[str, type[Strategy]] = {c.name: c for c in (Full, Prefix,
 
 
 def make_strategy(name: str, ratio: float = 0.0, config: BlendConfig = BlendConfig()) -> Strategy:
-    """The strategy called `name` at recompute ratio `ratio` (unknown names fail listing the known)."""
+    """The strategy called `name` at recompute ratio `ratio` (unknown names fail listing the known);
+    `"cacheblend+query"` is cacheblend with `config.select = "query"`."""
     validate(name, ratio)
-    return STRATEGY_CLASSES[name](ratio, config)
+    base, select = split_name(name)
+    if select is not None:
+        config = replace(config, select=select)
+    if base == "cachecraft":
+        from .cachecraft import CacheCraft  # it builds on this module's Strategy
+
+        return CacheCraft(ratio, config)
+    return STRATEGY_CLASSES[base](ratio, config)

@@ -21,7 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset file")
     p.add_argument("--format", default="jsonl", choices=FORMATS, help="dataset format (default: jsonl)")
     p.add_argument(
-        "--strategies", default="full,naive,cacheblend", help="comma-separated: full,prefix,naive,cacheblend,epic"
+        "--strategies",
+        default="full,naive,cacheblend",
+        help="comma-separated: full,prefix,naive,cacheblend,epic,cachecraft; cacheblend/cachecraft take a "
+        "selection suffix: cacheblend+query picks tokens by the question's attention before layer 0",
     )
     p.add_argument("--ratios", default="0.15", help="comma-separated recompute ratios for cacheblend/epic")
     p.add_argument("--limit", type=int, default=20, help="number of samples (default 20)")
@@ -43,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="processes decoding a CPU-bound codec such as cachegen (default: one per core; 0: inline)",
+    )
+    p.add_argument(
+        "--record-context",
+        default="reversed",
+        choices=("reversed", "same", "none"),
+        help="cachecraft's chunk metadata comes from a context pass over the sample's chunks in this "
+        "order (default reversed: other neighbours; same: this prompt, an upper bound; none: nothing)",
     )
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
@@ -80,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         specs,
         args.max_new_tokens,
         progress=lambda xs: tqdm(xs, desc=f"eval {Path(args.data).name}", unit="q"),
+        context=args.record_context,
     )
     report = {
         "model": settings.model,
@@ -93,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         "codec": args.codec,
         "decode_workers": args.decode_workers,
         "retrieve_k": args.retrieve,
+        "record_context": args.record_context,
         "results": summary,
         "samples": rows,
     }

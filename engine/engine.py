@@ -21,6 +21,7 @@ from ..storage import TieredStore
 from ..storage.config import build_store
 from ..storage.health import degraded_warnings
 from ..storage.lease import compute_once
+from ..storage.metadata import metadata_store
 from .answer import Answer
 from .config import EngineConfig
 from .decode import decode
@@ -203,6 +204,8 @@ class Engine:
         if missing:  # a part with nothing to do takes no lap: it stays exactly 0
             misses = self._count_shared(keys, self._precompute(missing), hits, misses)
             watch.lap("precompute")
+        if keys and hasattr(fuse, "bind"):  # cachecraft reads the chunks' recorded metadata
+            fuse.bind(keys, metadata_store(self.store))
         with self.store.pinned(keys):  # nothing this request reads is evicted under it
             sources: list[tuple[int, LayeredKV]] = []
             if keys:
@@ -238,11 +241,11 @@ class Engine:
             yield RunResult(plan, result, watch.elapsed_ms(), parts, hits, misses)
 
     @torch.inference_mode()
-    def teacher_forced_logits(self, result: BlendResult, prompt_tokens: int, forced: torch.Tensor) -> torch.Tensor:
-        """Logits [P, vocab] at each of the P positions of `forced` [P] fed after a prompt of `prompt_tokens`."""
+    def teacher_forced_logits(self, result: BlendResult, forced: torch.Tensor) -> torch.Tensor:
+        """Logits [P, vocab] at each of the P positions of `forced` [P] fed after the blend's prompt."""
         if forced.numel() == 1:
             return result.logits[None]
-        after = extend(self.model, result, forced[:-1].to(self.model.device), prompt_tokens)  # [P-1, vocab]
+        after = extend(self.model, result, forced[:-1].to(self.model.device), result.num_tokens)  # [P-1, vocab]
         return torch.cat([result.logits[None], after])  # [P, vocab]
 
     @property
@@ -250,13 +253,11 @@ class Engine:
         ids = (self.tokenizer.eos_token_id, getattr(self.model.config, "eos_token_id", None))
         return {i for i in ids if isinstance(i, int)}
 
-    def answer_ids(
-        self, result: BlendResult, prompt_tokens: int, max_new_tokens: int, temperature: float = 0.0
-    ) -> Iterator[int]:
-        """The answer's token ids after a blend of `prompt_tokens` (greedy, or sampled), EOS excluded:
-        the one decode loop of the engine."""
+    def answer_ids(self, result: BlendResult, max_new_tokens: int, temperature: float = 0.0) -> Iterator[int]:
+        """The answer's token ids after the blend's prompt (greedy, or sampled), EOS excluded: the one
+        decode loop of the engine."""
         eos = self.eos_ids
-        for token in decode(self.model, result, prompt_tokens, max_new_tokens, eos, temperature):
+        for token in decode(self.model, result, result.num_tokens, max_new_tokens, eos, temperature):
             if token in eos:
                 return
             yield token
@@ -309,7 +310,7 @@ class Engine:
         try:
             tokens: list[int] = []
             text = ""
-            for token in self.answer_ids(run.blend, run.prompt_tokens, max_new_tokens, temperature):
+            for token in self.answer_ids(run.blend, max_new_tokens, temperature):
                 tokens.append(token)
                 full = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 piece, text = full[len(text) :], full

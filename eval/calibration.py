@@ -48,7 +48,7 @@ class CalibrationPrompt:
         plan = engine.plan(sample.question, chunks)
         kvs = [ChunkKV(kv.kv.half(), kv.pos0) for kv in precompute_many(engine.model, chunks)]
         full = blend(engine.model, plan, make_strategy("full"), [], reserve=TEACHER_TOKENS)
-        answer = engine.decode_answer(full, TEACHER_TOKENS)[:TEACHER_TOKENS]
+        answer = list(engine.answer_ids(full, TEACHER_TOKENS))
         forced = torch.tensor(answer or [int(full.logits.argmax())])
         return cls(engine, sample.id, plan, kvs, forced, engine.teacher_forced_logits(full, forced))
 

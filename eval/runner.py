@@ -12,6 +12,7 @@ import torch
 
 from ..engine.engine import Engine
 from ..engine.stopwatch import Stopwatch
+from .context import record_sample_context
 from .datasets import Sample
 from .metrics import f1, kl_per_position, rouge_l, top1_agreement
 
@@ -52,12 +53,17 @@ def hf_ttft_ms(engine: Engine, question: str, chunks: Sequence[Sequence[int]]) -
 
 
 @torch.inference_mode()
-def evaluate_sample(engine: Engine, sample: Sample, specs: Sequence[Spec], max_new_tokens: int) -> dict[str, dict]:
+def evaluate_sample(
+    engine: Engine, sample: Sample, specs: Sequence[Spec], max_new_tokens: int, context: str = "reversed"
+) -> dict[str, dict]:
     """Per spec: ttft_ms, quality vs gold, fidelity vs the full prefill (the first spec must be full),
-    and speedups against full and against the model's own forward on the same token ids (`hf`)."""
+    and speedups against full and against the model's own forward on the same token ids (`hf`).
+    `context`: the chunk order of the context pass that records cachecraft's metadata (eval/context.py)."""
     assert specs and specs[0].strategy == "full", "the full prefill is the reference and runs first"
     chunks = [list(c) for c in sample.chunk_ids] if sample.chunk_ids else engine.tokenize_chunks(sample.chunks)
     engine.ensure_cached(chunks)  # chunk KV in the store before timing: TTFT is the cache-hit path
+    if any(s.strategy.startswith("cachecraft") for s in specs):  # h7: metadata recorded before timing
+        record_sample_context(engine, sample.question, chunks, context)
     out: dict[str, dict] = {}
     reference = None
     hf_ms = None
@@ -70,14 +76,14 @@ def evaluate_sample(engine: Engine, sample: Sample, specs: Sequence[Spec], max_n
             reserve=max(max_new_tokens, TEACHER_TOKENS),
         )
         n = run.prompt_tokens
-        answer_ids = list(engine.answer_ids(run.blend, n, max_new_tokens))
+        answer_ids = list(engine.answer_ids(run.blend, max_new_tokens))
         text = engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
         if reference is None:
             hf_ms = hf_ttft_ms(engine, sample.question, chunks)  # right after full: same machine state
             forced = torch.tensor(answer_ids[:TEACHER_TOKENS] or [int(run.logits.argmax())])
-            reference = (forced, engine.teacher_forced_logits(run.blend, n, forced), text)
+            reference = (forced, engine.teacher_forced_logits(run.blend, forced), text)
         forced, ref_logits, ref_text = reference
-        logits = engine.teacher_forced_logits(run.blend, n, forced)  # [P, vocab]
+        logits = engine.teacher_forced_logits(run.blend, forced)  # [P, vocab]
         kl = kl_per_position(ref_logits, logits)
         out[spec.label] = {
             "ttft_ms": run.ttft_ms,
@@ -147,9 +153,10 @@ def run_eval(
     specs: Sequence[Spec],
     max_new_tokens: int = 32,
     progress: Callable | None = None,
+    context: str = "reversed",
 ) -> tuple[dict[str, dict], list[dict[str, dict]]]:
     """Evaluate every sample; returns (summary, per-sample rows)."""
     rows = []
     for sample in progress(samples) if progress else samples:
-        rows.append(evaluate_sample(engine, sample, specs, max_new_tokens))
+        rows.append(evaluate_sample(engine, sample, specs, max_new_tokens, context))
     return summarize(rows), rows

@@ -33,14 +33,14 @@ class Prompt:
         plan = engine.plan(sample.question, chunks)
         kvs = [ChunkKV(kv.kv.half(), kv.pos0) for kv in precompute_many(engine.model, chunks)]
         full = blend(engine.model, plan, make_strategy("full"), [], reserve=16)
-        forced = torch.tensor(list(engine.answer_ids(full, plan.num_tokens, 16)) or [int(full.logits.argmax())])
-        return cls(engine, plan, kvs, forced, engine.teacher_forced_logits(full, plan.num_tokens, forced))
+        forced = torch.tensor(list(engine.answer_ids(full, 16)) or [int(full.logits.argmax())])
+        return cls(engine, plan, kvs, forced, engine.teacher_forced_logits(full, forced))
 
     def fidelity(self, kv_list: Sequence[ChunkKV], ratio: float = 0.15) -> tuple[float, float]:
         """(kl_mean, top1) of cacheblend@ratio over `kv_list` (one per chunk) against the full prefill."""
         sources = [(start, kv) for (start, _), kv in zip(self.plan.chunk_spans, kv_list)]
         result = blend(self.engine.model, self.plan, make_strategy("cacheblend", ratio), sources, reserve=16)
-        logits = self.engine.teacher_forced_logits(result, self.plan.num_tokens, self.forced)
+        logits = self.engine.teacher_forced_logits(result, self.forced)
         return float(kl_per_position(self.reference, logits).mean()), top1_agreement(self.reference, logits)
 
 

@@ -59,11 +59,11 @@ def main() -> None:
 
         full = run(make_strategy("full"))
         n = plan.num_tokens
-        forced = torch.tensor(list(engine.answer_ids(full, n, 16)) or [int(full.logits.argmax())])
-        reference = engine.teacher_forced_logits(full, n, forced)
+        forced = torch.tensor(list(engine.answer_ids(full, 16)) or [int(full.logits.argmax())])
+        reference = engine.teacher_forced_logits(full, forced)
 
         def kl(result) -> float:
-            return float(kl_per_position(reference, engine.teacher_forced_logits(result, n, forced)).mean())
+            return float(kl_per_position(reference, engine.teacher_forced_logits(result, forced)).mean())
 
         naive = run(make_strategy("naive"))
         in_chunk = torch.zeros(plan.num_tokens, dtype=torch.bool)

@@ -254,7 +254,7 @@ def test_loaded_rows_plus_the_last_token_reproduce_ragkvs_first_token_logits(tmp
     n, cfg = len(ids), hf.config
     shape = KVShape(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
     store = FusedKVStore(tmp_path)
-    store.publish(ids, result.keys, result.values)
+    store.publish(ids, [k for k, _ in result.prompt_kv()], [v for _, v in result.prompt_kv()])
 
     m = vc.FusedPromptMatcher(store, shape, BLOCK)
     assert m.num_new_matched_tokens(ids, 0) == n - 1

@@ -1,0 +1,86 @@
+"""Query-aware token selection, chosen before the blend's first layer (in the spirit of ProphetKV).
+
+A scout pass (`blend/scout.py`) runs only the fresh rows (template, separators, question) through the
+layers up to the deepest observed one, over the cached chunk KV, as naive fusion would. At each
+observed layer the question's attention to every chunk token is measured (softmax over all keys,
+summed over heads and question tokens, normalised over chunk rows); the layers are averaged. The chunk
+tokens the question attends to most are recomputed from layer 0, so the blend needs no check layer and
+every layer's load can start at once. The default layers (2, 6, 12, 20, 29) reach the last layer of
+SmolLM2: deep attention ranked tokens better than layers 1-2 (docs/BENCHMARKS.md), and the scout then
+costs about one naive blend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..chunk_cache import LayeredKV
+from ..models import ModelAdapter
+from .plan import BlendPlan
+from .scout import attention_rows, scout
+from .select import budget
+
+
+def query_rows_start(plan: BlendPlan) -> int:
+    """First row of the question segment: everything after the last chunk."""
+    return plan.chunk_spans[-1][1] if plan.chunk_spans else 0
+
+
+def question_attention(
+    model: ModelAdapter,
+    plan: BlendPlan,
+    sources: Sequence[tuple[int, LayeredKV]],
+    layers: Sequence[int],
+) -> torch.Tensor:
+    """[N] fp32 on CPU: the question's attention to each prompt row, averaged over `layers` after
+    normalising each layer's mass over the chunk rows (0 outside chunks). Layers past the model's depth
+    are dropped (none left: its last layer)."""
+    layers = [layer for layer in layers if layer < model.num_layers] or [model.num_layers - 1]
+    chunk = plan.chunk_mask()
+    if not bool(chunk.any()):
+        return torch.zeros(plan.num_tokens)
+    cached = torch.zeros(plan.num_tokens, dtype=torch.bool)
+    for start, kv in sources:
+        cached[start : start + kv.num_tokens] = True
+    q_start = query_rows_start(plan)
+    total = torch.zeros(plan.num_tokens)
+
+    def observe(layer, rows, q, keys):
+        is_query = rows >= q_start
+        mass = attention_rows(q[is_query], keys, rows[is_query], model.scaling).sum(dim=(0, 1)).cpu()  # [N]
+        mass = mass * chunk
+        total.add_(mass / mass.sum().clamp_min(1e-12))
+
+    scout(model, plan, sources, ~cached, layers, observe)
+    return total / len(layers)
+
+
+def top_rows(score: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
+    """[N] bool: the `count` `candidates` [N] bool rows with the largest `score` [N]."""
+    chosen = torch.zeros_like(candidates)
+    idx = candidates.nonzero().flatten()
+    count = min(count, idx.numel())
+    if count > 0:
+        chosen[idx[score[idx].topk(count).indices]] = True
+    return chosen
+
+
+def query_aware_tokens(
+    model: ModelAdapter,
+    plan: BlendPlan,
+    sources: Sequence[tuple[int, LayeredKV]],
+    ratio: float,
+    layers: Sequence[int],
+) -> torch.Tensor:
+    """[N] bool: the chunk rows to recompute from layer 0 — `ratio` of the cached rows, those the
+    question attends to most in a scout pass over `layers`."""
+    cached = torch.zeros(plan.num_tokens, dtype=torch.bool)
+    for start, kv in sources:
+        cached[start : start + kv.num_tokens] = True
+    num_cached = int(cached.sum())
+    if ratio <= 0.0 or num_cached == 0:
+        return torch.zeros(plan.num_tokens, dtype=torch.bool)
+    score = question_attention(model, plan, sources, layers)
+    return top_rows(score, cached, budget(ratio, num_cached))

@@ -1,0 +1,159 @@
+"""Chunk metadata: what a chunk showed when it was last computed in context, kept beside its KV.
+
+Per chunk key (hence per model fingerprint, tokenizer and namespace): its cache context impact (CCI,
+how much it attends to the chunks before it), the ranking of its tokens by attention to those chunks
+(most context-dependent first, a compact uint16/uint32 blob, not per-token rows), and the keys of the
+chunks that preceded it. A store with a disk tier keeps it in that tier's SQL catalog database (table
+`ragkv_chunk_metadata`); a memory-only store keeps it in memory. `metadata_store(store)` gives the one
+metadata store of a TieredStore.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import sqlalchemy as sa
+
+from ..chunk_cache import ChunkKey
+
+_META = sa.MetaData()
+METADATA = sa.Table(
+    "ragkv_chunk_metadata",
+    _META,
+    sa.Column("key", sa.String(160), primary_key=True),
+    sa.Column("cci", sa.Float, nullable=False),
+    sa.Column("num_tokens", sa.Integer, nullable=False),
+    sa.Column("ranking", sa.LargeBinary, nullable=False),
+    sa.Column("preceding", sa.Text, nullable=False),  # JSON list of "namespace/digest"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkMetadata:
+    """What one context pass learned about a chunk."""
+
+    cci: float  # cache context impact in [0, 1): 0 = attends only within itself
+    ranking: np.ndarray  # [T] token indices, most attention to preceding chunks first
+    preceding: tuple[ChunkKey, ...]  # the chunks before it in that context, in prompt order
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.cci <= 1.0):
+            raise ValueError(f"cci must be within [0, 1], got {self.cci}")
+        r = np.asarray(self.ranking)
+        if r.ndim != 1 or r.size == 0 or sorted(r.tolist()) != list(range(r.size)):
+            raise ValueError("ranking must be a permutation of the chunk's token indices 0..T-1")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ranking.shape[0])
+
+    def ranking_blob(self) -> bytes:
+        dtype = np.uint16 if self.num_tokens <= 1 << 16 else np.uint32
+        return np.asarray(self.ranking, dtype=dtype).tobytes()
+
+    @classmethod
+    def from_blob(cls, cci: float, num_tokens: int, blob: bytes, preceding: Sequence[ChunkKey]) -> ChunkMetadata:
+        dtype = np.uint16 if num_tokens <= 1 << 16 else np.uint32
+        ranking = np.frombuffer(blob, dtype=dtype).astype(np.int64)
+        if ranking.shape[0] != num_tokens:
+            raise ValueError(f"metadata ranking holds {ranking.shape[0]} tokens, the row says {num_tokens}")
+        return cls(float(cci), ranking, tuple(preceding))
+
+
+class MetadataStore(ABC):
+    """Chunk metadata by key; `put` replaces what was there."""
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkMetadata | None]: ...
+
+    @abstractmethod
+    def put(self, key: ChunkKey, metadata: ChunkMetadata) -> None: ...
+
+    @abstractmethod
+    def delete(self, keys: Sequence[ChunkKey]) -> None: ...
+
+    def get(self, key: ChunkKey) -> ChunkMetadata | None:
+        return self.get_many([key])[0]
+
+
+class MemoryMetadata(MetadataStore):
+    """In-process metadata (a memory-only store)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[ChunkKey, ChunkMetadata] = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, keys):
+        with self._lock:
+            return [self._rows.get(k) for k in keys]
+
+    def put(self, key, metadata):
+        with self._lock:
+            self._rows[key] = metadata
+
+    def delete(self, keys):
+        with self._lock:
+            for k in keys:
+                self._rows.pop(k, None)
+
+
+class SqlMetadata(MetadataStore):
+    """Metadata rows in a SQL database (the disk tier's catalog: SQLite file or PostgreSQL)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sa.create_engine(url)
+        _META.create_all(self.engine, checkfirst=True)
+
+    def get_many(self, keys):
+        names = [str(k) for k in keys]
+        with self.engine.connect() as conn:
+            found = {r["key"]: r for r in conn.execute(sa.select(METADATA).where(METADATA.c.key.in_(names))).mappings()}
+        out = []
+        for name in names:
+            r = found.get(name)
+            preceding = [ChunkKey.parse(p) for p in json.loads(r["preceding"])] if r else []
+            out.append(ChunkMetadata.from_blob(r["cci"], r["num_tokens"], r["ranking"], preceding) if r else None)
+        return out
+
+    def put(self, key, metadata):
+        values = dict(
+            key=str(key),
+            cci=metadata.cci,
+            num_tokens=metadata.num_tokens,
+            ranking=metadata.ranking_blob(),
+            preceding=json.dumps([str(p) for p in metadata.preceding]),
+        )
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(METADATA).where(METADATA.c.key == str(key)))
+            conn.execute(sa.insert(METADATA).values(**values))
+
+    def delete(self, keys):
+        names = [str(k) for k in keys]
+        if names:
+            with self.engine.begin() as conn:
+                conn.execute(sa.delete(METADATA).where(METADATA.c.key.in_(names)))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+_BY_STORE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BY_STORE_LOCK = threading.Lock()
+
+
+def metadata_store(store) -> MetadataStore:
+    """The metadata store of a TieredStore: in the catalog database of its first tier that has one
+    (a disk tier), else in memory; one per store."""
+    with _BY_STORE_LOCK:
+        found = _BY_STORE.get(store)
+        if found is None:
+            url = next((t.catalog.url for t in store.tiers if hasattr(t, "catalog")), None)
+            found = SqlMetadata(url) if url else MemoryMetadata()
+            _BY_STORE[store] = found
+        return found
