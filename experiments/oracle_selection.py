@@ -58,7 +58,6 @@ def main() -> None:
             return blend(engine.model, plan, strategy, sources, reserve=16)
 
         full = run(make_strategy("full"))
-        n = plan.num_tokens
         forced = torch.tensor(list(engine.answer_ids(full, 16)) or [int(full.logits.argmax())])
         reference = engine.teacher_forced_logits(full, forced)
 
