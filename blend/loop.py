@@ -59,7 +59,6 @@ def blend(
     if attention not in MASK_KINDS:
         raise ValueError(f"unknown attention {attention!r}; accepted: {', '.join(MASK_KINDS)}")
     t_start = time.perf_counter()
-    seconds = {"load": 0.0, "rerotate": 0.0, "recompute": 0.0, "first_token": 0.0}
 
     # 1. Which rows come from cache (host bookkeeping), their target rows and the rotation that moves
     #    each cached key to its target row: all computed once per request, on the device.
@@ -100,6 +99,7 @@ def blend(
     mask = _mask(active_host, n, dev, attention)  # built once per active set, reused in every layer
     recomputing = int(cached[active_host].sum())  # cached rows among the active ones (host count)
     buffers, recomputed = [], 0
+    clock = _Clock(dev)
 
     for layer in range(model.num_layers):
         k_all = torch.empty(
@@ -109,16 +109,14 @@ def blend(
         buffers.append((k_all, v_all))
         k_buf, v_buf = k_all[0, :, :n], v_all[0, :, :n]  # [H, N, D] views
         # 3. Cached rows of this layer, keys re-rotated to their target positions (one scatter each).
+        clock.lap("recompute")  # the buffers' allocation
         if loader is not None:
-            t0 = time.perf_counter()
             rows = next(loader)  # [2, Nc, H, D]
-            t1 = time.perf_counter()
+            clock.lap("load")  # on CUDA: how long the compute stream waited for the side stream's copy
             rotated = rerotate(rows[0], rot_cos, rot_sin).to(dtype)  # [Nc, H, D]
             _scatter(k_buf, rotated, rows_dev, spans)
             _scatter(v_buf, rows[1], rows_dev, spans)
-            seconds["rerotate"] += time.perf_counter() - t1
-            seconds["load"] += t1 - t0
-        t0 = time.perf_counter()
+            clock.lap("rerotate")
         # 4. Fresh q/k/v of the active tokens.
         q, k, v = model.qkv(layer, h, cos_a, sin_a)  # [S, H_q, D], [S, H_kv, D] x2
         # 5. At a check layer, keep the tokens whose fresh K/V deviate most from the cached rows
@@ -139,16 +137,51 @@ def blend(
         recomputed += recomputing
         # 7. Active queries attend over all keys, causally by position.
         h = model.attend(layer, h, q, k_buf[None], v_buf[None], mask)
-        seconds["recompute"] += time.perf_counter() - t0
+        clock.lap("recompute")
 
     # 8. Logits of the last prompt token: the first generated token comes from these.
-    t0 = time.perf_counter()
     logits = model.logits(h[-1:])[0]  # [vocab]
+    clock.lap("first_token")
     _sync(dev)
-    seconds["first_token"] = time.perf_counter() - t0
+    seconds = clock.seconds()  # load, rerotate, recompute, first_token
     seconds["total"] = time.perf_counter() - t_start
     fraction = recomputed / (num_cached * model.num_layers) if num_cached else 1.0
     return BlendResult(buffers, logits, fraction, n, seconds)
+
+
+class _Clock:
+    """Time per part of the loop: the host clock on CPU; on CUDA, events on the compute stream (device
+    time, so a load shows only what the copies failed to hide), read once after the final sync."""
+
+    PARTS = ("load", "rerotate", "recompute", "first_token")
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals = dict.fromkeys(self.PARTS, 0.0)
+        self.laps: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.last = self._now()
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self, part: str) -> None:
+        """Charge the time since the previous lap to `part`."""
+        now = self._now()
+        if self.cuda:
+            self.laps.append((part, self.last, now))
+        else:
+            self.totals[part] += now - self.last
+        self.last = now
+
+    def seconds(self) -> dict[str, float]:
+        for part, start, end in self.laps:  # every event has completed: the caller synchronized
+            self.totals[part] += start.elapsed_time(end) / 1e3
+        self.laps = []
+        return dict(self.totals)
 
 
 def _scatter(buf: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, spans: list[tuple[int, int]]) -> None:

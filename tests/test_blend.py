@@ -318,6 +318,9 @@ def test_blend_result_prompt_kv_views_the_buffers(tiny_adapter):
     assert k.shape[2] == plan.num_tokens and result.buffers[0][0].shape[2] == plan.num_tokens + 4
     assert k.data_ptr() == result.buffers[0][0].data_ptr()  # a view, not a copy
     assert result.prompt_kv(5)[1][1].shape[2] == 5
+    parts = {k: v for k, v in result.seconds.items() if k != "total"}
+    assert set(parts) == {"load", "rerotate", "recompute", "first_token"}
+    assert sum(parts.values()) <= result.seconds["total"]  # the parts are laps of one clock inside the total
 
 
 def test_layer_loader_reads_k_and_v_of_stored_and_decoded_sources(tiny_adapter):
