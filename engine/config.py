@@ -55,8 +55,13 @@ class EngineConfig:
             # document catalog is a shared database (another machine's check() must not see our files)
             catalog_url=f"sqlite:///{self.data_path() / 'catalog.sqlite'}",
             kv_dtype=self.kv_dtype,
-            codec_schedule=str(self.data_path() / "calibration"),  # where `ragkv calibrate` writes
+            codec_schedule=self._calibration(),
         )
+
+    def _calibration(self) -> str | None:
+        """Where `ragkv calibrate` writes its schedules (DATA_DIR/calibration), if it has."""
+        folder = self.data_path() / "calibration"
+        return str(folder) if folder.is_dir() else None
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides) -> EngineConfig:
