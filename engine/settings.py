@@ -83,12 +83,16 @@ class StorageSettings(_Section):
 class BlendSettings(_Section):
     """Fusion defaults (a request may name its own strategy and ratio)."""
 
-    strategy: Literal["full", "prefix", "naive", "cacheblend", "epic"] = "cacheblend"
+    strategy: Literal["full", "prefix", "naive", "cacheblend", "epic", "cachecraft"] = "cacheblend"
     recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)
     check_layers: tuple[int, ...] = (1,)
     gradual_factor: float = Field(2.0, ge=1.0)
     deviation: Literal["v", "k", "kv"] = "v"
     score: Literal["deviation", "attention", "deviation*attention"] = "deviation"
+    select: Literal["check", "query"] = "check"  # cacheblend/cachecraft: at check layers, or by the question
+    scout_layers: tuple[int, ...] = (2, 6, 12, 20, 29)  # where the question's attention is measured (select=query)
+    craft_alpha: float = Field(0.0, ge=0.0)  # cachecraft: chunk budget = alpha * CCI * (1 - overlap); 0: the ratio
+    craft_min_share: float = Field(0.25, ge=0.0, le=1.0)  # cachecraft: floor of each chunk's even budget share
 
 
 class RetrieverSettings(_Section):

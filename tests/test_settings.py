@@ -148,12 +148,15 @@ def test_bad_values_say_what_is_accepted(clean_env, tmp_path, capsys):
 
 
 def test_blend_choices_match_the_blend_folder():
-    from ragkv.blend.config import DEVIATIONS, SCORES, STRATEGIES
+    from ragkv.blend.config import DEVIATIONS, SCORES, SELECTIONS, STRATEGIES, BlendConfig
 
     fields = BlendSettings.model_fields
     assert set(fields["strategy"].annotation.__args__) == set(STRATEGIES)
     assert set(fields["deviation"].annotation.__args__) == set(DEVIATIONS)
     assert set(fields["score"].annotation.__args__) == set(SCORES)
+    assert set(fields["select"].annotation.__args__) == set(SELECTIONS)
+    defaults = BlendSettings().model_dump()
+    assert BlendConfig(**defaults) == BlendConfig()  # every blend option, with the same defaults
 
 
 def test_config_command_prints_values_and_origins(clean_env, tmp_path, capsys):
