@@ -62,7 +62,7 @@ def evaluate_sample(
     assert specs and specs[0].strategy == "full", "the full prefill is the reference and runs first"
     chunks = [list(c) for c in sample.chunk_ids] if sample.chunk_ids else engine.tokenize_chunks(sample.chunks)
     engine.ensure_cached(chunks)  # chunk KV in the store before timing: TTFT is the cache-hit path
-    if any(s.strategy.startswith("cachecraft") for s in specs):  # h7: metadata recorded before timing
+    if any(s.strategy.startswith("cachecraft") for s in specs):  # its chunk metadata is recorded before timing
         record_sample_context(engine, sample.question, chunks, context)
     out: dict[str, dict] = {}
     reference = None
