@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chunk_cache import LayeredKV
-from ..models import ModelAdapter
+from ..models import ModelAdapter, synchronize
 from ..models.attention import MASK_KINDS, QueryMask, query_mask
 from .loader import LayerLoader
 from .plan import BlendPlan
@@ -142,7 +142,7 @@ def blend(
     # 8. Logits of the last prompt token: the first generated token comes from these.
     logits = model.logits(h[-1:])[0]  # [vocab]
     clock.lap("first_token")
-    _sync(dev)
+    synchronize(dev)
     seconds = clock.seconds()  # load, rerotate, recompute, first_token
     seconds["total"] = time.perf_counter() - t_start
     fraction = recomputed / (num_cached * model.num_layers) if num_cached else 1.0
@@ -211,8 +211,3 @@ def _score(config, model, plan, active, q, k, v, k_buf, v_buf) -> torch.Tensor:
         query_start = plan.chunk_spans[-1][1] if plan.chunk_spans else 0
         score = score * query_attention(q, k, active, query_start, model.scaling)
     return score
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

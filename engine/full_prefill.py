@@ -13,7 +13,7 @@ import torch
 
 from ..blend import BlendPlan
 from ..blend.loop import BlendResult
-from ..models import ModelAdapter
+from ..models import ModelAdapter, synchronize
 
 
 @torch.inference_mode()
@@ -31,14 +31,9 @@ def full_prefill(model: ModelAdapter, plan: BlendPlan, reserve: int = 0) -> Blen
         v_all = torch.empty_like(k_all)
         k_all[:, :, :n], v_all[:, :, :n] = layer.keys, layer.values
         buffers.append((k_all, v_all))
-    _sync(dev)
+    synchronize(dev)
     t1 = time.perf_counter()
     logits = model.model.lm_head(out.last_hidden_state[0, -1:]).float()[0]  # [vocab]; the state is normed
-    _sync(dev)
+    synchronize(dev)
     seconds = {"load": 0.0, "rerotate": 0.0, "recompute": t1 - t0, "first_token": time.perf_counter() - t1}
     return BlendResult(buffers, logits, recompute_fraction=1.0, num_tokens=n, seconds=seconds)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

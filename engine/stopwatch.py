@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from ..models import synchronize
+
 
 class Stopwatch:
     """`lap(name)` charges the time since the last lap (or the start) to `name`, in milliseconds."""
@@ -21,8 +23,7 @@ class Stopwatch:
         self._mark = self.started
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return time.perf_counter()
 
     def lap(self, name: str) -> float:

@@ -2,6 +2,7 @@
 can compute chosen tokens only; RoPE checks; the bundled SmolLM2 conversion; `load_adapter`."""
 
 from .base import ModelAdapter
+from .device import synchronize
 from .llama import LlamaAdapter, Qwen3Adapter
 from .registry import ADAPTERS, adapter_for, load_adapter
 from .rope import SUPPORTED_ROPE_TYPES
@@ -14,4 +15,5 @@ __all__ = [
     "adapter_for",
     "load_adapter",
     "SUPPORTED_ROPE_TYPES",
+    "synchronize",
 ]
