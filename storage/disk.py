@@ -16,7 +16,6 @@ the headers) or reported with how to heal it. `repair=False` only counts (`gc --
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ import torch
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
 from ..compression import Codec, DecodePool, get_codec
 from .catalog import Catalog, CatalogDamaged, CatalogRow
+from .files import file_mtime, file_size, fsync_dir, hold_lock, lock_held, unlink_if_present
 from .layered import EncodedLayers
 from .payload import CorruptPayload, pack_header, read_any_payload, read_payload
 from .tier import EntryInfo, Tier, TierWriteError, resolve_codec
@@ -89,7 +89,7 @@ class DiskTier(Tier):
         except OSError as err:
             raise TierWriteError(f"disk tier {name!r}: cannot create {self.root}: {err}") from err
         self.writer_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._writer_lock = _hold_lock(self.root / "locks" / f"{self.writer_id}.lock")
+        self._writer_lock = hold_lock(self.root / "locks" / f"{self.writer_id}.lock")
         self._index: dict[ChunkKey, CatalogRow] = {}
         self._bytes = 0
         self._dirty: set[ChunkKey] = set()
@@ -170,14 +170,14 @@ class DiskTier(Tier):
         try:
             self.catalog.upsert(row)
         except Exception as err:  # catalog down or full: the new file must not linger
-            _unlink(self.root / rel)
+            unlink_if_present(self.root / rel)
             raise TierWriteError(f"disk tier {self.name!r}: catalog write for {key} failed: {err}") from err
         with self._lock:
             old = self._index.get(key)
             self._index[key] = row
             self._bytes += size - (old.info.nbytes if old else 0)
         if old is not None:
-            _unlink(self.root / old.file)
+            unlink_if_present(self.root / old.file)
         return info
 
     def remove(self, key: ChunkKey) -> bool:
@@ -221,7 +221,7 @@ class DiskTier(Tier):
             keep: dict[ChunkKey, CatalogRow] = {}
             bad: list[CatalogRow] = []
             for row in rows:
-                size = _size(files.get(row.file))
+                size = file_size(files.get(row.file))
                 if size is not None and size == row.info.nbytes and _owns(row.info.key, row.file):
                     keep[row.info.key] = row
                 else:
@@ -233,7 +233,7 @@ class DiskTier(Tier):
             unnamed = [(rel, p) for rel, p in files.items() if rel not in named]
             old_enough = []
             for rel, p in unnamed:
-                mtime = _mtime(p)
+                mtime = file_mtime(p)
                 if mtime is None:
                     continue  # gone meanwhile (a concurrent eviction or replacement)
                 if adopt_any_age or now - mtime >= self.grace_s:
@@ -253,7 +253,7 @@ class DiskTier(Tier):
                     continue
                 removed += 1
                 if repair:
-                    _unlink(p)
+                    unlink_if_present(p)
             if repair:
                 self._index = keep
                 self._bytes = sum(r.info.nbytes for r in keep.values())
@@ -286,12 +286,12 @@ class DiskTier(Tier):
         temps = list((self.root / "tmp").glob("*.tmp"))
         alive = {self.writer_id}
         for lock in (self.root / "locks").glob("*.lock"):
-            if lock.stem != self.writer_id and _lock_held(lock, release_if_free=repair):
+            if lock.stem != self.writer_id and lock_held(lock, release_if_free=repair):
                 alive.add(lock.stem)
         removed = spared = 0
         for p in temps:
             owner = p.name.split(".", 1)[0]
-            mtime = _mtime(p)
+            mtime = file_mtime(p)
             if mtime is None:
                 continue
             if owner in alive or (not _WRITER_ID.fullmatch(owner) and now - mtime < self.grace_s):
@@ -299,7 +299,7 @@ class DiskTier(Tier):
                 continue
             removed += 1
             if repair:
-                _unlink(p)
+                unlink_if_present(p)
         return removed, spared
 
     def _vanished(self, key: ChunkKey, row: CatalogRow, device) -> LayeredKV | None:
@@ -336,7 +336,7 @@ class DiskTier(Tier):
     def _release_lock(self) -> None:
         fd, self._writer_lock = self._writer_lock, None
         if fd is not None:
-            _unlink(self.root / "locks" / f"{self.writer_id}.lock")
+            unlink_if_present(self.root / "locks" / f"{self.writer_id}.lock")
             os.close(fd)
 
     # -- internals ----------------------------------------------------------------------------------
@@ -352,10 +352,10 @@ class DiskTier(Tier):
                 os.fsync(f.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as err:
-            _unlink(tmp)
-            _unlink(final)
+            unlink_if_present(tmp)
+            unlink_if_present(final)
             why = {errno.ENOSPC: "disk full", errno.EACCES: "permission denied", errno.EROFS: "read-only"}
             raise TierWriteError(
                 f"disk tier {self.name!r} could not write {key} under {self.root}: "
@@ -373,7 +373,7 @@ class DiskTier(Tier):
         # own name is deleted, never one a damaged row points at
         self.catalog.delete_if_file(key, row.file)
         if _owns(key, row.file):
-            _unlink(self.root / row.file)
+            unlink_if_present(self.root / row.file)
         return True
 
 
@@ -381,56 +381,3 @@ def _owns(key: ChunkKey, rel: str) -> bool:
     """Whether `rel` is a payload file name `put` gives `key`: data/NAMESPACE/DIGEST.SUFFIX.kv."""
     folder, _, name = rel.rpartition("/")
     return folder == f"data/{key.namespace}" and name.startswith(f"{key.digest}.") and name.endswith(".kv")
-
-
-def _size(path: Path | None) -> int | None:
-    try:
-        return None if path is None else path.stat().st_size
-    except FileNotFoundError:
-        return None
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-
-
-def _hold_lock(path: Path) -> int:
-    """Create `path` and hold an exclusive flock on it until the descriptor is closed (or the process dies)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return fd
-
-
-def _lock_held(path: Path, release_if_free: bool) -> bool:
-    """Whether a live process holds `path`'s flock; a free (dead writer's) lock file is removed if asked."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return True
-    if release_if_free:
-        _unlink(path)
-    os.close(fd)
-    return False
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
