@@ -40,3 +40,18 @@ def smollm2():
 
     data_dir = os.environ.get("RAGKV_DATA_DIR", str(Path.home() / ".cache" / "ragkv"))
     return load_adapter("smollm2", data_dir=data_dir)
+
+
+@pytest.fixture
+def redis_prefix():
+    """A key prefix of its own on the test Redis (skips without one); its keys are cleared afterwards."""
+    from storage_helpers import redis_skip_reason, redis_url, unique_name
+
+    from ragkv.storage import RedisTier
+
+    why = redis_skip_reason()
+    if why:
+        pytest.skip(why)
+    prefix = unique_name("ragkv-test")
+    yield prefix
+    RedisTier(redis_url(), prefix=prefix).clear()

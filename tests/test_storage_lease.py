@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from storage_helpers import chunk, key, redis_skip_reason, redis_url, same, unique_name
+from storage_helpers import chunk, key, redis_url, same
 from test_storage_redis import closed_port_url
 
 from ragkv.storage import MemoryTier, RedisTier, TieredStore
@@ -16,13 +16,8 @@ from ragkv.storage.lease import ComputeLeases, compute_once, leases_of
 
 
 @pytest.fixture
-def prefix():
-    why = redis_skip_reason()
-    if why:
-        pytest.skip(why)
-    p = unique_name("ragkv-lease")
-    yield p
-    RedisTier(redis_url(), prefix=p).clear()
+def prefix(redis_prefix):
+    return redis_prefix
 
 
 def _store(prefix: str, url: str | None = None) -> TieredStore:

@@ -11,21 +11,11 @@ import json
 import socket
 
 import pytest
-from storage_helpers import chunk, key, redis_skip_reason, redis_url, same, unique_name
+from storage_helpers import chunk, key, redis_url, same
 
 from ragkv.compression import get_codec
 from ragkv.storage import MemoryTier, RedisLink, RedisTier, StorageConfig, TierConfig, TieredStore, build_store
 from ragkv.storage.tier import TierWriteError
-
-
-@pytest.fixture
-def redis_prefix():
-    why = redis_skip_reason()
-    if why:
-        pytest.skip(why)
-    prefix = unique_name("ragkv-test")
-    yield prefix
-    RedisTier(redis_url(), prefix=prefix).clear()
 
 
 def _tier(prefix: str, codec: str = "identity", **kw) -> RedisTier:
