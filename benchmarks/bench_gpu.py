@@ -4,10 +4,12 @@
 LlamaConfig (no weights: random init, bf16 on CUDA), prompts of 10, 20 and 40 chunks x 512 random
 tokens + a 32-token query. Baselines: HF forward (`model(ids, logits_to_keep=1)`) and `full`; then
 `naive`, `cacheblend@0.15`, `epic@0.15` with chunk KV resident on the GPU, and (cacheblend by
-default) pinned in CPU memory and on the disk tier (lz4, int8; warm page cache; prompts of up to
-`--disk-max-chunks`). TTFT = store look-up + blend up to the first token's logits, timed with CUDA
-events, median of `--repeats` after `--warmup` runs. Each row also keeps the blend's parts (load =
-what the copies failed to hide, rerotate, recompute, first token; CUDA events), the time to load
+default) pinned in CPU memory and on the disk tier (lz4 and cachegen decoded on the host, int8 and packed
+crossing as encoded bytes and decoded on the GPU; warm page cache; prompts of up to `--disk-max-chunks`).
+First, each codec's encode and decode GB/s on the model's chunk KV (`--codecs`). TTFT = store look-up +
+blend up to the first token's logits, timed with CUDA events, median of `--repeats` after `--warmup`
+runs. Each row also keeps the blend's parts (load = what the copies failed to hide, rerotate, recompute,
+first token; CUDA events), the time to load
 every layer of the cached rows alone (no compute), the peak GPU memory above the weights, and the compute
 limit: 1 / (fraction of the token-layer work the strategy computes). Then prepacked vs one-by-one
 precompute. Writes JSON (after every row) and prints a table. `--dry-run`: a tiny model on CPU,
@@ -30,9 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gpu_sources import codec_rows, make_stores, parse_source  # benchmarks/ is on sys.path
 
 from ragkv.blend import LayerLoader, blend, make_plan, make_strategy
-from ragkv.chunk_cache import ChunkKey, precompute_many
+from ragkv.chunk_cache import precompute_many
 from ragkv.models import adapter_for
 from ragkv.models import attention as attention_kernels
 
@@ -163,28 +166,6 @@ def _peak_gb(device: torch.device, fn: Callable[[], object]) -> float | None:
     return round((torch.cuda.max_memory_allocated() - base) / 1e9, 3)
 
 
-def make_stores(kind: str, kvs, device: torch.device, root: Path):
-    """(store, keys) holding `kvs` in the tier named `kind`: gpu, pinned, or disk-CODEC."""
-    from ragkv.storage import MemoryTier, TieredStore
-    from ragkv.storage.disk import DiskTier
-
-    cuda = device.type == "cuda"
-    if kind == "gpu":
-        tier = MemoryTier(1 << 40, device=device)  # on CPU (dry run) this is plain host memory
-    elif kind == "pinned":
-        tier = MemoryTier(1 << 40, device="cpu", pin=cuda)
-    elif kind.startswith("disk-"):
-        codec = kind.removeprefix("disk-")
-        tier = DiskTier(root / codec.replace("+", "_"), 1 << 42, codec)
-    else:
-        raise ValueError(f"unknown source {kind!r}; accepted: gpu, pinned, disk-CODEC (e.g. disk-lz4)")
-    store = TieredStore([tier], promote=False)
-    keys = [ChunkKey.of("bench-gpu", kind, [i]) for i in range(len(kvs))]
-    for key, kv in zip(keys, kvs):
-        store.put(key, kv)
-    return store, keys
-
-
 def compute_limit(plan, result, num_layers: int) -> float:
     """1 / (fraction of the token-layer work computed): fresh rows every layer + recomputed chunk rows."""
     cached = sum(end - start for start, end in plan.chunk_spans)
@@ -198,10 +179,11 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     strategies = args.strategies.split(",")
-    sources = args.sources.split(",")
+    sources = [parse_source(spec) for spec in args.sources.split(",")]
     source_strategies = set(args.source_strategies.split(","))
     attentions = args.attention.split(",")
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    print(_HEADER, flush=True)
     for num_chunks in map(int, args.chunks.split(",")):
         chunks = [torch.randint(3, vocab, (args.chunk_tokens,), generator=g).tolist() for _ in range(num_chunks)]
         query = torch.randint(3, vocab, (args.query_tokens,), generator=g).tolist()
@@ -245,11 +227,11 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
                     continue
                 name, _, ratio = label.partition("@")
                 strategy = make_strategy(name, float(ratio or 0.0))
-                for source in sources if strategy.reuse != "none" else ["-"]:
+                for source, max_chunks in sources if strategy.reuse != "none" else [("-", None)]:
                     if source != "-" and source != "gpu" and label not in source_strategies:
                         continue
-                    if source.startswith("disk-") and num_chunks > args.disk_max_chunks:
-                        continue  # CPU decoding of the biggest prompts would eat the run's time budget
+                    if source.startswith("disk-") and num_chunks > (max_chunks or args.disk_max_chunks):
+                        continue  # host decoding of the biggest prompts would eat the run's time budget
                     if source not in ("gpu", "-"):
                         kinds = [args.source_attention]
                     elif name in ("cacheblend", "epic"):
@@ -349,6 +331,24 @@ def bench_precompute(args, model, device: torch.device, rows: list) -> None:
         )
 
 
+def bench_codecs(args, model, device: torch.device, table: list) -> None:
+    """Encode and decode GB/s of each codec on this model's chunk KV (see `gpu_sources.codec_rows`)."""
+    g = torch.Generator().manual_seed(3)
+    chunks = [
+        torch.randint(3, model.config.vocab_size, (args.chunk_tokens,), generator=g).tolist()
+        for _ in range(args.codec_chunks)
+    ]
+    kvs = precompute_many(model, chunks, max_tokens_per_pass=args.pass_tokens)
+    print(f"{'codec':<10} {'chunks':>6} {'bits':>6} {'enc GB/s':>9} {'dec GB/s':>9} {'h2d+dec':>8} {'parity':>6}")
+    for row in codec_rows(args.codecs.split(","), kvs, device, min(3, args.repeats), host_chunks=1):
+        table.append(row)
+        print(
+            f"{row['codec']:<10} {row['chunks']:>6} {row['bits_per_value']:>6.2f} {row['encode_gb_s']:>9.2f} "
+            f"{row['device_decode_gb_s']:>9.2f} {row['device_h2d_decode_gb_s']:>8.2f} {row['device_parity']:>6.0f}",
+            flush=True,
+        )
+
+
 def _r(times: list[float]) -> list[float]:
     return [round(t, 2) for t in times]
 
@@ -385,7 +385,13 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--query-tokens", type=int, default=32)
     p.add_argument("--pass-tokens", type=int, default=16384, help="prepacking budget of the chunk precompute")
     p.add_argument("--strategies", default="hf,full,naive,cacheblend@0.15,epic@0.15")
-    p.add_argument("--sources", default="gpu,pinned,disk-lz4,disk-int8")
+    p.add_argument(
+        "--sources",
+        default="gpu,pinned,disk-lz4,disk-int8,disk-packed,disk-cachegen:10",
+        help="gpu, pinned, disk-CODEC; ':N' limits a source to prompts of at most N chunks",
+    )
+    p.add_argument("--codecs", default="int8,fp8,packed,cachegen", help="codecs of the decode-speed rows ('' skips)")
+    p.add_argument("--codec-chunks", type=int, default=10, help="chunks of the decode-speed rows")
     p.add_argument("--source-strategies", default="cacheblend@0.15", help="strategies also run from non-GPU sources")
     p.add_argument("--attention", default="flex,dense", help="mask kinds for cacheblend/epic rows (auto, blocks, ...)")
     p.add_argument("--disk-max-chunks", type=int, default=20, help="disk sources only for prompts up to this size")
@@ -424,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         f"built in {time.perf_counter() - t0:.1f} s; TTFT median of {args.repeats} after {args.warmup} warm-up",
         flush=True,
     )
-    print(_HEADER, flush=True)
     rows: list[dict] = []
     precompute_rows: list[dict] = []
+    codec_table: list[dict] = []
     errors: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -438,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         torch=torch.__version__,
         args=vars(args),
         rows=rows,
+        codecs=codec_table,
         precompute=precompute_rows,
         errors=errors,
         seconds=None,
@@ -449,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         report["varlen_failure"] = attention_kernels.VARLEN_FAILURE
         out.write_text(json.dumps(report, indent=1))
 
+    if args.codecs:
+        try:
+            bench_codecs(args, model, device, codec_table)
+        except Exception as exc:
+            errors.append(dict(part="codecs", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()))
+        save()
     bench_prompts(args, model, device, rows, errors, save)
     try:
         bench_precompute(args, model, device, precompute_rows)

@@ -7,6 +7,12 @@ ChunkKV's `kv[:, layer]` is not), host rows that are not pinned go through two r
 buffers, and the compute stream waits on an event (no host synchronization); on CPU loading is inline. Either
 way, sources offering `prefetch(layer)` (entries of a CPU-bound codec with a DecodePool) are asked
 for the next `lookahead` layers first, so worker processes decode them while this layer computes.
+
+Sources offering `device_task(layer, dtype)` (entries of a codec that decodes on the device: int8, fp8,
+packed) are not decoded on the host: on CUDA their *encoded* sections of the layer go, 16-byte aligned, into
+one pinned buffer, cross in one copy on the side stream, and each codec's `device_layer` decodes its rows
+there, on the side stream too, so both overlap the previous layer's compute (`device_decode=True` runs the
+same path on CPU tensors, which is how the tests check it).
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..chunk_cache import ChunkKV, LayeredKV
+from ..compression import LayerTask
+
+_ALIGN = 16  # byte alignment of each section in the device copy (codecs view sections as fp16 / fp32)
 
 
 class LayerLoader:
@@ -31,6 +41,7 @@ class LayerLoader:
         device: torch.device,
         dtype: torch.dtype,
         lookahead: int = 2,
+        device_decode: bool | None = None,
     ) -> None:
         for s in sources:
             if s.num_layers != num_layers:
@@ -44,6 +55,11 @@ class LayerLoader:
         self.lookahead = lookahead
         self._prefetchers = [s.prefetch for s in self.sources if hasattr(s, "prefetch")]
         self._stored = [_stored_chunk(s) for s in self.sources]
+        on_device = self.device.type == "cuda" if device_decode is None else device_decode
+        self._device_tasks = [getattr(s, "device_task", None) if on_device else None for s in self.sources]
+        self.device_bytes = 0  # encoded bytes copied to the device and decoded there
+        self._staging: list[torch.Tensor | None] = [None, None]  # pinned KV rows, per slot (CUDA only)
+        self._byte_staging: list[torch.Tensor | None] = [None, None]  # pinned encoded sections, per slot
 
     def _read(self, index: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [T, H, D] of source `index` at `layer`, each contiguous (copied at full speed)."""
@@ -58,11 +74,17 @@ class LayerLoader:
         staging buffer `slot` (reused), so every host-to-device copy is asynchronous and contiguous."""
         out: torch.Tensor | None = None
         row = 0
+        encoded: list[tuple[slice, LayerTask]] = []  # decoded on the device from their bytes
         for i, s in enumerate(self.sources):
+            rows = slice(row, row + s.num_tokens)
+            row += s.num_tokens
+            task = self._device_tasks[i](layer, self.dtype) if self._device_tasks[i] is not None else None
+            if task is not None:
+                encoded.append((rows, task))
+                continue
             k, v = self._read(i, layer)
             if out is None:
                 out = torch.empty(2, self.num_rows, *k.shape[1:], dtype=self.dtype, device=self.device)
-            rows = slice(row, row + s.num_tokens)
             for half, part in enumerate((k, v)):
                 if slot is not None and part.device.type == "cpu" and not part.is_pinned():
                     if self._staging[slot] is None:
@@ -70,9 +92,37 @@ class LayerLoader:
                     staged = self._staging[slot][half, rows]
                     part = staged.copy_(part)  # host copy (and cast) into pinned memory
                 out[half, rows].copy_(part, non_blocking=non_blocking)
-            row += s.num_tokens
+        if encoded:
+            if out is None:
+                out = torch.empty(2, self.num_rows, *encoded[0][1].shape[1:], dtype=self.dtype, device=self.device)
+            self._decode_on_device(encoded, out, slot, non_blocking)
         assert out is not None, "a loader needs at least one source"
         return out
+
+    def _decode_on_device(
+        self, encoded: list[tuple[slice, LayerTask]], out: torch.Tensor, slot: int | None, non_blocking: bool
+    ) -> None:
+        """One layer's encoded sections -> one (pinned, on CUDA) host buffer -> one copy to the device ->
+        each codec decodes its rows of `out` there."""
+        offsets, total = [], 0
+        for _, task in encoded:
+            offsets.append(total)
+            total += -(-len(task.section) // _ALIGN) * _ALIGN
+        if slot is None:
+            host = torch.empty(total, dtype=torch.uint8)
+        else:
+            buf = self._byte_staging[slot]
+            if buf is None or buf.numel() < total:
+                _STAGING.give_back([buf])
+                buf = self._byte_staging[slot] = _STAGING.take((total,), torch.uint8)
+            host = buf[:total]
+        flat = host.numpy()
+        for (_, task), at in zip(encoded, offsets):
+            flat[at : at + len(task.section)] = np.frombuffer(task.section, dtype=np.uint8)
+        on_device = host.to(self.device, non_blocking=non_blocking)  # [total] uint8
+        for (rows, task), at in zip(encoded, offsets):
+            out[:, rows].copy_(task.codec.device_layer(task, on_device[at : at + len(task.section)]))
+        self.device_bytes += total
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.device.type == "cuda":
@@ -96,7 +146,6 @@ class LayerLoader:
         side = torch.cuda.Stream(device=self.device)
         main = torch.cuda.current_stream(self.device)
         side.wait_stream(main)  # sources written on the compute stream (a fresh precompute) are complete
-        self._staging: list[torch.Tensor | None] = [None, None]  # taken when a layer first needs one
         copied: list[torch.cuda.Event | None] = [None, None]  # when each staging buffer's last copy finished
 
         def start(layer: int) -> tuple[torch.Tensor, torch.cuda.Event]:
@@ -126,7 +175,8 @@ class LayerLoader:
             for event in copied:
                 if event is not None:
                     event.synchronize()
-            _STAGING.give_back(self._staging)
+            _STAGING.give_back(self._staging + self._byte_staging)
+            self._staging, self._byte_staging = [None, None], [None, None]
 
 
 def _stored_chunk(source: LayeredKV) -> ChunkKV | None:

@@ -34,6 +34,8 @@ class Codec(ABC):
     name: str
     lossless: bool
     parallel_decode: bool = False  # decoding is CPU-bound work holding the GIL: worth a DecodePool process
+    device_decode: bool = False  # decodes from its bytes where they are (a GPU): `device_layer` runs there
+    encodes_on_device: bool = False  # encodes KV where it is (a GPU) and moves only the bytes to the host
 
     @abstractmethod
     def encode(self, kv: ChunkKV) -> EncodedKV:

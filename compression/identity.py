@@ -8,8 +8,8 @@ from .layered import LayeredCodec
 
 
 def tensor_bytes(x: torch.Tensor) -> bytes:
-    """Raw bytes of a contiguous CPU tensor of any dtype (bf16 and fp8 included)."""
-    return x.contiguous().view(torch.uint8).numpy().tobytes()
+    """Raw bytes of a tensor of any dtype (bf16 and fp8 included) on any device."""
+    return x.contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
 def tensor_from(buf: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

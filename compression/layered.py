@@ -111,7 +111,7 @@ class LayeredCodec(Codec):
     # -- the Codec interface ------------------------------------------------------------------------
     def encode(self, kv: ChunkKV) -> EncodedKV:
         dtype = dtype_name(kv.dtype)
-        x = kv.kv.detach().cpu()  # [2, L, T, H, D]
+        x = kv.kv.detach() if self.encodes_on_device else kv.kv.detach().cpu()  # [2, L, T, H, D]
         sections = [self.encode_layer(x[:, i].contiguous(), i, kv.num_layers) for i in range(kv.num_layers)]
         offsets = [0]
         for s in sections:
@@ -138,16 +138,19 @@ class LayeredCodec(Codec):
     ) -> torch.Tensor:
         return self.layer_task(enc, layer, dtype).run(device)
 
-    def layer_task(self, enc: EncodedKV, layer: int, dtype: torch.dtype | None = None) -> LayerTask:
+    def layer_task(
+        self, enc: EncodedKV, layer: int, dtype: torch.dtype | None = None, verify: bool = True
+    ) -> LayerTask:
         """Everything decoding one layer needs (its CRC-checked bytes, shape, params), apart from the
-        rest of the payload: a task that runs here or in a `DecodePool` worker process."""
+        rest of the payload: a task that runs here or in a `DecodePool` worker process. `verify=False`
+        skips the CRC for bytes a tier already verified on read (the GPU path: one pass over them less)."""
         shape, stored = self._check(enc)
         num_layers = shape[1]
         if not 0 <= layer < num_layers:
             raise IndexError(f"layer {layer} out of range: this entry has layers 0..{num_layers - 1}")
         start, end = enc.meta["offsets"][layer], enc.meta["offsets"][layer + 1]
         section = memoryview(enc.payload)[start:end]  # no copy: decoded here, or written to a worker's pipe
-        if zlib.crc32(section) != enc.meta["crc"][layer]:
+        if verify and zlib.crc32(section) != enc.meta["crc"][layer]:
             raise CodecError(f"{self.name} entry: layer {layer} fails its CRC32 check (corrupted payload)")
         return LayerTask(
             self,

@@ -153,16 +153,17 @@ def fit_grid(x: torch.Tensor, group: torch.Tensor, scales: int, bits: int) -> tu
     2**bits levels over a clipped range (each side of the mean shrunk by one of `_CLIPS`) with
     the least squared error."""
     levels = (1 << bits) - 1
-    lo_x = torch.full((scales,), math.inf, dtype=x.dtype).scatter_reduce(0, group, x, "amin")
-    hi_x = torch.full((scales,), -math.inf, dtype=x.dtype).scatter_reduce(0, group, x, "amax")
-    mean = torch.zeros(scales, dtype=x.dtype).scatter_reduce(0, group, x, "mean", include_self=False)
+    like = dict(dtype=x.dtype, device=x.device)
+    lo_x = torch.full((scales,), math.inf, **like).scatter_reduce(0, group, x, "amin")
+    hi_x = torch.full((scales,), -math.inf, **like).scatter_reduce(0, group, x, "amax")
+    mean = torch.zeros(scales, **like).scatter_reduce(0, group, x, "mean", include_self=False)
     best = None
     for clip in _CLIPS:  # each side pulled toward the group's mean, so one outlier does not stretch the grid
         lo_c, hi_c = mean - clip * (mean - lo_x), mean + clip * (hi_x - mean)
         step = ((hi_c - lo_c) / levels).clamp_min(2.0**-24).half()  # [S]: fp16, what the decoder reads
         lo = lo_c.half()
         err = (_dequant(_codes(x, group, lo, step, levels), group, lo, step) - x).pow(2)
-        sse = torch.zeros(scales, dtype=x.dtype).index_add_(0, group, err)  # [S]
+        sse = torch.zeros(scales, **like).index_add_(0, group, err)  # [S]
         if best is None:
             best = (sse, lo, step)
         else:
@@ -193,9 +194,17 @@ def dequant_part(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, part
     return (lo.float().view(shape) + x * step.float().view(shape)).view(t, c)
 
 
-def pack_planes(codes: np.ndarray, bits: int) -> bytes:
-    """Bit planes of `codes` [N] (uint8 < 2**bits): plane j = bit j of each code, 8 codes a byte, little bit order."""
-    return b"".join(np.packbits((codes >> j) & 1, bitorder="little").tobytes() for j in range(bits))
+def pack_planes(codes: np.ndarray | torch.Tensor, bits: int) -> bytes:
+    """Bit planes of `codes` [N] (uint8 < 2**bits): plane j = bit j of each code, 8 codes a byte, little bit
+    order (numpy's `packbits(..., bitorder="little")`). Packs where `codes` are (a GPU too); returns host bytes."""
+    codes = torch.from_numpy(codes) if isinstance(codes, np.ndarray) else codes
+    n = codes.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=codes.device)
+    padded[:n] = codes.reshape(-1)
+    octets = padded.view(-1, 8).to(torch.int32)  # [N / 8, 8]: code i of each byte -> bit i
+    weights = torch.arange(8, dtype=torch.int32, device=codes.device)  # [8]
+    planes = torch.stack([(((octets >> j) & 1) << weights).sum(dim=1) for j in range(bits)])  # [bits, N / 8]
+    return planes.to(torch.uint8).cpu().numpy().tobytes()
 
 
 _LITTLE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")  # [256, 8]
@@ -220,6 +229,8 @@ class PackedCodec(LayeredCodec):
 
     name = "packed"
     lossless = False
+    device_decode = True
+    encodes_on_device = True  # the grid search and bit packing run where the KV is (the GPU after a precompute)
 
     def __init__(self, config: PackedConfig | None = None) -> None:
         self.config = config or PackedConfig()
@@ -245,12 +256,12 @@ class PackedCodec(LayeredCodec):
         layout = PackedLayout.of(self.config, t, c, layer, num_layers)
         out = bytearray(layout.nbytes)
         for kv, part in enumerate(layout.parts):
-            group = scale_index(part, t, c).reshape(-1)  # [T*C]
+            group = scale_index(part, t, c).reshape(-1).to(x.device)  # [T*C]
             values = x[kv].reshape(-1)  # [T*C]
             lo, step = fit_grid(values, group, part.scales, part.bits)
-            codes = _codes(values, group, lo, step, (1 << part.bits) - 1).to(torch.uint8).numpy()
-            out[part.lo : part.step] = lo.view(torch.uint8).numpy().tobytes()
-            out[part.step : part.planes] = step.view(torch.uint8).numpy().tobytes()
+            codes = _codes(values, group, lo, step, (1 << part.bits) - 1).to(torch.uint8)  # [T*C]
+            out[part.lo : part.step] = lo.view(torch.uint8).cpu().numpy().tobytes()
+            out[part.step : part.planes] = step.view(torch.uint8).cpu().numpy().tobytes()
             planes = pack_planes(codes, part.bits)
             out[part.planes : part.planes + len(planes)] = planes
         return bytes(out)

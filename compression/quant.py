@@ -25,6 +25,8 @@ class _ScaledCodec(LayeredCodec):
     """Shared layout: scale_k [C] fp32 | scale_v [T] fp32 | K codes [T, C] | V codes [T, C] (1 byte each)."""
 
     lossless = False
+    device_decode = True
+    encodes_on_device = True
     qmax: float
     code_dtype: torch.dtype
 

@@ -2,7 +2,8 @@
 
 `ResidentKV` wraps a ChunkKV already in memory (moved to the target device per layer);
 `EncodedLayers` wraps an encoded payload (decoded per layer by its codec; with a `DecodePool`,
-`prefetch(i)` starts layer i in a worker process so it is ready when the blend loop reads it).
+`prefetch(i)` starts layer i in a worker process so it is ready when the blend loop reads it; with a
+codec that decodes on the device, `device_task(i)` hands the loader the layer's bytes to decode there).
 `materialize` turns any LayeredKV back into a whole ChunkKV (used when entries move between tiers).
 """
 
@@ -13,7 +14,7 @@ from concurrent.futures import Future
 import torch
 
 from ..chunk_cache import ChunkKV, LayeredKV
-from ..compression import Codec, DecodePool, DecodePoolError, EncodedKV
+from ..compression import Codec, DecodePool, DecodePoolError, EncodedKV, LayeredCodec, LayerTask
 
 
 class ResidentKV:
@@ -75,6 +76,16 @@ class EncodedLayers:
             self._pending[index] = self.pool.submit(self.codec.layer_task(self.enc, index))
         except DecodePoolError:
             pass  # the pool is closed or broken: `layer` decodes inline
+
+    def device_task(self, index: int, dtype: torch.dtype) -> LayerTask | None:
+        """Layer `index` as a task to decode where its bytes will be copied (the loader's GPU path), or
+        None when this codec decodes only on the host. The bytes were verified when the tier read them,
+        so the CRC is not computed again."""
+        if not self.codec.device_decode or not isinstance(self.codec, LayeredCodec):
+            return None
+        if not 0 <= index < self._num_layers:
+            raise IndexError(f"layer {index} out of range for a chunk of {self._num_layers} layers")
+        return self.codec.layer_task(self.enc, index, dtype, verify=False)
 
     def layer(self, index: int) -> torch.Tensor:
         """KV of one layer decoded on the target device: [2, T, H_kv, D]."""

@@ -339,6 +339,35 @@ def test_layer_loader_reads_k_and_v_of_stored_and_decoded_sources(tiny_adapter):
         assert torch.equal(rows, torch.cat([kv.layer(layer) for kv in kvs], dim=1))
 
 
+@pytest.mark.parametrize("device_decode", (False, True), ids=("host", "device"))
+def test_layer_loader_decodes_device_codecs_from_their_bytes(tiny_adapter, device_decode):
+    """int8 and packed entries cross as encoded bytes and decode where the rows go (`device_decode`, the
+    CUDA default, run here on CPU tensors), bit-identical to the host decode; lz4 (host-only) and resident
+    sources in between keep their rows."""
+    from ragkv.blend.loader import LayerLoader
+    from ragkv.compression import get_codec
+    from ragkv.storage.layered import EncodedLayers, ResidentKV
+
+    _, chunks, _ = _prompt(seed=16)
+    kvs = precompute_many(tiny_adapter, chunks + chunks[:1])
+    names = ("packed", "lz4", "int8")
+    sources = [ResidentKV(kvs[0], torch.device("cpu"))]
+    for kv, name in zip(kvs[1:], names):
+        codec = get_codec(name)
+        sources.append(EncodedLayers(codec.encode(kv), codec, kv.pos0, kv.num_tokens, kv.num_layers, "cpu"))
+    cpu = torch.device("cpu")
+    loader = LayerLoader(sources, tiny_adapter.num_layers, cpu, torch.float32, device_decode=device_decode)
+    for layer, rows in enumerate(loader):
+        assert torch.equal(rows, torch.cat([s.layer(layer).float() for s in sources], dim=1)), layer
+    sections = sum(
+        -(-len(s.device_task(layer, torch.float32).section) // 16) * 16
+        for s in sources[1:]
+        if s.codec.device_decode
+        for layer in range(tiny_adapter.num_layers)
+    )
+    assert loader.device_bytes == (sections if device_decode else 0) and sections > 0
+
+
 def test_flex_failure_under_auto_falls_back_to_a_dense_mask_once(monkeypatch):
     from ragkv.models import attention
 

@@ -195,6 +195,33 @@ def test_layer_loader_on_cuda_keeps_order_and_reads_ahead():
     assert log == list(range(cpu.num_layers))
 
 
+@pytest.mark.parametrize("name", ("packed", "int8"))
+def test_layer_loader_on_cuda_decodes_encoded_bytes_on_the_gpu(name, tmp_path):
+    """A disk entry of a device codec reaches the blend as bytes decoded on the GPU, equal to the host
+    decode; a GPU-side encode (packed: grid search and packing on CUDA) decodes within the codec's error."""
+    from ragkv.compression import get_codec
+    from ragkv.storage.disk import DiskTier
+
+    cpu, _ = _pair("llama")
+    _, chunks = _prompt(seed=6)
+    kvs = precompute_many(cpu, chunks)
+    codec = get_codec(name)
+    tier = DiskTier(tmp_path / name, 1 << 30, name)
+    keys = [ChunkKey.of("gpu-loader", name, [i]) for i in range(len(kvs))]
+    for key, kv in zip(keys, kvs):
+        tier.put(key, ChunkKV(kv.kv.cuda(), kv.pos0))  # encoded on the device where the codec can
+    sources = [tier.get(key, "cuda") for key in keys]
+    loader = LayerLoader(sources, cpu.num_layers, torch.device("cuda"), torch.float32)
+    for layer, rows in enumerate(loader):
+        host = torch.cat([s.layer(layer).float().cpu() for s in sources], dim=1)
+        assert torch.equal(rows.cpu(), host), layer
+        exact = torch.cat([kv.layer(layer) for kv in kvs], dim=1)
+        err = (rows.cpu() - exact).norm() / exact.norm()
+        assert err < codec.rel_error, (layer, float(err))
+    assert loader.device_bytes > 0
+    tier.close()
+
+
 def test_prepacked_varlen_precompute_on_cuda_equals_one_by_one():
     from ragkv.models.attention import varlen_available
 

@@ -1,0 +1,78 @@
+"""Where `bench_gpu` keeps chunk KV between runs, and how fast each codec decodes on the device.
+
+Sources are named `gpu`, `pinned` or `disk-CODEC`, with an optional `:N` (only for prompts of at most N
+chunks: a host-decoded codec on the largest prompts would eat the run's time). A disk source whose codec
+decodes on the CPU (cachegen) gets a DecodePool of one worker per core, as a store with `decode_workers` does;
+codecs that decode on the device (int8, fp8, packed) cross as encoded bytes (`LayerLoader`'s device path).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ragkv.chunk_cache import ChunkKey
+from ragkv.compression import DecodePool, get_codec
+
+
+def parse_source(spec: str) -> tuple[str, int | None]:
+    """ "disk-packed:20" -> ("disk-packed", 20); "gpu" -> ("gpu", None)."""
+    name, _, limit = spec.partition(":")
+    return name, int(limit) if limit else None
+
+
+def make_stores(kind: str, kvs, device: torch.device, root: Path):
+    """(store, keys) holding `kvs` in the tier named `kind`: gpu, pinned, or disk-CODEC."""
+    from ragkv.storage import MemoryTier, TieredStore
+    from ragkv.storage.disk import DiskTier
+
+    cuda = device.type == "cuda"
+    if kind == "gpu":
+        tier = MemoryTier(1 << 40, device=device)  # on CPU (dry run) this is plain host memory
+    elif kind == "pinned":
+        tier = MemoryTier(1 << 40, device="cpu", pin=cuda)
+    elif kind.startswith("disk-"):
+        codec = kind.removeprefix("disk-")
+        pool = DecodePool(os.cpu_count() or 1) if get_codec(codec).parallel_decode else None
+        tier = DiskTier(root / codec.replace("+", "_"), 1 << 42, codec, decode_pool=pool)
+    else:
+        raise ValueError(f"unknown source {kind!r}; accepted: gpu, pinned, disk-CODEC (e.g. disk-lz4)")
+    store = TieredStore([tier], promote=False)
+    keys = [ChunkKey.of("bench-gpu", kind, [i]) for i in range(len(kvs))]
+    for key, kv in zip(keys, kvs):
+        store.put(key, kv)  # codecs that encode on the device (int8, packed) do it on the GPU
+    return store, keys
+
+
+def codec_rows(codecs: list[str], kvs, device: torch.device, repeat: int, host_chunks: int) -> list[dict]:
+    """Per codec: encode and decode speed in GB/s of fp16 KV on `device` (`Codec.device_layer` from bytes
+    already there, and with their copy from pinned memory), bits per value and bit-parity with the host
+    decoder. Codecs without a device decoder decode on the host, over `host_chunks` chunks only."""
+    from bench_codecs import device_decode_stats  # benchmarks/ is on sys.path (script dir or `ragkv bench`)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for name in codecs:
+        codec = get_codec(name)
+        chunks = kvs if codec.device_decode else kvs[:host_chunks]
+        fp16 = [kv.to(dtype=torch.float16) for kv in chunks]
+        sync()
+        start = time.perf_counter()
+        encoded = [codec.encode(kv) for kv in fp16]  # from the KV's device to host bytes
+        encode_s = time.perf_counter() - start
+        values = sum(kv.kv.numel() for kv in fp16)
+        stats = device_decode_stats(codec, fp16, device, repeat=repeat if codec.device_decode else 1)
+        rows.append(
+            dict(
+                codec=name,
+                chunks=len(fp16),
+                device_decode=codec.device_decode,
+                bits_per_value=round(8 * sum(e.nbytes for e in encoded) / values, 3),
+                encode_gb_s=round(2 * values / encode_s / 1e9, 3),
+                **{k: round(v, 3) for k, v in stats.items()},
+            )
+        )
+    return rows
