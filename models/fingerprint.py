@@ -57,7 +57,7 @@ def model_fingerprint(adapter) -> str:
     h = hashlib.sha256(RECIPE.encode())
     h.update(json.dumps(architecture(adapter.config), sort_keys=True, default=repr).encode())
     rotary = adapter.model.model.rotary_emb
-    h.update(adapter.inv_freq.numpy().astype("<f4").tobytes())  # RoPE as computed (theta, scaling)
+    h.update(adapter.inv_freq.float().cpu().numpy().astype("<f4").tobytes())  # RoPE as computed (theta, scaling)
     h.update(repr(float(getattr(rotary, "attention_scaling", 1.0))).encode())
     h.update(str(adapter.dtype).encode())
     h.update(json.dumps(list(adapter.sink_ids)).encode())
