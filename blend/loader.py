@@ -102,12 +102,26 @@ class LayerLoader:
     def _decode_on_device(
         self, encoded: list[tuple[slice, LayerTask]], out: torch.Tensor, slot: int | None, non_blocking: bool
     ) -> None:
-        """One layer's encoded sections -> one (pinned, on CUDA) host buffer -> one copy to the device ->
-        each codec decodes its rows of `out` there."""
+        """One layer's encoded sections, and each codec's table for `device_rows`, go into one (pinned, on
+        CUDA) host buffer, cross in one copy, and each codec decodes all its rows of `out` there (packed: one
+        kernel launch for every entry)."""
+        tasks = [task for _, task in encoded]
+        rows = [r.start for r, _ in encoded]
         offsets, total = [], 0
-        for _, task in encoded:
+        for task in tasks:
             offsets.append(total)
-            total += -(-len(task.section) // _ALIGN) * _ALIGN
+            total += _aligned(len(task.section))
+        by_codec: dict[str, list[int]] = {}
+        for j, task in enumerate(tasks):
+            by_codec.setdefault(task.codec.name, []).append(j)
+        tables: dict[str, tuple[int, np.ndarray]] = {}
+        for name, members in by_codec.items():
+            table = tasks[members[0]].codec.rows_meta(
+                [tasks[j] for j in members], [offsets[j] for j in members], [rows[j] for j in members]
+            )
+            if table is not None:
+                tables[name] = (total, table)
+                total += _aligned(table.nbytes)
         if slot is None:
             host = torch.empty(total, dtype=torch.uint8)
         else:
@@ -117,11 +131,24 @@ class LayerLoader:
                 buf = self._byte_staging[slot] = _STAGING.take((total,), torch.uint8)
             host = buf[:total]
         flat = host.numpy()
-        for (_, task), at in zip(encoded, offsets):
+        for task, at in zip(tasks, offsets):
             flat[at : at + len(task.section)] = np.frombuffer(task.section, dtype=np.uint8)
+        for at, table in tables.values():
+            flat[at : at + table.nbytes] = table.view(np.uint8).reshape(-1)
         on_device = host.to(self.device, non_blocking=non_blocking)  # [total] uint8
-        for (rows, task), at in zip(encoded, offsets):
-            out[:, rows].copy_(task.codec.device_layer(task, on_device[at : at + len(task.section)]))
+        for name, members in by_codec.items():
+            meta = None
+            if name in tables:
+                at, table = tables[name]
+                meta = on_device[at : at + table.nbytes].view(torch.int64).view(table.shape)
+            tasks[members[0]].codec.device_rows(
+                [tasks[j] for j in members],
+                on_device,
+                [offsets[j] for j in members],
+                out,
+                [rows[j] for j in members],
+                meta,
+            )
         self.device_bytes += total
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -179,6 +206,10 @@ class LayerLoader:
             self._staging, self._byte_staging = [None, None], [None, None]
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
 def _stored_chunk(source: LayeredKV) -> ChunkKV | None:
     """The ChunkKV behind a source when its layers are slices of one stored tensor (a ChunkKV, or a
     memory tier's resident view `.chunk`), so K and V can be copied separately and contiguously."""
@@ -201,10 +232,11 @@ class _PinnedBuffers:
         with self._lock:
             fits = [b for b in self._free if b.dtype == dtype and b.numel() >= numel]
             buf = min(fits, key=torch.Tensor.numel) if fits else None
-            if buf is not None:
-                self._free.remove(buf)
+            if buf is not None:  # by identity: list.remove would compare tensors element-wise
+                self._free = [b for b in self._free if b is not buf]
         if buf is None:
-            buf = torch.empty(numel, dtype=dtype, pin_memory=True)
+            with torch.inference_mode(False):  # a normal tensor: reusable inside and outside inference mode
+                buf = torch.empty(numel, dtype=dtype, pin_memory=True)
         return buf[:numel].view(shape)
 
     def give_back(self, buffers: Sequence[torch.Tensor | None]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -107,6 +108,27 @@ class LayeredCodec(Codec):
         host = replace(task, section=section.cpu().numpy().tobytes())
         result = host.run(section.device)
         return result if out is None else out.copy_(result)
+
+    def rows_meta(self, tasks: Sequence[LayerTask], offsets: Sequence[int], rows: Sequence[int]) -> np.ndarray | None:
+        """Host-side table (int64) that `device_rows` reads on the device, so the loader can ship it in the
+        same copy as the sections; None when this codec needs none (the default)."""
+        return None
+
+    def device_rows(
+        self,
+        tasks: Sequence[LayerTask],
+        src: torch.Tensor,
+        offsets: Sequence[int],
+        out: torch.Tensor,
+        rows: Sequence[int],
+        meta: torch.Tensor | None = None,
+    ) -> None:
+        """Decode several entries' sections of one layer, at byte `offsets` of `src` (1-D uint8 on the device,
+        offsets multiples of 16), into `out` [2, N, H, D] from row `rows[j]` on; `meta` is `rows_meta`'s
+        table on the device. This default decodes entry by entry with `device_layer`; packed overrides it
+        with one kernel launch for all of them."""
+        for task, at, row in zip(tasks, offsets, rows):
+            out[:, row : row + task.shape[0]].copy_(self.device_layer(task, src[at : at + len(task.section)]))
 
     # -- the Codec interface ------------------------------------------------------------------------
     def encode(self, kv: ChunkKV) -> EncodedKV:

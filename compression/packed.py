@@ -22,6 +22,7 @@ does not know.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .layered import LayeredCodec, LayerTask
+from .layered import CodecError, LayeredCodec, LayerTask
 from .quant import check_finite
 
 FORMAT = 1
@@ -301,6 +302,39 @@ class PackedCodec(LayeredCodec):
         else:
             decode_packed_torch(section, layout, out)
         return out
+
+    def _layouts(self, tasks) -> list[PackedLayout]:
+        return [
+            PackedLayout.of(
+                PackedConfig.from_params(t.params), t.shape[0], t.shape[1] * t.shape[2], t.layer, t.num_layers
+            )
+            for t in tasks
+        ]
+
+    def rows_meta(self, tasks, offsets, rows) -> np.ndarray | None:
+        from .packed_triton import packed_rows_meta
+
+        layouts = self._layouts(tasks)
+        for task, layout in zip(tasks, layouts):
+            if len(task.section) != layout.nbytes:
+                raise CodecError(f"packed section is {len(task.section)} bytes; its layout needs {layout.nbytes}")
+        return np.asarray(packed_rows_meta(layouts, list(offsets), list(rows)), dtype=np.int64)
+
+    def device_rows(self, tasks, src, offsets, out, rows, meta=None) -> None:
+        """One Triton launch per group of entries sharing params (normally all of them) on CUDA; the
+        per-entry torch decoder elsewhere (or without `meta`)."""
+        from .packed_triton import HAS_TRITON, decode_packed_rows_triton
+
+        if meta is None or not (src.is_cuda and HAS_TRITON and out.is_contiguous()):
+            super().device_rows(tasks, src, offsets, out, rows)
+            return
+        groups: dict[str, list[int]] = {}
+        for j, task in enumerate(tasks):
+            groups.setdefault(json.dumps(task.params, sort_keys=True), []).append(j)
+        layouts = self._layouts(tasks)
+        for members in groups.values():
+            table = meta if len(members) == len(tasks) else meta[torch.tensor(members, device=meta.device)]
+            decode_packed_rows_triton(src, table, [layouts[j] for j in members], out)
 
 
 def _check_device_section(section: torch.Tensor, nbytes: int) -> None:

@@ -125,3 +125,114 @@ def decode_packed_triton(section: torch.Tensor, layout: PackedLayout, out: torch
         OUT_BF16=bf16,
     )
     return out
+
+
+# -- several entries of one layer in one launch ------------------------------------------------------------
+# Per entry j, `meta[j]` (int64) holds: section offset in `src`, T*C, plane bytes, first output row, then per
+# part (K, V): tokens per group, lo / step / planes byte offsets within the section.
+META_FIELDS = 12
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _packed_rows_kernel(
+        src,  # uint8: every entry's section, each at a 16-byte aligned offset
+        src16,  # the same bytes as fp16
+        out,  # [2, N_rows * C] output dtype: the loader's rows of this layer
+        meta,  # int64 [J, META_FIELDS]
+        rows_total,  # N_rows * C
+        channels,
+        k_bits,
+        v_bits,
+        k_gc,
+        v_gc,
+        k_per_row,
+        v_per_row,
+        MAX_B: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+    ):
+        kv = tl.program_id(1)
+        m = meta + tl.program_id(2) * 12
+        is_v = kv.to(tl.int32)
+        base = tl.load(m)
+        n = tl.load(m + 1)
+        plane_bytes = tl.load(m + 2)
+        row0 = tl.load(m + 3)
+        gt = tl.load(m + 4 + kv)
+        lo_at = (base + tl.load(m + 6 + kv)) // 2  # in fp16 elements
+        step_at = (base + tl.load(m + 8 + kv)) // 2
+        planes_at = base + tl.load(m + 10 + kv)
+        bits = k_bits + is_v * (v_bits - k_bits)
+        gc = k_gc + is_v * (v_gc - k_gc)
+        per_row = k_per_row + is_v * (v_per_row - k_per_row)
+
+        e = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        live = e < n
+        byte = e // 8
+        shift = (e % 8).to(tl.int32)
+        code = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
+        for j in tl.static_range(MAX_B):
+            wanted = live & (tl.full([BLOCK_SIZE], j, tl.int32) < bits)
+            plane = tl.load(src + planes_at + j * plane_bytes + byte, mask=wanted, other=0)
+            code = code | (((plane.to(tl.int32) >> shift) & 1) << j)
+        t = e // channels
+        c = e % channels
+        group = (t // gt) * per_row + c // gc
+        lo = tl.load(src16 + lo_at + group, mask=live, other=0.0).to(tl.float32)
+        step = tl.load(src16 + step_at + group, mask=live, other=0.0).to(tl.float32)
+        value = lo + code.to(tl.float32) * step
+        at = out + kv * rows_total + row0 * channels + e
+        if OUT_BF16:
+            b = value.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            tl.store(at, b.to(tl.uint16).to(tl.int16, bitcast=True), mask=live)
+        else:
+            tl.store(at, value.to(out.dtype.element_ty), mask=live)
+
+
+def packed_rows_meta(layouts: list[PackedLayout], offsets: list[int], rows: list[int]) -> list[list[int]]:
+    """The kernel's per-entry table (host ints) for entries with `layouts` at byte `offsets` of the
+    shared buffer, writing from output row `rows[j]` on."""
+    table = []
+    for layout, at, row in zip(layouts, offsets, rows):
+        k, v = layout.parts
+        table.append(
+            [at, layout.tokens * layout.channels, layout.plane_bytes, row, k.group_tokens, v.group_tokens]
+            + [k.lo, v.lo, k.step, v.step, k.planes, v.planes]
+        )
+    return table
+
+
+def decode_packed_rows_triton(
+    src: torch.Tensor, meta: torch.Tensor, layouts: list[PackedLayout], out: torch.Tensor
+) -> torch.Tensor:
+    """Decode every entry of `meta` (int64 [J, META_FIELDS], on the device; see `packed_rows_meta`) from
+    `src` (uint8, on the device) into its rows of `out` [2, N, H, D] (contiguous) with one launch. The
+    entries share their bits and group geometry (same params, same layer); token counts may differ."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed: decode with decode_packed_torch, or pip install triton")
+    k, v = layouts[0].parts
+    channels = layouts[0].channels
+    max_n = max(layout.tokens * layout.channels for layout in layouts)
+    block = INTERPRETED_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+    bf16 = out.dtype == torch.bfloat16
+    grid = (triton.cdiv(max_n, block), 2, len(layouts))
+    _packed_rows_kernel[grid](
+        src,
+        src.view(torch.float16),
+        out.view(torch.int16) if bf16 else out,
+        meta,
+        out.shape[1] * channels,
+        channels,
+        k.bits,
+        v.bits,
+        k.group_channels,
+        v.group_channels,
+        k.groups_per_row,
+        v.groups_per_row,
+        MAX_B=MAX_BITS,
+        BLOCK_SIZE=block,
+        OUT_BF16=bf16,
+    )
+    return out

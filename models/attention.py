@@ -87,6 +87,8 @@ def _flex_attention(device: torch.device):
     return _COMPILED_FLEX
 
 
+FLEX_MIN_QUERIES = 128  # `auto` below this: one dense mask [T, N] is small, and FlexAttention's compile of
+# a sub-block query count failed on an H200 (torch 2.11: Inductor found no kernel for 32 queries)
 FLEX_FAILURE: str | None = None  # why FlexAttention failed in this process (then `auto` uses dense masks)
 
 
@@ -137,12 +139,13 @@ def _flex_failed(exc: Exception) -> None:
 
 def query_mask(positions: torch.Tensor, num_keys: int, device: torch.device, kind: str = "auto") -> QueryMask:
     """The mask for queries at sorted `positions` [T] over `num_keys` keys. `auto`: blocks on CPU (fastest
-    there), FlexAttention on CUDA (one dense mask if FlexAttention failed in this process). Unknown
+    there), FlexAttention on CUDA from `FLEX_MIN_QUERIES` queries (else, or if FlexAttention failed in this
+    process, one dense mask). Unknown
     kinds fail naming the accepted ones."""
     device = torch.device(device)
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown attention mask kind {kind!r}; accepted: {', '.join(MASK_KINDS)}")
-    if kind == "auto" and device.type == "cuda" and FLEX_FAILURE is None:
+    if kind == "auto" and device.type == "cuda" and FLEX_FAILURE is None and positions.numel() >= FLEX_MIN_QUERIES:
         try:
             return FlexMask(positions, num_keys, device, fallback=True)
         except Exception as exc:  # building the block mask failed: report once, use dense masks
@@ -184,7 +187,10 @@ class Segments:
             qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D]
             cu, m = self.cu_seq, self.max_len
             try:
-                out = varlen_attn(qt, kt, vt, cu, cu, m, m, scale=scale, window_size=(-1, 0), enable_gqa=True)
+                if kt.shape[1] != qt.shape[1]:  # GQA by repeating K/V heads (torch 2.11's varlen has no enable_gqa)
+                    groups = qt.shape[1] // kt.shape[1]
+                    kt, vt = kt.repeat_interleave(groups, dim=1), vt.repeat_interleave(groups, dim=1)
+                out = varlen_attn(qt, kt, vt, cu, cu, m, m, scale=scale, window_size=(-1, 0))
                 return out.transpose(0, 1)[None]  # [1, H_q, T, D]
             except Exception as exc:  # no flash kernel for this card or build: report once, loop instead
                 VARLEN_FAILURE = f"{type(exc).__name__}: {exc}"

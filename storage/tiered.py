@@ -11,6 +11,7 @@ entry keeps its lower copy, so demoting it again costs no write.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import Counter
@@ -38,7 +39,7 @@ class TieredStore:
         tiers: Sequence[Tier],
         policy: str = "lru",
         promote: bool = True,
-        read_threads: int = 4,
+        read_threads: int | None = None,
         decode_pool: DecodePool | None = None,
     ) -> None:
         if not tiers:
@@ -61,7 +62,8 @@ class TieredStore:
         self._evictions = Counter({n: 0 for n in names})
         self._count = Counter()
         self._last_error: str | None = None
-        self.read_threads = read_threads
+        # file reads and checksums (SHA-256, CRC32) release the GIL: one thread per core, 4 to 16
+        self.read_threads = read_threads or max(4, min(16, os.cpu_count() or 4))
         self._pool: ThreadPoolExecutor | None = None
         self.decode_pool = decode_pool  # the tiers' worker processes, if any: the store closes them
         self._behind: dict[ChunkKey, tuple[ChunkKV, float | None]] = {}  # waiting for the write-behind thread
