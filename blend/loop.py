@@ -113,8 +113,13 @@ def blend(
         if loader is not None:
             rows = next(loader)  # [2, Nc, H, D]
             clock.lap("load")  # on CUDA: how long the compute stream waited for the side stream's copy
-            rotated = rerotate(rows[0], rot_cos, rot_sin).to(dtype)  # [Nc, H, D]
-            _scatter(k_buf, rotated, rows_dev, spans)
+            if dev.type == "cuda" and _fused_rerotate(rows[0], k_buf):
+                from .rerotate_triton import rerotate_into
+
+                rerotate_into(k_buf, rows[0], rot_cos, rot_sin, rows_dev)  # one kernel
+            else:
+                rotated = rerotate(rows[0], rot_cos, rot_sin).to(dtype)  # [Nc, H, D]
+                _scatter(k_buf, rotated, rows_dev, spans)
             _scatter(v_buf, rows[1], rows_dev, spans)
             clock.lap("rerotate")
         # 4. Fresh q/k/v of the active tokens.
@@ -194,6 +199,14 @@ def _scatter(buf: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, spans
     for start, count in spans:
         buf[:, start : start + count] = rows[offset : offset + count].transpose(0, 1)
         offset += count
+
+
+def _fused_rerotate(keys: torch.Tensor, k_buf: torch.Tensor) -> bool:
+    """Whether the Triton re-rotation kernel runs (imported here, on CUDA only: under TRITON_INTERPRET
+    the kernel module must be first imported after that variable is set)."""
+    from .rerotate_triton import kernel_fits
+
+    return kernel_fits(keys, k_buf)
 
 
 def _mask(active_host: torch.Tensor, n: int, device: torch.device, kind: str) -> QueryMask | None:
