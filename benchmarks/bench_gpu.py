@@ -398,7 +398,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--source-attention", default="dense", help="mask kind of the rows read from non-GPU sources")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--precompute-tokens", default="128,256,512", help="chunk lengths of the precompute comparison")
+    p.add_argument(
+        "--precompute-tokens", default="128,256,512", help="chunk lengths of the precompute comparison ('' skips)"
+    )
     p.add_argument("--precompute-chunks", type=int, default=64)
     p.add_argument("--out", default="gpu-out/bench_gpu.json")
     args = p.parse_args(argv)
@@ -464,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
     bench_prompts(args, model, device, rows, errors, save)
     try:
-        bench_precompute(args, model, device, precompute_rows)
+        if args.precompute_tokens:
+            bench_precompute(args, model, device, precompute_rows)
     except Exception as exc:
         errors.append(dict(part="precompute", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()))
     save()

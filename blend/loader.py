@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -130,9 +131,11 @@ class LayerLoader:
                 _STAGING.give_back([buf])
                 buf = self._byte_staging[slot] = _STAGING.take((total,), torch.uint8)
             host = buf[:total]
+        with warnings.catch_warnings():  # read-only views of the entries' bytes: only read here
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            for task, at in zip(tasks, offsets):  # torch copies large spans with all intra-op threads
+                host[at : at + len(task.section)].copy_(torch.frombuffer(task.section, dtype=torch.uint8))
         flat = host.numpy()
-        for task, at in zip(tasks, offsets):
-            flat[at : at + len(task.section)] = np.frombuffer(task.section, dtype=np.uint8)
         for at, table in tables.values():
             flat[at : at + table.nbytes] = table.view(np.uint8).reshape(-1)
         on_device = host.to(self.device, non_blocking=non_blocking)  # [total] uint8

@@ -22,6 +22,7 @@ does not know.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -304,12 +305,7 @@ class PackedCodec(LayeredCodec):
         return out
 
     def _layouts(self, tasks) -> list[PackedLayout]:
-        return [
-            PackedLayout.of(
-                PackedConfig.from_params(t.params), t.shape[0], t.shape[1] * t.shape[2], t.layer, t.num_layers
-            )
-            for t in tasks
-        ]
+        return [_layout(json.dumps(t.params, sort_keys=True), t.shape, t.layer, t.num_layers) for t in tasks]
 
     def rows_meta(self, tasks, offsets, rows) -> np.ndarray | None:
         from .packed_triton import packed_rows_meta
@@ -335,6 +331,14 @@ class PackedCodec(LayeredCodec):
         for members in groups.values():
             table = meta if len(members) == len(tasks) else meta[torch.tensor(members, device=meta.device)]
             decode_packed_rows_triton(src, table, [layouts[j] for j in members], out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(params: str, shape: tuple[int, int, int], layer: int, num_layers: int) -> PackedLayout:
+    """The layout of a layer from an entry's params (as sorted JSON) and shape (T, H, D), cached: the loader
+    asks for every entry of every layer of every request."""
+    config = PackedConfig.from_params(json.loads(params))
+    return PackedLayout.of(config, shape[0], shape[1] * shape[2], layer, num_layers)
 
 
 def _check_device_section(section: torch.Tensor, nbytes: int) -> None:

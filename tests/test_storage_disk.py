@@ -205,3 +205,37 @@ def test_recency_and_clock_survive_restart(tmp_path):
     store.put(key(3), chunk(3))  # newer than anything before the restart -> evicts 1
     assert store.lookup([key(i) for i in range(4)]) == ["disk", None, "disk", "disk"]
     store.close()
+
+
+def test_layered_payloads_digest_the_header_and_crc_every_layer(tmp_path):
+    """New files of a layered codec carry a header-only SHA-256 (the header's CRC32s cover the payload):
+    a flipped payload byte still fails the read; a file of the old format (SHA-256 over header + payload)
+    still reads; a header-only digest without CRC32s is refused."""
+    import io
+    import json
+
+    from ragkv.compression import EncodedKV, get_codec
+    from ragkv.storage.payload import _LEN, MAGIC, CorruptPayload, _checksum, pack_header, read_payload
+
+    k, kv = key(1), chunk(1)
+    enc = get_codec("int8").encode(kv)
+    header, checksum = pack_header(k, enc, kv.pos0, kv.num_tokens, kv.num_layers)
+    assert b'"digest":"header"' in header
+    assert read_payload(io.BytesIO(header + enc.payload), k, checksum).enc.payload == enc.payload
+    flipped = bytearray(enc.payload)
+    flipped[len(flipped) // 2] ^= 0x10
+    with pytest.raises(CorruptPayload, match="CRC32"):
+        read_payload(io.BytesIO(header + bytes(flipped)), k)
+
+    head = {"key": str(k), "codec": enc.codec, "meta": enc.meta, "pos0": kv.pos0}
+    head |= {"num_tokens": kv.num_tokens, "num_layers": kv.num_layers, "payload_len": len(enc.payload)}
+    old_json = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
+    old = MAGIC + _LEN.pack(len(old_json)) + old_json + _checksum(old_json, enc.payload) + enc.payload
+    assert read_payload(io.BytesIO(old), k).enc.payload == enc.payload  # written before this change
+
+    bare = EncodedKV(enc.codec, enc.payload, {k2: v for k2, v in enc.meta.items() if k2 != "crc"})
+    forged = dict(head, meta=bare.meta, digest="header")
+    forged_json = json.dumps(forged, sort_keys=True, separators=(",", ":")).encode()
+    forged_file = MAGIC + _LEN.pack(len(forged_json)) + forged_json + _checksum(forged_json, b"") + enc.payload
+    with pytest.raises(CorruptPayload, match="without per-layer CRC32s"):
+        read_payload(io.BytesIO(forged_file), k)
