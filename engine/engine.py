@@ -143,6 +143,23 @@ class Engine:
         compute = lambda c: precompute_many(self.model, c, self.config.prepack_tokens)  # noqa: E731
         return compute_once(self.store, missing, compute, write_behind=True)
 
+    def _recompute_vanished(
+        self, keys: Sequence[ChunkKey], chunks: Sequence[Sequence[int]], found: list[LayeredKV | None]
+    ) -> int:
+        """Fill the `None`s of `found` (entries that vanished or failed their checksum after lookup)
+        through the same compute-once path as misses, so two sidecars that lost the same entry do not
+        both recompute it; returns how many were recomputed here (another sidecar's are hits)."""
+        gone = {keys[i]: chunks[i] for i, kv in enumerate(found) if kv is None}
+        shared = self._precompute(gone)
+        recomputed = 0
+        for i, kv in enumerate(found):
+            if kv is None:
+                found[i] = self.store.get_layered(keys[i])
+                recomputed += keys[i] not in shared
+            if found[i] is None:  # not even the first tier kept it (too small, or gone again): use it unstored
+                found[i] = precompute_many(self.model, [chunks[i]])[0]
+        return recomputed
+
     @staticmethod
     def _count_shared(keys: Sequence[ChunkKey], shared: dict[ChunkKey, str], hits: dict[str, int], misses: int) -> int:
         """Chunks another sidecar computed while this one waited count as hits of their tier; new misses."""
@@ -211,12 +228,9 @@ class Engine:
             if keys:
                 found = self.store.get_layered_many(keys)  # file reads and checksums; layers decode lazily
                 watch.lap("load")
-                for i, kv in enumerate(found):  # vanished or corrupt since lookup: compute it now
-                    if kv is None:
-                        found[i] = precompute_many(self.model, [chunk_ids[i]])[0]
-                        self.store.put(keys[i], found[i], cost=found[i].num_tokens, write_behind=True)
-                        misses += 1
-                        watch.lap("precompute")
+                if None in found:  # vanished or corrupt since lookup: compute it now, once cluster-wide
+                    misses += self._recompute_vanished(keys, chunk_ids, found)
+                    watch.lap("precompute")
                 sources = [(start, kv) for (start, _), kv in zip(plan.chunk_spans, found)]
             elif fuse.reuse == "prefix" and plan.prefix_len > 1:
                 kv, key = self._prefix_source(plan, namespace)

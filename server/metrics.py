@@ -59,6 +59,13 @@ class Metrics:
         self.duplicates = Gauge(
             "ragkv_duplicate_precomputes", "chunks precomputed here that another sidecar had computed", registry=r
         )
+        self.leases = Gauge(
+            "ragkv_compute_leases",
+            "what the compute-once protocol did here: computed, arrived (computed by another sidecar while "
+            "waiting), timeouts, duplicates, unleased (Redis unreachable), outage_duplicates",
+            ["outcome"],
+            registry=r,
+        )
         self.empty_retrievals = Counter(
             "ragkv_empty_retrievals", "retrievals (in a completion or /v1/retrieve) that found no chunks", registry=r
         )
@@ -82,7 +89,10 @@ class Metrics:
         for name, s in remote_status(store).items():
             self.remote_up.labels(name).set(1 if s.get("up") else 0)
             self.remote_outages.labels(name).set(s.get("outages", 0))
-            self.duplicates.set((s.get("leases") or {}).get("duplicates", 0))
+            leases = s.get("leases") or {}
+            self.duplicates.set(leases.get("duplicates", 0))
+            for outcome, n in leases.items():
+                self.leases.labels(outcome).set(n)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every collector."""
