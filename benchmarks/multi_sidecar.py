@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-s", type=float, default=3.0, help="seconds Redis stays down")
     p.add_argument("--ttft-reps", type=int, default=10)
     p.add_argument("--skip-single", action="store_true", help="skip the one-sidecar baseline")
+    p.add_argument("--only-single", action="store_true", help="only the one-sidecar baseline (no Redis phases)")
     p.add_argument("--only-ttft", action="store_true", help="only the in-process TTFT comparison")
     p.add_argument("--out", default="multi_sidecar.json")
     args = p.parse_args(argv)
@@ -386,6 +387,17 @@ def main(argv: list[str] | None = None) -> int:
             f"redis/cachegen over disk/cachegen: TTFT {t['ratio_redis_vs_disk_cachegen']:.3f}x, "
             f"read+decode {t['ratio_read_redis_vs_disk_cachegen']:.3f}x"
         )
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
+    if args.only_single:
+        try:
+            url, proc = start_sidecar(work, "single", None, logs)
+            out["single"] = replay([url], stream, args.clients, args.words)
+            stop(proc)
+        finally:
+            redis.kill()
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"single sidecar: {json.dumps(out['single'])}")
         shutil.rmtree(work, ignore_errors=True)
         return 0
     try:

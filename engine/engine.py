@@ -16,7 +16,7 @@ from ..blend import BlendPlan, BlendResult, blend, extend, make_plan, make_strat
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
 from ..compression.layered import DTYPES
 from ..models import ModelAdapter, load_adapter
-from ..retriever import Document, RetrievedChunk, Retriever
+from ..retriever import CatalogLink, Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
 from ..storage.config import build_store
 from ..storage.health import degraded_warnings
@@ -49,6 +49,7 @@ class Engine:
         self.template = template
         self.embedder = embedder  # the retriever's Embedder; None: the configured HF encoder
         self._retrievers: dict[str, Retriever] = {}
+        self.catalog_links: dict[str, CatalogLink] = {}  # outage state per network catalog URL (PostgreSQL)
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, config: EngineConfig | None = None, **overrides) -> Engine:
@@ -70,10 +71,17 @@ class Engine:
             cfg = replace(self.config.retriever, namespace=ns)
             path = self.config.data_path(ns)
             path.mkdir(parents=True, exist_ok=True)
+            url = self.config.catalog(ns)
+            link = None if url.startswith("sqlite") else self.catalog_links.setdefault(url, CatalogLink(url))
             self._retrievers[ns] = Retriever.open(
-                path, self.model, cfg, embedder=self.embedder, catalog_url=self.config.catalog(ns)
-            )
+                path, self.model, cfg, embedder=self.embedder, catalog_url=url, link=link
+            )  # CatalogUnavailable while a network catalog is unreachable: opened on a later call
         return self._retrievers[ns]
+
+    def catalog_warnings(self, since: float | None = None) -> list[str]:
+        """One sentence per network document catalog that is unreachable now (or failed a call after
+        `since`, a `time.perf_counter()` value); empty when all answered."""
+        return [w for link in self.catalog_links.values() if (w := link.warning(since))]
 
     def ingest(
         self,
@@ -352,7 +360,7 @@ class Engine:
             misses=run.misses,
             decode_ms=(time.perf_counter() - t0) * 1e3 - run.ttft_ms,
             upkeep_ms=upkeep_ms,
-            warnings=degraded_warnings(self.store, since=t0),
+            warnings=degraded_warnings(self.store, since=t0) + self.catalog_warnings(since=t0),
             first_logits=run.logits,
         )
 

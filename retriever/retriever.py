@@ -24,6 +24,7 @@ import numpy as np
 
 from ..chunk_cache import ChunkKey, chunk_key
 from .catalog import Catalog, NewChunk
+from .catalog_link import CatalogLink, CatalogUnavailable, GuardedCatalog
 from .chunker import Chunker
 from .config import RetrieverConfig
 from .embedder import Embedder, HFEmbedder
@@ -96,14 +97,20 @@ class Retriever:
         config: RetrieverConfig | None = None,
         embedder: Embedder | None = None,
         catalog_url: str | None = None,
+        link: CatalogLink | None = None,
     ) -> Retriever:
-        """The retriever of `data_dir`: catalog `catalog.sqlite` (or `catalog_url`), index `index/chunks.faiss`."""
+        """The retriever of `data_dir`: catalog `catalog.sqlite` (or `catalog_url`), index `index/chunks.faiss`.
+        With `link` (a network database), the catalog's calls go through it: CatalogUnavailable while the
+        database is unreachable, and searches answer from the local index (catalog_link.py)."""
         config = config or RetrieverConfig()
         data_dir = Path(data_dir).expanduser()
-        catalog = Catalog(catalog_url or f"sqlite:///{data_dir / 'catalog.sqlite'}", config.namespace)
+        url = catalog_url or f"sqlite:///{data_dir / 'catalog.sqlite'}"
         if embedder is None:
             embedder = HFEmbedder(config.embedder_path, config.embed_batch_size, config.embed_max_length)
-        return cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config)
+        if link is None:
+            return cls(model, Catalog(url, config.namespace), embedder, data_dir / "index" / "chunks.faiss", config)
+        catalog = GuardedCatalog(link.run(lambda: Catalog(url, config.namespace)), link)
+        return link.run(lambda: cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config))
 
     def key(self, token_ids: Sequence[int]) -> ChunkKey:
         """The store key of a chunk's ids (same as `chunk_key(model, ids, namespace)`)."""
@@ -186,8 +193,16 @@ class Retriever:
         """`search` for several queries with one embedding batch."""
         if k <= 0:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.refresh()
-        scores, ids = self.index.search(self.embedder.embed(list(queries)), k)  # [Q, k] each
+        try:
+            self.refresh()
+        except CatalogUnavailable:
+            pass  # the catalog's database is unreachable: search the local index as it is
+        vectors = self.embedder.embed(list(queries))
+        link = getattr(self.catalog, "link", None)
+        if isinstance(self.index, PgVectorIndex) and link is not None:  # the index lives in that database
+            scores, ids = link.run(lambda: self.index.search(vectors, k))
+        else:
+            scores, ids = self.index.search(vectors, k)  # [Q, k] each
         rows = self.catalog.chunks(sorted({int(i) for i in ids.flatten() if i >= 0}))
         return [
             [

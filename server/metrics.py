@@ -66,6 +66,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.catalog_up = Gauge(
+            "ragkv_catalog_up", "1 if every network document catalog (PostgreSQL) answers", registry=r
+        )
+        self.catalog_outages = Gauge(
+            "ragkv_catalog_outages", "times a network document catalog became unreachable", registry=r
+        )
         self.empty_retrievals = Counter(
             "ragkv_empty_retrievals", "retrievals (in a completion or /v1/retrieve) that found no chunks", registry=r
         )
@@ -93,6 +99,11 @@ class Metrics:
             self.duplicates.set(leases.get("duplicates", 0))
             for outcome, n in leases.items():
                 self.leases.labels(outcome).set(n)
+
+    def observe_catalogs(self, links: dict) -> None:
+        """Refresh the catalog gauges from the Engine's catalog links ({url: CatalogLink})."""
+        self.catalog_up.set(1 if all(link.up for link in links.values()) else 0)
+        self.catalog_outages.set(sum(link.outages for link in links.values()))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every collector."""

@@ -65,6 +65,8 @@ class ServiceLink:
         try:
             out = fn(self.client)
         except self._errors as err:
+            if not self.is_outage(err):
+                raise
             self._down(err)
             return fallback
         except self._refusals as err:
@@ -93,6 +95,10 @@ class ServiceLink:
     def safe_url(self) -> str:
         """Where the service is, without a password (subclasses know their URL)."""
         return "?"
+
+    def is_outage(self, err: BaseException) -> bool:
+        """Whether an error of the `errors` kinds means the service is unreachable (else it is raised)."""
+        return True
 
     def _down(self, err: BaseException) -> None:
         with self._lock:
