@@ -105,12 +105,17 @@ class Retriever:
         config = config or RetrieverConfig()
         data_dir = Path(data_dir).expanduser()
         url = catalog_url or f"sqlite:///{data_dir / 'catalog.sqlite'}"
-        if embedder is None:
+        catalog = Catalog(url, config.namespace) if link is None else link.run(lambda: Catalog(url, config.namespace))
+        if embedder is None:  # loaded only once the catalog opened (an outage retries without loading it)
             embedder = HFEmbedder(config.embedder_path, config.embed_batch_size, config.embed_max_length)
         if link is None:
-            return cls(model, Catalog(url, config.namespace), embedder, data_dir / "index" / "chunks.faiss", config)
-        catalog = GuardedCatalog(link.run(lambda: Catalog(url, config.namespace)), link)
-        return link.run(lambda: cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config))
+            return cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config)
+        guarded = GuardedCatalog(catalog, link)
+        try:
+            return link.run(lambda: cls(model, guarded, embedder, data_dir / "index" / "chunks.faiss", config))
+        except CatalogUnavailable:
+            catalog.close()  # opened on a later call, with a pool of its own
+            raise
 
     def key(self, token_ids: Sequence[int]) -> ChunkKey:
         """The store key of a chunk's ids (same as `chunk_key(model, ids, namespace)`)."""
