@@ -138,3 +138,26 @@ def test_a_sidecar_started_while_the_catalog_is_down_answers_and_opens_it_later(
     assert up.json()["ragkv"]["warnings"] == []
     app.state.worker.close()
     proxy.close()
+
+
+def test_connections_the_server_killed_are_replaced_without_a_warning(pg_database, tmp_path):
+    url = pg_database.render_as_string(hide_password=False)
+    app, engine = _app(url, tmp_path)
+    retrieve = {**ASK, "retrieve": {"query": "Rhine", "k": 2}}
+    (added,) = _call(app, ("POST", "/v1/documents", {"documents": DOCS}))
+    assert added.status_code == 200
+    admin = sa.create_engine(url)
+    with admin.connect() as conn:  # as a PostgreSQL restart does to every pooled connection
+        killed = conn.execute(
+            sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+    admin.dispose()
+    assert killed >= 1
+    (answer,) = _call(app, ("POST", "/v1/chat/completions", retrieve))
+    assert answer.status_code == 200 and answer.json()["ragkv"]["retrieved"]
+    assert answer.json()["ragkv"]["warnings"] == []  # pre-ping replaced the dead connection: no outage
+    assert all(link.outages == 0 for link in engine.catalog_links.values())
+    app.state.worker.close()
