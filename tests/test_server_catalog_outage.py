@@ -92,17 +92,19 @@ def test_a_catalog_outage_degrades_answers_and_a_restart_keeps_what_was_committe
         ("POST", "/v1/chat/completions", {**ASK, "documents": ["The Rhine bends north at Basel."]}),
         ("POST", "/v1/retrieve", {"query": "Rhine", "k": 2}),
         ("POST", "/v1/documents", {"documents": [{"id": "new", "text": "A document written during the outage."}]}),
+        ("POST", "/v1/chat/completions", {**ASK, "documents": [{"chunk_id": 10**6}]}),  # a row never read
         ("GET", "/metrics", None),
     )
-    answer, given, searched, write, metrics = during
+    answer, given, searched, write, by_id, metrics = during
     assert answer.status_code == 200 and given.status_code == 200 and searched.status_code == 200
+    assert by_id.status_code == 200 and "answered without the documents given as chunk_id" in str(by_id.json())
     r = answer.json()["ragkv"]
     assert len(r["retrieved"]) == 2  # the local index and the rows read before the outage
     assert any("document catalog" in w and "unreachable" in w for w in r["warnings"])
     assert given.json()["ragkv"]["warnings"] and searched.json()["warnings"] and searched.json()["chunks"]
     assert write.status_code == 503 and "Retry-After" in write.headers and "unreachable" in write.text
     m = metrics.text
-    assert "ragkv_catalog_up 0.0" in m and "ragkv_catalog_outages 1.0" in m and "ragkv_degraded_answers_total 2.0" in m
+    assert "ragkv_catalog_up 0.0" in m and "ragkv_catalog_outages 1.0" in m and "ragkv_degraded_answers_total 3.0" in m
 
     proxy.restore()
     link = next(iter(engine.catalog_links.values()))
