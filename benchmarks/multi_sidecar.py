@@ -262,15 +262,20 @@ def _sum_dicts(ds) -> dict:
 
 
 def remote_stats(urls: list[str]) -> dict:
-    """Sum of the sidecars' compute-lease counters (computed, arrived, timeouts, duplicates, unleased)."""
+    """Sum of the sidecars' compute-lease counters from /metrics (`ragkv_compute_leases{outcome=...}`:
+    computed, arrived, timeouts, duplicates, unleased, outage_duplicates)."""
     total: dict = {}
     errors = []
     for url in urls:
-        r = httpx.get(f"{url}/v1/cache/stats", timeout=30)
+        r = httpx.get(f"{url}/metrics", timeout=30)
         if r.status_code != 200:
             errors.append(f"{r.status_code} {r.text[:200]}")
             continue
-        leases = r.json()["remote"].get("redis", {}).get("leases") or {}
+        leases = {}
+        for line in r.text.splitlines():
+            if line.startswith('ragkv_compute_leases{outcome="'):
+                name, value = line.split('"')[1], line.rsplit(" ", 1)[1]
+                leases[name] = int(float(value))
         total = _sum_dicts([total, leases])
     return {**total, "stats_errors": errors} if errors else total
 
@@ -294,7 +299,7 @@ def ttft_remote_vs_disk(redis_url: str, workdir: Path, reps: int, words: int) ->
     }
     engines = {k: Engine(model, build_store(c), EngineConfig(max_new_tokens=1)) for k, c in stores.items()}
     times: dict[str, list[float]] = {k: [] for k in engines}
-    cache_ms: dict[str, list[float]] = {k: [] for k in engines}  # the tier's share: fetch + per-layer load
+    cache_ms: dict[str, list[float]] = {k: [] for k in engines}  # the `load` part: read + per-layer decode
     read_ms: dict[str, list[float]] = {k: [] for k in engines}  # read + decode all layers, no model
     keys = None
     for e in engines.values():
@@ -305,7 +310,7 @@ def ttft_remote_vs_disk(redis_url: str, workdir: Path, reps: int, words: int) ->
             a = e.generate("What is this about?", docs, max_new_tokens=1)
             assert a.misses == 0, f"{k}: expected all hits, got {a.hits} / {a.misses} misses"
             times[k].append(a.ttft_ms)
-            cache_ms[k].append(a.parts_ms["fetch"] + a.parts_ms["load"])
+            cache_ms[k].append(a.parts_ms["load"])
             t0 = time.perf_counter()
             for kv in e.store.get_layered_many(keys):
                 for layer in range(kv.num_layers):
@@ -317,7 +322,7 @@ def ttft_remote_vs_disk(redis_url: str, workdir: Path, reps: int, words: int) ->
     read = {k: statistics.median(v) for k, v in read_ms.items()}
     return {
         "ttft_ms_median": med,
-        "fetch_plus_load_ms_median": {k: statistics.median(v) for k, v in cache_ms.items()},
+        "load_ms_median": {k: statistics.median(v) for k, v in cache_ms.items()},
         "read_decode_ms_median": read,
         "ratio_read_redis_vs_disk_cachegen": read["redis/cachegen"] / read["disk/cachegen"],
         "ttft_ms_all": times,
@@ -345,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-s", type=float, default=3.0, help="seconds Redis stays down")
     p.add_argument("--ttft-reps", type=int, default=10)
     p.add_argument("--skip-single", action="store_true", help="skip the one-sidecar baseline")
+    p.add_argument("--only-single", action="store_true", help="only the one-sidecar baseline (no Redis phases)")
     p.add_argument("--only-ttft", action="store_true", help="only the in-process TTFT comparison")
     p.add_argument("--out", default="multi_sidecar.json")
     args = p.parse_args(argv)
@@ -375,12 +381,23 @@ def main(argv: list[str] | None = None) -> int:
             redis.kill()
         Path(args.out).write_text(json.dumps(out, indent=2))
         t = out["ttft"]
-        for name in ("ttft_ms_median", "fetch_plus_load_ms_median", "read_decode_ms_median"):
+        for name in ("ttft_ms_median", "load_ms_median", "read_decode_ms_median"):
             print(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in t[name].items()))
         print(
             f"redis/cachegen over disk/cachegen: TTFT {t['ratio_redis_vs_disk_cachegen']:.3f}x, "
             f"read+decode {t['ratio_read_redis_vs_disk_cachegen']:.3f}x"
         )
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
+    if args.only_single:
+        try:
+            url, proc = start_sidecar(work, "single", None, logs)
+            out["single"] = replay([url], stream, args.clients, args.words)
+            stop(proc)
+        finally:
+            redis.kill()
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"single sidecar: {json.dumps(out['single'])}")
         shutil.rmtree(work, ignore_errors=True)
         return 0
     try:
@@ -419,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             stop(proc)
         procs = []
+        out["multi"]["duplicate_log"] = [  # each counted duplicate, as the sidecars logged it
+            line.strip() for f in sorted(logs.glob("sidecar-s*.log")) for line in open(f) if "precomputed again" in line
+        ]
         if args.ttft_reps:
             out["ttft"] = ttft_remote_vs_disk(redis.url, work, args.ttft_reps, args.words)
             print(f"ttft: {json.dumps(out['ttft']['ttft_ms_median'])}", flush=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+from ..retriever import CatalogUnavailable
+
 SERVER_KV_BATCH_TOKENS = 512  # one step of a server-side ingestion: about one chunk's forward pass
 
 
@@ -94,8 +96,11 @@ class DocumentService:
 
     def chunk_ids(self, namespace: str, chunk_ids: Sequence[int]) -> list[list[int]]:
         """Token ids of ingested chunks by catalog id; a ValueError names the unknown ids."""
-        rows = self.retriever(namespace).catalog.chunks(list(chunk_ids))
+        catalog = self.retriever(namespace).catalog
+        rows = catalog.chunks(list(chunk_ids))
         unknown = [c for c in chunk_ids if c not in rows]
+        if unknown and not getattr(catalog, "reachable", True):  # not read before the catalog went down
+            raise CatalogUnavailable(f"documents: chunk_id {unknown} cannot be read while the catalog is unreachable")
         if unknown:
             raise ValueError(f"documents: unknown chunk_id {unknown} in this namespace; use ids from /v1/retrieve")
         return [list(rows[c].token_ids) for c in chunk_ids]

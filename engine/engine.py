@@ -16,7 +16,7 @@ from ..blend import BlendPlan, BlendResult, blend, extend, make_plan, make_strat
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
 from ..compression.layered import DTYPES
 from ..models import ModelAdapter, load_adapter
-from ..retriever import Document, RetrievedChunk, Retriever
+from ..retriever import CatalogLink, Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
 from ..storage.config import build_store
 from ..storage.health import degraded_warnings
@@ -49,6 +49,7 @@ class Engine:
         self.template = template
         self.embedder = embedder  # the retriever's Embedder; None: the configured HF encoder
         self._retrievers: dict[str, Retriever] = {}
+        self.catalog_links: dict[str, CatalogLink] = {}  # outage state per network catalog URL (PostgreSQL)
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, config: EngineConfig | None = None, **overrides) -> Engine:
@@ -70,10 +71,17 @@ class Engine:
             cfg = replace(self.config.retriever, namespace=ns)
             path = self.config.data_path(ns)
             path.mkdir(parents=True, exist_ok=True)
+            url = self.config.catalog(ns)
+            link = None if url.startswith("sqlite") else self.catalog_links.setdefault(url, CatalogLink(url))
             self._retrievers[ns] = Retriever.open(
-                path, self.model, cfg, embedder=self.embedder, catalog_url=self.config.catalog(ns)
-            )
+                path, self.model, cfg, embedder=self.embedder, catalog_url=url, link=link
+            )  # CatalogUnavailable while a network catalog is unreachable: opened on a later call
         return self._retrievers[ns]
+
+    def catalog_warnings(self, since: float | None = None) -> list[str]:
+        """One sentence per network document catalog that is unreachable now (or failed a call after
+        `since`, a `time.perf_counter()` value); empty when all answered."""
+        return [w for link in self.catalog_links.values() if (w := link.warning(since))]
 
     def ingest(
         self,
@@ -143,6 +151,23 @@ class Engine:
         compute = lambda c: precompute_many(self.model, c, self.config.prepack_tokens)  # noqa: E731
         return compute_once(self.store, missing, compute, write_behind=True)
 
+    def _recompute_vanished(
+        self, keys: Sequence[ChunkKey], chunks: Sequence[Sequence[int]], found: list[LayeredKV | None]
+    ) -> int:
+        """Fill the `None`s of `found` (entries that vanished or failed their checksum after lookup)
+        through the same compute-once path as misses, so two sidecars that lost the same entry do not
+        both recompute it; returns how many were recomputed here (another sidecar's are hits)."""
+        gone = {keys[i]: chunks[i] for i, kv in enumerate(found) if kv is None}
+        shared = self._precompute(gone)
+        recomputed = 0
+        for i, kv in enumerate(found):
+            if kv is None:
+                found[i] = self.store.get_layered(keys[i])
+                recomputed += keys[i] not in shared
+            if found[i] is None:  # not even the first tier kept it (too small, or gone again): use it unstored
+                found[i] = precompute_many(self.model, [chunks[i]])[0]
+        return recomputed
+
     @staticmethod
     def _count_shared(keys: Sequence[ChunkKey], shared: dict[ChunkKey, str], hits: dict[str, int], misses: int) -> int:
         """Chunks another sidecar computed while this one waited count as hits of their tier; new misses."""
@@ -211,12 +236,9 @@ class Engine:
             if keys:
                 found = self.store.get_layered_many(keys)  # file reads and checksums; layers decode lazily
                 watch.lap("load")
-                for i, kv in enumerate(found):  # vanished or corrupt since lookup: compute it now
-                    if kv is None:
-                        found[i] = precompute_many(self.model, [chunk_ids[i]])[0]
-                        self.store.put(keys[i], found[i], cost=found[i].num_tokens, write_behind=True)
-                        misses += 1
-                        watch.lap("precompute")
+                if None in found:  # vanished or corrupt since lookup: compute it now, once cluster-wide
+                    misses += self._recompute_vanished(keys, chunk_ids, found)
+                    watch.lap("precompute")
                 sources = [(start, kv) for (start, _), kv in zip(plan.chunk_spans, found)]
             elif fuse.reuse == "prefix" and plan.prefix_len > 1:
                 kv, key = self._prefix_source(plan, namespace)
@@ -338,7 +360,7 @@ class Engine:
             misses=run.misses,
             decode_ms=(time.perf_counter() - t0) * 1e3 - run.ttft_ms,
             upkeep_ms=upkeep_ms,
-            warnings=degraded_warnings(self.store, since=t0),
+            warnings=degraded_warnings(self.store, since=t0) + self.catalog_warnings(since=t0),
             first_logits=run.logits,
         )
 

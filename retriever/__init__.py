@@ -5,6 +5,7 @@ eval harness, the embedder and `VectorIndex` by the retrieval benchmark).
 """
 
 from .catalog import Catalog
+from .catalog_link import CatalogLink, CatalogUnavailable, GuardedCatalog
 from .chunker import Chunk, Chunker
 from .config import RetrieverConfig
 from .embedder import Embedder, HFEmbedder
@@ -14,6 +15,9 @@ from .retriever import DocumentUpdate, RetrievedChunk, Retriever
 
 __all__ = [
     "Catalog",
+    "CatalogLink",
+    "CatalogUnavailable",
+    "GuardedCatalog",
     "Chunk",
     "Chunker",
     "RetrieverConfig",

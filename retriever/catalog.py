@@ -120,7 +120,9 @@ class Catalog:
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.url = url
         self.namespace = namespace
-        self.engine = sa.create_engine(url)
+        # PostgreSQL: a restarted server leaves no dead pooled connection; an unreachable one fails a call, not hangs it
+        pg = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
+        self.engine = sa.create_engine(url, **(pg if parsed.get_backend_name() == "postgresql" else {}))
         if parsed.get_backend_name() == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         for attempt in range(3):  # another process may be creating the same tables right now

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..chunk_cache import ChunkKey, chunk_key
 from .catalog import Catalog, NewChunk
+from .catalog_link import CatalogLink, CatalogUnavailable, GuardedCatalog
 from .chunker import Chunker
 from .config import RetrieverConfig
 from .embedder import Embedder, HFEmbedder
@@ -96,14 +97,25 @@ class Retriever:
         config: RetrieverConfig | None = None,
         embedder: Embedder | None = None,
         catalog_url: str | None = None,
+        link: CatalogLink | None = None,
     ) -> Retriever:
-        """The retriever of `data_dir`: catalog `catalog.sqlite` (or `catalog_url`), index `index/chunks.faiss`."""
+        """The retriever of `data_dir`: catalog `catalog.sqlite` (or `catalog_url`), index `index/chunks.faiss`.
+        With `link` (a network database), the catalog's calls go through it: CatalogUnavailable while the
+        database is unreachable, and searches answer from the local index (catalog_link.py)."""
         config = config or RetrieverConfig()
         data_dir = Path(data_dir).expanduser()
-        catalog = Catalog(catalog_url or f"sqlite:///{data_dir / 'catalog.sqlite'}", config.namespace)
-        if embedder is None:
+        url = catalog_url or f"sqlite:///{data_dir / 'catalog.sqlite'}"
+        catalog = Catalog(url, config.namespace) if link is None else link.run(lambda: Catalog(url, config.namespace))
+        if embedder is None:  # loaded only once the catalog opened (an outage retries without loading it)
             embedder = HFEmbedder(config.embedder_path, config.embed_batch_size, config.embed_max_length)
-        return cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config)
+        if link is None:
+            return cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config)
+        guarded = GuardedCatalog(catalog, link)
+        try:
+            return link.run(lambda: cls(model, guarded, embedder, data_dir / "index" / "chunks.faiss", config))
+        except CatalogUnavailable:
+            catalog.close()  # opened on a later call, with a pool of its own
+            raise
 
     def key(self, token_ids: Sequence[int]) -> ChunkKey:
         """The store key of a chunk's ids (same as `chunk_key(model, ids, namespace)`)."""
@@ -186,8 +198,16 @@ class Retriever:
         """`search` for several queries with one embedding batch."""
         if k <= 0:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.refresh()
-        scores, ids = self.index.search(self.embedder.embed(list(queries)), k)  # [Q, k] each
+        try:
+            self.refresh()
+        except CatalogUnavailable:
+            pass  # the catalog's database is unreachable: search the local index as it is
+        vectors = self.embedder.embed(list(queries))
+        link = getattr(self.catalog, "link", None)
+        if isinstance(self.index, PgVectorIndex) and link is not None:  # the index lives in that database
+            scores, ids = link.run(lambda: self.index.search(vectors, k))
+        else:
+            scores, ids = self.index.search(vectors, k)  # [Q, k] each
         rows = self.catalog.chunks(sorted({int(i) for i in ids.flatten() if i >= 0}))
         return [
             [

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from ..engine.documents import DocumentService
+from ..retriever import CatalogUnavailable
 from ..storage.health import remote_status
 from . import errors
 from .auth import tenant
@@ -93,6 +94,7 @@ def _router():
         s = request.app.state
         s.metrics.queue_depth.set(s.worker.depth)
         s.metrics.observe_store(s.engine.store)
+        s.metrics.observe_catalogs(getattr(s.engine, "catalog_links", {}))
         return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @r.get("/v1/cache/stats")
@@ -146,13 +148,18 @@ def _router():
         s = request.app.state
         if body.k > s.settings.max_retrieve_k:
             raise ApiError(400, f"k {body.k} is over the limit of {s.settings.max_retrieve_k}", "k")
+        t0 = time.perf_counter()
         search = s.worker.call(s.documents.search, namespace, body.query, body.k, tenant=namespace)
-        hits = await cancel_on_disconnect(request, search)
+        try:
+            hits = await cancel_on_disconnect(request, search)
+        except CatalogUnavailable:  # no index open yet and the catalog is down: nothing to search
+            hits = []
         if not hits:
             s.metrics.empty_retrievals.inc()
+        degraded = s.engine.catalog_warnings(since=t0) if hasattr(s.engine, "catalog_warnings") else []
         return {
             "namespace": namespace,
-            "warnings": [] if hits else [empty_retrieval_warning(namespace)],
+            "warnings": degraded + ([] if hits else [empty_retrieval_warning(namespace)]),
             "chunks": [
                 {
                     "chunk_id": h.chunk_id,

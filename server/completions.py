@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.answer import Answer
+from ..retriever import CatalogUnavailable
 from .auth import tenant
 from .disconnect import cancel_on_disconnect
 from .errors import ApiError
@@ -55,15 +56,24 @@ class Job:
         for (pos, _), ids in zip(self.texts, engine.tokenize_chunks([t for _, t in self.texts])):
             chunks[pos] = ids
         if self.refs:
-            for (pos, _), ids in zip(self.refs, documents.chunk_ids(self.namespace, [c for _, c in self.refs])):
+            try:
+                resolved = documents.chunk_ids(self.namespace, [c for _, c in self.refs])
+            except CatalogUnavailable as err:  # rows not read before the catalog went down: answer without them
+                resolved = [None] * len(self.refs)
+                self.warnings.append(f"{err}: answered without the documents given as chunk_id")
+            for (pos, _), ids in zip(self.refs, resolved):
                 chunks[pos] = ids
         if self.retrieve_query is not None:
-            for hit in documents.search(self.namespace, self.retrieve_query, self.retrieve_k):
+            try:
+                hits = documents.search(self.namespace, self.retrieve_query, self.retrieve_k)
+            except CatalogUnavailable:  # no index open yet and the catalog is down: the answer's warnings say so
+                hits = []
+            for hit in hits:
                 chunks.append(list(hit.token_ids))
                 self.retrieved.append({"chunk_id": hit.chunk_id, "doc_id": hit.doc_id, "score": round(hit.score, 6)})
             if not self.retrieved:
                 self.warnings.append(empty_retrieval_warning(self.namespace))
-        return chunks
+        return [c for c in chunks if c is not None]
 
     def run(self, engine, documents) -> Iterator[str | Answer]:
         """Resolve the chunks and generate: text pieces, then the Answer."""

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..engine.documents import RetrievalUnavailable
+from ..retriever import CatalogUnavailable
 from .worker import QueueFull, ShuttingDown
 
 log = logging.getLogger("ragkv.server")
@@ -81,6 +82,10 @@ def install(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(ShuttingDown)
     async def _closing(_: Request, err: ShuttingDown):
+        return error_response(503, str(err), headers={"Retry-After": str(retry_after_s)})
+
+    @app.exception_handler(CatalogUnavailable)
+    async def _catalog_down(_: Request, err: CatalogUnavailable):  # document writes and reads by id need it
         return error_response(503, str(err), headers={"Retry-After": str(retry_after_s)})
 
     @app.exception_handler(RetrievalUnavailable)

@@ -59,6 +59,19 @@ class Metrics:
         self.duplicates = Gauge(
             "ragkv_duplicate_precomputes", "chunks precomputed here that another sidecar had computed", registry=r
         )
+        self.leases = Gauge(
+            "ragkv_compute_leases",
+            "what the compute-once protocol did here: computed, arrived (computed by another sidecar while "
+            "waiting), timeouts, duplicates, unleased (Redis unreachable), outage_duplicates",
+            ["outcome"],
+            registry=r,
+        )
+        self.catalog_up = Gauge(
+            "ragkv_catalog_up", "1 if every network document catalog (PostgreSQL) answers", registry=r
+        )
+        self.catalog_outages = Gauge(
+            "ragkv_catalog_outages", "times a network document catalog became unreachable", registry=r
+        )
         self.empty_retrievals = Counter(
             "ragkv_empty_retrievals", "retrievals (in a completion or /v1/retrieve) that found no chunks", registry=r
         )
@@ -82,7 +95,15 @@ class Metrics:
         for name, s in remote_status(store).items():
             self.remote_up.labels(name).set(1 if s.get("up") else 0)
             self.remote_outages.labels(name).set(s.get("outages", 0))
-            self.duplicates.set((s.get("leases") or {}).get("duplicates", 0))
+            leases = s.get("leases") or {}
+            self.duplicates.set(leases.get("duplicates", 0))
+            for outcome, n in leases.items():
+                self.leases.labels(outcome).set(n)
+
+    def observe_catalogs(self, links: dict) -> None:
+        """Refresh the catalog gauges from the Engine's catalog links ({url: CatalogLink})."""
+        self.catalog_up.set(1 if all(link.up for link in links.values()) else 0)
+        self.catalog_outages.set(sum(link.outages for link in links.values()))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every collector."""

@@ -11,13 +11,20 @@ chunk it takes a lease (`SET {slot}:lease token NX PX lease_ms`, under the chunk
   computed here), or the lease vanishes without an entry (its holder died: try to take it), or
   `wait_s` passes (compute anyway: counted as a timeout).
 
-Every precompute increments `{slot}:n` in Redis; a count above one is a duplicate, counted in
-`duplicates` here (the figure the multi-sidecar benchmark sums). Redis unreachable: no lease, compute
-locally (`unleased` counts it), the answer is served all the same.
+Every precompute increments `{slot}:n` in Redis (deleted with the entry, so a recompute after Redis
+evicted or dropped it is not a duplicate); a count above one is a duplicate. Redis unreachable: no
+lease, compute locally (`unleased` counts it), the answer is served all the same. Before giving up on
+the lease, the first try probes Redis even within the link's backoff (`RedisLink.call(eager=True)`): a
+sidecar whose link is still backing off after Redis came back would otherwise recompute chunks Redis
+holds. A chunk computed without a lease whose count, once Redis answers again, is above one is an
+`outage_duplicates` (Redis was unreachable when it was decided, so no protocol could have avoided
+it); `duplicates` counts only computes decided with Redis reachable (under a lease, or after a wait
+ran out): the compute-once protocol's own failures. Each is logged with its key.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -27,6 +34,8 @@ from dataclasses import asdict, dataclass
 from ..chunk_cache import ChunkKey, ChunkKV
 from .redis_tier import RedisTier
 from .tiered import TieredStore
+
+log = logging.getLogger(__name__)
 
 # delete the lease only if it is still ours (it may have expired and been taken by another sidecar)
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
@@ -45,6 +54,7 @@ class LeaseStats:
     timeouts: int = 0  # waits that ran out: computed anyway
     duplicates: int = 0  # precomputes of a chunk Redis had already counted once (by any sidecar)
     unleased: int = 0  # chunks computed without a lease because Redis was unreachable
+    outage_duplicates: int = 0  # of the unleased ones: chunks Redis had counted once already
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +78,7 @@ class ComputeLeases:
         return self.tier.slot(key) + ":lease"
 
     def count_key(self, key: ChunkKey) -> str:
-        return self.tier.slot(key) + ":n"
+        return self.tier.count_key(key)
 
     # -- the protocol ---------------------------------------------------------------------------------
     def run(
@@ -83,11 +93,12 @@ class ComputeLeases:
         pending = list(missing)
         arrived: set[ChunkKey] = set()
         deadline = time.monotonic() + self.wait_s
+        eager = True  # the first try probes a link that is backing off
         while pending:
-            won = self._acquire(pending, token)
+            won = self._acquire(pending, token, eager)
+            eager = False
             if won is None:  # Redis unreachable: no coordination, compute here
-                self._compute(store, pending, missing, compute, None, write_behind)
-                self._count(unleased=len(pending))
+                self._compute(store, pending, missing, compute, None, write_behind, leased=False)
                 break
             mine = [k for k, w in zip(pending, won) if w]
             if mine:
@@ -112,14 +123,14 @@ class ComputeLeases:
         return arrived
 
     # -- internals ----------------------------------------------------------------------------------
-    def _acquire(self, keys: list[ChunkKey], token: str) -> list[bool] | None:
+    def _acquire(self, keys: list[ChunkKey], token: str, eager: bool = False) -> list[bool] | None:
         def go(r):
             pipe = r.pipeline(transaction=False)
             for k in keys:
                 pipe.set(self.lease_key(k), token, nx=True, px=self.lease_ms)
             return [bool(x) for x in pipe.execute()]
 
-        return self.link.call(go, None)
+        return self.link.call(go, None, eager=eager)
 
     def _present(self, keys: list[ChunkKey]) -> list[bool]:
         def go(r):
@@ -170,13 +181,22 @@ class ComputeLeases:
         compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
         token: str | None,
         write_behind: bool = False,
+        leased: bool = True,
     ) -> None:
+        """Compute and store `keys`; `leased=False`: decided while Redis was unreachable."""
         if not keys:
             return
         for k, kv in zip(keys, compute([missing[k] for k in keys])):
             store.put(k, kv, cost=kv.num_tokens, write_behind=write_behind)
         counts = self._note_computed(keys)
-        self._count(computed=len(keys), duplicates=sum(c > 1 for c in counts))
+        again = [(k, c) for k, c in zip(keys, counts) if c > 1]
+        for k, c in again:
+            why = "with Redis reachable" if leased else "without a lease while Redis was unreachable"
+            log.warning("chunk %s precomputed again (%d times in all), decided %s", k, c, why)
+        if leased:
+            self._count(computed=len(keys), duplicates=len(again))
+        else:
+            self._count(computed=len(keys), unleased=len(keys), outage_duplicates=len(again))
 
     def _note_computed(self, keys: list[ChunkKey]) -> list[int]:
         def go(r):

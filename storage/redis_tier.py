@@ -7,6 +7,9 @@ they live on one shard and one pipeline reads them):
                                 SHA-256 per part) | SHA-256 of the JSON
     {prefix}:{ns/digest}:p{i}   part i: layer i's section of the codec payload (one key per layer),
                                 or the whole payload for a codec without per-layer offsets
+    {prefix}:{ns/digest}:n      precomputes of the entry by any sidecar (storage/lease.py; deleted
+                                with the entry)
+    {prefix}:{ns/digest}:lease  the compute lease, while a sidecar computes the entry
 
 A read is two pipelined round trips (header, then every part + a TTL refresh) and verifies every
 checksum; a missing part (Redis evicted it under `maxmemory`) or a bad checksum is a miss, and the
@@ -91,6 +94,10 @@ class RedisTier(Tier):
 
     def part_key(self, key: ChunkKey, i: int) -> str:
         return f"{self.slot(key)}:p{i}"
+
+    def count_key(self, key: ChunkKey) -> str:
+        """How many times sidecars precomputed the entry (storage/lease.py); deleted with the entry."""
+        return self.slot(key) + ":n"
 
     # -- bookkeeping --------------------------------------------------------------------------------
     @property
@@ -223,8 +230,17 @@ class RedisTier(Tier):
             return 0
 
     def _delete(self, key: ChunkKey, parts: int) -> int:
+        """Delete the entry's keys and its precompute count (a recompute of a dropped entry is no
+        duplicate); how many of the entry's own keys Redis held."""
         names = [self.header_key(key), *(self.part_key(key, i) for i in range(parts))]
-        return int(self.link.call(lambda r: r.delete(*names), 0))
+
+        def go(r) -> int:
+            pipe = r.pipeline(transaction=False)
+            pipe.delete(*names)
+            pipe.delete(self.count_key(key))
+            return pipe.execute()[0]
+
+        return int(self.link.call(go, 0))
 
     def _forget(self, key: ChunkKey) -> None:
         with self._lock:

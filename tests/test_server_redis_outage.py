@@ -43,4 +43,6 @@ def test_answers_200_with_a_warning_while_redis_is_down(smollm2, tmp_path):
     assert r1["misses"] == 2 and r2["hits"] == {"cpu": 2}  # the local tier still serves the second request
     assert "'redis' is unreachable" in r1["warnings"][0] and r2["warnings"]
     assert 'ragkv_remote_tier_up{tier="redis"} 0.0' in metrics and "ragkv_degraded_answers_total 2.0" in metrics
+    assert 'ragkv_compute_leases{outcome="unleased"} 2.0' in metrics  # computed without a lease, counted
+    assert 'ragkv_compute_leases{outcome="duplicates"} 0.0' in metrics
     assert stats["remote"]["redis"]["up"] is False and stats["remote"]["redis"]["outages"] == 1
