@@ -98,6 +98,7 @@ def run_trace(args: argparse.Namespace) -> int:
         args.sample_max_tokens,
         engine,
         args.trace_limit,
+        progress=_progress,
     )
     Path(args.out).write_text(json.dumps(report, indent=1))
     c = report["costs"]
@@ -112,6 +113,12 @@ def run_trace(args: argparse.Namespace) -> int:
         print(f"\nreal-run sample: requests {report['sample']['requests']}")
         print(sample_table(report["sample"]))
     return 0
+
+
+def _progress(items):
+    from tqdm import tqdm
+
+    return tqdm(items, desc="real-run sample", unit="request")
 
 
 def _engine(args: argparse.Namespace):

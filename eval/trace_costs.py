@@ -82,5 +82,8 @@ def measure_costs(
 
 
 def load_costs(path: str | Path) -> TraceCosts:
-    """Costs from a JSON file: {"prefill_ms_per_token", "load_ms_per_token": {tier: ms}, "full_layer_share"}."""
-    return TraceCosts.from_dict(json.loads(Path(path).read_text()), source=f"file {path}")
+    """Costs from a JSON file: {"prefill_ms_per_token", "load_ms_per_token": {tier: ms}, "full_layer_share"},
+    or an earlier `ragkv eval --trace` report (its "costs")."""
+    data = json.loads(Path(path).read_text())
+    data = data.get("costs", data)
+    return TraceCosts.from_dict(data, source=f"file {path} ({data.get('source', 'given')})")
