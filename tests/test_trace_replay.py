@@ -35,8 +35,8 @@ COSTS = TraceCosts(1.0, {"gpu": 0.01, "cpu": 0.02, "disk": 0.1}, full_layer_shar
 BIG = ReplayConfig(10**6, "lru", {"gpu": 1.0}, craft_alpha=0.5, cci=1.0)
 
 
-@pytest.fixture()
-def trace_dir(tmp_path):
+def write_trace(tmp_path):
+    """The tiny trace above as RAGPulse files in `tmp_path` (blank line at the end, as the real files)."""
     for name, (field, lengths) in LENGTHS.items():
         rows = [json.dumps({field: i, "token_length": n}) for i, n in lengths.items()]
         (tmp_path / name).write_text("\n".join(rows) + "\n\n")
@@ -48,6 +48,11 @@ def trace_dir(tmp_path):
         lines.append(json.dumps(row))
     (tmp_path / "0_trace.jsonl").write_text("\n".join(lines) + "\n\n")
     return tmp_path
+
+
+@pytest.fixture()
+def trace_dir(tmp_path):
+    return write_trace(tmp_path)
 
 
 def _run(trace_dir, strategy: str, config: ReplayConfig = BIG, keep=()):
