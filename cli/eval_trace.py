@@ -42,7 +42,11 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated store capacities in tokens of KV, k/M suffixes (default 50k,200k,800k)",
     )
     g.add_argument("--policies", default="lru,cost,utility", help="eviction policies (default lru,cost,utility)")
-    g.add_argument("--tier-split", default="gpu=0.1,cpu=0.3,disk=0.6", help="share of the capacity per tier")
+    g.add_argument(
+        "--tier-split",
+        default="gpu=0.1,cpu=0.3,disk=0.6",
+        help="share of the capacity per tier, fastest first (default gpu=0.1,cpu=0.3,disk=0.6)",
+    )
     g.add_argument("--costs", default=None, help="per-token costs JSON (default: measured once in this run)")
     g.add_argument("--sample", type=int, default=4, help="requests run for real with the model (default 4)")
     g.add_argument(
@@ -51,7 +55,9 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="largest sampled prompt: passages, history and user input (default 1024)",
     )
-    g.add_argument("--craft-alpha", type=float, default=0.15, help="cachecraft: alpha of min(1, alpha CCI (1-ov))")
+    g.add_argument(
+        "--craft-alpha", type=float, default=0.15, help="cachecraft: alpha of min(1, alpha CCI (1-ov)), default 0.15"
+    )
     g.add_argument("--cci", type=float, default=1.0, help="cachecraft: CCI of every chunk (default 1.0)")
     g.add_argument("--max-variants", type=int, default=2, help="cachecraft: variants held per chunk (default 2)")
     g.add_argument("--trace-limit", type=int, default=None, help="replay only the first N requests")

@@ -104,6 +104,12 @@ class ReplayConfig:
     cci: float = 1.0
     max_variants: int = 2
 
+    def __post_init__(self) -> None:
+        if self.capacity <= 0 or self.max_variants < 1 or self.craft_alpha < 0 or self.cci < 0 or not self.split:
+            raise ValueError(
+                f"replay needs capacity > 0, max_variants >= 1, craft_alpha and cci >= 0 and a tier split; got {self}"
+            )
+
     def capacities(self) -> list[tuple[str, int]]:
         """Token capacity per tier (rounded down; the last tier takes the remainder)."""
         names = list(self.split)

@@ -93,6 +93,16 @@ def test_cacheblend_and_epic_reuse_chunks_anywhere_and_fix_a_share(trace_dir):
         assert summary["token_hit_rate_total"] == pytest.approx((400 + 420 + 420 + 320) / sum(PROMPT_TOKENS))
 
 
+def test_replay_config_rejects_what_cannot_run():
+    for bad in (dict(capacity=0), dict(capacity=10, max_variants=0), dict(capacity=10, craft_alpha=-1.0)):
+        with pytest.raises(ValueError):
+            ReplayConfig(**bad)
+    with pytest.raises(ValueError, match="needs a recompute ratio"):
+        parse_sim_strategies("prefix,cacheblend")
+    with pytest.raises(ValueError, match="unknown trace strategy"):
+        parse_sim_strategies("naive")
+
+
 def test_epic_rounds_per_chunk_and_cacheblend_over_the_request(trace_dir):
     config = ReplayConfig(10**6, "lru", {"gpu": 1.0})
     _, blend = _run(trace_dir, "cacheblend@0.01", config, keep=[1])
