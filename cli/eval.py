@@ -1,4 +1,5 @@
-"""`ragkv eval`: the evaluation harness on a dataset file; prints a markdown table, writes JSON."""
+"""`ragkv eval`: the evaluation harness on a dataset file, or (`--trace DIR`) a replay of a request trace
+against a simulated tiered store; prints markdown tables, writes JSON."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import platform
 from pathlib import Path
 
 from ..eval.datasets import FORMATS
+from .eval_trace import add_trace_args, run_trace
 from .options import add_settings_args, settings_of
 
 
@@ -18,13 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate fusion strategies against a full prefill of the same prompts: "
         "quality (F1, ROUGE-L, KL, top-1) and TTFT, measured side by side.",
     )
-    p.add_argument("--data", required=True, help="dataset file")
+    p.add_argument("--data", default=None, help="dataset file (or --trace)")
     p.add_argument("--format", default="jsonl", choices=FORMATS, help="dataset format (default: jsonl)")
     p.add_argument(
         "--strategies",
-        default="full,naive,cacheblend",
+        default=None,
         help="comma-separated: full,prefix,naive,cacheblend,epic,cachecraft; cacheblend/cachecraft take a "
-        "selection suffix: cacheblend+query picks tokens by the question's attention before layer 0",
+        "selection suffix: cacheblend+query picks tokens by the question's attention before layer 0 "
+        "(default full,naive,cacheblend; with --trace: prefix,cacheblend@0.15,epic@0.15,cachecraft)",
     )
     p.add_argument("--ratios", default="0.15", help="comma-separated recompute ratios for cacheblend/epic")
     p.add_argument("--limit", type=int, default=20, help="number of samples (default 20)")
@@ -54,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="cachecraft's chunk metadata comes from a context pass over the sample's chunks in this "
         "order (default reversed: other neighbours; same: this prompt, an upper bound; none: nothing)",
     )
+    add_trace_args(p)
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
     add_settings_args(p, namespace=False)
@@ -61,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.data is None) == (args.trace is None):
+        raise ValueError("give one of --data FILE or --trace DIR")
+    if args.trace is not None:
+        return run_trace(args)
     import torch
     from tqdm import tqdm
 
@@ -73,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    specs = parse_specs([s.strip() for s in args.strategies.split(",") if s.strip()], ratios)
+    names = args.strategies or "full,naive,cacheblend"
+    specs = parse_specs([s.strip() for s in names.split(",") if s.strip()], ratios)
     samples = load_samples(args.data, args.format, args.limit, args.max_chunks)
     if not samples:
         raise ValueError(f"no usable samples in {args.data} (format {args.format})")

@@ -68,7 +68,7 @@ class StorageSettings(_Section):
 
     tiers: tuple[TierSettings, ...] | None = None  # None: a CPU (GPU on cuda) 2GiB tier + a 32GiB lz4 disk tier
     disk_dir: str | None = None  # None: DATA_DIR/cache
-    policy: Literal["lru", "cost"] = "lru"
+    policy: Literal["lru", "cost", "utility"] = "lru"
     promote: bool = True  # a lower-tier hit is copied up after the request
     decode_workers: int | None = Field(None, ge=0)  # cachegen decode processes; None: one per core, 0: inline
     # a shared Redis tier right after the first tier, unless `tiers` already has one: every sidecar naming the

@@ -7,25 +7,23 @@ behind docs/SCALING.md.
 Replays every passage reference of the trace (/work/shared/data/ragpulse, read at run time) in time
 order through one tier of a given byte capacity: a hit if the passage is held, else it is inserted
 (evicting by the policy). Entry size = passage tokens x KV bytes per token of the model and codec.
-The victim is the policy's (lowest priority, then least recent), found through a lazy heap instead of
-the store's linear scan (same order, fast enough for 33k references).
+The tier is eval/sim_store.py's `SimStore` (the one `ragkv eval --trace` replays through): the policy's
+victim (lowest priority, then least recent) through a lazy heap instead of the store's linear scan.
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import sys
 from pathlib import Path
 
-from ragkv.chunk_cache import ChunkKey
-from ragkv.storage.policy import make_policy
-from ragkv.storage.tier import EntryInfo
+from ragkv.eval.sim_store import SimStore
 
 RAGPULSE = Path("/work/shared/data/ragpulse")
 # (layers, kv heads, head dim) of the KV cache; fp16 = 2 bytes per value, K and V
 MODELS = {"llama-3.1-8b": (32, 8, 128), "llama-3.1-70b": (80, 8, 128), "smollm2-135m": (30, 3, 64)}
+POLICIES = ("lru", "cost", "utility")  # storage/policy.py
 CODEC_BITS = {"fp16": 16.0, "int8": 8.11, "cachegen": 1.92}  # bits per value (cachegen: measured, BENCHMARKS.md)
 
 
@@ -50,45 +48,19 @@ def load_refs() -> tuple[list[int], dict[int, int]]:
     return [int(p) for _, ids in rows for p in ids], lengths
 
 
-def _key(pid: int) -> ChunkKey:
-    return ChunkKey("sim", f"{pid:064x}")
-
-
 def simulate(refs: list[int], lengths: dict[int, int], capacity: float, bytes_per_token: float, policy: str) -> dict:
     """Hit rate (by reference and by token) of one tier of `capacity` bytes under `policy`."""
-    pol = make_policy(policy)
-    held: dict[int, EntryInfo] = {}
-    heap: list[tuple[float, int, int]] = []  # (priority, last_access, pid); stale rows skipped
-    used = 0.0
+    store = SimStore([("tier", int(capacity // bytes_per_token))], policy)  # sizes in tokens: same order
     hits = hit_tokens = tokens = 0
-    for clock, pid in enumerate(refs, start=1):
+    for pid in refs:
         n = lengths.get(pid, 256)
         tokens += n
-        info = held.get(pid)
-        if info is not None:
+        if pid in store:
+            store.hit(pid)
             hits += 1
             hit_tokens += n
-            pol.on_hit(info, clock)
-            heapq.heappush(heap, (info.priority, info.last_access, pid))
-            continue
-        size = n * bytes_per_token
-        if size > capacity:
-            continue
-        info = EntryInfo(_key(pid), int(size), n, float(n))
-        pol.on_insert(info, clock)
-        while used + size > capacity and heap:
-            prio, last, victim = heapq.heappop(heap)
-            v = held.get(victim)
-            if v is None or v.priority != prio or v.last_access != last:
-                continue  # a stale heap row
-            pol.on_evict(v)
-            used -= v.nbytes
-            del held[victim]
-        if policy != "lru":  # GDSF's inflation may have risen: score the newcomer now
-            info.priority = pol.score(info)
-        held[pid] = info
-        used += size
-        heapq.heappush(heap, (info.priority, info.last_access, pid))
+        else:
+            store.put(pid, n, float(n))
     return {"hit_rate": hits / len(refs), "token_hit_rate": hit_tokens / tokens}
 
 
@@ -114,19 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     for frac in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
         cap = frac * distinct_tokens * bpt
         row = {"capacity_fraction": frac, "capacity_gib_8b_fp16": cap / 2**30}
-        for policy in ("lru", "cost"):
+        for policy in POLICIES:
             row[policy] = simulate(refs, lengths, cap, bpt, policy)
         out["curve"].append(row)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"{len(refs)} references, {len(distinct)} distinct passages, {distinct_tokens} distinct tokens")
     print(f"upper bound (infinite cache) hit rate: {out['max_hit_rate']:.3f}")
     print("working set GiB: " + ", ".join(f"{k} {v:.1f}" for k, v in out["working_set_gib"].items()))
-    print(f"\n{'capacity':>9}{'GiB 8B fp16':>13}{'lru hit':>9}{'lru tok':>9}{'cost hit':>10}{'cost tok':>10}")
+    print(f"\n{'capacity':>9}{'GiB 8B fp16':>13}" + "".join(f"{p + ' hit':>12}{p + ' tok':>12}" for p in POLICIES))
     for r in out["curve"]:
-        print(
-            f"{r['capacity_fraction']:>9.2f}{r['capacity_gib_8b_fp16']:>13.2f}{r['lru']['hit_rate']:>9.3f}"
-            f"{r['lru']['token_hit_rate']:>9.3f}{r['cost']['hit_rate']:>10.3f}{r['cost']['token_hit_rate']:>10.3f}"
-        )
+        cells = "".join(f"{r[p]['hit_rate']:>12.3f}{r[p]['token_hit_rate']:>12.3f}" for p in POLICIES)
+        print(f"{r['capacity_fraction']:>9.2f}{r['capacity_gib_8b_fp16']:>13.2f}" + cells)
     return 0
 
 

@@ -8,7 +8,7 @@ from .config import StorageConfig, TierConfig, build_store
 from .disk import CheckReport, DiskTier
 from .layered import EncodedLayers, ResidentKV, materialize
 from .memory import MemoryTier
-from .policy import POLICIES, CostAwarePolicy, LRUPolicy, Policy, make_policy
+from .policy import POLICIES, CostAwarePolicy, LRUPolicy, Policy, UtilityPolicy, make_policy
 from .redis_link import RedisLink
 from .redis_tier import RedisTier
 from .stats import StoreStats, TierStats
@@ -33,6 +33,7 @@ __all__ = [
     "Policy",
     "LRUPolicy",
     "CostAwarePolicy",
+    "UtilityPolicy",
     "POLICIES",
     "make_policy",
     "EncodedLayers",

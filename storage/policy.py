@@ -1,4 +1,5 @@
-"""Eviction policies, chosen by name: `lru`, and `cost` (GDSF-like, keeps the most recompute per byte).
+"""Eviction policies, chosen by name: `lru`, `cost` (GDSF-like, keeps the most recompute per byte) and
+`utility` (recent reuse x compute saved / bytes, reuse decaying with a half-life).
 
 A policy scores entries (lowest `priority` goes first; ties go to the least recently used, then the
 key) and keeps per-tier state (GDSF's inflation value L). One policy instance per tier.
@@ -6,6 +7,7 @@ key) and keeps per-tier state (GDSF's inflation value L). One policy instance pe
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
@@ -74,7 +76,52 @@ class CostAwarePolicy(Policy):
         self.inflation = min((i.priority for i in infos), default=0.0)
 
 
-POLICIES: dict[str, type[Policy]] = {"lru": LRUPolicy, "cost": CostAwarePolicy, "gdsf": CostAwarePolicy}
+class UtilityPolicy(Policy):
+    """Utility = reuse x compute saved / bytes, where reuse counts hits decaying by half every `half_life`
+    clock ticks (so a chunk popular last week yields to one popular now) and `EntryInfo.cost` is the
+    compute a hit saves. Scores are log2 of the utility plus `last_access / half_life`: the decay is the
+    same for every entry at a given time, so that order never changes between accesses (a static score,
+    no rescoring of idle entries)."""
+
+    name = "utility"
+
+    def __init__(self, half_life: float = 4096.0) -> None:
+        if half_life <= 0:
+            raise ValueError(f"half_life must be > 0, got {half_life}")
+        self.half_life = half_life
+        self.reuse: dict = {}  # key -> decayed hit count as of the entry's last_access
+
+    def on_insert(self, info: EntryInfo, clock: int) -> None:
+        info.hits = max(info.hits, 1)
+        self.reuse[info.key] = float(info.hits)
+        info.last_access = clock
+        info.priority = self.score(info)
+
+    def on_hit(self, info: EntryInfo, clock: int) -> None:
+        decayed = self.reuse.get(info.key, float(info.hits)) * 2.0 ** (-(clock - info.last_access) / self.half_life)
+        self.reuse[info.key] = decayed + 1.0
+        info.hits += 1
+        info.last_access = clock
+        info.priority = self.score(info)
+
+    def on_evict(self, info: EntryInfo) -> None:
+        self.reuse.pop(info.key, None)
+
+    def restore(self, infos: Iterable[EntryInfo]) -> None:
+        self.reuse = {i.key: float(max(i.hits, 1)) for i in infos}
+
+    def score(self, info: EntryInfo) -> float:
+        reuse = self.reuse.get(info.key, float(max(info.hits, 1)))
+        utility = reuse * max(info.cost, 1e-9) / max(info.nbytes, 1)
+        return math.log2(utility) + info.last_access / self.half_life
+
+
+POLICIES: dict[str, type[Policy]] = {
+    "lru": LRUPolicy,
+    "cost": CostAwarePolicy,
+    "gdsf": CostAwarePolicy,
+    "utility": UtilityPolicy,
+}
 
 
 def make_policy(name: str) -> Policy:
