@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from gpu_sources import codec_rows, make_stores, parse_source  # benchmarks/ is on sys.path
+from gpu_sources import bench_codecs, make_stores, parse_source  # benchmarks/ is on sys.path
+from gpu_timing import HEADER, Timer, median_ms, peak_gb, print_row, rounded
 
 from ragkv.blend import LayerLoader, blend, make_plan, make_strategy
 from ragkv.chunk_cache import precompute_many
@@ -126,46 +126,6 @@ def build_model(shape: str, device: str, dtype: torch.dtype, layers: int | None 
     )  # .to: a no-op unless the default dtype was ignored
 
 
-class Timer:
-    """Milliseconds of a callable: CUDA events on CUDA (synchronized), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-
-def _median(timer: Timer, fn: Callable[[], object], repeats: int, warmup: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        timer(fn)
-    times = [timer(fn) for _ in range(repeats)]
-    return statistics.median(times), times
-
-
-def _peak_gb(device: torch.device, fn: Callable[[], object]) -> float | None:
-    """Peak GPU memory (GB) allocated above what was allocated before `fn` (None on CPU)."""
-    if device.type != "cuda":
-        fn()
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - base) / 1e9, 3)
-
-
 def compute_limit(plan, result, num_layers: int) -> float:
     """1 / (fraction of the token-layer work computed): fresh rows every layer + recomputed chunk rows."""
     cached = sum(end - start for start, end in plan.chunk_spans)
@@ -183,7 +143,7 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
     source_strategies = set(args.source_strategies.split(","))
     attentions = args.attention.split(",")
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    print(_HEADER, flush=True)
+    print(HEADER, flush=True)
     for num_chunks in map(int, args.chunks.split(",")):
         chunks = [torch.randint(3, vocab, (args.chunk_tokens,), generator=g).tolist() for _ in range(num_chunks)]
         query = torch.randint(3, vocab, (args.query_tokens,), generator=g).tolist()
@@ -199,7 +159,7 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
             if hf_ms and row.get("ttft_ms"):
                 row["x_hf"] = round(hf_ms / row["ttft_ms"], 2)
             rows.append(row)
-            _print_row(row)
+            print_row(row)
             save()  # a run cut short by a time limit keeps every finished row
 
         stores = {}
@@ -210,15 +170,15 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
                     with torch.inference_mode():
                         model.model(ids, logits_to_keep=1, use_cache=False)
 
-                hf_ms, times = _median(timer, hf, args.repeats, args.warmup)
+                hf_ms, times = median_ms(timer, hf, args.repeats, args.warmup)
                 record(
                     dict(
                         strategy="hf-forward",
                         source="-",
                         attention="sdpa",
                         ttft_ms=round(hf_ms, 2),
-                        times_ms=_r(times),
-                        peak_gb=_peak_gb(device, hf),
+                        times_ms=rounded(times),
+                        peak_gb=peak_gb(device, hf),
                         limit_x=1.0,
                     )
                 )
@@ -278,14 +238,14 @@ def _blend_row(args, model, device, timer, plan, kvs, strategy, source, attentio
             for _ in LayerLoader([kv for _, kv in get_sources()], model.num_layers, device, model.dtype):
                 pass
 
-        load_ms, _ = _median(timer, load_only, max(1, args.repeats // 2), min(1, args.warmup))
+        load_ms, _ = median_ms(timer, load_only, max(1, args.repeats // 2), min(1, args.warmup))
     out = {}
 
     def run():
         out["result"] = blend(model, plan, strategy, get_sources(), attention=attention)
 
-    ttft, times = _median(timer, run, args.repeats, args.warmup)
-    peak = _peak_gb(device, run)
+    ttft, times = median_ms(timer, run, args.repeats, args.warmup)
+    peak = peak_gb(device, run)
     result = out.pop("result")
     parts = {k: round(v * 1e3, 2) for k, v in result.seconds.items()}  # device time on CUDA (events); total: host
     return dict(
@@ -293,7 +253,7 @@ def _blend_row(args, model, device, timer, plan, kvs, strategy, source, attentio
         source=source,
         attention=attention,
         ttft_ms=round(ttft, 2),
-        times_ms=_r(times),
+        times_ms=rounded(times),
         load_only_ms=None if load_ms is None else round(load_ms, 2),
         parts_ms=parts,
         load_waited_ms=parts.get("load") if source != "-" else None,
@@ -314,8 +274,8 @@ def bench_precompute(args, model, device: torch.device, rows: list) -> None:
         ]
         budget = args.precompute_chunks * (length + len(model.sink_ids))
         repeats, warmup = min(3, args.repeats), min(1, args.warmup)
-        one, _ = _median(timer, lambda: precompute_many(model, chunks, 0), repeats, warmup)
-        packed, _ = _median(timer, lambda: precompute_many(model, chunks, budget), repeats, warmup)
+        one, _ = median_ms(timer, lambda: precompute_many(model, chunks, 0), repeats, warmup)
+        packed, _ = median_ms(timer, lambda: precompute_many(model, chunks, budget), repeats, warmup)
         row = dict(
             chunk_tokens=length,
             chunks=len(chunks),
@@ -329,48 +289,6 @@ def bench_precompute(args, model, device: torch.device, rows: list) -> None:
             f"({row['x_one_by_one']}x)",
             flush=True,
         )
-
-
-def bench_codecs(args, model, device: torch.device, table: list) -> None:
-    """Encode and decode GB/s of each codec on this model's chunk KV (see `gpu_sources.codec_rows`)."""
-    g = torch.Generator().manual_seed(3)
-    chunks = [
-        torch.randint(3, model.config.vocab_size, (args.chunk_tokens,), generator=g).tolist()
-        for _ in range(args.codec_chunks)
-    ]
-    kvs = precompute_many(model, chunks, max_tokens_per_pass=args.pass_tokens)
-    print(f"{'codec':<10} {'chunks':>6} {'bits':>6} {'enc GB/s':>9} {'dec GB/s':>9} {'h2d+dec':>8} {'parity':>6}")
-    for row in codec_rows(args.codecs.split(","), kvs, device, min(3, args.repeats), host_chunks=1):
-        table.append(row)
-        print(
-            f"{row['codec']:<10} {row['chunks']:>6} {row['bits_per_value']:>6.2f} {row['encode_gb_s']:>9.2f} "
-            f"{row['device_decode_gb_s']:>9.2f} {row['device_h2d_decode_gb_s']:>8.2f} {row['device_parity']:>6.0f}",
-            flush=True,
-        )
-
-
-def _r(times: list[float]) -> list[float]:
-    return [round(t, 2) for t in times]
-
-
-_HEADER = (
-    f"{'tokens':>7} {'strategy':<16} {'source':<10} {'attn':<6} {'TTFT ms':>9} {'x HF':>6} {'limit':>6} "
-    f"{'load ms':>8} {'waited':>7} {'peak GB':>8} {'recomp':>7}"
-)
-
-
-def _print_row(r: dict) -> None:
-    def f(key, fmt):
-        v = r.get(key)
-        return format(v, fmt) if isinstance(v, (int, float)) else format("-", fmt.split(".")[0].rstrip("f"))
-
-    print(
-        f"{r['tokens']:>7} {r['strategy']:<16} {r['source']:<10} {r['attention']:<6} {f('ttft_ms', '>9.1f')} "
-        f"{f('x_hf', '>6.2f')} {f('limit_x', '>6.2f')} {f('load_only_ms', '>8.1f')} {f('load_waited_ms', '>7.1f')} "
-        f"{f('peak_gb', '>8.2f')} "
-        f"{f('recompute_fraction', '>7.3f')}",
-        flush=True,
-    )
 
 
 def parse_args(argv: list[str] | None):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ragkv.chunk_cache import ChunkKey
+from ragkv.chunk_cache import ChunkKey, precompute_many
 from ragkv.compression import DecodePool, get_codec
 
 
@@ -76,3 +76,21 @@ def codec_rows(codecs: list[str], kvs, device: torch.device, repeat: int, host_c
             )
         )
     return rows
+
+
+def bench_codecs(args, model, device: torch.device, table: list) -> None:
+    """Encode and decode GB/s of each codec on this model's chunk KV (`codec_rows`), printed and added to `table`."""
+    g = torch.Generator().manual_seed(3)
+    chunks = [
+        torch.randint(3, model.config.vocab_size, (args.chunk_tokens,), generator=g).tolist()
+        for _ in range(args.codec_chunks)
+    ]
+    kvs = precompute_many(model, chunks, max_tokens_per_pass=args.pass_tokens)
+    print(f"{'codec':<10} {'chunks':>6} {'bits':>6} {'enc GB/s':>9} {'dec GB/s':>9} {'h2d+dec':>8} {'parity':>6}")
+    for row in codec_rows(args.codecs.split(","), kvs, device, min(3, args.repeats), host_chunks=1):
+        table.append(row)
+        print(
+            f"{row['codec']:<10} {row['chunks']:>6} {row['bits_per_value']:>6.2f} {row['encode_gb_s']:>9.2f} "
+            f"{row['device_decode_gb_s']:>9.2f} {row['device_h2d_decode_gb_s']:>8.2f} {row['device_parity']:>6.0f}",
+            flush=True,
+        )
