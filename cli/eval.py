@@ -50,9 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--record-context",
         default="reversed",
-        choices=("reversed", "same", "none"),
-        help="cachecraft's chunk metadata comes from a context pass over the sample's chunks in this "
-        "order (default reversed: other neighbours; same: this prompt, an upper bound; none: nothing)",
+        choices=("reversed", "same", "new-first", "none"),
+        help="cachecraft's chunk metadata (and KV variants) come from a context pass over the sample's chunks "
+        "in this order (default reversed: other neighbours; same: this prompt, an upper bound; new-first: "
+        "this prompt without its first chunk; none: nothing)",
     )
     p.add_argument(
         "--craft-variants",

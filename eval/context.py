@@ -5,8 +5,10 @@ Cache-Craft learns a chunk's metadata when the chunk was used in an earlier prom
 chunks are new, so a context pass (`Engine.record_context`, engine/context_pass.py) over the same chunks
 stands in for that earlier prompt: `reversed` (default: every chunk sees different neighbours before
 it), `same` (the evaluated order: the same passages recurring in the same order, so with
-`blend.craft_variants > 0` every chunk after the first finds an exact KV variant) or `none` (nothing
-recorded: every chunk takes cachecraft's query-aware fallback).
+`blend.craft_variants > 0` every chunk after the first finds an exact KV variant), `new-first` (the
+evaluated order without its first chunk: a new passage arrives in front of recurring ones, so each
+later chunk finds a variant that lacks one of the chunks now before it) or `none` (nothing recorded:
+every chunk takes cachecraft's query-aware fallback).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 
 from ..engine.engine import Engine
 
-ORDERS = ("reversed", "same", "none")
+ORDERS = ("reversed", "same", "new-first", "none")
 
 
 def record_sample_context(engine: Engine, question: str, chunks: Sequence[Sequence[int]], order: str) -> None:
@@ -25,5 +27,9 @@ def record_sample_context(engine: Engine, question: str, chunks: Sequence[Sequen
         raise ValueError(f"unknown context order {order!r}; accepted: {', '.join(ORDERS)}")
     if order == "none" or not chunks:
         return
-    seq = list(range(len(chunks)))[::-1] if order == "reversed" else list(range(len(chunks)))
+    seq = {"reversed": list(range(len(chunks)))[::-1], "same": list(range(len(chunks)))}.get(
+        order, list(range(1, len(chunks)))
+    )
+    if not seq:
+        return
     engine.record_context(question, chunks=[list(chunks[i]) for i in seq])

@@ -215,3 +215,15 @@ def test_engine_context_pass_stores_variants_that_a_recurring_prompt_reuses():
     plain = off.run(QUESTION, PASSAGES, strategy="cachecraft", recompute_ratio=0.15)
     assert [d.source for d in plain.blend.chunk_decisions] == ["base"] * len(PASSAGES)
     assert plain.blend.recompute_fraction > run.blend.recompute_fraction
+
+
+def test_a_new_first_passage_leaves_later_chunks_partial_variants():
+    from ragkv.eval.context import record_sample_context
+
+    engine = tiny_engine()
+    chunks = engine.tokenize_chunks(PASSAGES)
+    record_sample_context(engine, QUESTION, chunks, "new-first")  # context: passages 1, 2 only
+    run = engine.run(QUESTION, chunks=chunks, strategy="cachecraft", recompute_ratio=0.3)
+    first, second, third = run.blend.chunk_decisions
+    assert (first.source, second.source) == ("base", "base")  # passage 1 led the context: no variant of it
+    assert third.used_variant and third.overlap == 0.5 and third.reason == ""  # saw passage 1, not passage 0
