@@ -3,16 +3,22 @@ every token chosen before layer 0 (no check layer, no full layers).
 
 For each chunk of the prompt, the metadata recorded when it was last seen in context
 (`storage/metadata.py`, written by `blend/chunk_metadata.py`) gives its CCI and the ranking of its
-tokens by attention to the chunks before it. The stored KV was computed with no chunk before it, so its
-context overlap with the new prompt is 1 for the first chunk (nothing before it now either) and 0
-otherwise; the chunk's weight is CCI * (1 - overlap). Budgets:
+tokens by attention to the chunks before it. The Engine picks the KV each chunk loads
+(`blend/variant_choice.py`): its base entry (computed with no chunk before it: overlap 1 for the first
+chunk, 0 otherwise) or the stored variant whose preceding chunks overlap the prompt's most. The chunk's
+weight is CCI * (1 - overlap). Per chunk, one decision (`ChunkDecision`, in the blend result):
+- an exact variant (computed after exactly the chunks now before it, in order) is reused as is: 0 tokens;
 - `config.craft_alpha > 0`: chunk fraction = min(1, alpha * weight) (Cache-Craft's rule);
-- `craft_alpha == 0` (default): `ratio` of all chunk tokens, each chunk first getting
-  `craft_min_share` of its even share, the rest split in proportion to weight x length (capped at the
-  whole chunk), so cachecraft@r recomputes as many tokens as cacheblend@r would after its check layer.
-A chunk keeps the first tokens of its ranking; with `select="query"` (`cachecraft+query`) it keeps the
-tokens the question attends to most instead. Chunks with no metadata (seen for the first time) fall
-back to the query-aware choice (`blend/query_select.py`) at `ratio` of their tokens.
+- `craft_alpha == 0` (default): `ratio` of the chunk tokens, a variant's tokens counted x (1 - overlap)
+  (so a partial variant shrinks the budget), split with each chunk first getting `craft_min_share` of
+  its even share, the rest in proportion to weight x length (capped at the whole chunk); with base
+  entries only, cachecraft@r recomputes as many tokens as cacheblend@r would after its check layer;
+- early stop (`craft_focus > 0`): a chunk whose share of the question's attention (scout pass) is
+  below `craft_focus` recomputes nothing.
+Its action is "reuse" (0 tokens), "fix" (some) or "recompute" (all). A chunk keeps the first tokens of
+its ranking; with `select="query"` (`cachecraft+query`) the tokens the question attends to most instead.
+Chunks with no metadata (seen for the first time) fall back to the query-aware choice
+(`blend/query_select.py`) at the same budget rule.
 """
 
 from __future__ import annotations
@@ -27,17 +33,9 @@ from ..storage.metadata import ChunkMetadata, MetadataStore
 from .config import BlendConfig
 from .query_select import question_attention, top_rows
 from .strategies import Strategy
+from .variant_choice import ChunkDecision, SourceChoice, base_choices, overlap
 
-
-def overlap(variant_preceding: Sequence[ChunkKey], prompt_preceding: Sequence[ChunkKey]) -> float:
-    """Share of the chunks now before a chunk that were also before it when its KV was computed, in
-    the same relative order (1 when nothing is before it now)."""
-    if not prompt_preceding:
-        return 1.0
-    earlier = [k for k in variant_preceding if k in set(prompt_preceding)]
-    kept = [k for k in prompt_preceding if k in set(earlier)]
-    in_order = sum(a == b for a, b in zip(earlier, kept))  # order penalised: a reordered chunk counts 0
-    return in_order / len(prompt_preceding)
+__all__ = ["CacheCraft", "allocate", "overlap"]
 
 
 def allocate(weights: Sequence[float], lengths: Sequence[int], total: int, min_share: float) -> list[int]:
@@ -70,7 +68,7 @@ def allocate(weights: Sequence[float], lengths: Sequence[int], total: int, min_s
 
 
 class CacheCraft(Strategy):
-    """Per-chunk reuse-and-fix from recorded metadata; tokens known before layer 0."""
+    """Per-chunk reuse-and-fix from recorded metadata and stored KV variants; tokens known before layer 0."""
 
     name = "cachecraft"
 
@@ -78,44 +76,64 @@ class CacheCraft(Strategy):
         super().__init__(ratio, config)
         self.keys: list[ChunkKey] | None = None
         self.metadata: MetadataStore | None = None
+        self.choices: list[SourceChoice] | None = None
         self._chosen: torch.Tensor | None = None
         self.fractions: list[float] = []  # per chunk, set by prepare: recomputed share of its tokens
+        self._decisions: list[ChunkDecision] = []
 
     @property
     def label(self) -> str:
         suffix = "+query" if self.config.select == "query" else ""
         return f"{self.name}{suffix}@{self.ratio:g}"
 
-    def bind(self, keys: Sequence[ChunkKey], metadata: MetadataStore) -> None:
-        """The keys of the plan's chunks (plan order) and where their metadata lives."""
+    def bind(
+        self, keys: Sequence[ChunkKey], metadata: MetadataStore, choices: Sequence[SourceChoice] | None = None
+    ) -> None:
+        """The keys of the plan's chunks (plan order), where their metadata lives, and the KV each chunk
+        loads (`choose_sources`; None: every chunk its base entry)."""
         self.keys, self.metadata = list(keys), metadata
+        self.choices = list(choices) if choices is not None else base_choices(self.keys)
+        if len(self.choices) != len(self.keys):
+            raise ValueError(f"cachecraft bound to {len(self.keys)} keys and {len(self.choices)} sources")
+
+    def decisions(self) -> list[ChunkDecision]:
+        return list(self._decisions)
 
     def prepare(self, model, plan, sources):
         spans = plan.chunk_spans
         metas: list[ChunkMetadata | None] = [None] * len(spans)
+        choices = self.choices or [None] * len(spans)
         if self.keys is not None and self.metadata is not None:
             if len(self.keys) != len(spans):
                 raise ValueError(f"cachecraft bound to {len(self.keys)} keys for {len(spans)} chunks")
             metas = self.metadata.get_many(self.keys)
         lengths = [end - start for start, end in spans]
         metas = [m if m is not None and m.num_tokens == n else None for m, n in zip(metas, lengths)]
-        chosen = torch.zeros(plan.num_tokens, dtype=torch.bool)
-        known = [i for i, m in enumerate(metas) if m is not None]
-        unknown = [i for i, m in enumerate(metas) if m is None]
+        ov = [c.overlap if c is not None else (1.0 if i == 0 else 0.0) for i, c in enumerate(choices)]
+        scale = [1.0 - o if c is not None and c.is_variant else 1.0 for c, o in zip(choices, ov)]
+        reasons = ["exact variant" if c is not None and c.exact else "" for c in choices]
         attention = None
-        if unknown or (known and self.config.select == "query"):
-            attention = question_attention(model, plan, sources, self.config.scout_layers) if self.ratio > 0 else None
+        focus = self.config.craft_focus > 0.0
+        if self.ratio > 0 and (focus or self.config.select == "query" or any(m is None for m in metas)):
+            attention = question_attention(model, plan, sources, self.config.scout_layers)
+        if focus and attention is not None:  # early stop: chunks the question barely looks at are reused
+            for i, (start, end) in enumerate(spans):
+                if not reasons[i] and float(attention[start:end].sum()) < self.config.craft_focus:
+                    reasons[i] = "unfocused"
+        live = [i for i in range(len(spans)) if not reasons[i]]
+        known = [i for i in live if metas[i] is not None]
+        unknown = [i for i in live if metas[i] is None]
+        chosen = torch.zeros(plan.num_tokens, dtype=torch.bool)
         counts = [0] * len(spans)
         if known:
-            # the stored KV was computed with no chunk before it: overlap with what precedes it now
-            weights = [metas[i].cci * (1.0 - overlap((), self.keys[:i])) for i in known]
+            weights = [metas[i].cci * (1.0 - ov[i]) for i in known]
             if self.config.craft_alpha > 0.0:
                 part = [
                     min(lengths[i], math.ceil(min(1.0, self.config.craft_alpha * w) * lengths[i] - 1e-9))
                     for i, w in zip(known, weights)
                 ]
             else:
-                total = math.ceil(self.ratio * sum(lengths[i] for i in known) - 1e-9)
+                total = math.ceil(self.ratio * sum(lengths[i] * scale[i] for i in known) - 1e-9)
                 part = allocate(weights, [lengths[i] for i in known], total, self.config.craft_min_share)
             for i, count in zip(known, part):
                 counts[i] = count
@@ -132,11 +150,22 @@ class CacheCraft(Strategy):
             mask = torch.zeros(plan.num_tokens, dtype=torch.bool)
             for i in unknown:
                 mask[spans[i][0] : spans[i][1]] = True
-            picked = top_rows(attention, mask, math.ceil(self.ratio * int(mask.sum()) - 1e-9))
+            total = math.ceil(self.ratio * sum(lengths[i] * scale[i] for i in unknown) - 1e-9)
+            picked = top_rows(attention, mask, total)
             chosen |= picked
             for i in unknown:
                 counts[i] = int(picked[spans[i][0] : spans[i][1]].sum())
         self.fractions = [c / n for c, n in zip(counts, lengths)]
+        self._decisions = [
+            ChunkDecision(
+                str(c.key) if c is not None and c.is_variant else "base",
+                ov[i],
+                "reuse" if counts[i] == 0 else "recompute" if counts[i] == lengths[i] else "fix",
+                counts[i],
+                reasons[i],
+            )
+            for i, c in enumerate(choices)
+        ]
         self._chosen = chosen
 
     def initial_tokens(self, plan, cached):

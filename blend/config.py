@@ -29,6 +29,8 @@ class BlendConfig:
     scout_layers: tuple[int, ...] = (2, 6, 12, 20, 29)
     craft_alpha: float = 0.0  # cachecraft: chunk budget = alpha * CCI * (1 - overlap); 0 = scale to the ratio
     craft_min_share: float = 0.25  # cachecraft: each chunk keeps at least this share of its even budget
+    craft_variants: int = 2  # cachecraft: KV variants kept per chunk (by preceding chunks); 0 = none stored or used
+    craft_focus: float = 0.0  # cachecraft early stop: chunks under this share of the question's attention: no fix
 
     def __post_init__(self) -> None:
         validate(self.strategy, self.recompute_ratio)
@@ -50,6 +52,10 @@ class BlendConfig:
             raise ValueError(f"craft_alpha must be >= 0 (0 scales budgets to the ratio), got {self.craft_alpha}")
         if not (0.0 <= self.craft_min_share <= 1.0):
             raise ValueError(f"craft_min_share must be within [0, 1], got {self.craft_min_share}")
+        if self.craft_variants < 0:
+            raise ValueError(f"craft_variants must be >= 0 (0 stores and uses no variants), got {self.craft_variants}")
+        if not (0.0 <= self.craft_focus < 1.0):
+            raise ValueError(f"craft_focus must be within [0, 1) (0: no early stop), got {self.craft_focus}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"unknown deviation {self.deviation!r}; accepted: {', '.join(DEVIATIONS)}")
 

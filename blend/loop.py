@@ -33,6 +33,7 @@ class BlendResult:
     recompute_fraction: float  # chunk rows recomputed / chunk rows, averaged over layers
     num_tokens: int  # N: prompt rows filled in every buffer
     seconds: dict[str, float] = field(default_factory=dict)  # load, rerotate, recompute, first_token
+    chunk_decisions: list = field(default_factory=list)  # per chunk, the strategy's decision (cachecraft)
 
     def prompt_kv(self, num_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K, V) views [1, H_kv, n, D] of the first `num_tokens` rows (the prompt's N by default)."""
@@ -151,7 +152,7 @@ def blend(
     seconds = clock.seconds()  # load, rerotate, recompute, first_token
     seconds["total"] = time.perf_counter() - t_start
     fraction = recomputed / (num_cached * model.num_layers) if num_cached else 1.0
-    return BlendResult(buffers, logits, fraction, n, seconds)
+    return BlendResult(buffers, logits, fraction, n, seconds, strategy.decisions())
 
 
 class _Clock:

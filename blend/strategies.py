@@ -58,6 +58,10 @@ class Strategy(ABC):
         and their K/V deviation: [S] bool of the active tokens to keep computing."""
         return torch.ones_like(is_cached)
 
+    def decisions(self) -> list:
+        """Per chunk, what the strategy decided (cachecraft's `ChunkDecision`s); empty for the others."""
+        return []
+
     @property
     def label(self) -> str:
         return self.name if self.name in ("full", "prefix", "naive") else f"{self.name}@{self.ratio:g}"

@@ -2,7 +2,8 @@
 
 A key is a SHA-256 over (model fingerprint, tokenizer fingerprint, token ids) plus a namespace (the
 tenant). It never uses Python's `hash()`, which changes per process, so keys survive restarts and
-are shared between machines.
+are shared between machines. `key.variant(preceding)` names the same chunk's KV as computed after
+other chunks (a KV variant, stored beside the base entry).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _KEY_VERSION = b"ragkv-chunk-v1"
+_VARIANT_VERSION = b"ragkv-chunk-variant-v1"
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -48,6 +50,18 @@ class ChunkKey:
             h.update(b"\0" + part.encode())
         h.update(b"\0" + np.asarray(token_ids, dtype=np.int64).tobytes())
         return cls(namespace=namespace, digest=h.hexdigest())
+
+    def variant(self, preceding: Sequence[ChunkKey]) -> ChunkKey:
+        """Key of this chunk's KV as computed in context, after the chunks `preceding` (in prompt order):
+        a SHA-256 of this key and the ordered preceding keys, in this key's namespace. With nothing
+        before it the KV is the isolated precompute, so the key is this key itself."""
+        if not preceding:
+            return self
+        h = hashlib.sha256(_VARIANT_VERSION)
+        h.update(b"\0" + str(self).encode())
+        for key in preceding:
+            h.update(b"\0" + str(key).encode())
+        return ChunkKey(namespace=self.namespace, digest=h.hexdigest())
 
     @classmethod
     def parse(cls, text: str) -> ChunkKey:

@@ -53,14 +53,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--record-context",
         default="reversed",
-        choices=("reversed", "same", "none"),
-        help="cachecraft's chunk metadata comes from a context pass over the sample's chunks in this "
-        "order (default reversed: other neighbours; same: this prompt, an upper bound; none: nothing)",
+        choices=("reversed", "same", "new-first", "none"),
+        help="cachecraft's chunk metadata (and KV variants) come from a context pass over the sample's chunks "
+        "in this order (default reversed: other neighbours; same: this prompt, an upper bound; new-first: "
+        "this prompt without its first chunk; none: nothing)",
+    )
+    p.add_argument(
+        "--craft-variants",
+        type=int,
+        default=None,
+        help="KV variants kept per chunk (blend.craft_variants, default 2): the context pass stores each chunk's "
+        "in-context KV and cachecraft loads the closest; 0: no variants",
     )
     add_trace_args(p)
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
-    add_settings_args(p, namespace=False)
+    add_settings_args(p, {"craft_variants": "blend.craft_variants"}, namespace=False)
     p.set_defaults(func=run)
 
 
@@ -114,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         "decode_workers": args.decode_workers,
         "retrieve_k": args.retrieve,
         "record_context": args.record_context,
+        "craft_variants": settings.blend.craft_variants,
         "results": summary,
         "samples": rows,
     }

@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from ..blend import BlendPlan, BlendResult, blend, extend, make_plan, make_strategy, to_dynamic_cache
+from ..blend.variant_choice import base_choices, choose_sources
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
 from ..compression.layered import DTYPES
 from ..models import ModelAdapter, load_adapter
@@ -24,6 +25,7 @@ from ..storage.lease import compute_once
 from ..storage.metadata import metadata_store
 from .answer import Answer
 from .config import EngineConfig
+from .context_pass import ContextPassReport, context_pass
 from .decode import decode
 from .full_prefill import full_prefill
 from .ingest import IngestConfig, Ingester, IngestReport
@@ -229,13 +231,23 @@ class Engine:
         if missing:  # a part with nothing to do takes no lap: it stays exactly 0
             misses = self._count_shared(keys, self._precompute(missing), hits, misses)
             watch.lap("precompute")
-        if keys and hasattr(fuse, "bind"):  # cachecraft reads the chunks' recorded metadata
-            fuse.bind(keys, metadata_store(self.store))
-        with self.store.pinned(keys):  # nothing this request reads is evicted under it
+        loads, meta, choices = keys, None, None  # the store keys read: a chunk's base entry or a KV variant
+        if keys and hasattr(fuse, "bind"):  # cachecraft: recorded metadata, and the variant each chunk loads
+            meta = metadata_store(self.store)
+            choices = choose_sources(keys, meta, self.store) if self.config.blend.craft_variants else None
+            fuse.bind(keys, meta, choices)
+            loads = [c.key for c in choices] if choices else keys
+        variant_keys = [v for v, k in zip(loads, keys) if v != k]
+        with self.store.pinned(keys + variant_keys):  # nothing this request reads is evicted under it
             sources: list[tuple[int, LayeredKV]] = []
             if keys:
-                found = self.store.get_layered_many(keys)  # file reads and checksums; layers decode lazily
+                found = self.store.get_layered_many(loads)  # file reads and checksums; layers decode lazily
                 watch.lap("load")
+                for i, kv in enumerate(found):  # a variant vanished since lookup: its base entry instead
+                    if kv is None and loads[i] != keys[i]:
+                        choices[i] = base_choices(keys)[i]
+                        fuse.bind(keys, meta, choices)
+                        found[i] = self.store.get_layered(keys[i])
                 if None in found:  # vanished or corrupt since lookup: compute it now, once cluster-wide
                     misses += self._recompute_vanished(keys, chunk_ids, found)
                     watch.lap("precompute")
@@ -261,6 +273,16 @@ class Engine:
                     parts[part] += seconds * 1e3
                     parts["other"] -= seconds * 1e3
             yield RunResult(plan, result, watch.elapsed_ms(), parts, hits, misses)
+            if choices:  # upkeep, after the first token: the variants this prompt loaded were reused once more
+                meta.count_reuses([c.key for c in choices if c.is_variant])
+
+    def record_context(
+        self, question: str, documents: Sequence[str] | None = None, *, chunks=None, namespace: str | None = None
+    ) -> ContextPassReport:
+        """A context pass over `documents` (texts) or `chunks` (token ids) in this order: records their
+        chunk metadata and, with `blend.craft_variants > 0`, their in-context KV variants for cachecraft."""
+        chunk_ids = list(chunks) if chunks is not None else self.tokenize_chunks(documents or [])
+        return context_pass(self, question, chunk_ids, namespace or self.config.namespace)
 
     @torch.inference_mode()
     def teacher_forced_logits(self, result: BlendResult, forced: torch.Tensor) -> torch.Tensor:

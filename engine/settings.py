@@ -93,6 +93,8 @@ class BlendSettings(_Section):
     scout_layers: tuple[int, ...] = (2, 6, 12, 20, 29)  # where the question's attention is measured (select=query)
     craft_alpha: float = Field(0.0, ge=0.0)  # cachecraft: chunk budget = alpha * CCI * (1 - overlap); 0: the ratio
     craft_min_share: float = Field(0.25, ge=0.0, le=1.0)  # cachecraft: floor of each chunk's even budget share
+    craft_variants: int = Field(2, ge=0)  # cachecraft: KV variants per chunk (by preceding chunks); 0: none
+    craft_focus: float = Field(0.0, ge=0.0, lt=1.0)  # cachecraft early stop: question-attention share floor
 
 
 class RetrieverSettings(_Section):

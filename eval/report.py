@@ -16,6 +16,8 @@ COLUMNS = (
     "speedup_vs_full",
     "speedup_vs_hf",
     "recompute_fraction",
+    "recomputed_chunk_tokens",
+    "variants_used",
 )
 
 
@@ -24,7 +26,11 @@ def markdown_table(results: dict[str, dict]) -> str:
     lines = ["| strategy | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for label, row in results.items():
         cells = [
-            f"{row[c]:.0f}" if c == "ttft_ms_median" else f"{row[c]:.4f}" if c.startswith("kl") else f"{row[c]:.3f}"
+            f"{row[c]:.0f}"
+            if c in ("ttft_ms_median", "recomputed_chunk_tokens")
+            else f"{row[c]:.4f}"
+            if c.startswith("kl")
+            else f"{row[c]:.3f}"
             for c in COLUMNS
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

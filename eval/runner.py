@@ -76,6 +76,7 @@ def evaluate_sample(
             reserve=max(max_new_tokens, TEACHER_TOKENS),
         )
         n = run.prompt_tokens
+        chunk_tokens = sum(end - start for start, end in run.plan.chunk_spans)  # rows a layer may recompute
         answer_ids = list(engine.answer_ids(run.blend, max_new_tokens))
         text = engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
         if reference is None:
@@ -99,6 +100,8 @@ def evaluate_sample(
             "answer": text,
             "prompt_tokens": n,
             "misses": run.misses,
+            "recomputed_chunk_tokens": run.blend.recompute_fraction * chunk_tokens,
+            "variants_used": sum(d.used_variant for d in run.blend.chunk_decisions),
         }
     full_ttft = out["full"]["ttft_ms"]
     for row in out.values():
@@ -118,6 +121,8 @@ def summarize(per_sample: Sequence[dict[str, dict]]) -> dict[str, dict]:
         "top1_agreement",
         "rouge_l_vs_full",
         "recompute_fraction",
+        "recomputed_chunk_tokens",
+        "variants_used",
     )
     summary = {}
     for label in labels:

@@ -3,9 +3,10 @@
 Per chunk key (hence per model fingerprint, tokenizer and namespace): its cache context impact (CCI,
 how much it attends to the chunks before it), the ranking of its tokens by attention to those chunks
 (most context-dependent first, a compact uint16/uint32 blob, not per-token rows), and the keys of the
-chunks that preceded it. A store with a disk tier keeps it in that tier's SQL catalog database (table
-`ragkv_chunk_metadata`); a memory-only store keeps it in memory. `metadata_store(store)` gives the one
-metadata store of a TieredStore.
+chunks that preceded it; and which KV variants of it are stored (`storage/variants.py`: a
+`VariantRecord` per variant). A store with a disk tier keeps it in that tier's SQL catalog database
+(tables `ragkv_chunk_metadata`, `ragkv_chunk_variants`); a memory-only store keeps it in memory.
+`metadata_store(store)` gives the one metadata store of a TieredStore.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import sqlalchemy as sa
 
 from ..chunk_cache import ChunkKey
+from .variants import VariantRecord
 
 _META = sa.MetaData()
 METADATA = sa.Table(
@@ -31,6 +33,17 @@ METADATA = sa.Table(
     sa.Column("num_tokens", sa.Integer, nullable=False),
     sa.Column("ranking", sa.LargeBinary, nullable=False),
     sa.Column("preceding", sa.Text, nullable=False),  # JSON list of "namespace/digest"
+)
+VARIANTS = sa.Table(
+    "ragkv_chunk_variants",
+    _META,
+    sa.Column("key", sa.String(160), primary_key=True),
+    sa.Column("base", sa.String(160), nullable=False, index=True),
+    sa.Column("preceding", sa.Text, nullable=False),  # JSON list of "namespace/digest"
+    sa.Column("nbytes", sa.BigInteger, nullable=False),
+    sa.Column("compute_saved", sa.Float, nullable=False),
+    sa.Column("reuses", sa.Integer, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
 )
 
 
@@ -67,7 +80,7 @@ class ChunkMetadata:
 
 
 class MetadataStore(ABC):
-    """Chunk metadata by key; `put` replaces what was there."""
+    """Chunk metadata by key; `put` replaces what was there. Variant records by base key."""
 
     @abstractmethod
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkMetadata | None]: ...
@@ -81,12 +94,29 @@ class MetadataStore(ABC):
     def get(self, key: ChunkKey) -> ChunkMetadata | None:
         return self.get_many([key])[0]
 
+    @abstractmethod
+    def variants_of(self, bases: Sequence[ChunkKey]) -> list[list[VariantRecord]]:
+        """Per base key, the records of its stored variants (oldest first)."""
+
+    @abstractmethod
+    def put_variant(self, record: VariantRecord) -> None:
+        """Add or replace the record of `record.key`."""
+
+    @abstractmethod
+    def drop_variants(self, keys: Sequence[ChunkKey]) -> None:
+        """Forget the records of these variant keys."""
+
+    @abstractmethod
+    def count_reuses(self, keys: Sequence[ChunkKey]) -> None:
+        """One more reuse for each of these variant keys (unknown keys are ignored)."""
+
 
 class MemoryMetadata(MetadataStore):
     """In-process metadata (a memory-only store)."""
 
     def __init__(self) -> None:
         self._rows: dict[ChunkKey, ChunkMetadata] = {}
+        self._variants: dict[ChunkKey, VariantRecord] = {}
         self._lock = threading.Lock()
 
     def get_many(self, keys):
@@ -101,6 +131,26 @@ class MemoryMetadata(MetadataStore):
         with self._lock:
             for k in keys:
                 self._rows.pop(k, None)
+
+    def variants_of(self, bases):
+        with self._lock:
+            ordered = sorted(self._variants.values(), key=lambda r: (r.created, str(r.key)))
+            return [[r for r in ordered if r.base == b] for b in bases]
+
+    def put_variant(self, record):
+        with self._lock:
+            self._variants[record.key] = record
+
+    def drop_variants(self, keys):
+        with self._lock:
+            for k in keys:
+                self._variants.pop(k, None)
+
+    def count_reuses(self, keys):
+        with self._lock:
+            for k in keys:
+                if k in self._variants:
+                    self._variants[k] = replace(self._variants[k], reuses=self._variants[k].reuses + 1)
 
 
 class SqlMetadata(MetadataStore):
@@ -139,8 +189,54 @@ class SqlMetadata(MetadataStore):
             with self.engine.begin() as conn:
                 conn.execute(sa.delete(METADATA).where(METADATA.c.key.in_(names)))
 
+    def variants_of(self, bases):
+        names = [str(b) for b in bases]
+        query = sa.select(VARIANTS).where(VARIANTS.c.base.in_(names)).order_by(VARIANTS.c.created, VARIANTS.c.key)
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(query).mappings())
+        return [[_variant_of(r) for r in rows if r["base"] == name] for name in names]
+
+    def put_variant(self, record):
+        values = dict(
+            key=str(record.key),
+            base=str(record.base),
+            preceding=json.dumps([str(p) for p in record.preceding]),
+            nbytes=record.nbytes,
+            compute_saved=record.compute_saved,
+            reuses=record.reuses,
+            created=record.created,
+        )
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(VARIANTS).where(VARIANTS.c.key == values["key"]))
+            conn.execute(sa.insert(VARIANTS).values(**values))
+
+    def drop_variants(self, keys):
+        names = [str(k) for k in keys]
+        if names:
+            with self.engine.begin() as conn:
+                conn.execute(sa.delete(VARIANTS).where(VARIANTS.c.key.in_(names)))
+
+    def count_reuses(self, keys):
+        names = [str(k) for k in keys]
+        if names:
+            with self.engine.begin() as conn:
+                conn.execute(sa.update(VARIANTS).where(VARIANTS.c.key.in_(names)).values(reuses=VARIANTS.c.reuses + 1))
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _variant_of(row) -> VariantRecord:
+    preceding = tuple(ChunkKey.parse(p) for p in json.loads(row["preceding"]))
+    return VariantRecord(
+        ChunkKey.parse(row["key"]),
+        ChunkKey.parse(row["base"]),
+        preceding,
+        int(row["nbytes"]),
+        float(row["compute_saved"]),
+        int(row["reuses"]),
+        float(row["created"]),
+    )
 
 
 _BY_STORE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -27,3 +27,18 @@ def test_evaluate_sample_reports_speedups_against_full_and_hf():
     summary = summarize([rows])
     assert summary["naive"]["speedup_vs_hf"] == pytest.approx(rows["naive"]["speedup_vs_hf"])
     assert summary["full"]["hf_ttft_ms_median"] == hf
+
+
+@pytest.mark.parametrize("variants", [2, 0])
+def test_eval_counts_the_variants_cachecraft_used(variants):
+    from ragkv.blend import BlendConfig
+
+    engine = tiny_engine(blend=BlendConfig(craft_variants=variants))
+    sample = Sample("s1", "Where does the river bend?", tuple(PASSAGES), ("the stone bridge",))
+    specs = [Spec("full"), Spec("cachecraft", 0.15)]
+    rows = evaluate_sample(engine, sample, specs, max_new_tokens=2, context="same")
+    craft = rows["cachecraft@0.15"]
+    assert craft["variants_used"] == (len(PASSAGES) - 1 if variants else 0)  # every chunk after the first
+    chunk_tokens = sum(len(c) for c in engine.tokenize_chunks(PASSAGES))
+    assert craft["recomputed_chunk_tokens"] == pytest.approx(craft["recompute_fraction"] * chunk_tokens)
+    assert rows["full"]["recomputed_chunk_tokens"] == chunk_tokens and rows["full"]["variants_used"] == 0

@@ -87,6 +87,8 @@ def test_specs_and_summary_table():
         "top1_agreement": 1.0,
         "rouge_l_vs_full": 1.0,
         "recompute_fraction": 0.2,
+        "recomputed_chunk_tokens": 16.0,
+        "variants_used": 0,
         "prompt_tokens": 100,
     }
     summary = summarize(

@@ -1,0 +1,91 @@
+"""Which KV each chunk of a prompt loads (its base entry or one of its stored variants), and what
+cachecraft decided for it.
+
+A chunk's base entry was computed with no chunk before it; a variant (`storage/variants.py`) after the
+chunks it records. `choose_sources` picks, per chunk, the stored variant whose preceding chunks
+overlap the chunks now before it most (`overlap`: in order, foreign ones count against it), or the
+base entry when no variant overlaps more. cachecraft then budgets the chunk's recompute with
+CCI x (1 - overlap of the chosen source) and reports a `ChunkDecision` per chunk in the blend result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..chunk_cache import ChunkKey
+
+ACTIONS = ("reuse", "fix", "recompute")  # nothing recomputed / some tokens / every token of the chunk
+
+
+def overlap(variant_preceding: Sequence[ChunkKey], prompt_preceding: Sequence[ChunkKey]) -> float:
+    """How much of the context a chunk's KV was computed in is the context it has now: the chunks before
+    it in both, in the same relative order (a reordered chunk counts 0), over the larger of the two
+    lists, so chunks missing now and chunks that were not there both count against it. 1 when nothing
+    is before it in either (the base entry of a prompt's first chunk)."""
+    if not prompt_preceding and not variant_preceding:
+        return 1.0
+    now = set(prompt_preceding)
+    earlier = [k for k in variant_preceding if k in now]
+    common = set(earlier)
+    kept = [k for k in prompt_preceding if k in common]
+    in_order = sum(a == b for a, b in zip(earlier, kept))
+    return in_order / max(len(prompt_preceding), len(variant_preceding))
+
+
+@dataclass(frozen=True)
+class SourceChoice:
+    """The KV one chunk loads."""
+
+    key: ChunkKey  # the base key, or the chosen variant's key
+    preceding: tuple[ChunkKey, ...]  # the chunks before it when that KV was computed (none: the base)
+    overlap: float  # overlap(preceding, the chunks before it in this prompt)
+
+    @property
+    def is_variant(self) -> bool:
+        return bool(self.preceding)
+
+    @property
+    def exact(self) -> bool:
+        """A variant computed in this very context: its rows are the full prefill's."""
+        return self.is_variant and self.overlap >= 1.0
+
+
+def base_choices(keys: Sequence[ChunkKey]) -> list[SourceChoice]:
+    """Every chunk loads its base entry."""
+    return [SourceChoice(key, (), overlap((), keys[:i])) for i, key in enumerate(keys)]
+
+
+def choose_sources(keys: Sequence[ChunkKey], metadata, store) -> list[SourceChoice]:
+    """Per chunk (`keys` in prompt order): the variant recorded in `metadata` (a MetadataStore) and held
+    by `store` (a TieredStore: `lookup`, no I/O) whose preceding chunks overlap the chunks before it now
+    most (ties: more reuses), if it overlaps more than the base entry does; else the base entry."""
+    choices = base_choices(keys)
+    distinct = list(dict.fromkeys(keys))
+    by_base = dict(zip(distinct, metadata.variants_of(distinct)))
+    records = [r for rs in by_base.values() for r in rs]
+    held = dict(zip((r.key for r in records), store.lookup([r.key for r in records]))) if records else {}
+    for i, key in enumerate(keys):
+        before = tuple(keys[:i])
+        scored = [(overlap(r.preceding, before), r.reuses, r) for r in by_base[key] if held.get(r.key)]
+        if not scored:
+            continue
+        best, _, record = max(scored, key=lambda s: (s[0], s[1]))
+        if best > choices[i].overlap:
+            choices[i] = SourceChoice(record.key, record.preceding, best)
+    return choices
+
+
+@dataclass(frozen=True)
+class ChunkDecision:
+    """What cachecraft did with one chunk of the prompt."""
+
+    source: str  # "base", or the variant's key ("namespace/digest")
+    overlap: float  # of the loaded KV's context with the prompt's
+    action: str  # one of ACTIONS
+    recomputed: int  # chunk tokens recomputed from layer 0
+    reason: str = ""  # "exact variant", "unfocused" (early stop), "" otherwise
+
+    @property
+    def used_variant(self) -> bool:
+        return self.source != "base"
