@@ -113,21 +113,23 @@ def test_epic_rounds_per_chunk_and_cacheblend_over_the_request(trace_dir):
 
 def test_cachecraft_uses_the_best_variant_and_its_budget_rule(trace_dir):
     summary, kept = _run(trace_dir, "cachecraft", keep=range(5))
-    # alpha 0.5, CCI 1: a hit recomputes ceil(0.5 x (1 - overlap) x length); the first passage has overlap 1.
-    # r1: 11 first (0), 10 after 11 but its only variant had nothing before it (overlap 0: 50), and the
-    # context (10 after 11) becomes a second variant; r2, r3: variants match exactly (0); r4: 10 after 12
-    # matches neither variant (50); 12 first (0).
-    assert [kept[i].recomputed_chunk for i in range(5)] == [300, 50, 100, 0, 50]
-    assert [kept[i].recomputed_prompt for i in range(5)] == [425, 75, 115, 5, 55]
+    # alpha 0.5, CCI 1: a hit recomputes ceil(0.5 x (1 - overlap) x length). A miss stores the chunk's KV as
+    # computed in its context (a variant keyed by the passages before it). Overlap counts what was before the
+    # variant and is not now against it (blend/variant_choice.py). r1: 11 first, but its only variant was
+    # computed after 10 (overlap 0: 100) and 10 after 11 has only its first-position variant (0: 50), both
+    # contexts stored as new variants; r2, r3: variants match exactly (0), 12 misses in r2 (100); r4: 12 first
+    # after being computed after 10, 11 (0: 50), 10 after 12 matches neither variant (0: 50).
+    assert [kept[i].recomputed_chunk for i in range(5)] == [300, 150, 100, 0, 100]
+    assert [kept[i].recomputed_prompt for i in range(5)] == [425, 175, 115, 5, 105]
     assert [kept[i].chunk_overlaps for i in range(5)] == [
         [None, None],
-        [1.0, 0.0],
+        [0.0, 0.0],
         [1.0, 1.0, None],
         [1.0, 1.0],
-        [1.0, 0.0],
+        [0.0, 0.0],
     ]
-    assert summary["variant_hits"] == {"1": 5, "2": 3}
-    assert summary["exact_variant_share"] == pytest.approx(6 / 8)
+    assert summary["variant_hits"] == {"1": 3, "2": 5}
+    assert summary["exact_variant_share"] == pytest.approx(4 / 8)
 
 
 def test_cachecraft_keeps_at_most_max_variants_per_chunk(trace_dir):
@@ -136,9 +138,11 @@ def test_cachecraft_keeps_at_most_max_variants_per_chunk(trace_dir):
     state = StrategyReplay(parse_sim_strategies("cachecraft")[0], BIG, COSTS)
     for req in load_trace(trace_dir):
         state.run(req)
-    # chunk 10 was seen after nothing, after 11 and after 12: the least recently used variant (after 11) left
-    assert sorted(state.variants[10]) == [("variant", 10, ()), ("variant", 10, (12,))]
-    assert ("variant", 10, (11,)) not in state.store
+    # chunk 10 was seen after nothing, after 11 and after 12. In r4 (10 after 12) both held variants overlap
+    # 0 and the tie goes to the one used longest ago (after 11), which so became the most recent: the least
+    # recently used one (first position, last used in r3) left for the new variant after 12
+    assert sorted(state.variants[10]) == [("variant", 10, (11,)), ("variant", 10, (12,))]
+    assert ("variant", 10, ()) not in state.store
     assert all(k in state.store for k in state.variants[10])
 
 
@@ -195,8 +199,8 @@ def test_utility_policy_weighs_recent_reuse_and_saved_compute():
 def test_craft_ratio_and_sample_choice(trace_dir):
     requests = load_trace(trace_dir)
     _, kept = _run(trace_dir, "cachecraft", keep=[4])
-    # r4: 12 first (0 of 100), 10 with overlap 0 (ceil(0.5 x 100) = 50): 50 of 200
-    assert craft_ratio(requests[4], kept[4], 0.5, 1.0) == pytest.approx(50 / 200)
+    # r4: 12 first but computed after 10, 11 (overlap 0: 50 of 100), 10 with overlap 0 (50): 100 of 200
+    assert craft_ratio(requests[4], kept[4], 0.5, 1.0) == pytest.approx(100 / 200)
     assert craft_ratio(requests[4], None, 0.5, 1.0) == pytest.approx(50 / 200)  # a miss: context-free entry
     assert craft_recompute(100, 0.25, 0.5, 1.0) == 38 and craft_recompute(100, 0.0, 4.0, 1.0) == 100
     assert choose_sample(requests, 4, 1000) == [2, 3, 4]  # second half, >= 2 passages, small enough

@@ -37,13 +37,13 @@ def test_real_run_sample_against_full_prefill(tmp_path):
     strategies = parse_sim_strategies("prefix,cacheblend@0.15,epic@0.15,cachecraft")
     _, kept = replay(requests, strategies[-1], BIG, COSTS, keep=[4])
     out = run_sample(engine, requests, [4], kept, strategies, alpha=0.5, cci=1.0)
-    assert out["requests"] == [4] and out["cachecraft_ratio"] == {4: pytest.approx(0.25)}  # 50 of 200 tokens
+    assert out["requests"] == [4] and out["cachecraft_ratio"] == {4: pytest.approx(0.5)}  # 100 of 200 tokens (see test_trace_replay)
     results = out["results"]
     assert list(results) == ["full", "prefix", "cacheblend@0.15", "epic@0.15", "cachecraft"]
     assert results["full"]["kl_mean"] == 0.0 and results["full"]["top1_agreement"] == 1.0
     assert results["prefix"]["kl_mean"] < 1e-6  # exact reuse
     assert results["epic@0.15"]["recompute_fraction"] == pytest.approx(30 / 200)  # ceil(15) per 100-token chunk
-    assert results["cachecraft"]["recompute_fraction"] == pytest.approx(0.25)
+    assert results["cachecraft"]["recompute_fraction"] == pytest.approx(0.5)
     assert results["cacheblend@0.15"]["kl_mean"] > 0  # fused KV is not the full prefill's
     # passages of 100 tokens each, the question from the user input (5 tokens), inside the chat template
     assert results["full"]["prompt_tokens_mean"] > 200
