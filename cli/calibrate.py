@@ -32,7 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--value-group", default="0x1", help="V scale groups TOKENSxCHANNELS (default 0x1)")
     p.add_argument("--budget", type=float, default=2.5, help="bits/value, codes and grids (default 2.5)")
-    p.add_argument("--bands", type=int, default=6, help="equal bands of layers (default 6)")
+    p.add_argument(
+        "--bands",
+        default="6",
+        help="N equal bands of layers, or each band's first layer, e.g. 0,1,2,6,12,18,24 (bits then per layer; "
+        "default 6)",
+    )
     p.add_argument("--probe-bits", type=int, default=2, help="bits each band is probed at (default 2)")
     p.add_argument("--min-bits", type=int, default=1, help="fewest bits any band gets (default 1)")
     p.add_argument("--ratio", type=float, default=0.15, help="cacheblend recompute ratio (default 0.15)")
@@ -80,6 +85,20 @@ def parse_eval_data(spec: str) -> tuple[str, str]:
     return path, fmt
 
 
+def parse_bands(spec: str) -> int | list[int]:
+    try:
+        bands = [int(b) for b in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--bands takes N or first layers like 0,1,2,6; got {spec!r}") from None
+    if len(bands) == 1:
+        if bands[0] < 1:
+            raise ValueError(f"--bands needs at least 1 band; got {spec!r}")
+        return bands[0]
+    if bands[0] != 0 or any(a >= b for a, b in zip(bands, bands[1:])):
+        raise ValueError(f"--bands first layers must start at 0 and increase; got {spec!r}")
+    return bands
+
+
 def parse_group(spec: str) -> tuple[int, int]:
     tokens, sep, channels = spec.partition("x")
     if not sep or not tokens.isdigit() or not channels.isdigit() or int(channels) < 1:
@@ -103,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--budget {args.budget} leaves nothing above --min-bits {args.min_bits}")
     held_out = [parse_eval_data(s) for s in args.eval_data]  # bad specs fail before any model work
     groups = (parse_group(args.key_group), parse_group(args.value_group))
+    bands = parse_bands(args.bands)
     curve = [float(b) for b in args.curve.split(",") if b.strip()]
     if curve and min(curve) <= args.min_bits:
         raise ValueError(f"--curve budgets must exceed --min-bits {args.min_bits}; got {curve}")
@@ -116,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(args.model, storage=StorageConfig(tiers=(TierConfig("cpu", 1 << 30),)))
     prompts = [CalibrationPrompt.of(engine, s, args.max_tokens, args.chunk_tokens) for s in samples[: args.limit]]
     schedule = calibrate(
-        engine, prompts, args.budget, args.bands, args.probe_bits, args.min_bits, args.ratio, print, *groups
+        engine, prompts, args.budget, bands, args.probe_bits, args.min_bits, args.ratio, print, *groups
     )
     out = Path(args.out) if args.out else schedule_path(Path(config.data_dir) / "calibration", engine.model.fingerprint)
     schedule.save(out)

@@ -104,6 +104,10 @@ def test_calibrate_cli_rejects_bad_input_before_loading_a_model(capsys):
     assert "nothing above --min-bits" in capsys.readouterr().err
     assert main(["calibrate", "--curve", "0.5"]) == 2
     assert "--curve budgets" in capsys.readouterr().err
+    assert main(["calibrate", "--bands", "1,0,4"]) == 2
+    assert "start at 0 and increase" in capsys.readouterr().err
+    assert main(["calibrate", "--value-group", "1x"]) == 2
+    assert "TOKENSxCHANNELS" in capsys.readouterr().err
 
 
 def test_schedule_keeps_its_grid_geometry_and_older_files_load_per_channel(tmp_path):
