@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--bands", default="0,1,2,6,12,18,24", help="N equal bands, or each band's first layer")
     ap.add_argument("--probe-bits", type=int, default=2)
     ap.add_argument("--min-bits", type=int, default=1)
-    ap.add_argument("--budgets", default="2.0,2.5,3.0", help="calibrated schedules to measure ('' for none)")
+    ap.add_argument("--budgets", default="2.0,2.5,3.0", help="calibrated: BUDGET or BUDGET/MIN_BITS, ('' none)")
     ap.add_argument("--key-group", default="0x1", help="calibrated schedules' K grid geometry TOKENSxCHANNELS")
     ap.add_argument("--value-group", default="0x1", help="calibrated schedules' V grid geometry TOKENSxCHANNELS")
     ap.add_argument("--variants", default=";".join(DEFAULT_VARIANTS), help="';'-separated VARIANTS ('' for none)")
@@ -164,7 +164,7 @@ def main() -> None:
     held_out = load_prompts(engine, held_out_specs, args.max_tokens, args.chunk_tokens, cache)
     codecs = {name: VARIANTS[name] for name in args.variants.split(";") if name}
     measured = None
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if budgets:
         calibration = load_prompts(engine, calibration_specs, args.max_tokens, args.chunk_tokens, cache)
         overlap = {p.file.name for p in calibration} & {p.file.name for p in held_out}  # dataset, record, cut
@@ -188,9 +188,13 @@ def main() -> None:
             file.write_text(json.dumps(measured))
         print("sensitivity (excess kl_mean at probe bits):", json.dumps(measured["sensitivity_excess_kl"]))
         grid_bits = held_out[0].grid_bits(*groups)  # the grids' bits/value on typical chunks
-        for budget in budgets:
-            schedule = schedule_for_budget("-", {**measured, "grid_bits": grid_bits, "min_bits": args.min_bits}, budget)
-            name = f"packed calibrated @{budget:g} K({runs(schedule.key_bits)}) V({runs(schedule.value_bits)})"
+        for spec in budgets:  # BUDGET or BUDGET/MIN_BITS
+            budget, _, min_bits = spec.partition("/")
+            budget, min_bits = float(budget), int(min_bits or args.min_bits)
+            schedule = schedule_for_budget("-", {**measured, "grid_bits": grid_bits, "min_bits": min_bits}, budget)
+            floor = f" (min {min_bits} bits)" if min_bits != args.min_bits else ""
+            bits = f"K({runs(schedule.key_bits)}) V({runs(schedule.value_bits)})"
+            name = f"packed calibrated @{budget:g}{floor} {bits}"
             codecs[name] = packed(schedule.key_bits, schedule.value_bits, *groups)
     rows = []
     for prompt in held_out:
