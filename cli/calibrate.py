@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default 6)",
     )
     p.add_argument("--probe-bits", type=int, default=2, help="bits each band is probed at (default 2)")
-    p.add_argument("--min-bits", type=int, default=1, help="fewest bits any band gets (default 1)")
+    p.add_argument(
+        "--min-bits",
+        type=int,
+        default=2,
+        help="fewest bits any band gets (default 2: bands harmless at 2 bits were not at 1, docs/BENCHMARKS.md)",
+    )
     p.add_argument("--ratio", type=float, default=0.15, help="cacheblend recompute ratio (default 0.15)")
     p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id")
     p.add_argument("--data-dir", default=None, help="where schedules live (default: RAGKV_DATA_DIR or ~/.cache/ragkv)")

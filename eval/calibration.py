@@ -237,7 +237,7 @@ def calibrate(
     budget_bits: float,
     bands: Bands = 6,
     probe_bits: int = 2,
-    min_bits: int = 1,
+    min_bits: int = 2,  # harmless at 2 bits does not mean harmless at 1 (docs/BENCHMARKS.md)
     ratio: float = 0.15,
     progress: Callable[[str], None] | None = None,
     key_group: tuple[int, int] = (0, 1),

@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="/tmp/ragkv_codec_heldout")
+    ap.add_argument("--previous", help="JSONL of rows printed by an earlier run, counted in the summary too")
     ap.add_argument("--out", default="codec_heldout.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -196,8 +197,11 @@ def main() -> None:
             bits = f"K({runs(schedule.key_bits)}) V({runs(schedule.value_bits)})"
             name = f"packed calibrated @{budget:g}{floor} {bits}"
             codecs[name] = packed(schedule.key_bits, schedule.value_bits, *groups)
-    rows = []
+    rows = [json.loads(line) for line in Path(args.previous).read_text().splitlines()] if args.previous else []
+    done = {(r["id"], r["tokens"]) for r in rows}
     for prompt in held_out:
+        if (prompt.sample_id, prompt.num_tokens) in done:
+            continue
         row = {"id": prompt.sample_id, "tokens": prompt.num_tokens}
         kl, top1 = baseline(prompt, args.ratio)
         row["uncompressed"] = {"bits": 16.0, "kl_mean": kl, "top1": top1}
@@ -205,7 +209,7 @@ def main() -> None:
             row[name] = measure(prompt, make(), args.ratio)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    table = summary(rows, list(codecs))
+    table = summary(rows, [name for name in codecs if all(name in r for r in rows)])
     print(f"\n{len(rows)} held-out prompts, cacheblend@{args.ratio}")
     print("| setting | bits/value | kl_mean | kl / uncompressed | median prompt ratio | top1 |")
     print("|---|---|---|---|---|---|")
