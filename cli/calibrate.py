@@ -23,10 +23,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="musique", choices=FORMATS, help="its format (default musique)")
     p.add_argument("--limit", type=int, default=2, help="prompts to calibrate on (default 2)")
     p.add_argument("--max-chunks", type=int, default=None, help="keep at most this many passages per prompt")
+    p.add_argument("--max-tokens", type=int, default=None, help="keep passages while their tokens fit this (all)")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="cut each passage to this many tokens (no cut)")
+    p.add_argument(
+        "--key-group",
+        default="0x1",
+        help="K scale groups TOKENSxCHANNELS (0 tokens: all the chunk's; default 0x1, per channel)",
+    )
+    p.add_argument("--value-group", default="0x1", help="V scale groups TOKENSxCHANNELS (default 0x1)")
     p.add_argument("--budget", type=float, default=2.5, help="bits/value, codes and grids (default 2.5)")
-    p.add_argument("--bands", type=int, default=6, help="equal bands of layers (default 6)")
+    p.add_argument(
+        "--bands",
+        default="6",
+        help="N equal bands of layers, or each band's first layer, e.g. 0,1,2,6,12,18,24 (bits then per layer; "
+        "default 6)",
+    )
     p.add_argument("--probe-bits", type=int, default=2, help="bits each band is probed at (default 2)")
-    p.add_argument("--min-bits", type=int, default=1, help="fewest bits any band gets (default 1)")
+    p.add_argument(
+        "--min-bits",
+        type=int,
+        default=2,
+        help="fewest bits any band gets (default 2: bands harmless at 2 bits were not at 1, docs/BENCHMARKS.md)",
+    )
     p.add_argument("--ratio", type=float, default=0.15, help="cacheblend recompute ratio (default 0.15)")
     p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id")
     p.add_argument("--data-dir", default=None, help="where schedules live (default: RAGKV_DATA_DIR or ~/.cache/ragkv)")
@@ -72,6 +90,27 @@ def parse_eval_data(spec: str) -> tuple[str, str]:
     return path, fmt
 
 
+def parse_bands(spec: str) -> int | list[int]:
+    try:
+        bands = [int(b) for b in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--bands takes N or first layers like 0,1,2,6; got {spec!r}") from None
+    if len(bands) == 1:
+        if bands[0] < 1:
+            raise ValueError(f"--bands needs at least 1 band; got {spec!r}")
+        return bands[0]
+    if bands[0] != 0 or any(a >= b for a, b in zip(bands, bands[1:])):
+        raise ValueError(f"--bands first layers must start at 0 and increase; got {spec!r}")
+    return bands
+
+
+def parse_group(spec: str) -> tuple[int, int]:
+    tokens, sep, channels = spec.partition("x")
+    if not sep or not tokens.isdigit() or not channels.isdigit() or int(channels) < 1:
+        raise ValueError(f"a scale group is TOKENSxCHANNELS (e.g. 0x1, 1x64); got {spec!r}")
+    return int(tokens), int(channels)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -87,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     if args.budget <= args.min_bits:
         raise ValueError(f"--budget {args.budget} leaves nothing above --min-bits {args.min_bits}")
     held_out = [parse_eval_data(s) for s in args.eval_data]  # bad specs fail before any model work
+    groups = (parse_group(args.key_group), parse_group(args.value_group))
+    bands = parse_bands(args.bands)
     curve = [float(b) for b in args.curve.split(",") if b.strip()]
     if curve and min(curve) <= args.min_bits:
         raise ValueError(f"--curve budgets must exceed --min-bits {args.min_bits}; got {curve}")
@@ -98,9 +139,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no usable samples in {args.data} (format {args.format})")
     config = EngineConfig.load(data_dir=args.data_dir)  # None: the environment, file or default
     engine = Engine.from_pretrained(args.model, storage=StorageConfig(tiers=(TierConfig("cpu", 1 << 30),)))
-    prompts = [CalibrationPrompt.of(engine, s) for s in samples[: args.limit]]
+    prompts = [CalibrationPrompt.of(engine, s, args.max_tokens, args.chunk_tokens) for s in samples[: args.limit]]
     schedule = calibrate(
-        engine, prompts, args.budget, args.bands, args.probe_bits, args.min_bits, args.ratio, progress=print
+        engine, prompts, args.budget, bands, args.probe_bits, args.min_bits, args.ratio, print, *groups
     )
     out = Path(args.out) if args.out else schedule_path(Path(config.data_dir) / "calibration", engine.model.fingerprint)
     schedule.save(out)
@@ -115,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
         report = {"schedule": json.loads(schedule.to_json()), "held_out": {}}
         for path, fmt in held_out:
             others = load_samples(path, fmt, args.eval_limit, args.eval_max_chunks)
-            rows = evaluate_codecs([CalibrationPrompt.of(engine, s) for s in others], codecs, args.ratio)
+            prepared = [CalibrationPrompt.of(engine, s, args.max_tokens, args.chunk_tokens) for s in others]
+            if {p.sample_id for p in prepared} & {p.sample_id for p in prompts} and path == args.data:
+                raise ValueError(f"--eval-data {path} shares prompts with the calibration: skip them (other records)")
+            rows = evaluate_codecs(prepared, codecs, args.ratio)
             report["held_out"][f"{path}:{fmt}"] = rows
             print(json.dumps(rows), flush=True)
             base = sum(r["uncompressed"]["kl_mean"] for r in rows) / len(rows)

@@ -27,19 +27,23 @@ SCHEDULED_CODECS = ("packed",)  # codecs whose bits a schedule sets
 
 @dataclass(frozen=True)
 class CodecSchedule:
-    """Bits per equal band of layers, early first, for K and V; with what it was measured on."""
+    """Bits per equal band of layers, early first, for K and V, and the grids' geometry (tokens x channels
+    per scale group, as `PackedConfig`) they were calibrated with; with what it was measured on."""
 
     model_fingerprint: str
     key_bits: tuple[int, ...]
     value_bits: tuple[int, ...]
     budget_bits: float  # the bits/value budget it was picked for (codes + grids)
     measured: dict[str, Any] = field(default_factory=dict)  # sensitivity, prompts, ... (informational)
+    key_group: tuple[int, int] = (0, 1)  # schedules saved before the geometry was stored: per channel
+    value_group: tuple[int, int] = (0, 1)
 
     def __post_init__(self) -> None:
-        PackedConfig(key_bits=tuple(self.key_bits), value_bits=tuple(self.value_bits))  # validates the bits
+        self.packed_config()  # validates the bits and the geometry
 
     def packed_config(self) -> PackedConfig:
-        return PackedConfig(key_bits=tuple(self.key_bits), value_bits=tuple(self.value_bits))
+        groups = (tuple(self.key_group), tuple(self.value_group))
+        return PackedConfig(tuple(self.key_bits), tuple(self.value_bits), *groups)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -48,6 +52,8 @@ class CodecSchedule:
                 **asdict(self),
                 "key_bits": list(self.key_bits),
                 "value_bits": list(self.value_bits),
+                "key_group": list(self.key_group),
+                "value_group": list(self.value_group),
             },
             indent=1,
         )
@@ -83,6 +89,8 @@ class CodecSchedule:
             tuple(int(b) for b in raw["value_bits"]),
             float(raw["budget_bits"]),
             dict(raw.get("measured", {})),
+            tuple(int(g) for g in raw.get("key_group", (0, 1))),
+            tuple(int(g) for g in raw.get("value_group", (0, 1))),
         )
 
 

@@ -121,3 +121,32 @@ def test_bad_config_and_out_of_range_values_are_named():
         PackedConfig(value_group=(0, 0))
     with pytest.raises(ValueError, match="fp16"):
         get_codec("packed").encode(ChunkKV(torch.full((2, 1, 3, 1, 8), 1e6), 0))
+
+
+# A format-1 entry as written by the first packed encoder (K 3 then 2 bits per band, V 2 bits per token
+# in groups of 4 channels): whatever the encoder learns later, these bytes must keep decoding to these values.
+FORMAT1_PAYLOAD = (
+    "3eb6a6beb831c8c210a912b377c57fc4002d0338a3348e3d4a2a8129f140053c892b3418efac61c61fefc03336976e00a2befbc1"
+    "bd2cfca2eaba8aa463b4e3320ac0ebbd743a58443b3692420e37f240c43a6b41693d5e42b9cac986638c82c88a420000a1b9b238"
+    "f8ba26c057b13ab01dca3acb7a34c53a92367d3ce52e6d2d0b4643467c303279c24c459967cf0000dac400cbcf2037c72cc0aec1"
+    "12bb78c4c0c0c7c1e33fe1447d380247163d233c69382740233edc4973bc3783867788b2b3830000"
+)
+FORMAT1_META = {
+    "shape": [2, 2, 5, 1, 8],
+    "dtype": "float16",
+    "pos0": 5,
+    "offsets": [0, 100, 196],
+    "crc": [114463784, 3786348847],
+    "params": {"format": 1, "key_bits": [3, 2], "value_bits": [2], "key_group": [0, 1], "value_group": [1, 4]},
+}
+FORMAT1_DECODED_SHA256 = "ec250474bd0175a171c3e4cb2b95367f40e464a843f329bae1e811f8683c8f87"  # fp32 bytes
+
+
+def test_format1_entries_keep_decoding_to_the_same_values():
+    import hashlib
+
+    enc = EncodedKV("packed", bytes.fromhex(FORMAT1_PAYLOAD), FORMAT1_META)
+    out = get_codec("packed").decode(enc).kv  # a reader with other defaults: the entry's params rule
+    assert hashlib.sha256(out.float().numpy().tobytes()).hexdigest() == FORMAT1_DECODED_SHA256
+    original = make_kv(shape=(2, 2, 5, 1, 8), dtype=torch.float16, seed=3).kv.float()
+    assert float((out.float() - original).norm() / original.norm()) < 0.2  # and they are the chunk's values

@@ -104,3 +104,60 @@ def test_calibrate_cli_rejects_bad_input_before_loading_a_model(capsys):
     assert "nothing above --min-bits" in capsys.readouterr().err
     assert main(["calibrate", "--curve", "0.5"]) == 2
     assert "--curve budgets" in capsys.readouterr().err
+    assert main(["calibrate", "--bands", "1,0,4"]) == 2
+    assert "start at 0 and increase" in capsys.readouterr().err
+    assert main(["calibrate", "--value-group", "1x"]) == 2
+    assert "TOKENSxCHANNELS" in capsys.readouterr().err
+
+
+def test_schedule_keeps_its_grid_geometry_and_older_files_load_per_channel(tmp_path):
+    measured = {
+        "sensitivity_excess_kl": SENSITIVITY,
+        "probe_bits": 2,
+        "min_bits": 1,
+        "grid_bits": 0.2,
+        "key_group": [64, 1],
+        "value_group": [1, 16],
+    }
+    schedule = schedule_for_budget("model-A", measured, 2.5)
+    loaded = CodecSchedule.load(schedule.save(tmp_path / "s.json"))
+    assert loaded.packed_config() == PackedConfig(schedule.key_bits, schedule.value_bits, (64, 1), (1, 16))
+    assert codec_with_schedule("packed", loaded).config.value_group == (1, 16)
+    raw = json.loads((tmp_path / "s.json").read_text())
+    del raw["key_group"], raw["value_group"]  # a schedule written before the geometry was stored
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    old = CodecSchedule.load(tmp_path / "old.json")
+    assert (old.key_group, old.value_group) == ((0, 1), (0, 1)) and old.key_bits == schedule.key_bits
+
+
+def test_grid_bits_count_one_fp16_pair_per_scale_group():
+    from ragkv.eval.calibration import CalibrationPrompt, truncate_chunks
+
+    prompt = CalibrationPrompt(None, "s", None, [make_kv(shape=(2, 3, 64, 2, 8))], None, None)
+    assert prompt.num_tokens == 64
+    assert prompt.grid_bits() == pytest.approx(32 / 64)  # per channel over 64 tokens, K and V alike
+    assert prompt.grid_bits((0, 1), (1, 16)) == pytest.approx((32 / 64 + 32 / 16) / 2)  # V per token (16 channels)
+    assert prompt.grid_bits((32, 1), (0, 1)) == pytest.approx((32 / 32 + 32 / 64) / 2)
+    chunks = [list(range(10)), list(range(5)), list(range(7))]
+    assert truncate_chunks(chunks, max_tokens=16, chunk_tokens=8) == [list(range(8)), list(range(5))]
+    assert truncate_chunks(chunks, max_tokens=4) == [list(range(4))]  # the first chunk always stays, cut to fit
+    assert truncate_chunks(chunks) == chunks
+
+
+def test_unequal_bands_weigh_by_layers_and_come_out_per_layer():
+    from ragkv.eval.calibration import per_layer_bits
+
+    edges = [0, 1, 2, 6]  # layer 0, layer 1, layers 2-5, layers 6-9
+    assert [band_layers(b, edges, 10) for b in range(4)] == [[0], [1], [2, 3, 4, 5], [6, 7, 8, 9]]
+    with pytest.raises(ValueError, match="band edges"):
+        band_layers(0, [1, 4], 10)
+    sensitivity = {"K": [0.0, 0.05, 0.01, 0.01], "V": [0.0, 0.2, 0.01, 0.01]}
+    measured = {"sensitivity_excess_kl": sensitivity, "probe_bits": 2, "min_bits": 1, "grid_bits": 0.0}
+    schedule = schedule_for_budget("m", {**measured, "bands": edges, "num_layers": 10}, 2.5)
+    assert len(schedule.key_bits) == len(schedule.value_bits) == 10  # one entry per layer
+    assert (sum(schedule.key_bits) + sum(schedule.value_bits)) / 20 <= 2.5  # the budget counts layers, not bands
+    assert schedule.key_bits[0] == schedule.value_bits[0] == 1  # a layer measured harmless: the minimum
+    assert schedule.value_bits[1] == max(schedule.value_bits)  # one sensitive layer: bits are cheap there
+    assert schedule.value_bits[1] > schedule.value_bits[2]
+    assert per_layer_bits((5, 3, 2, 1), edges, 10) == (5, 3, 2, 2, 2, 2, 1, 1, 1, 1)
+    assert PackedConfig(schedule.key_bits).bits(1, 10)[0] == schedule.key_bits[1]  # 10 bands of 10 layers: per layer

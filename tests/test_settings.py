@@ -191,3 +191,18 @@ def test_json_config_file(clean_env, tmp_path):
     s = load_settings(config)
     assert (s.namespace, s.retriever.chunk_max_tokens) == ("team-a", 300)
     assert s.engine_config().retriever.namespace == "team-a"
+
+
+def test_a_packed_tier_takes_the_models_calibrated_schedule_from_the_data_dir(clean_env, tmp_path):
+    from ragkv.compression.packed import PackedConfig
+    from ragkv.compression.schedule import CodecSchedule, schedule_path
+    from ragkv.storage.config import build_store
+
+    schedule = CodecSchedule("model-A", (2, 5, 3), (2, 4, 2), 2.5, value_group=(0, 1))
+    schedule.save(schedule_path(tmp_path / "calibration", "model-A"))  # where `ragkv calibrate` writes it
+    tiers = [{"kind": "cpu", "capacity": "1MiB", "codec": "packed"}]
+    clean_env.setenv("RAGKV_STORAGE__TIERS", json.dumps(tiers))
+    storage = load_settings(data_dir=str(tmp_path)).engine_config().storage_config()
+    assert storage.codec_schedule == str(tmp_path / "calibration")
+    assert build_store(storage, "model-A").tiers[0].codec.config == schedule.packed_config()
+    assert build_store(storage, "model-B").tiers[0].codec.config == PackedConfig()  # another model: defaults
