@@ -37,7 +37,7 @@ def test_real_run_sample_against_full_prefill(tmp_path):
     strategies = parse_sim_strategies("prefix,cacheblend@0.15,epic@0.15,cachecraft")
     _, kept = replay(requests, strategies[-1], BIG, COSTS, keep=[4])
     out = run_sample(engine, requests, [4], kept, strategies, alpha=0.5, cci=1.0)
-    assert out["requests"] == [4] and out["cachecraft_ratio"] == {4: pytest.approx(0.5)}  # 100 of 200 tokens (see test_trace_replay)
+    assert out["requests"] == [4] and out["cachecraft_ratio"] == {4: pytest.approx(0.5)}  # 100 of 200 tokens
     results = out["results"]
     assert list(results) == ["full", "prefix", "cacheblend@0.15", "epic@0.15", "cachecraft"]
     assert results["full"]["kl_mean"] == 0.0 and results["full"]["top1_agreement"] == 1.0
