@@ -1,14 +1,16 @@
 """Per-model calibration of the `packed` codec: how much a model's answers suffer when each band of
 layers' K or V is quantized, and the bits per band that a bits/value budget buys the least harm with.
 
-1. Sensitivity: for each prompt, every chunk's KV (fp16, as a tier holds it) is quantized at
-   `probe_bits` everywhere; then one (band, K or V) at a time is replaced by its quantized copy and the
-   prompt is answered with cacheblend@ratio against its full prefill (kl_mean teacher-forced over 16
-   answer tokens, as `ragkv eval`). The excess kl_mean over the uncompressed blend is that slot's
-   sensitivity (averaged over prompts).
+1. Sensitivity: for each prompt (cut to a token budget if asked), every chunk's KV (fp16, as a tier
+   holds it) is quantized at `probe_bits` everywhere, on the grid geometry the codec will use; then
+   one (band, K or V) at a time is replaced by its quantized copy and the prompt is answered with
+   cacheblend@ratio against its full prefill (kl_mean teacher-forced over 16 answer tokens, as
+   `ragkv eval`). The excess kl_mean over the uncompressed blend is that slot's
+   sensitivity (averaged over prompts). Bands are equal, or start at given layers (layer 1 alone, say).
 2. Allocation: a slot's excess at b bits is modelled as excess(probe) * 4**(probe - b) (the squared
    error of a uniform grid falls 4x per bit); bits go one at a time to the slot whose modelled excess
-   drops most, from `min_bits` until the budget (minus the grids' own bits) is spent.
+   drops most per bit spent (a band weighs by its layers), from `min_bits` until the budget (minus
+   the grids' own bits) is spent. Unequal bands come out as bits per layer.
 3. The result is a `CodecSchedule` under the data directory keyed by the model fingerprint; fidelity
    must then be measured on other prompts (`evaluate_codecs`).
 """

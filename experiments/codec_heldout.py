@@ -33,7 +33,7 @@ from ragkv.engine.engine import Engine
 from ragkv.eval.calibration import CalibrationPrompt, measure_sensitivity, schedule_for_budget
 from ragkv.eval.datasets import load_samples
 
-DATA = "/work/shared/data"
+DATA = "../shared/data"  # beside the repository, as the other studies
 CALIBRATION = f"{DATA}/cacheblend/musique_s.json:musique:0:3"
 HELD_OUT = (
     f"{DATA}/phonecacheblend/wikimqa_s_clean.json:wikimqa:0:6",
