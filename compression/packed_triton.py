@@ -31,6 +31,51 @@ INTERPRETED_BLOCK = 1 << 14  # under TRITON_INTERPRET each program is a numpy pa
 if HAS_TRITON:
 
     @triton.jit
+    def _decode_block(
+        src,
+        src16,
+        out_at,
+        e,
+        live,
+        bits,
+        gt,
+        gc,
+        per_row,
+        lo_at,
+        step_at,
+        planes_at,
+        plane_bytes,
+        channels,
+        MAX_B: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+    ):
+        """Elements `e` (with `live` lanes) of one part: one bit of each of its planes makes the code, the
+        scale group's fp16 (lo, step) the value `lo + code * step` (fp32), stored at `out_at + e`."""
+        byte = e // 8
+        shift = (e % 8).to(tl.int32)
+        code = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
+        for j in tl.static_range(MAX_B):
+            wanted = live & (tl.full([BLOCK_SIZE], j, tl.int32) < bits)  # planes past this part's bits: no load
+            plane = tl.load(src + planes_at + j * plane_bytes + byte, mask=wanted, other=0)
+            code = code | (((plane.to(tl.int32) >> shift) & 1) << j)
+        t = e // channels
+        c = e % channels
+        group = (t // gt) * per_row + c // gc
+        lo = tl.load(src16 + lo_at + group, mask=live, other=0.0).to(tl.float32)
+        step = tl.load(src16 + step_at + group, mask=live, other=0.0).to(tl.float32)
+        value = lo + code.to(tl.float32) * step
+        if OUT_BF16:  # round to nearest even by hand: the same bits compiled or interpreted (values are finite)
+            b = value.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            tl.store(out_at + e, b.to(tl.uint16).to(tl.int16, bitcast=True), mask=live)
+        else:
+            tl.store(out_at + e, value.to(out_at.dtype.element_ty), mask=live)
+
+
+if HAS_TRITON:
+
+    @triton.jit
     def _packed_layer_kernel(
         src,  # uint8 [section bytes]
         src16,  # the same bytes as fp16 (the section's length is a multiple of 4)
@@ -67,26 +112,25 @@ if HAS_TRITON:
         planes_at = k_planes + is_v * (v_planes - k_planes)
 
         e = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        live = e < n
-        byte = e // 8
-        shift = (e % 8).to(tl.int32)
-        code = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
-        for j in tl.static_range(MAX_B):
-            wanted = live & (tl.full([BLOCK_SIZE], j, tl.int32) < bits)  # planes past this part's bits: no load
-            plane = tl.load(src + planes_at + j * plane_bytes + byte, mask=wanted, other=0)
-            code = code | (((plane.to(tl.int32) >> shift) & 1) << j)
-        t = e // channels
-        c = e % channels
-        group = (t // gt) * per_row + c // gc
-        lo = tl.load(src16 + lo_at + group, mask=live, other=0.0).to(tl.float32)
-        step = tl.load(src16 + step_at + group, mask=live, other=0.0).to(tl.float32)
-        value = lo + code.to(tl.float32) * step
-        if OUT_BF16:  # round to nearest even by hand: the same bits compiled or interpreted (values are finite)
-            b = value.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-            tl.store(out + kv * n + e, b.to(tl.uint16).to(tl.int16, bitcast=True), mask=live)
-        else:
-            tl.store(out + kv * n + e, value.to(out.dtype.element_ty), mask=live)
+        _decode_block(
+            src,
+            src16,
+            out + kv * n,
+            e,
+            e < n,
+            bits,
+            gt,
+            gc,
+            per_row,
+            lo_at,
+            step_at,
+            planes_at,
+            plane_bytes,
+            channels,
+            MAX_B,
+            BLOCK_SIZE,
+            OUT_BF16,
+        )
 
 
 def decode_packed_triton(section: torch.Tensor, layout: PackedLayout, out: torch.Tensor) -> torch.Tensor:
@@ -168,27 +212,25 @@ if HAS_TRITON:
         per_row = k_per_row + is_v * (v_per_row - k_per_row)
 
         e = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        live = e < n
-        byte = e // 8
-        shift = (e % 8).to(tl.int32)
-        code = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
-        for j in tl.static_range(MAX_B):
-            wanted = live & (tl.full([BLOCK_SIZE], j, tl.int32) < bits)
-            plane = tl.load(src + planes_at + j * plane_bytes + byte, mask=wanted, other=0)
-            code = code | (((plane.to(tl.int32) >> shift) & 1) << j)
-        t = e // channels
-        c = e % channels
-        group = (t // gt) * per_row + c // gc
-        lo = tl.load(src16 + lo_at + group, mask=live, other=0.0).to(tl.float32)
-        step = tl.load(src16 + step_at + group, mask=live, other=0.0).to(tl.float32)
-        value = lo + code.to(tl.float32) * step
-        at = out + kv * rows_total + row0 * channels + e
-        if OUT_BF16:
-            b = value.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-            tl.store(at, b.to(tl.uint16).to(tl.int16, bitcast=True), mask=live)
-        else:
-            tl.store(at, value.to(out.dtype.element_ty), mask=live)
+        _decode_block(
+            src,
+            src16,
+            out + kv * rows_total + row0 * channels,
+            e,
+            e < n,
+            bits,
+            gt,
+            gc,
+            per_row,
+            lo_at,
+            step_at,
+            planes_at,
+            plane_bytes,
+            channels,
+            MAX_B,
+            BLOCK_SIZE,
+            OUT_BF16,
+        )
 
 
 def packed_rows_meta(layouts: list[PackedLayout], offsets: list[int], rows: list[int]) -> list[list[int]]:
