@@ -45,7 +45,9 @@ def load_samples(path: str | Path, fmt: str, limit: int | None = None, max_chunk
     return out
 
 
-def _lines(path: Path) -> Iterator[dict]:
+def jsonl_records(path: Path) -> Iterator[dict]:
+    """The JSON objects of a JSONL file (gzipped when it ends in .gz), blank lines skipped; a bad line
+    fails naming the file and line."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -57,7 +59,7 @@ def _lines(path: Path) -> Iterator[dict]:
 
 
 def _jsonl(path: Path) -> Iterator[Sample]:
-    for n, rec in enumerate(_lines(path), 1):
+    for n, rec in enumerate(jsonl_records(path), 1):
         missing = [k for k in ("question", "chunks", "answers") if k not in rec]
         if missing:
             raise ValueError(
@@ -84,7 +86,7 @@ def _multinews(path: Path) -> Iterator[Sample]:
     """LongBench multi_news: `context` holds the documents separated by 'Passage N:' markers."""
     import re
 
-    for n, rec in enumerate(_lines(path), 1):
+    for n, rec in enumerate(jsonl_records(path), 1):
         docs = [d.strip() for d in re.split(r"Passage \d+:\n?", rec["context"]) if d.strip()]
         yield Sample(
             str(rec.get("_id", n)), "Write a one-page summary of all the news.", tuple(docs), tuple(rec["answers"])
@@ -109,7 +111,7 @@ def _samsum(path: Path) -> Iterator[Sample]:
 def _nq(path: Path, distractors: int = 9) -> Iterator[Sample]:
     """lost-in-the-middle NQ-open (one gold passage per record): each question gets its gold passage
     plus the next records' passages as distractors, the gold at a position that cycles."""
-    records = list(_lines(path))
+    records = list(jsonl_records(path))
     passages = [f"{r['ctxs'][0].get('title', '')}\n{r['ctxs'][0]['text']}".strip() for r in records]
     for n, rec in enumerate(records):
         others = [passages[(n + j) % len(records)] for j in range(1, distractors + 1)]

@@ -10,10 +10,10 @@ Requests are returned in arrival order (timestamp, ties in file order).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from .datasets import jsonl_records
 
 TRACE_FILE = "0_trace.jsonl"
 LENGTH_FILES = {  # file -> its id field
@@ -63,23 +63,13 @@ class TraceRequest:
         return sum(s.tokens for s in self.passages)
 
 
-def _lines(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-
-
 def load_lengths(directory: str | Path) -> dict[int, int]:
     """Token length of every id of the length files present (ids are distinct across files)."""
     directory = Path(directory)
     lengths: dict[int, int] = {}
     for name, field in LENGTH_FILES.items():
         if (directory / name).exists():
-            for row in _lines(directory / name):
+            for row in jsonl_records(directory / name):
                 lengths[int(row[field])] = int(row["token_length"])
     return lengths
 
@@ -100,7 +90,7 @@ def load_trace(directory: str | Path, limit: int | None = None) -> list[TraceReq
         return tuple(out)
 
     rows = []
-    for n, row in enumerate(_lines(directory / TRACE_FILE)):
+    for n, row in enumerate(jsonl_records(directory / TRACE_FILE)):
         ids = row.get("hash_ids") or {}
         rows.append(
             (
