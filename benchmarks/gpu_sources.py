@@ -30,6 +30,7 @@ def make_stores(kind: str, kvs, device: torch.device, root: Path):
     from ragkv.storage.disk import DiskTier
 
     cuda = device.type == "cuda"
+    pool = None
     if kind == "gpu":
         tier = MemoryTier(1 << 40, device=device)  # on CPU (dry run) this is plain host memory
     elif kind == "pinned":
@@ -40,7 +41,7 @@ def make_stores(kind: str, kvs, device: torch.device, root: Path):
         tier = DiskTier(root / codec.replace("+", "_"), 1 << 42, codec, decode_pool=pool)
     else:
         raise ValueError(f"unknown source {kind!r}; accepted: gpu, pinned, disk-CODEC (e.g. disk-lz4)")
-    store = TieredStore([tier], promote=False)
+    store = TieredStore([tier], promote=False, decode_pool=pool)  # closing the store ends the pool's workers
     keys = [ChunkKey.of("bench-gpu", kind, [i]) for i in range(len(kvs))]
     for key, kv in zip(keys, kvs):
         store.put(key, kv)  # codecs that encode on the device (int8, packed) do it on the GPU
