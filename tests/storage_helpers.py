@@ -62,6 +62,19 @@ def pg_reachable(url: str) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
+def pg_url_or_skip() -> str:
+    """The test PostgreSQL's URL; skips the calling test when there is none or it does not answer."""
+    import pytest
+
+    url = pg_url()
+    if url is None:
+        pytest.skip("no PostgreSQL: set RAGKV_TEST_PG_URL or run .ci/postgres.sh")
+    why = pg_reachable(url)
+    if why:
+        pytest.skip(f"PostgreSQL not reachable: {why}")
+    return url
+
+
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

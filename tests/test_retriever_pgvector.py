@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from retriever_fakes import HashEmbedder, paragraphs, tiny_byte_adapter
-from storage_helpers import pg_reachable, pg_url
+from storage_helpers import pg_url_or_skip
 
 from ragkv.retriever import RetrieverConfig
 from ragkv.retriever.index import VectorIndex
@@ -21,12 +21,7 @@ from ragkv.retriever.pgvector_index import TABLE, PgVectorIndex
 
 @pytest.fixture
 def pg_engine():
-    url = pg_url()
-    if url is None:
-        pytest.skip("no PostgreSQL: set RAGKV_TEST_PG_URL or run .ci/postgres.sh")
-    why = pg_reachable(url)
-    if why:
-        pytest.skip(f"PostgreSQL not reachable: {why}")
+    url = pg_url_or_skip()
     engine = sa.create_engine(url)
     with engine.connect() as conn:
         if conn.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first() is None:
@@ -96,9 +91,7 @@ def test_two_retrievers_on_one_catalog_see_each_others_documents(pg_engine, tmp_
 
 
 def test_postgres_without_pgvector_keeps_faiss():
-    url = pg_url()
-    if url is None or pg_reachable(url):
-        pytest.skip("no reachable PostgreSQL: set RAGKV_TEST_PG_URL or run .ci/postgres.sh")
+    url = pg_url_or_skip()
     engine = sa.create_engine(url)
     with engine.connect() as conn:
         has = conn.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first()

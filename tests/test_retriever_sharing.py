@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 from retriever_fakes import HashEmbedder, byte_tokenizer
-from storage_helpers import pg_reachable, pg_url, unique_name
+from storage_helpers import pg_url_or_skip, unique_name
 
 from ragkv.retriever import Catalog, Retriever, RetrieverConfig, VectorIndex
 
@@ -40,12 +40,7 @@ def shared_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'shared.sqlite'}"
         return
-    url = pg_url()
-    if url is None:
-        pytest.skip("no PostgreSQL: set RAGKV_TEST_PG_URL or run .ci/postgres.sh")
-    why = pg_reachable(url)
-    if why:
-        pytest.skip(f"PostgreSQL at RAGKV_TEST_PG_URL not reachable: {why}")
+    url = pg_url_or_skip()
     yield url
     engine = sa.create_engine(url)
     with engine.begin() as conn:  # leave nothing for the next run

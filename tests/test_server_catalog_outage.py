@@ -14,7 +14,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from retriever_fakes import HashEmbedder
-from storage_helpers import pg_reachable, pg_url
+from storage_helpers import pg_url_or_skip
 from tcp_proxy import TcpProxy
 from tiny_engine import tiny_engine_adapter
 
@@ -32,12 +32,7 @@ ASK = {"messages": [{"role": "user", "content": "Where does the Rhine bend?"}], 
 @pytest.fixture
 def pg_database():
     """A fresh database on the test PostgreSQL (skips without one), dropped afterwards."""
-    url = pg_url()
-    if url is None:
-        pytest.skip("no PostgreSQL: set RAGKV_TEST_PG_URL or run .ci/postgres.sh")
-    why = pg_reachable(url)
-    if why:
-        pytest.skip(f"PostgreSQL not reachable: {why}")
+    url = pg_url_or_skip()
     name = f"ragkv_outage_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

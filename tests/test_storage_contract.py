@@ -13,8 +13,7 @@ from storage_helpers import (
     BytesCodec,
     chunk,
     key,
-    pg_reachable,
-    pg_url,
+    pg_url_or_skip,
     redis_skip_reason,
     redis_url,
     same,
@@ -40,12 +39,7 @@ def make_tier(request, tmp_path):
     made = []
     url = None
     if kind == "disk-pg":
-        url = pg_url()
-        if url is None:
-            pytest.skip("no PostgreSQL: set RAGKV_TEST_PG_URL or run .ci/postgres.sh")
-        why = pg_reachable(url)
-        if why:
-            pytest.skip(f"PostgreSQL at RAGKV_TEST_PG_URL not reachable: {why}")
+        url = pg_url_or_skip()
     if kind == "gpu" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
     if kind == "redis" and (why := redis_skip_reason()):
