@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ragkv.chunk_cache import ChunkKV, precompute_many
-from ragkv.compression import Codec, DecodePool, codec_names, get_codec
+from ragkv.compression import Codec, DecodePool, EncodedKV, codec_names, get_codec
 from ragkv.eval.datasets import FORMATS
 
 
@@ -93,18 +93,22 @@ def codec_stats(
 
 
 def device_decode_stats(
-    codec: Codec, kvs: Sequence[ChunkKV], device: torch.device | str, repeat: int = 5
+    codec: Codec,
+    kvs: Sequence[ChunkKV],
+    device: torch.device | str,
+    repeat: int = 5,
+    encoded: Sequence[EncodedKV] | None = None,
 ) -> dict[str, float]:
     """GB/s of fp16 output when every layer is decoded where it is computed (`Codec.device_layer`):
     `device_decode_gb_s` with the encoded sections already on `device`; `device_h2d_decode_gb_s`
     including their copy from pinned host memory (one stream, copy then decode, layer after layer).
-    Medians of `repeat` passes; the decoded layers are checked bit-identical to host decoding once."""
+    Medians of `repeat` passes; the decoded layers are checked bit-identical to host decoding once.
+    `encoded`: `kvs` already encoded by `codec` (else they are encoded here)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tasks, host, resident, parity = [], [], [], True
-    for kv in kvs:
-        enc = codec.encode(kv)
+    for enc, kv in zip(encoded or [codec.encode(kv) for kv in kvs], kvs):
         for layer in range(kv.num_layers):
             task = codec.layer_task(enc, layer, torch.float16)
             section = task.section_tensor(pin=cuda)

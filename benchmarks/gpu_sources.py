@@ -65,7 +65,7 @@ def codec_rows(codecs: list[str], kvs, device: torch.device, repeat: int, host_c
         encoded = [codec.encode(kv) for kv in fp16]  # from the KV's device to host bytes
         encode_s = time.perf_counter() - start
         values = sum(kv.kv.numel() for kv in fp16)
-        stats = device_decode_stats(codec, fp16, device, repeat=repeat if codec.device_decode else 1)
+        stats = device_decode_stats(codec, fp16, device, repeat if codec.device_decode else 1, encoded)
         rows.append(
             dict(
                 codec=name,

@@ -11,6 +11,8 @@ when triton is installed and head_dim / 2 is a power of two; tests run it under 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -60,8 +62,6 @@ if HAS_TRITON:
 def kernel_fits(keys: torch.Tensor, dst: torch.Tensor) -> bool:
     """Whether `rerotate_into` can run here: triton, and head_dim / 2 a power of two; on CUDA tensors
     (or any tensors under TRITON_INTERPRET, which is how CPU tests run it)."""
-    import os
-
     half = keys.shape[-1] // 2
     where = keys.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return HAS_TRITON and where and half >= 1 and half & (half - 1) == 0 and dst.stride(-1) == 1

@@ -304,8 +304,11 @@ class PackedCodec(LayeredCodec):
             decode_packed_torch(section, layout, out)
         return out
 
-    def _layouts(self, tasks) -> list[PackedLayout]:
-        return [_layout(json.dumps(t.params, sort_keys=True), t.shape, t.layer, t.num_layers) for t in tasks]
+    @staticmethod
+    def _layouts(tasks, params: list[str] | None = None) -> list[PackedLayout]:
+        """Each task's layout; `params`: the tasks' params as sorted JSON, when the caller has them already."""
+        params = params or [json.dumps(t.params, sort_keys=True) for t in tasks]
+        return [_layout(p, t.shape, t.layer, t.num_layers) for p, t in zip(params, tasks)]
 
     def rows_meta(self, tasks, offsets, rows) -> np.ndarray | None:
         from .packed_triton import packed_rows_meta
@@ -324,10 +327,11 @@ class PackedCodec(LayeredCodec):
         if meta is None or not (src.is_cuda and HAS_TRITON and out.is_contiguous()):
             super().device_rows(tasks, src, offsets, out, rows)
             return
+        params = [json.dumps(t.params, sort_keys=True) for t in tasks]
         groups: dict[str, list[int]] = {}
-        for j, task in enumerate(tasks):
-            groups.setdefault(json.dumps(task.params, sort_keys=True), []).append(j)
-        layouts = self._layouts(tasks)
+        for j, key in enumerate(params):
+            groups.setdefault(key, []).append(j)
+        layouts = self._layouts(tasks, params)
         for members in groups.values():
             table = meta if len(members) == len(tasks) else meta[torch.tensor(members, device=meta.device)]
             decode_packed_rows_triton(src, table, [layouts[j] for j in members], out)
