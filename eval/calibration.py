@@ -27,9 +27,8 @@ from ..chunk_cache import ChunkKV, precompute_many
 from ..compression import Codec
 from ..compression.packed import PackedCodec, PackedConfig
 from ..compression.schedule import CodecSchedule
-from .metrics import kl_per_position, top1_agreement
+from .metrics import TEACHER_TOKENS, kl_per_position, top1_agreement
 
-TEACHER_TOKENS = 16
 GRID_BITS = 32  # per scale group: its fp16 (lo, step)
 
 

@@ -12,6 +12,7 @@ import torch
 from rouge_score import rouge_scorer
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+TEACHER_TOKENS = 16  # answer tokens of the full prefill that KL and top-1 are teacher-forced over
 
 
 def normalize_answer(text: str) -> str:

@@ -14,9 +14,7 @@ from ..engine.engine import Engine
 from ..engine.stopwatch import Stopwatch
 from .context import record_sample_context
 from .datasets import Sample
-from .metrics import f1, kl_per_position, rouge_l, top1_agreement
-
-TEACHER_TOKENS = 16
+from .metrics import TEACHER_TOKENS, f1, kl_per_position, rouge_l, top1_agreement
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from ..engine.engine import Engine
 from .datasets import Sample
+from .metrics import TEACHER_TOKENS
 from .runner import Spec, evaluate_sample, summarize
 from .trace import Segment, TraceRequest
 from .trace_replay import RequestOutcome, SimStrategy, craft_recompute
 
 CORPUS_DIR = Path(__file__).resolve().parents[1] / "cli" / "demo"
-TEACHER_TOKENS = 16
 
 
 def corpus_ids(engine: Engine, directory: Path = CORPUS_DIR) -> list[int]:
