@@ -46,6 +46,14 @@ def settings_of(args: argparse.Namespace, cls=None, overrides: Mapping | None = 
     return load_settings(getattr(args, "config", None), given, cls=cls or Settings)
 
 
+def engine_config(settings):
+    """The EngineConfig the settings tree describes (`EngineConfig.from_settings`; imports the lower
+    folders, so only inside a command's `run`)."""
+    from ..engine.config import EngineConfig
+
+    return EngineConfig.from_settings(settings)
+
+
 def load_engine(settings, quiet: bool = False):
     """The Engine of `settings`, with one progress line per model load on stderr (transformers' own
     per-load bars are silenced: the LLM and the embedder would each draw one)."""
@@ -64,7 +72,7 @@ def load_engine(settings, quiet: bool = False):
     if not quiet:
         print(f"loading {settings.model} on {settings.device} ...", end="", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(config=settings.engine_config())
+    engine = Engine.from_pretrained(config=engine_config(settings))
     if not quiet:
         print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return engine
