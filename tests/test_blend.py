@@ -141,8 +141,13 @@ def test_no_future_warning_from_generate_with_a_cache(tiny_adapter):
     result = blend(tiny_adapter, plan, make_strategy("naive", 0.0), _sources(tiny_adapter, plan, chunks))
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("error", FutureWarning)
-        cache = cache_keyword(to_dynamic_cache(result, plan.num_tokens - 1))
-        tiny_adapter.model.generate(plan.input_ids[None], **cache, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        dynamic = to_dynamic_cache(result, plan.num_tokens - 1)
+        assert dynamic.get_seq_length() == plan.num_tokens - 1  # every prompt row but the last, from the blend
+        out = tiny_adapter.model.generate(
+            plan.input_ids[None], **cache_keyword(dynamic), max_new_tokens=1, do_sample=False, pad_token_id=0
+        )
+    # generate computed the last prompt token over the reused (naive) rows: the blend's own first token
+    assert int(out[0, plan.num_tokens]) == int(result.logits.argmax())
 
 
 def test_dynamic_cache_feeds_generate(tiny_adapter):

@@ -110,9 +110,16 @@ def test_build_store_makes_a_redis_tier_from_config(redis_prefix):
         ),
         decode_workers=0,
     )
-    store = build_store(cfg)
-    assert isinstance(store.tiers[1], RedisTier) and store.tiers[1].codec.name == "cachegen"
+    store, other = build_store(cfg), build_store(cfg)  # two sidecars with the same settings
+    tier = store.tiers[1]
+    assert isinstance(tier, RedisTier) and tier.codec.name == "cachegen" and tier.prefix == redis_prefix
+    assert store.put(key(7), chunk(7)) == "cpu" and tier.lookup(key(7))  # RAM, written through to Redis
+    assert tier.header_key(key(7)).startswith(redis_prefix + ":")  # under the configured prefix
+    assert other.lookup([key(7)]) == ["redis"]  # the other sidecar finds it there
+    codec = get_codec("cachegen")  # stored with the configured (lossy) codec: exactly what it decodes
+    assert same(other.get_layered(key(7)), codec.decode(codec.encode(chunk(7))))
     store.close()
+    other.close()
 
 
 def test_tier_config_rejects_a_redis_tier_without_url_and_bad_urls():
