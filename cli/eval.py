@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trace_args(p)
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
-    add_settings_args(p, {"craft_variants": "blend.craft_variants"}, namespace=False)
+    add_settings_args(p, ("craft_variants",), namespace=False)
     p.set_defaults(func=run)
 
 

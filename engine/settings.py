@@ -295,7 +295,7 @@ def unknown_env() -> list[str]:
         for name in os.environ
         if name.startswith("RAGKV_")
         and name != CONFIG_ENV
-        and not name.startswith(("RAGKV_TEST_", "RAGKV_PG_"))
+        and not name.startswith(("RAGKV_TEST_", "RAGKV_PG_", "RAGKV_SHARED_DATA"))
         and name[len("RAGKV_") :].split("__")[0] not in fields
     )
 

@@ -3,6 +3,7 @@ library, every command and the sidecar; no model is loaded here."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -215,3 +216,22 @@ def test_a_packed_tier_takes_the_models_calibrated_schedule_from_the_data_dir(cl
     assert storage.codec_schedule == str(tmp_path / "calibration")
     assert build_store(storage, "model-A").tiers[0].codec.config == schedule.packed_config()
     assert build_store(storage, "model-B").tiers[0].codec.config == PackedConfig()  # another model: defaults
+
+
+def test_every_settings_flag_is_named_after_its_setting():
+    """A flag that sets a setting stores it under the setting's own name; the settings tree finds its path
+    (`nest`), so no command keeps a flag -> path table that could drift."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    seen = set()
+    for name, sub in commands.items():
+        dests = {a.dest for a in sub._actions}
+        for setting in sub.get_default("settings_flags") or ():
+            assert setting in dests, (name, setting)
+            path = nest({setting: 1})
+            assert path, (name, setting)  # an unknown name raises "unknown setting" here
+            seen.add(setting)
+    assert {"recompute_ratio", "queue_size", "index_kind", "craft_variants", "max_document_bytes"} <= seen
+    assert settings_of(parser.parse_args(["query", "q", "--ratio", "0.3"])).blend.recompute_ratio == 0.3
+    ingest = parser.parse_args(["ingest", "--index", "hnsw", "--chunk-max", "300"])
+    assert (settings_of(ingest).retriever.index_kind, settings_of(ingest).retriever.chunk_max_tokens) == ("hnsw", 300)
