@@ -9,11 +9,12 @@ import asyncio
 import httpx
 
 from ragkv.engine.answer import Answer
+from ragkv.storage.services import StoreServices
 
 
 class StubEngine:
     def __init__(self) -> None:
-        self.store = type("S", (), {"flush": lambda self: None})()
+        self.store = type("S", (), {"flush": lambda self: None, "services": StoreServices([])})()  # no tiers
 
     def tokenize_chunks(self, docs):
         return [[1, 2] for _ in docs]

@@ -12,6 +12,7 @@ import pytest
 
 from ragkv.engine.answer import Answer
 from ragkv.server.worker import ModelWorker, QueueFull, ShuttingDown
+from ragkv.storage.services import StoreServices
 
 
 def test_call_stream_and_errors():
@@ -51,7 +52,7 @@ class StubEngine:
 
     def __init__(self) -> None:
         self.gate = threading.Event()
-        self.store = type("S", (), {"flush": lambda self: None, "stats": None})()
+        self.store = type("S", (), {"flush": lambda self: None, "stats": None, "services": StoreServices([])})()
 
     def tokenize_chunks(self, docs):
         return [[1, 2] for _ in docs]
