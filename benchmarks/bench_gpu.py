@@ -194,7 +194,7 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
                         continue  # host decoding of the biggest prompts would eat the run's time budget
                     if source not in ("gpu", "-"):
                         kinds = [args.source_attention]
-                    elif name in ("cacheblend", "epic"):
+                    elif name.partition("+")[0] in ("cacheblend", "epic"):  # cacheblend+query too
                         kinds = attentions
                     else:
                         kinds = ["auto"]
@@ -302,7 +302,11 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--chunk-tokens", type=int, default=512)
     p.add_argument("--query-tokens", type=int, default=32)
     p.add_argument("--pass-tokens", type=int, default=16384, help="prepacking budget of the chunk precompute")
-    p.add_argument("--strategies", default="hf,full,naive,cacheblend@0.15,epic@0.15")
+    p.add_argument(
+        "--strategies",
+        default="hf,full,naive,cacheblend@0.15,cacheblend+query@0.15,epic@0.15",
+        help="comma-separated: hf, or any strategy name make_strategy accepts, with @RATIO (cachecraft+query@0.15)",
+    )
     p.add_argument(
         "--sources",
         default="gpu,pinned,disk-lz4,disk-int8,disk-packed,disk-cachegen:10",
@@ -329,6 +333,10 @@ def parse_args(argv: list[str] | None):
                 setattr(args, key, value)
         if args.attention == defaults["attention"]:
             args.attention = "blocks,dense,flex"
+    for label in args.strategies.split(",") + args.source_strategies.split(","):
+        if label != "hf":  # an unknown strategy fails here, naming the known ones, before any model work
+            name, _, ratio = label.partition("@")
+            make_strategy(name, float(ratio or 0.0))
     return args
 
 
@@ -374,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["flex_failure"] = attention_kernels.FLEX_FAILURE
         report["varlen_failure"] = attention_kernels.VARLEN_FAILURE
+        report["flex_shapes"] = sorted(attention_kernels.FLEX_SHAPES)  # (query, key) buckets compiled
         out.write_text(json.dumps(report, indent=1))
 
     if args.codecs:
