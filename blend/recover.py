@@ -49,7 +49,8 @@ class Recovering:
             if kv.pos0 != self.pos0:  # keys as if computed from the stored entry's pos0
                 cos, sin = rotation(torch.full((kv.num_tokens,), self.pos0 - kv.pos0), self._inv_freq)
                 keys = kv.kv[0]  # [L, T, H, D]
-                moved = torch.stack([rerotate(keys[i], cos.to(keys.device), sin.to(keys.device)) for i in range(len(keys))])
+                cos, sin = cos.to(keys.device), sin.to(keys.device)
+                moved = torch.stack([rerotate(layer_keys, cos, sin) for layer_keys in keys])  # [L, T, H, D] fp32
                 kv = ChunkKV(torch.stack([moved.to(kv.dtype), kv.kv[1]]), self.pos0)
             self.recomputed = kv
         return self.recomputed

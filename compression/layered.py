@@ -134,7 +134,8 @@ class LayeredCodec(Codec):
     def encode(self, kv: ChunkKV) -> EncodedKV:
         dtype_name(kv.dtype)
         x = kv.kv.detach() if self.encodes_on_device else kv.kv.detach().cpu()  # [2, L, T, H, D]
-        return self.framed(kv, [self.encode_layer(x[:, i].contiguous(), i, kv.num_layers) for i in range(kv.num_layers)])
+        layers = range(kv.num_layers)
+        return self.framed(kv, [self.encode_layer(x[:, i].contiguous(), i, kv.num_layers) for i in layers])
 
     def framed(self, kv: ChunkKV, sections: Sequence[bytes]) -> EncodedKV:
         """The entry of `kv` whose layers encoded to `sections`: the payload and its framing (offsets, CRC32s)."""

@@ -13,13 +13,13 @@ lands within 1e-16 of an fp16 rounding boundary); the codes `round((x - lo) / st
 which gives the float64 result whenever `x - lo` is exact in fp32 (fp16 KV and fp16 grids: values within
 2**24 of each other's spacing, i.e. always for KV a group shares), since a quotient that is not a tie lies
 at least 2**-12 from one; errors against the decoder's fp32 values are squared and summed in float64, so the
-best of the 8 grids is the reference's unless two grids' errors tie to 1e-16. tests/test_packed_encode.py checks the bytes.
+best of the 8 grids is the reference's unless two grids' errors tie to 1e-16. tests/test_packed_encode.py
+checks the bytes.
 """
 
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -131,5 +131,3 @@ def encode_layers(kv: torch.Tensor, layouts: Sequence[PackedLayout], clips: Sequ
             ).tobytes()
         sections.append(bytes(out))
     return sections
-
-

@@ -164,8 +164,17 @@ class DiskTier(Tier):
             if lazy:
                 self._check_header(key, row, head, os.fstat(fd).st_size)
                 layers = FileLayers(
-                    fd, head.payload_offset, head.codec, head.meta, codec, head.pos0, head.num_tokens,
-                    head.num_layers, target, self.decode_pool, lambda why: self._corrupt(key, row, why),
+                    fd,
+                    head.payload_offset,
+                    head.codec,
+                    head.meta,
+                    codec,
+                    head.pos0,
+                    head.num_tokens,
+                    head.num_layers,
+                    target,
+                    self.decode_pool,
+                    lambda why: self._corrupt(key, row, why),
                 )
                 fd = None  # the view owns it now
                 return layers

@@ -182,8 +182,9 @@ class FileLayers(EncodedLayers):
             self._damaged(f"layer {index} is truncated ({got} of {len(buf)} bytes)")
         if zlib.crc32(buf) != meta["crc"][index]:
             self._damaged(f"layer {index} fails its CRC32 check")
-        return LayerTask(self.codec, buf, meta["params"], self._shape, self._stored, index, self._num_layers,
-                         dtype or self._stored)
+        return LayerTask(
+            self.codec, buf, meta["params"], self._shape, self._stored, index, self._num_layers, dtype or self._stored
+        )
 
     def _damaged(self, why: str):
         if self.on_damage is not None:

@@ -155,9 +155,7 @@ def check_framing(meta: dict, payload_len: int, required: bool = False) -> tuple
         raise CorruptPayload("unreadable layer framing")
     try:
         if offsets[0] != 0 or offsets[-1] != payload_len or any(a > b for a, b in zip(offsets, offsets[1:])):
-            raise CorruptPayload(
-                f"layer framing does not match the payload ({len(crcs)} CRCs, {len(offsets)} offsets)"
-            )
+            raise CorruptPayload(f"layer framing does not match the payload ({len(crcs)} CRCs, {len(offsets)} offsets)")
     except TypeError as err:
         raise CorruptPayload(f"unreadable layer framing: {err}") from None
     return offsets, crcs
