@@ -11,20 +11,11 @@ sections, so nothing is read back. Runs on CPU tensors under `TRITON_INTERPRET=1
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # triton is optional: without it every device dequantizes with torch ops
-    HAS_TRITON = False
+from .triton_common import HAS_TRITON, block_size, store_value, tl, triton
 
 BLOCK = 2048  # elements per program on the GPU
-INTERPRETED_BLOCK = 1 << 14  # under TRITON_INTERPRET each program is a numpy pass: fewer, larger ones
 META_FIELDS = 3  # per entry: section byte offset (a multiple of 4), tokens T, first output row
 
 if HAS_TRITON:
@@ -55,13 +46,7 @@ if HAS_TRITON:
         scale_index = tl.where(kv == 0, c, channels + t)  # K: per channel, V: per token
         scale = tl.load(src32 + base // 4 + scale_index, mask=live, other=0.0)
         value = code * scale
-        at = out + kv * rows_total + row0 * channels + e
-        if OUT_BF16:  # round to nearest even by hand: the same bits compiled or interpreted (values are finite)
-            b = value.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-            tl.store(at, b.to(tl.uint16).to(tl.int16, bitcast=True), mask=live)
-        else:
-            tl.store(at, value.to(out.dtype.element_ty), mask=live)
+        store_value(out + kv * rows_total + row0 * channels + e, value, live, OUT_BF16)
 
 
 def decode_int8_rows_triton(
@@ -74,7 +59,7 @@ def decode_int8_rows_triton(
         raise RuntimeError("triton is not installed: decode with decode_int8_rows_torch, or pip install triton")
     if not out.is_contiguous() or out.shape[2] * out.shape[3] != channels:
         raise ValueError(f"out must be a contiguous [2, N, H, D] tensor with H * D = {channels}")
-    block = INTERPRETED_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+    block = block_size(BLOCK)
     bf16 = out.dtype == torch.bfloat16
     grid = (triton.cdiv(max_tokens * channels, block), 2, meta.shape[0])
     _int8_rows_kernel[grid](
