@@ -4,7 +4,8 @@
 # .whl/), then run the steps below, each under its own time limit, everything under $OUT (default
 # ./gpu-out): env.txt, STEP.txt per step, the JSON each writes, and summary.json (every step's rc and
 # seconds). A step that fails or times out does not stop the others.
-# Budget: about 8 minutes of device time (the limits below add up to 450 s).
+# Budget: about 8 minutes of device time (the limits below add up to 480 s). FlexAttention compiles once
+# per bucket of shapes (models/attention.py), in the bench's warm-up runs: the first rows of each size pay it.
 #   bash scripts/gpu_check.sh                      # on the GPU machine
 #   bash scripts/gpu_check.sh --dry-run            # on CPU: same steps, tiny shapes, no wheel install
 #   bash scripts/gpu_check.sh --only kernels,encode # some steps only (names: --list)
@@ -33,10 +34,10 @@ T0=$(date +%s)
 
 # name and time limit (s) of every step, in order
 STEPS=(
-  "pytest_gpu 110"   # CPU-vs-CUDA parity of every strategy, family, tier and mask kind (tests/test_gpu.py)
-  "kernels 90"       # every Triton kernel against its torch reference, compiled (interpreted in the dry run)
+  "pytest_gpu 120"   # CPU-vs-CUDA parity of every strategy, family, tier and mask kind (tests/test_gpu.py)
+  "kernels 80"       # every Triton kernel against its torch reference, compiled (interpreted in the dry run)
   "encode 40"        # packed encode GB/s: fused vs the reference, same bytes (benchmarks/gpu_encode.py)
-  "bench 210"        # TTFT table, codec GB/s, precompute (benchmarks/bench_gpu.py)
+  "bench 240"        # TTFT table, codec GB/s, precompute (benchmarks/bench_gpu.py)
 )
 
 # CMD=(the command of step $1): one branch per step

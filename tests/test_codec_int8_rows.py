@@ -70,11 +70,11 @@ def test_model_kv_and_a_short_section_is_refused():
     h, d = kvs[0].kv.shape[3:]
     for layer in range(kvs[0].num_layers):
         tasks, src, offsets, rows, n = _layer(codec, encs, layer, torch.bfloat16)
-        meta = torch.from_numpy(codec.rows_meta(tasks, offsets, rows))
-        out = torch.empty((2, n, h, d), dtype=torch.bfloat16)
-        decode_int8_rows_triton(src, meta, max(t.shape[0] for t in tasks), h * d, out)
+        meta = torch.from_numpy(codec.rows_meta(tasks, offsets, rows)).to(DEVICE)
+        out = torch.empty((2, n, h, d), dtype=torch.bfloat16, device=DEVICE)
+        decode_int8_rows_triton(src.to(DEVICE), meta, max(t.shape[0] for t in tasks), h * d, out)
         want = torch.cat([codec.decode_layer(enc, layer, dtype=torch.bfloat16) for enc in encs], dim=1)
-        assert torch.equal(out, want), f"layer {layer}"
+        assert torch.equal(out.cpu(), want), f"layer {layer}"
     short = tasks[0].__class__(**{**tasks[0].__dict__, "section": tasks[0].section[:-1]})
     with pytest.raises(CodecError, match="int8 section"):
         codec.rows_meta([short], [0], [0])

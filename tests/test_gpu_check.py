@@ -24,7 +24,7 @@ def test_steps_are_listed_with_limits_that_fit_the_device_budget(tmp_path):
     assert done.returncode == 0, done.stderr
     steps = dict(line.split() for line in done.stdout.splitlines())
     assert {"pytest_gpu", "kernels", "encode", "bench"} <= set(steps)
-    assert sum(int(limit) for limit in steps.values()) <= 8 * 60  # about 8 minutes of device time
+    assert sum(int(limit) for limit in steps.values()) <= 560  # a device command: 600 s at most, with the wheels
 
 
 def test_dry_run_writes_a_summary_of_every_step_run(tmp_path):

@@ -46,3 +46,11 @@ def test_fused_encoder_keeps_the_checks():
         PackedCodec().encode(ChunkKV(torch.full((2, 1, 3, 1, 8), 1e6), 0))
     with pytest.raises(ValueError, match="finite"):
         PackedCodec().encode(ChunkKV(torch.full((2, 1, 3, 1, 8), float("nan")), 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu_check.sh runs it)")
+def test_fused_encoder_on_the_gpu_writes_the_host_reference_bytes():
+    for name, config in CONFIGS.items():
+        kv = make_kv(shape=(2, 4, 300, 2, 64), dtype=torch.float16, seed=5)
+        on_gpu = PackedCodec(config).encode(ChunkKV(kv.kv.cuda(), kv.pos0))
+        assert on_gpu.payload == PackedCodec(config, fused=False).encode(kv).payload, name
