@@ -18,6 +18,7 @@ import weakref
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import NoReturn
 
 import torch
 
@@ -137,10 +138,10 @@ class FileLayers(EncodedLayers):
         pool: DecodePool | None = None,
         on_damage: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(EncodedKV(codec_name, b"", meta), codec, pos0, num_tokens, num_layers, device, pool)
-        self._meta = meta
         if not isinstance(codec, LayeredCodec):
             raise ValueError(f"per-layer reads need a layered codec, not {codec.name!r}")
+        super().__init__(EncodedKV(codec_name, b"", meta), codec, pos0, num_tokens, num_layers, device, pool)
+        self._meta = meta
         shape = [int(x) for x in meta["shape"]]
         self._shape = (shape[2], shape[3], shape[4])
         self._stored = DTYPES[meta["dtype"]]
@@ -166,6 +167,8 @@ class FileLayers(EncodedLayers):
         return self._task(index, dtype, verify=True, into=into)
 
     def _task(self, index: int, dtype: torch.dtype | None, verify: bool, into: memoryview | None = None) -> LayerTask:
+        """Layer `index` read from the file (into `into` when given) and CRC-checked whatever `verify` says:
+        these bytes were never checked before."""
         if not 0 <= index < self._num_layers:
             raise IndexError(f"layer {index} out of range for a chunk of {self._num_layers} layers")
         meta = self._meta
@@ -178,7 +181,7 @@ class FileLayers(EncodedLayers):
         except OSError as err:
             self._damaged(f"layer {index} unreadable: {err}")
         self.bytes_read += got
-        if got != len(buf):  # verified always: these bytes were never checked before
+        if got != len(buf):
             self._damaged(f"layer {index} is truncated ({got} of {len(buf)} bytes)")
         if zlib.crc32(buf) != meta["crc"][index]:
             self._damaged(f"layer {index} fails its CRC32 check")
@@ -186,7 +189,7 @@ class FileLayers(EncodedLayers):
             self.codec, buf, meta["params"], self._shape, self._stored, index, self._num_layers, dtype or self._stored
         )
 
-    def _damaged(self, why: str):
+    def _damaged(self, why: str) -> NoReturn:
         if self.on_damage is not None:
             self.on_damage(why)
         raise CodecError(f"{self.codec.name} entry: {why} (the entry is dropped)")
