@@ -32,13 +32,16 @@ class TinyEngine(Engine):
         return self._retrievers[ns]
 
 
-def tiny_app(tmp, **settings):
-    """The app over a TinyEngine keeping its data in `tmp`; `settings` override the server's."""
+def tiny_app(tmp, store=None, **settings):
+    """The app over a TinyEngine keeping its data in `tmp` (chunk KV in `store`, else 64 MiB of RAM);
+    `settings` override the server's."""
     from ragkv.server.app import create_app
     from ragkv.server.settings import load_settings
 
     engine = TinyEngine(
-        tiny_byte_adapter(), TieredStore([MemoryTier(1 << 26)]), EngineConfig(data_dir=str(tmp), max_new_tokens=2)
+        tiny_byte_adapter(),
+        store or TieredStore([MemoryTier(1 << 26)]),
+        EngineConfig(data_dir=str(tmp), max_new_tokens=2),
     )
     defaults = dict(
         api_keys=KEYS, data_dir=str(tmp), max_new_tokens=2, max_tokens_limit=4, max_document_chars=400, queue_size=8
