@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
+from ..storage.schema import create_tables
+
 _META = sa.MetaData()
 META = sa.Table(
     "ragkv_retriever_meta",
@@ -125,15 +127,7 @@ class Catalog:
         self.engine = sa.create_engine(url, **(pg if parsed.get_backend_name() == "postgresql" else {}))
         if parsed.get_backend_name() == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        for attempt in range(3):  # another process may be creating the same tables right now
-            try:
-                _migrate_unscoped(self.engine)
-                _META.create_all(self.engine, checkfirst=True)
-                break
-            except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
-                if attempt == 2:
-                    raise
-                time.sleep(0.2)
+        create_tables(_META, self.engine, prepare=_migrate_unscoped)  # another process may be creating them now
         self._insert_meta(f"generation:{self._ns}", "0")  # the row every write of this namespace locks first
 
     def _insert_meta(self, name: str, value: str) -> None:

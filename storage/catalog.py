@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..chunk_cache import ChunkKey
+from .schema import create_tables
 from .tier import EntryInfo
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Catalog:
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
-            _META.create_all(self.engine, checkfirst=True)
+            create_tables(_META, self.engine)  # a neighbour creating them at the same moment is not damage
             if url.startswith("sqlite"):
                 with self.engine.connect() as conn:
                     verdict = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
