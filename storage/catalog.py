@@ -90,7 +90,8 @@ class Catalog:
         return (
             f"the chunk catalog {where} is damaged ({why}); no payload file was touched. To heal: stop every "
             f"ragkv process using it, move {where} (and its -wal / -shm files) aside, and start again: the disk "
-            "tier rebuilds its rows from the payload headers (documents in a shared catalog must be re-ingested)"
+            "tier rebuilds its rows from the payload headers, and the documents are rebuilt from "
+            "documents.journal.jsonl beside it (a PostgreSQL catalog has no journal: re-ingest its documents)"
         )
 
     def rows(self) -> list[CatalogRow]:
