@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
+from .preflight import check_data_dir
+
 # flag dest -> settings path, for the options of `add_settings_args`
 COMMON = {"model": "model", "data_dir": "data_dir", "device": "device", "namespace": "namespace"}
 
@@ -56,6 +58,7 @@ def load_engine(settings, quiet: bool = False):
 
     from ..engine.engine import Engine
 
+    check_data_dir(settings.data_dir)  # before the model load, not after it
     hf_logging.disable_progress_bar()
     if settings.torch_threads:
         import torch

@@ -64,6 +64,8 @@ def _documents(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise ValueError('the question is empty: ask something, e.g. ragkv query "Where does the Rhine bend north?"')
     settings = settings_of(args)  # validates strategy and ratio before anything loads
     docs = _documents(args)
     if args.server:

@@ -307,6 +307,8 @@ def load_settings(
         return cls(**_reading(cls, path)(**given).model_dump())
     except ValidationError as err:  # one line per bad value: where, what is accepted, what was given
         raise ValueError("; ".join(_explain(e) for e in err.errors())) from None
+    except ValueError as err:  # the file does not parse (TOML or JSON syntax): name it
+        raise ValueError(f"config file {path}: {err}") from None
 
 
 def _explain(error: Mapping[str, Any]) -> str:

@@ -84,3 +84,62 @@ def test_ingest_draws_one_bar_on_a_terminal_and_none_into_a_log(tmp_path, monkey
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading any model fails the test: every check below must answer before the model loads."""
+    from ragkv.engine.engine import Engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this command must answer before loading a model")
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(refuse))
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert all(n in err for n in needles), err
+    return err
+
+
+@pytest.mark.parametrize("command", [["query", "q"], ["retrieve", "q"], ["ingest", "."], ["serve"]])
+def test_an_unwritable_data_dir_is_one_line_before_the_model(no_model, tmp_path, capsys, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a data dir under a file cannot be created, not even by root
+    assert main([*command, "--data-dir", str(blocker / "data")]) == 2
+    _one_line_error(capsys, "data dir", str(blocker / "data"), "writable")
+
+
+def test_a_busy_port_is_one_line_before_the_model(no_model, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--data-dir", str(tmp_path)]) == 2
+    _one_line_error(capsys, f"127.0.0.1:{port}", "in use", "--port")
+
+
+@pytest.mark.parametrize("question", ["", "   "])
+def test_an_empty_query_is_refused_before_the_model(no_model, tmp_path, capsys, question):
+    assert main(["query", question, "--data-dir", str(tmp_path)]) == 2
+    _one_line_error(capsys, "question is empty")
+
+
+def test_a_malformed_config_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "ragkv.toml"
+    bad.write_text('data_dir = "/x"\n[storage\npolicy = 1\n')
+    assert main(["config", "--config", str(bad)]) == 2
+    _one_line_error(capsys, str(bad), "line 2")
+
+
+def test_config_prints_paths_expanded(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAGKV_DATA_DIR", raising=False)
+    monkeypatch.delenv("RAGKV_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "~" not in out and f'data_dir = "{tmp_path}/.cache/ragkv"' in out

@@ -71,9 +71,10 @@ def test_waiters_do_not_take_turns_recomputing_a_chunk_redis_refused(prefix, ref
     assert sum(st.computed - st.unleased for st in stats) == 1  # only the holder computed under a lease
     assert sum(st.unstored for st in stats) == 1  # the holder's refused write, counted
     assert sum(st.refused_waits for st in stats) == SIDECARS - 1  # the waiters, told at once, computed
-    assert not leases[0].link.client.exists(leases[0].lease_key(key(1))) or leases[0].link.client.pttl(
-        leases[0].lease_key(key(1))
-    ) <= leases[0].lease_ms
+    assert (
+        not leases[0].link.client.exists(leases[0].lease_key(key(1)))
+        or leases[0].link.client.pttl(leases[0].lease_key(key(1))) <= leases[0].lease_ms
+    )
 
 
 def test_the_unstored_mark_expires_so_a_recovered_redis_is_used_again(prefix, refused_writes, monkeypatch):
