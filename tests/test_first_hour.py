@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,27 @@ def test_config_prints_paths_expanded(tmp_path, capsys, monkeypatch):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
     assert "~" not in out and f'data_dir = "{tmp_path}/.cache/ragkv"' in out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 26 item 8, not done: engine_config() imports blend/retriever/storage, whose package __init__s "
+    "import torch; retrieve needs the tokenizer and fingerprint without the LLM (see the branch report)",
+)
+@pytest.mark.parametrize("command", [["config"], ["retrieve", "where?", "--json"]])
+def test_config_and_retrieve_import_no_torch(tmp_path, command):
+    (tmp_path / "py").mkdir()
+    (tmp_path / "py" / "ragkv").symlink_to(ROOT)  # import this checkout
+    (tmp_path / "data").mkdir()
+    models = Path(os.environ.get("RAGKV_DATA_DIR", Path.home() / ".cache" / "ragkv")).expanduser() / "models"
+    if models.is_dir():  # the converted model, as `ragkv retrieve` would find it
+        (tmp_path / "data" / "models").symlink_to(models)
+    code = (
+        "import sys\nfrom ragkv.cli.main import main\n"
+        f"rc = main({[*command, '--data-dir', str(tmp_path / 'data')]!r})\n"
+        "print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules), rc)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path / "py")}, capture_output=True, text=True
+    )
+    assert out.stdout.strip().endswith("heavy: [] 0"), out.stdout[-500:] + out.stderr[-500:]
