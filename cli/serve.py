@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from .options import add_settings_args, settings_of
+from .preflight import check_data_dir, check_port
 
 SETTINGS = ("host", "port", "queue_size")  # the flags that set settings (by name)
 
@@ -47,6 +48,8 @@ def server_settings(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     settings = server_settings(args)
+    check_data_dir(settings.data_dir)  # what can fail is checked before the model loads
+    check_port(settings.server.host, settings.server.port)
     import uvicorn
 
     from ..server.app import create_app

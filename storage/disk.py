@@ -204,7 +204,7 @@ class DiskTier(Tier):
         log.warning("disk tier %r: dropping corrupt entry %s (%s)", self.name, key, why)
         with self._lock:
             if self._index.get(key) is row:
-                self.corrupt += 1
+                self.count_corrupt(key)
                 self._drop(key)
         return None
 
