@@ -20,6 +20,7 @@ from tiny_engine import tiny_engine_adapter
 
 from ragkv.engine import Engine, EngineConfig
 from ragkv.retriever import RetrieverConfig
+from ragkv.retriever.pgvector_index import PgVectorIndex
 from ragkv.storage import MemoryTier, TieredStore
 
 DOCS = [
@@ -68,7 +69,10 @@ def _call(app, *requests):
     return asyncio.run(main())
 
 
-def test_a_catalog_outage_degrades_answers_and_a_restart_keeps_what_was_committed(pg_database, tmp_path):
+def test_a_catalog_outage_degrades_answers_and_a_restart_keeps_what_was_committed(pg_database, tmp_path, monkeypatch):
+    # the local faiss index answers during the outage; with pgvector (now in CI's PostgreSQL) the index lives
+    # in the unreachable database, so searches find nothing then: see the next test
+    monkeypatch.setattr(PgVectorIndex, "open", classmethod(lambda cls, *a, **k: None))
     proxy = TcpProxy(pg_database.host or "127.0.0.1", pg_database.port or 5432)
     url = pg_database.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     app, engine = _app(url, tmp_path / "a")
@@ -157,4 +161,24 @@ def test_connections_the_server_killed_are_replaced_without_a_warning(pg_databas
     assert answer.status_code == 200 and answer.json()["ragkv"]["retrieved"]
     assert answer.json()["ragkv"]["warnings"] == []  # pre-ping replaced the dead connection: no outage
     assert all(link.outages == 0 for link in engine.catalog_links.values())
+    app.state.worker.close()
+
+
+def test_with_pgvector_a_catalog_outage_answers_without_retrieval_and_says_so(pg_database, tmp_path):
+    with sa.create_engine(pg_database).connect() as conn:
+        if conn.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first() is None:
+            pytest.skip("this PostgreSQL has no pgvector")
+    proxy = TcpProxy(pg_database.host or "127.0.0.1", pg_database.port or 5432)
+    url = pg_database.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    app, engine = _app(url, tmp_path / "a")
+    retrieve = {**ASK, "retrieve": {"query": "Where does the Rhine bend?", "k": 2}}
+    added, before = _call(
+        app, ("POST", "/v1/documents", {"documents": DOCS}), ("POST", "/v1/chat/completions", retrieve)
+    )
+    assert added.status_code == 200 and len(before.json()["ragkv"]["retrieved"]) == 2
+    proxy.cut()
+    (during,) = _call(app, ("POST", "/v1/chat/completions", retrieve))
+    assert during.status_code == 200 and during.json()["ragkv"]["retrieved"] == []
+    assert any("unreachable" in w for w in during.json()["ragkv"]["warnings"])
+    proxy.restore()
     app.state.worker.close()
