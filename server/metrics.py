@@ -98,8 +98,8 @@ class Metrics:
 
     def observe_store(self, store) -> None:
         """Refresh the corrupt-entry and shared-tier gauges (up, outages, duplicate precomputes) from the store."""
-        for tier in store.tiers:
-            self.corrupt.labels(tier.name).set(tier.corrupt)
+        for tier in getattr(store, "tiers", ()):
+            self.corrupt.labels(tier.name).set(getattr(tier, "corrupt", 0))
         for name, s in remote_status(store).items():
             self.remote_up.labels(name).set(1 if s.get("up") else 0)
             self.remote_outages.labels(name).set(s.get("outages", 0))
