@@ -19,9 +19,10 @@ attention backend's own cache writer; `get_finished` reports the request once it
 `kv_load_failure_policy: recompute`).
 
 Extra config: `fused_dir` (required); `model` (the name entries must carry; default vLLM's served
-model name; "*" accepts any); `shm_dir` (default /dev/shm/ragkv-fused); `max_age_s`; `load_async`
-(default true; false loads inside the step, before the forward). vLLM's prefix caching must be off
-(a later prompt would reuse blocks fused for another prompt): the connector refuses to start with it.
+model name; "*" accepts any); `shm_dir` (default: `fused_dir` when under /dev/shm, else
+/dev/shm/ragkv-fused); `max_age_s`; `load_async` (default true; false loads inside the step, before
+the forward). vLLM's prefix caching must be off (a later prompt would reuse blocks fused for another
+prompt): the connector refuses to start with it.
 Tensor/pipeline parallelism is not supported (one worker holds all heads and layers).
 """
 

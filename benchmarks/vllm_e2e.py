@@ -11,7 +11,10 @@ Per RAG prompt (question + K chunks of a MuSiQue sample, chunks already cached i
 4. fallback: an unreadable file where the entry would be, the same ids to vLLM: it must prefill
    every token itself and answer exactly as in 3.
 Prints a table and writes JSON (--out).
-    python benchmarks/vllm_e2e.py --vllm http://127.0.0.1:8311 --data musique_s.json --prompts 3 --chunks 4
+    python benchmarks/vllm_e2e.py --vllm http://127.0.0.1:8311 --prompts 3 --chunks 4
+The data defaults to ../shared/data/cacheblend/musique_s.json beside the repository.
+`--check` makes it exit non-zero unless every fused prompt had vLLM compute exactly its last token, the
+greedy tokens equal ragkv's, and every fallback prefilled fully and answered as vLLM alone (CI's smoke).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,10 +35,12 @@ from ragkv.engine.engine import Engine
 from ragkv.eval.datasets import load_samples
 from ragkv.models import load_adapter
 from ragkv.server.app import create_app
-from ragkv.server.fused_store import FusedKVStore
 from ragkv.server.settings import load_settings
-from ragkv.server.upstream import Upstream
+from ragkv.server.upstream import Upstream, fused_store_of
 from ragkv.storage import MemoryTier, TieredStore
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DEFAULT = REPO.parent / "shared" / "data" / "cacheblend" / "musique_s.json"
 
 
 def vllm_sources(url: str) -> dict[str, float]:
@@ -78,7 +85,9 @@ def main() -> None:
     ap.add_argument("--vllm", default="http://127.0.0.1:8311", help="vLLM base URL (started with RagkvConnector)")
     ap.add_argument("--model", default="smollm2", help="vLLM's served model name")
     ap.add_argument("--fused-dir", default="/dev/shm/ragkv-fused", help="the connector's fused_dir")
-    ap.add_argument("--data", default="/work/shared/data/cacheblend/musique_s.json")
+    ap.add_argument("--data", default=str(DATA_DEFAULT), help="MuSiQue samples (default ../shared/data/...)")
+    ap.add_argument("--handoff", default="auto", choices=["auto", "shm", "file"], help="ragkv's hand-off path")
+    ap.add_argument("--check", action="store_true", help="exit 1 unless every prompt met the targets")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--chunks", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -91,8 +100,9 @@ def main() -> None:
     config = EngineConfig(max_new_tokens=args.max_tokens)
     model = load_adapter("smollm2", data_dir=config.data_dir)  # the weights `vllm serve` runs too
     engine = Engine(model, TieredStore([MemoryTier(8 << 30)]), config)  # RAM only: nothing of this run is kept
-    store = FusedKVStore(args.fused_dir)
-    app = create_app(load_settings(store="memory"), engine, upstream=Upstream(args.vllm, store, model=args.model))
+    store = fused_store_of(args.fused_dir, args.handoff)
+    settings = load_settings(data_dir=tempfile.mkdtemp(prefix="ragkv-vllm-e2e-"))  # nothing of this run is kept
+    app = create_app(settings, engine, upstream=Upstream(args.vllm, store, model=args.model))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     proxy = f"http://127.0.0.1:{args.port}"
@@ -119,7 +129,7 @@ def main() -> None:
         ttft_alone, alone_tokens, alone_src = vllm_direct(args.vllm, args.model, ids, args.max_tokens)
 
         store.root.mkdir(parents=True, exist_ok=True)
-        store.path(ids).write_bytes(b"not a safetensors file")  # an unreadable entry: must be a miss
+        store.path(ids).write_bytes(b"not a fused record")  # an unreadable entry: must be a miss
         _, fallback_tokens, fallback_src = vllm_direct(args.vllm, args.model, ids, args.max_tokens)
         store.remove(ids)
 
@@ -130,6 +140,7 @@ def main() -> None:
             "ragkv_ttft_ms": round(own.ttft_ms, 1),
             "proxy_ttft_ms": round(ttft_fused * 1e3, 1),
             "proxy_parts_ms": {k: round(v, 1) for k, v in info["parts_ms"].items()},
+            "handoff": info["upstream"]["handoff"],
             "vllm_alone_ttft_ms": round(ttft_alone * 1e3, 1),
             "vllm_computed_fused": fused_src.get("local_compute"),
             "vllm_loaded_fused": fused_src.get("external_kv_transfer"),
@@ -165,6 +176,17 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1))
     Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    if args.check:
+        n = len(rows)
+        ok = (
+            n > 0
+            and summary["only_last_token_computed"] == n
+            and summary["first_tokens_equal_ragkv"] == n
+            and summary["fallback_full_prefill"] == n
+            and summary["fallback_wrong_answers"] == 0
+        )
+        print(f"vllm e2e check: {'PASSED' if ok else 'FAILED'} ({n} prompts)", flush=True)
+        sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

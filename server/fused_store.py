@@ -50,8 +50,12 @@ def prompt_hash(token_ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(token_ids, dtype="<i8").tobytes()).hexdigest()
 
 
-def shm_dir_default() -> str | None:
-    return "/dev/shm/ragkv-fused" if os.path.isdir("/dev/shm") else None
+def shm_dir_default(root: str | os.PathLike) -> str | None:
+    """Where the shm path's files go: `root` itself when it is under /dev/shm, else
+    /dev/shm/ragkv-fused; None without /dev/shm (that path is then skipped)."""
+    if not os.path.isdir("/dev/shm"):
+        return None
+    return str(root) if Path(root).resolve().is_relative_to("/dev/shm") else "/dev/shm/ragkv-fused"
 
 
 class FusedKVStore:
@@ -74,7 +78,7 @@ class FusedKVStore:
         self.model = model
         self.handoff = handoff
         self.entry_mode = entry_mode
-        shm = shm_dir_default() if shm_dir == "default" else shm_dir
+        shm = shm_dir_default(root) if shm_dir == "default" else shm_dir
         self.shm_dir = None if shm is None else Path(shm)
         self.ledger = PinLedger(budget_bytes, max_pin_s)
         self._warned: set[str] = set()
