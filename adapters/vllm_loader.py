@@ -17,12 +17,11 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from ..server.fused_store import FusedKVStore, FusedRecord, KVShape, pinned
+from ..server.fused_store import FusedKVStore, FusedRecord, KVShape
 
 log = logging.getLogger("ragkv.vllm")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -151,12 +150,12 @@ class FusedPromptMatcher:
                 raise ValueError(f"paged caches cover layers {covered}, the entry has {entry.shape.num_layers}")
             kv = self.store.open_kv(entry)
             blocks, offsets = slot_mapping(spec.block_ids, self.block_size, spec.start, spec.end)
-            to_gpu = kv.device.type == "cpu" and layers[0][2].device.type == "cuda"
-            with pinned(kv) if to_gpu else nullcontext():  # host rows go up by DMA
-                for name, index, cache in layers:
-                    write(name, cache, kv[index, spec.start : spec.end], blocks, offsets)
-                if layers[0][2].device.type == "cuda":
-                    torch.cuda.current_stream(layers[0][2].device).synchronize()  # copies done before the ack
+            # host rows (shm, file) go up as pageable copies: registering a read-only mapping as pinned
+            # memory may fail, and a failed CUDA runtime call would surface in an unrelated later kernel
+            for name, index, cache in layers:
+                write(name, cache, kv[index, spec.start : spec.end], blocks, offsets)
+            if layers[0][2].device.type == "cuda":
+                torch.cuda.current_stream(layers[0][2].device).synchronize()  # copies done before the ack
             del kv
             self.store.ack(spec.token_ids)
             return spec.end - spec.start

@@ -54,6 +54,7 @@ if [ "$DRY" = 1 ]; then BENCH_ARGS=(--dry-run "${BENCH_ARGS[@]}"); fi
 timeout 330 "$PY" benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json" "${BENCH_ARGS[@]}" > "$OUT/bench_gpu.txt" 2>&1
 BENCH_RC=$?
 cat "$OUT/bench_gpu.txt"
+{ timeout 120 "$PY" -m pytest -m gpu tests/test_gpu_handoff.py -q -p no:cacheprovider; timeout 300 "$PY" benchmarks/bench_handoff.py $([ "$DRY" = 1 ] && echo --dry-run) --out "$OUT/bench_handoff.json"; echo "handoff rc=$?"; } > "$OUT/handoff.txt" 2>&1; tail -25 "$OUT/handoff.txt"  # issue 22: ragkv -> vLLM hand-off
 
 rm -rf "$PKG"
 cat > "$OUT/summary.json" <<JSON
