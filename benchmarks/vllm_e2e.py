@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -78,6 +79,25 @@ def vllm_direct(url: str, model: str, ids: list[int], max_tokens: int) -> tuple[
     ttft, events = stream_sse(f"{url}/v1/completions", {**body, "return_token_ids": True})
     tokens = [t for ev in events for c in ev.get("choices") or [] for t in c.get("token_ids") or []]
     return ttft, tokens, delta(before, vllm_sources(url))
+
+
+def summarize(rows: list[dict], chunks: int) -> dict:
+    """Counts against the targets and median TTFTs (written after every prompt, so a cut-short run keeps them)."""
+    if not rows:
+        return {"prompts": 0}
+    return {
+        "prompts": len(rows),
+        "chunks": chunks,
+        "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rows),
+        "median_proxy_ttft_ms": statistics.median(r["proxy_ttft_ms"] for r in rows),
+        "median_vllm_alone_ttft_ms": statistics.median(r["vllm_alone_ttft_ms"] for r in rows),
+        "median_ttft_speedup": statistics.median(r["vllm_alone_ttft_ms"] / r["proxy_ttft_ms"] for r in rows),
+        "only_last_token_computed": sum(r["vllm_computed_fused"] == 1 for r in rows),
+        "first_tokens_equal_ragkv": sum(r["first_tokens_equal_ragkv"] for r in rows),
+        "first_tokens_equal_vllm_alone": sum(r["first_tokens_equal_vllm_alone"] for r in rows),
+        "fallback_full_prefill": sum(r["fallback_computed"] == r["prompt_tokens"] for r in rows),
+        "fallback_wrong_answers": sum(not r["fallback_equals_alone"] for r in rows),
+    }
 
 
 def main() -> None:
@@ -141,6 +161,7 @@ def main() -> None:
             "proxy_ttft_ms": round(ttft_fused * 1e3, 1),
             "proxy_parts_ms": {k: round(v, 1) for k, v in info["parts_ms"].items()},
             "handoff": info["upstream"]["handoff"],
+            "loadavg_1m": round(os.getloadavg()[0], 1),
             "vllm_alone_ttft_ms": round(ttft_alone * 1e3, 1),
             "vllm_computed_fused": fused_src.get("local_compute"),
             "vllm_loaded_fused": fused_src.get("external_kv_transfer"),
@@ -152,6 +173,7 @@ def main() -> None:
             "tokens": {"ragkv": own.token_ids, "vllm_fused": fused_tokens, "vllm_alone": alone_tokens},
         }
         rows.append(row)
+        Path(args.out).write_text(json.dumps({"summary": summarize(rows, args.chunks), "rows": rows}, indent=1))
         print(
             f"{s.id[:14]:14s} N={len(ids):5d} proxy TTFT {row['proxy_ttft_ms']:8.0f} ms  vLLM alone "
             f"{row['vllm_alone_ttft_ms']:8.0f} ms  vLLM computed {row['vllm_computed_fused']}/{len(ids)}  "
@@ -161,26 +183,13 @@ def main() -> None:
         )
     server.should_exit = True
 
-    ratio = [r["vllm_alone_ttft_ms"] / r["proxy_ttft_ms"] for r in rows]
-    summary = {
-        "prompts": len(rows),
-        "chunks": args.chunks,
-        "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rows),
-        "median_proxy_ttft_ms": statistics.median(r["proxy_ttft_ms"] for r in rows),
-        "median_vllm_alone_ttft_ms": statistics.median(r["vllm_alone_ttft_ms"] for r in rows),
-        "median_ttft_speedup": statistics.median(ratio),
-        "only_last_token_computed": sum(r["vllm_computed_fused"] == 1 for r in rows),
-        "first_tokens_equal_ragkv": sum(r["first_tokens_equal_ragkv"] for r in rows),
-        "fallback_full_prefill": sum(r["fallback_computed"] == r["prompt_tokens"] for r in rows),
-        "fallback_wrong_answers": sum(not r["fallback_equals_alone"] for r in rows),
-    }
+    summary = summarize(rows, args.chunks)
     print(json.dumps(summary, indent=1))
     Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     if args.check:
         n = len(rows)
-        ok = (
-            n > 0
-            and summary["only_last_token_computed"] == n
+        ok = n > 0 and (
+            summary["only_last_token_computed"] == n
             and summary["first_tokens_equal_ragkv"] == n
             and summary["fallback_full_prefill"] == n
             and summary["fallback_wrong_answers"] == 0
