@@ -6,10 +6,10 @@ a GPU tensor published along shm or file arrives exactly too."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from checkout_path import checkout_first_on_sys_path
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -17,10 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture
 def consumer(tmp_path, monkeypatch):
     """A consumer process (bench_handoff's) with this checkout importable, and its store folder."""
-    link = tmp_path / "pkg"
-    link.mkdir()
-    (link / "ragkv").symlink_to(Path(__file__).resolve().parent.parent)
-    monkeypatch.syspath_prepend(str(link))
+    checkout_first_on_sys_path(tmp_path, monkeypatch)
     from bench_handoff import Consumer
 
     from ragkv.server.fused_store import FusedKVStore, KVShape

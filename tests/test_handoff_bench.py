@@ -5,18 +5,15 @@ rows it wrote equal what was fused, for every path that works without CUDA."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from checkout_path import checkout_first_on_sys_path
 
 
 @pytest.fixture
 def checkout_importable(tmp_path, monkeypatch):
     """The consumer is a spawned process: it imports `ragkv` from sys.path, so put this checkout first."""
-    link = tmp_path / "pkg"
-    link.mkdir()
-    (link / "ragkv").symlink_to(Path(__file__).resolve().parent.parent)
-    monkeypatch.syspath_prepend(str(link))
+    checkout_first_on_sys_path(tmp_path, monkeypatch)
 
 
 def test_bench_handoff_dry_run_hands_over_exact_rows(tmp_path, checkout_importable):
