@@ -21,6 +21,7 @@ class Pin:
     nbytes: int
     since: float
     release: Callable[[], None]  # frees what the entry holds (tensors, mapping, files)
+    users: int = 1  # requests of the same prompt sharing the entry
 
 
 @dataclass
@@ -54,19 +55,33 @@ class PinLedger:
         return None
 
     def pin(self, key: str, nbytes: int, release: Callable[[], None]) -> None:
-        """Hold an entry (a re-publish of the same key replaces and releases the old one)."""
+        """Hold a new entry (a key already held is `retain`ed instead, never replaced)."""
         with self._lock:
             old = self.pins.pop(key, None)
             self.pins[key] = Pin(nbytes, self.clock(), release)
         if old is not None:
             old.release()
 
-    def release(self, key: str) -> bool:
-        """The consumer has the entry (loaded, or its request finished): free it. Whether it was held."""
+    def retain(self, key: str) -> bool:
+        """One more request of a prompt already held shares its entry; whether it was held."""
         with self._lock:
-            pin = self.pins.pop(key, None)
-        if pin is None:
-            return False
+            pin = self.pins.get(key)
+            if pin is not None:
+                pin.users += 1
+                pin.since = self.clock()
+            return pin is not None
+
+    def release(self, key: str, everyone: bool = False) -> bool:
+        """A request of the entry finished (the last one frees it), or with `everyone` the consumer
+        loaded it or it expired: free it now. Whether it was held."""
+        with self._lock:
+            pin = self.pins.get(key)
+            if pin is None:
+                return False
+            pin.users -= 1
+            if pin.users > 0 and not everyone:
+                return True
+            del self.pins[key]
         pin.release()
         return True
 
@@ -75,8 +90,8 @@ class PinLedger:
         now = self.clock()
         with self._lock:
             old = [k for k, p in self.pins.items() if now - p.since > self.max_pin_s]
-        return [k for k in old if self.release(k)]
+        return [k for k in old if self.release(k, everyone=True)]
 
     def release_all(self) -> None:
         for key in list(self.pins):
-            self.release(key)
+            self.release(key, everyone=True)

@@ -101,9 +101,14 @@ class FusedKVStore:
         keep); `model` names the model in the record (default: the store's). Raises ValueError on bad
         input, HandoffRefused when the budget is full."""
         ids = [int(t) for t in token_ids]
-        kv = stack_rows(ids, keys, values, dtype)  # [L, N-1, H, 2D] on the fused device
         key = prompt_hash(ids)
         self.reap()
+        if self.ledger.retain(key):  # the same prompt is in flight: share its entry
+            try:
+                return FusedRecord.from_json(self.path(ids).read_bytes())
+            except (OSError, ValueError):
+                self.ledger.release(key)  # its record is gone: publish afresh
+        kv = stack_rows(ids, keys, values, dtype)  # [L, N-1, H, 2D] on the fused device
         refused = self.ledger.admit(key, kv.numel() * kv.element_size())
         if refused is not None:
             raise HandoffRefused(refused)
@@ -169,7 +174,8 @@ class FusedKVStore:
         release()
 
     def remove(self, token_ids: Sequence[int]) -> bool:
-        """The request is over: release the entry of `token_ids` (record, data, ack); whether there was one."""
+        """A request is over: release its hold on the entry of `token_ids` (the last one deletes record,
+        data and ack; an entry this store does not hold is deleted); whether there was one."""
         key = prompt_hash(token_ids)
         if self.ledger.release(key):
             return True
@@ -183,7 +189,7 @@ class FusedKVStore:
     def reap(self) -> list[str]:
         """Release the entries whose consumer acked the load, and those pinned too long; their keys."""
         acked = [k for k in list(self.ledger.pins) if self.root.joinpath(k + _ACK).exists()]
-        return [k for k in acked if self.ledger.release(k)] + self.ledger.expire()
+        return [k for k in acked if self.ledger.release(k, everyone=True)] + self.ledger.expire()
 
     # -- consumer --------------------------------------------------------------------------------
     def find(

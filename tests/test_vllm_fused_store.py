@@ -189,3 +189,16 @@ def test_bad_input_is_refused_with_what_is_accepted(tmp_path):
     with pytest.raises(ValueError, match="budget must be >= 1 byte"):
         FusedKVStore(tmp_path, budget_bytes=0)
     assert not any((tmp_path / "fused").glob(".publishing-*"))
+
+
+def test_requests_of_the_same_prompt_share_one_entry_until_the_last_ends(tmp_path):
+    store = _store(tmp_path, budget_bytes=ENTRY_BYTES, handoff="shm")
+    first = store.publish(IDS, *_kv())
+    again = store.publish(IDS, *_kv())  # in flight twice: no second copy, no budget refusal
+    assert again == first and store.ledger.pins[prompt_hash(IDS)].users == 2
+    assert store.remove(IDS) and store.find(IDS) is not None  # the other request may still load it
+    assert store.remove(IDS) and store.find(IDS) is None and not list((tmp_path / "shm").iterdir())
+    store.publish(IDS, *_kv())
+    store.publish(IDS, *_kv())
+    store.ack(IDS)  # loaded: freed for every request (a later one that misses is prefilled by vLLM)
+    assert store.reap() == [prompt_hash(IDS)] and store.find(IDS) is None and store.ledger.held_bytes == 0
