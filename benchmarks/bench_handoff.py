@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import shutil
 import statistics
 import sys
 import tempfile
@@ -180,6 +181,7 @@ def bench(args, model, device: torch.device, report: dict, save) -> None:
     finally:
         consumer.close()
         store.ledger.release_all()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _row(n: int, path: str, runs: list[dict], hf: float, fused: float, recompute: float) -> dict:
