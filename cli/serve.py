@@ -36,6 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="proxy mode: where fused KV is published for vLLM's connector (default /dev/shm/ragkv-fused)",
     )
     p.add_argument("--upstream-model", default=None, help="proxy mode: the upstream's model name (default: ask it)")
+    p.add_argument(
+        "--handoff",
+        default="auto",
+        choices=["auto", "cuda_ipc", "shm", "file"],
+        help="proxy mode: how fused KV reaches vLLM (auto: CUDA IPC on a GPU, else shared memory, else a file)",
+    )
+    p.add_argument("--fused-budget", default="8GiB", metavar="SIZE", help="proxy mode: fused KV held at once (8GiB)")
+    p.add_argument(
+        "--fused-mode",
+        default="600",
+        metavar="OCTAL",
+        help="proxy mode: entry file permissions (600; 640/644 for vLLM as another user)",
+    )
     p.set_defaults(func=run)
 
 
@@ -61,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {settings.model} ...", flush=True)
     upstream = None
     if args.upstream:
-        from ..server.fused_store import FusedKVStore
-        from ..server.upstream import Upstream, fused_dir_default
+        from ..server.upstream import Upstream, fused_dir_default, fused_store_of
 
         fused_dir = args.fused_dir or fused_dir_default()
-        upstream = Upstream(args.upstream, FusedKVStore(fused_dir, max_entries=16), model=args.upstream_model)
+        store = fused_store_of(fused_dir, args.handoff, args.fused_budget, args.fused_mode)
+        upstream = Upstream(args.upstream, store, model=args.upstream_model)
         print(f"proxy mode: generating on {upstream.url}, fused KV published to {fused_dir}", flush=True)
     app = create_app(settings, upstream=upstream)
     uvicorn.run(

@@ -34,10 +34,12 @@ T0=$(date +%s)
 
 # name and time limit (s) of every step, in order
 STEPS=(
-  "pytest_gpu 120"   # CPU-vs-CUDA parity of every strategy, family, tier and mask kind (tests/test_gpu.py)
-  "kernels 80"       # every Triton kernel against its torch reference, compiled (interpreted in the dry run)
+  "pytest_gpu 100"   # CPU-vs-CUDA parity of every strategy, family, tier and mask kind (tests/test_gpu.py)
+  "kernels 70"       # every Triton kernel against its torch reference, compiled (interpreted in the dry run)
   "encode 40"        # packed encode GB/s: fused vs the reference, same bytes (benchmarks/gpu_encode.py)
-  "bench 240"        # TTFT table, codec GB/s, precompute (benchmarks/bench_gpu.py)
+  "bench 190"        # TTFT table, codec GB/s, precompute (benchmarks/bench_gpu.py)
+  "handoff_tests 30" # the fused-KV hand-off's CUDA cases (tests/test_gpu_handoff.py)
+  "handoff 80"      # producer -> connector hand-off per path, blend + hand-off vs HF (benchmarks/bench_handoff.py)
 )
 
 # CMD=(the command of step $1): one branch per step
@@ -56,6 +58,9 @@ step_command() {
     bench) CMD=("$PY" benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json")
       if [ "$DRY" = 1 ]; then CMD+=(--dry-run); fi
       CMD+=("${BENCH_ARGS[@]}") ;;
+    handoff_tests) CMD=("$PY" -m pytest -m gpu tests/test_gpu_handoff.py -q -p no:cacheprovider) ;;
+    handoff) CMD=("$PY" benchmarks/bench_handoff.py --out "$OUT/bench_handoff.json")
+      if [ "$DRY" = 1 ]; then CMD+=(--dry-run); fi ;;
     *) echo "unknown step $1" >&2; return 1 ;;
   esac
 }
