@@ -19,7 +19,7 @@ from ..models import ModelAdapter, synchronize
 from ..models.attention import MASK_KINDS, QueryMask, query_mask
 from .loader import LayerLoader
 from .plan import BlendPlan
-from .recover import recovering
+from .recover import Recovering, recovering
 from .rerotate import rerotate, rotation
 from .select import kv_deviation, query_attention
 from .strategies import Strategy
@@ -35,6 +35,7 @@ class BlendResult:
     num_tokens: int  # N: prompt rows filled in every buffer
     seconds: dict[str, float] = field(default_factory=dict)  # load, rerotate, recompute, first_token
     chunk_decisions: list = field(default_factory=list)  # per chunk, the strategy's decision (cachecraft)
+    recovered: int = 0  # chunks whose stored KV failed mid-blend and were recomputed (blend/recover.py)
 
     def prompt_kv(self, num_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K, V) views [1, H_kv, n, D] of the first `num_tokens` rows (the prompt's N by default)."""
@@ -155,7 +156,8 @@ def blend(
     seconds = clock.seconds()  # load, rerotate, recompute, first_token
     seconds["total"] = time.perf_counter() - t_start
     fraction = recomputed / (num_cached * model.num_layers) if num_cached else 1.0
-    return BlendResult(buffers, logits, fraction, n, seconds, strategy.decisions())
+    recovered = sum(isinstance(kv, Recovering) and kv.recomputed is not None for _, kv in sources)
+    return BlendResult(buffers, logits, fraction, n, seconds, strategy.decisions(), recovered)
 
 
 class _Clock:

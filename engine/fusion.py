@@ -121,7 +121,8 @@ def fuse(engine, f: Fusion) -> None:
         if part in parts and part != "other":
             parts[part] += seconds * 1e3
             parts["other"] -= seconds * 1e3
-    f.run = RunResult(f.plan, result, f.watch.elapsed_ms(), parts, f.lookup.hits, f.lookup.misses, f.request)
+    misses = f.lookup.misses + result.recovered  # a chunk recomputed mid-blend was a miss after all
+    f.run = RunResult(f.plan, result, f.watch.elapsed_ms(), parts, f.lookup.hits, misses, f.request)
 
 
 STAGES = (resolve_chunks, look_up, choose_sources, load, fuse)
