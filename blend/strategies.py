@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import replace
 
 import torch
 
-from .config import BlendConfig, split_name, validate
+from .config import BlendConfig, validate
 from .plan import BlendPlan
 from .query_select import query_aware_tokens
 from .select import budget, keep_top
@@ -142,17 +141,3 @@ class Epic(Strategy):
 
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {c.name: c for c in (Full, Prefix, Naive, CacheBlend, Epic)}
-
-
-def make_strategy(name: str, ratio: float = 0.0, config: BlendConfig = BlendConfig()) -> Strategy:
-    """The strategy called `name` at recompute ratio `ratio` (unknown names fail listing the known);
-    `"cacheblend+query"` is cacheblend with `config.select = "query"`."""
-    validate(name, ratio)
-    base, select = split_name(name)
-    if select is not None:
-        config = replace(config, select=select)
-    if base == "cachecraft":
-        from .cachecraft import CacheCraft  # it builds on this module's Strategy
-
-        return CacheCraft(ratio, config)
-    return STRATEGY_CLASSES[base](ratio, config)
