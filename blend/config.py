@@ -17,7 +17,7 @@ SELECTIVE = ("cacheblend", "cachecraft")  # the strategies that take a selection
 class BlendConfig:
     """Defaults for every request; each request may override strategy and ratio."""
 
-    strategy: str = "cacheblend"
+    strategy: str = "focus"  # the default since issue 21; cacheblend stays as the paper's baseline
     recompute_ratio: float = 0.15
     check_layers: tuple[int, ...] = (1,)  # CacheBlend selects tokens here; earlier layers run in full
     gradual_factor: float = 2.0  # gradual filtering: each earlier check layer keeps this many times more
@@ -33,7 +33,7 @@ class BlendConfig:
     craft_focus: float = 0.0  # cachecraft early stop: chunks under this share of the question's attention: no fix
     # focus (blend/focus.py): adaptive budget when focus_mass > 0 (question-attention mass to cover, between
     # focus_floor and the request's ratio), neighbours widened, last tokens of each chunk, dual-stage weight
-    focus_mass: float = 0.0
+    focus_mass: float = 0.7
     focus_floor: float = 0.05
     focus_radius: int = 0
     focus_tail: int = 0

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--file", action="append", default=[], metavar="PATH", help="a document from a text file (repeatable)"
     )
     p.add_argument("--retrieve", type=int, default=0, metavar="K", help="also fuse the K best ingested chunks")
-    p.add_argument("--strategy", default=None, help="full, prefix, naive, cacheblend (default) or epic")
+    p.add_argument(
+        "--strategy", default=None, help="full, prefix, naive, cacheblend, epic, cachecraft or focus (default)"
+    )
     p.add_argument("--ratio", type=float, default=None, help="recompute ratio in [0, 1] (default 0.15)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length in tokens (default 32)")
     add_settings_args(p, FLAGS)

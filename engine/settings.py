@@ -83,7 +83,7 @@ class StorageSettings(_Section):
 class BlendSettings(_Section):
     """Fusion defaults (a request may name its own strategy and ratio)."""
 
-    strategy: Literal["full", "prefix", "naive", "cacheblend", "epic", "cachecraft"] = "cacheblend"
+    strategy: Literal["full", "prefix", "naive", "cacheblend", "epic", "cachecraft", "focus"] = "focus"
     recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)
     check_layers: tuple[int, ...] = (1,)
     gradual_factor: float = Field(2.0, ge=1.0)
@@ -95,6 +95,8 @@ class BlendSettings(_Section):
     craft_min_share: float = Field(0.25, ge=0.0, le=1.0)  # cachecraft: floor of each chunk's even budget share
     craft_variants: int = Field(2, ge=0)  # cachecraft: KV variants per chunk (by preceding chunks); 0: none
     craft_focus: float = Field(0.0, ge=0.0, lt=1.0)  # cachecraft early stop: question-attention share floor
+    focus_mass: float = Field(0.7, ge=0.0, le=1.0)  # focus: question-attention mass to cover (0: the ratio, fixed)
+    focus_floor: float = Field(0.05, ge=0.0, le=1.0)  # focus: the adaptive budget's floor (the ratio is its cap)
 
 
 class RetrieverSettings(_Section):

@@ -12,7 +12,7 @@ from ragkv.chunk_cache import precompute
 from ragkv.models import adapter_for
 
 NEEDLE = 200  # the token the constructed question attends to
-LAYER0 = BlendConfig(scout_layers=(0,))
+LAYER0 = BlendConfig(scout_layers=(0,), focus_mass=0.0)  # a fixed budget: the ratio
 
 
 def _attending_adapter():
@@ -64,7 +64,7 @@ def test_focus_recomputes_the_tokens_the_question_attends_to():
     rows = sorted(plan.chunk_spans[c][0] + o for c, offsets in needles.items() for o in offsets)
     chosen = _chosen(adapter, plan, chunks, make_strategy("focus", 5 / 120, LAYER0))
     assert chosen == rows  # exactly the five needles, the budget's five tokens
-    dual = make_strategy("focus", 5 / 120, BlendConfig(scout_layers=(0,), focus_deviation=0.3))
+    dual = make_strategy("focus", 5 / 120, BlendConfig(scout_layers=(0,), focus_mass=0.0, focus_deviation=0.3))
     result = blend(adapter, plan, dual, _sources(adapter, plan, chunks))
     assert result.recompute_fraction > 0.0 and dual.check_layers() == (1,)
 
@@ -87,7 +87,8 @@ def test_focus_at_ratio_one_is_the_full_prefill():
     adapter = adapter_for(tiny_model("llama", seed=1), sink_ids=(1,))
     plan, chunks = _prompt({})
     full = blend(adapter, plan, make_strategy("full"))
-    fused = blend(adapter, plan, make_strategy("focus", 1.0), _sources(adapter, plan, chunks))
+    fixed = BlendConfig(focus_mass=0.0)
+    fused = blend(adapter, plan, make_strategy("focus", 1.0, fixed), _sources(adapter, plan, chunks))
     torch.testing.assert_close(fused.logits, full.logits, atol=2e-5, rtol=2e-5)
 
 
