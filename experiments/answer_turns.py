@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=None, help="folder for the full-prefill references")
     ap.add_argument("--out", default="answer_turns.json")
+    ap.add_argument("--plot", default=None, help="PNG: where the full prefill's attention sits at the turn")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.cache:
@@ -251,18 +252,7 @@ def main() -> None:
     rows = []
     for sample in samples:
         rows.append(evaluate(engine, sample, variants, args))
-        print(
-            json.dumps(
-                {
-                    "id": sample.id,
-                    **{
-                        k: {m: v[m] for m in ("same_answer", "agree_prefix", "kl_mean", "turn")}
-                        for k, v in rows[-1]["variants"].items()
-                    },
-                }
-            ),
-            flush=True,
-        )
+        print(json.dumps(rows[-1]), flush=True)  # per sample, so a run cut short still reports
     summary = summarize(rows)
     cols = (
         "same_answer",
@@ -284,11 +274,39 @@ def main() -> None:
         print(
             f"| {label} | " + " | ".join(f"{s[c]:.3f}" if isinstance(s[c], float) else str(s[c]) for c in cols) + " |"
         )
+    if args.plot:
+        plot(
+            summary, args.plot, f"where the full prefill's attention sits at the first differing token ({len(rows)} q)"
+        )
     Path(args.out).write_text(
         json.dumps(
             {"data": "demo" if args.demo else args.data, "n": len(rows), "summary": summary, "rows": rows}, indent=1
         )
     )
+
+
+def plot(summary: dict, path: str, title: str) -> None:
+    """Per variant: the share of the turn's chunk attention on recomputed rows, what the best rows of
+    the same count would cover, and the share on the last chunk, chunk heads / tails and the top 1%."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [k for k, v in summary.items() if v["turned"] and k != "naive"]
+    cols = ("covered", "best", "last_chunk", "heads", "tails", "top1pct")
+    fig, ax = plt.subplots(figsize=(9.6, 4.2))
+    width = 0.8 / len(cols)
+    for i, col in enumerate(cols):
+        ax.bar([x + i * width for x in range(len(labels))], [summary[k][col] for k in labels], width, label=col)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], [k.replace(";", "\n") for k in labels], fontsize=7)
+    ax.set_ylabel("share of the chunk attention at the turn")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
