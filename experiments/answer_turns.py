@@ -224,30 +224,39 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_sample_args(ap: argparse.ArgumentParser, limit: int) -> None:
+    """The options that pick the samples and their references (shared with shared_prefix.py)."""
     ap.add_argument("--data", default="../shared/data/cacheblend/musique_s.json")
     ap.add_argument("--format", default="musique")
     ap.add_argument("--demo", action="store_true", help="the shipped demo questions (3 retrieved chunks)")
-    ap.add_argument("--limit", type=int, default=6)
+    ap.add_argument("--limit", type=int, default=limit)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--max-chunks", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--variants", default="naive,cacheblend@0.15,cacheblend+query@0.15,oracle@0.15")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=None, help="folder for the full-prefill references")
-    ap.add_argument("--out", default="answer_turns.json")
-    ap.add_argument("--plot", default=None, help="PNG: where the full prefill's attention sits at the turn")
-    args = ap.parse_args()
+
+
+def engine_and_samples(args) -> tuple[Engine, list[Sample]]:
+    """SmolLM2 with the dataset's template, and the samples `add_sample_args` picked."""
     torch.set_num_threads(args.threads)
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
     engine = Engine.from_pretrained("smollm2")
     if args.demo:
-        samples = demo_samples(engine, 3)[args.offset : args.offset + args.limit]
-    else:
-        engine.template = template_for(args.format)
-        samples = load_samples(args.data, args.format, args.limit + args.offset, args.max_chunks)[args.offset :]
+        return engine, demo_samples(engine, 3)[args.offset : args.offset + args.limit]
+    engine.template = template_for(args.format)
+    return engine, load_samples(args.data, args.format, args.limit + args.offset, args.max_chunks)[args.offset :]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_sample_args(ap, limit=6)
+    ap.add_argument("--variants", default="naive,cacheblend@0.15,cacheblend+query@0.15,oracle@0.15")
+    ap.add_argument("--out", default="answer_turns.json")
+    ap.add_argument("--plot", default=None, help="PNG: where the full prefill's attention sits at the turn")
+    args = ap.parse_args()
+    engine, samples = engine_and_samples(args)
     variants = [parse_variant(v) for v in args.variants.split(",") if v.strip()]
     rows = []
     for sample in samples:

@@ -17,13 +17,11 @@ import json
 from pathlib import Path
 
 import torch
-from answer_turns import demo_samples, reference
+from answer_turns import add_sample_args, engine_and_samples, reference
 
 from ragkv.blend import BlendConfig, blend, make_strategy
 from ragkv.chunk_cache import ChunkKV, precompute_many
 from ragkv.engine.engine import Engine
-from ragkv.engine.prompt import template_for
-from ragkv.eval.datasets import load_samples
 from ragkv.eval.metrics import agree_prefix, kl_per_position
 
 VARIANTS = (
@@ -47,25 +45,10 @@ def after_prefix(engine: Engine, plan, chunks) -> list[tuple[int, ChunkKV]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data/cacheblend/musique_s.json")
-    ap.add_argument("--format", default="musique")
-    ap.add_argument("--demo", action="store_true", help="the shipped demo questions (3 retrieved chunks)")
-    ap.add_argument("--limit", type=int, default=3)
-    ap.add_argument("--max-chunks", type=int, default=None)
-    ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cache", type=Path, default=None, help="folder for the full-prefill references")
+    add_sample_args(ap, limit=3)
     ap.add_argument("--out", default="shared_prefix.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.cache:
-        args.cache.mkdir(parents=True, exist_ok=True)
-    engine = Engine.from_pretrained("smollm2")
-    if args.demo:
-        samples = demo_samples(engine, 3)[: args.limit]
-    else:
-        engine.template = template_for(args.format)
-        samples = load_samples(args.data, args.format, args.limit, args.max_chunks)
+    engine, samples = engine_and_samples(args)
     rows, totals = [], {}
     for sample in samples:
         chunks = [list(c) for c in sample.chunk_ids] if sample.chunk_ids else engine.tokenize_chunks(sample.chunks)
