@@ -101,6 +101,8 @@ def plot_curve(results: dict[str, dict], path: str | Path, title: str = "") -> N
             ax.axhline(naive[metric], color="grey", linestyle=":", label="naive")
         ax.set_title(name, fontsize=10)
         ax.grid(True, alpha=0.3)
+        if metric in ("same_answer", "agree_prefix"):
+            ax.set_ylim(-0.02, 1.02)  # shares: the whole range, so a flat line reads as flat
     for ax in axes[1]:
         ax.set_xlabel("recompute fraction used (mean over questions)")
     axes.flat[0].legend(fontsize=8)
