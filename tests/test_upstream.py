@@ -127,7 +127,7 @@ def test_forwards_the_exact_fused_token_ids_and_returns_the_upstream_answer(engi
     assert up["published"] is True and up["fused_tokens"] == len(want) - 1 and up["url"] == fake.url
     assert up["usage"]["prompt_tokens"] == len(want) and up["upstream_first_token"] == 40
     assert isinstance(up["ragkv_first_token"], int)
-    assert info["misses"] == 2 and info["strategy"] == "cacheblend"
+    assert info["misses"] == 2 and info["strategy"] == "focus"  # the default strategy
     assert {"publish", "upstream_first_token", "recompute"} <= set(info["parts_ms"])
 
 
