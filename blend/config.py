@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STRATEGIES = ("full", "prefix", "naive", "cacheblend", "epic", "cachecraft")
+STRATEGIES = ("full", "prefix", "naive", "cacheblend", "epic", "cachecraft", "focus")
 DEVIATIONS = ("v", "k", "kv")
 SCORES = ("deviation", "attention", "deviation*attention")
 # how cacheblend/cachecraft pick tokens: at a check layer ("check"), or before layer 0 by the question's
@@ -18,7 +18,7 @@ RATIO_FREE = ("full", "prefix", "naive")  # reuse nothing, or exactly: no recomp
 class BlendConfig:
     """Defaults for every request; each request may override strategy and ratio."""
 
-    strategy: str = "cacheblend"
+    strategy: str = "focus"  # the default since issue 21; cacheblend stays as the paper's baseline
     recompute_ratio: float = 0.15
     check_layers: tuple[int, ...] = (1,)  # CacheBlend selects tokens here; earlier layers run in full
     gradual_factor: float = 2.0  # gradual filtering: each earlier check layer keeps this many times more
@@ -32,6 +32,13 @@ class BlendConfig:
     craft_min_share: float = 0.25  # cachecraft: each chunk keeps at least this share of its even budget
     craft_variants: int = 2  # cachecraft: KV variants kept per chunk (by preceding chunks); 0 = none stored or used
     craft_focus: float = 0.0  # cachecraft early stop: chunks under this share of the question's attention: no fix
+    # focus (blend/focus.py): adaptive budget when focus_mass > 0 (question-attention mass to cover, between
+    # focus_floor and the request's ratio), neighbours widened, last tokens of each chunk, dual-stage weight
+    focus_mass: float = 0.7
+    focus_floor: float = 0.05
+    focus_radius: int = 0
+    focus_tail: int = 0
+    focus_deviation: float = 0.0
 
     def __post_init__(self) -> None:
         validate(self.strategy, self.recompute_ratio)
@@ -57,6 +64,14 @@ class BlendConfig:
             raise ValueError(f"craft_variants must be >= 0 (0 stores and uses no variants), got {self.craft_variants}")
         if not (0.0 <= self.craft_focus < 1.0):
             raise ValueError(f"craft_focus must be within [0, 1) (0: no early stop), got {self.craft_focus}")
+        if not (0.0 <= self.focus_mass <= 1.0) or not (0.0 <= self.focus_floor <= 1.0):
+            raise ValueError(
+                f"focus_mass and focus_floor must lie within [0, 1], got {self.focus_mass}, {self.focus_floor}"
+            )
+        if self.focus_radius < 0 or self.focus_tail < 0:
+            raise ValueError(f"focus_radius and focus_tail must be >= 0, got {self.focus_radius}, {self.focus_tail}")
+        if not (0.0 <= self.focus_deviation <= 1.0):
+            raise ValueError(f"focus_deviation must lie within [0, 1], got {self.focus_deviation}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"unknown deviation {self.deviation!r}; accepted: {', '.join(DEVIATIONS)}")
 

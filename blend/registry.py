@@ -10,9 +10,12 @@ from dataclasses import replace
 
 from .cachecraft import CacheCraft
 from .config import BlendConfig, split_name, validate
+from .focus import Focus
 from .strategies import CacheBlend, Epic, Full, Naive, Prefix, Strategy
 
-STRATEGY_CLASSES: dict[str, type[Strategy]] = {c.name: c for c in (Full, Prefix, Naive, CacheBlend, Epic, CacheCraft)}
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {
+    c.name: c for c in (Full, Prefix, Naive, CacheBlend, Epic, CacheCraft, Focus)
+}
 
 
 def make_strategy(name: str, ratio: float = 0.0, config: BlendConfig = BlendConfig()) -> Strategy:

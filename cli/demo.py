@@ -2,7 +2,9 @@
 (chunked, embedded, indexed, chunk KV precomputed and stored); then each shipped question retrieves
 its chunks and is answered with a full prefill and with blended reuse, each timed three times (median,
 after a warm-up). The table puts TTFT and speedup beside the agreement with the full prefill: the
-same first token (top-1), the KL divergence of the first-token distributions, the same greedy answer.
+same first token (top-1), the KL divergence of the first-token distributions, the same greedy answer,
+the share of the full prefill's answer repeated before the first difference, and the share of chunk
+tokens the strategy recomputed (an adaptive budget picks it per question).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from .options import add_settings_args, load_engine, settings_of
 
 SETTINGS = ("strategy", "recompute_ratio", "max_new_tokens")  # the flags that set settings (by name)
+ANSWER_TOKENS = 24  # the demo's answer length unless --max-new-tokens (settings.max_new_tokens is not read)
 NAMESPACE = "demo"  # the demo's catalog and index live apart from the user's (DATA_DIR/tenants/demo)
 SMALL_MODEL_NOTE = (
     "Note: SmolLM2-135M is a very small model. It can copy a name or a place that sits in the passage next to "
@@ -32,11 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="answer shipped questions with full prefill vs blended reuse",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--strategy", default=None, help="fusion strategy to compare with full (default cacheblend)")
-    p.add_argument("--ratio", dest="recompute_ratio", type=float, default=None, help="recompute ratio (default 0.15)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default 32)")
+    p.add_argument(
+        "--strategy", default=None, help="fusion strategy to compare with full (default: the configured one)"
+    )
+    p.add_argument(
+        "--ratio",
+        dest="recompute_ratio",
+        type=float,
+        default=None,
+        help="recompute ratio, a cap for adaptive budgets (default 0.15)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"answer length (default {ANSWER_TOKENS})")
     p.add_argument("-k", type=int, default=3, help="chunks retrieved per question (default 3)")
-    p.add_argument("--questions", type=int, default=6, help="how many of the 10 shipped questions (default 6)")
+    p.add_argument("--questions", type=int, default=10, help="how many of the 10 shipped questions (default 10)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per strategy; the median is shown (default 3)")
     add_settings_args(p, SETTINGS, namespace=False)  # the demo keeps its documents in its own namespace
     p.set_defaults(func=run)
@@ -60,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.questions <= 10 or args.repeats < 1 or args.k < 1:
         raise ValueError("--questions must be in 1..10, --repeats and -k at least 1")
     from ..engine.ingest import IngestConfig
-    from ..eval.metrics import kl_per_position
+    from ..eval.metrics import agree_prefix, kl_per_position
 
     settings = settings_of(args)
-    strategy, ratio, max_new = settings.blend.strategy, settings.blend.recompute_ratio, settings.max_new_tokens
+    strategy, ratio = settings.blend.strategy, settings.blend.recompute_ratio
+    max_new = args.max_new_tokens or ANSWER_TOKENS
     label = f"{strategy}@{ratio:g}"
     demo = resources.files("ragkv.cli") / "demo"
     paths = sorted(str(p) for p in demo.iterdir() if p.name.endswith(".txt"))
@@ -119,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
             top1=bool(full.first_logits.argmax() == fused.first_logits.argmax()),
             kl=float(kl_per_position(full.first_logits[None], fused.first_logits[None])[0]),
             same=full.token_ids == fused.token_ids,
+            agree=agree_prefix(full.token_ids, fused.token_ids),
+            recomputed=fused.recompute_fraction,
         )
         row["speedup"] = row["full_ms"] / row["fused_ms"]
         rows.append(row)
@@ -138,13 +152,14 @@ def table(rows: list[dict], label: str) -> str:
     """The per-question table and its summary line (median speedup and KL, agreement counts)."""
     head = (
         f"{'question':15s} {'prompt':>6s} {'full ms':>8s} {label + ' ms':>19s} {'speedup':>7s} "
-        f"{'top-1':>5s} {'KL':>7s}  same answer"
+        f"{'top-1':>5s} {'KL':>7s} {'recomp':>6s} {'agree':>5s}  same answer"
     )
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(
             f"{r['id']:15s} {r['prompt_tokens']:6d} {r['full_ms']:8.0f} {r['fused_ms']:19.0f} {r['speedup']:6.2f}x "
-            f"{'yes' if r['top1'] else 'no':>5s} {r['kl']:7.3f}  {'yes' if r['same'] else 'no'}"
+            f"{'yes' if r['top1'] else 'no':>5s} {r['kl']:7.3f} {r['recomputed']:6.2f} {r['agree']:5.2f}  "
+            f"{'yes' if r['same'] else 'no'}"
         )
     n = len(rows)
     out.append("-" * len(head))
@@ -152,6 +167,7 @@ def table(rows: list[dict], label: str) -> str:
         f"{'median / count':15s} {'':6s} {statistics.median(r['full_ms'] for r in rows):8.0f} "
         f"{statistics.median(r['fused_ms'] for r in rows):19.0f} "
         f"{statistics.median(r['speedup'] for r in rows):6.2f}x {sum(r['top1'] for r in rows):>3d}/{n} "
-        f"{statistics.median(r['kl'] for r in rows):7.3f}  {sum(r['same'] for r in rows)}/{n}"
+        f"{statistics.median(r['kl'] for r in rows):7.3f} {statistics.fmean(r['recomputed'] for r in rows):6.2f} "
+        f"{statistics.fmean(r['agree'] for r in rows):5.2f}  {sum(r['same'] for r in rows)}/{n}"
     )
     return "\n".join(out)

@@ -25,14 +25,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategies",
         default=None,
-        help="comma-separated: full,prefix,naive,cacheblend,epic,cachecraft; cacheblend/cachecraft take a "
+        help="comma-separated: full,prefix,naive,cacheblend,epic,cachecraft,focus; cacheblend/cachecraft take a "
         "selection suffix: cacheblend+query picks tokens by the question's attention before layer 0 "
-        "(default full,naive,cacheblend; with --trace: prefix,cacheblend@0.15,epic@0.15,cachecraft)",
+        "(default full,naive,cacheblend and the configured default strategy; with --trace: "
+        "prefix,cacheblend@0.15,epic@0.15,cachecraft)",
     )
-    p.add_argument("--ratios", default="0.15", help="comma-separated recompute ratios for cacheblend/epic")
+    p.add_argument(
+        "--ratios",
+        default="0.15",
+        help="comma-separated recompute ratios for the ratio-taking strategies (a cap for adaptive budgets), "
+        "e.g. 0,0.05,0.1,0.15,0.25,0.5,1.0 for the budget curve (--curve)",
+    )
     p.add_argument("--limit", type=int, default=20, help="number of samples (default 20)")
     p.add_argument("--max-chunks", type=int, default=None, help="keep at most this many passages per sample")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length for F1/ROUGE (default 32)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=24,
+        help="greedy answer length for same_answer, agree_prefix, F1 (default 24)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
         "--retrieve",
@@ -68,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trace_args(p)
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
+    p.add_argument(
+        "--curve", default=None, help="write the budget curve (PNG): answer agreement, top-1 and KL per recompute ratio"
+    )
     add_settings_args(p, ("craft_variants",), namespace=False)
     p.set_defaults(func=run)
 
@@ -83,18 +97,18 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.engine import Engine
     from ..engine.prompt import PromptTemplate, template_for
     from ..eval.datasets import load_samples
-    from ..eval.report import markdown_table, plot
+    from ..eval.report import markdown_table, plot, plot_curve
     from ..eval.runner import parse_specs, retrieve_in_the_loop, run_eval
 
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    names = args.strategies or "full,naive,cacheblend"
-    specs = parse_specs([s.strip() for s in names.split(",") if s.strip()], ratios)
+    settings = settings_of(args)
+    names = args.strategies or f"full,naive,cacheblend,{settings.blend.strategy}"
+    specs = parse_specs(list(dict.fromkeys(s.strip() for s in names.split(",") if s.strip())), ratios)
     samples = load_samples(args.data, args.format, args.limit, args.max_chunks)
     if not samples:
         raise ValueError(f"no usable samples in {args.data} (format {args.format})")
-    settings = settings_of(args)
     engine = Engine.from_pretrained(
         config=engine_config(settings_of(args, overrides=_store_overrides(args, settings.device)))
     )
@@ -130,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(summary))
     if args.plot:
         plot(summary, args.plot, f"{settings.model} on {Path(args.data).name} (n={len(samples)})")
+    if args.curve:
+        plot_curve(summary, args.curve, f"{settings.model} on {Path(args.data).name} (n={len(samples)})")
     return 0
 
 

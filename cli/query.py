@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategy",
         default=None,
-        help="full, prefix, naive, cacheblend (default), epic or cachecraft; cacheblend and cachecraft take "
+        help="full, prefix, naive, cacheblend, epic, cachecraft or focus (default); cacheblend and cachecraft take "
         "+check or +query (how tokens to recompute are chosen)",
     )
     p.add_argument(

@@ -51,3 +51,21 @@ def kl_per_position(reference_logits: torch.Tensor, logits: torch.Tensor) -> tor
 def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """Fraction of positions where both distributions pick the same token."""
     return float((reference_logits.argmax(-1) == logits.argmax(-1)).float().mean())
+
+
+def agree_prefix(reference_ids: Sequence[int], ids: Sequence[int]) -> float:
+    """Share of the reference answer's tokens that `ids` repeats before the first difference (1.0 when
+    both are empty)."""
+    if not reference_ids:
+        return float(not ids)
+    same = 0
+    for a, b in zip(reference_ids, ids):
+        if a != b:
+            break
+        same += 1
+    return same / len(reference_ids)
+
+
+def same_answer(reference_ids: Sequence[int], ids: Sequence[int]) -> bool:
+    """Whether the greedy answer is token for token the reference's."""
+    return list(reference_ids) == list(ids)

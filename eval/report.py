@@ -1,11 +1,15 @@
-"""The eval report: a markdown table of the summary (speedups vs `full` and vs the model's own forward,
-`hf`), and an optional quality-vs-TTFT plot."""
+"""The eval report: a markdown table of the summary (answer agreement with the full prefill, speedups vs
+`full` and vs the model's own forward, `hf`), an optional quality-vs-TTFT plot, and the budget curve
+(agreement per recompute ratio, one line per strategy)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 COLUMNS = (
+    "same_answer",
+    "agree_prefix",
+    "f1_vs_full",
     "f1",
     "rouge_l",
     "kl_first_token",
@@ -18,6 +22,12 @@ COLUMNS = (
     "recompute_fraction",
     "recomputed_chunk_tokens",
     "variants_used",
+)
+CURVE_METRICS = (
+    ("same_answer", "same answer as full"),
+    ("agree_prefix", "agreeing prefix of full's answer"),
+    ("top1_agreement", "teacher-forced top-1"),
+    ("kl_mean", "teacher-forced KL (nats)"),
 )
 
 
@@ -57,4 +67,46 @@ def plot(results: dict[str, dict], path: str | Path, title: str = "") -> None:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curve_points(results: dict[str, dict]) -> dict[str, list[tuple[float, dict]]]:
+    """Per strategy, its (recompute fraction used, summary row) points in the order of the requested
+    ratios: the x is what was spent (cacheblend's full early layers included, an adaptive budget's
+    mean), not the ratio asked for. `naive` and `full` are reference lines, not curves."""
+    lines: dict[str, list[tuple[float, dict]]] = {}
+    for row in results.values():
+        if row["strategy"] not in ("full", "naive", "prefix"):
+            lines.setdefault(row["strategy"], []).append((row["ratio"], row))
+    return {
+        name: [(row["recompute_fraction"], row) for _, row in sorted(points, key=lambda p: p[0])]
+        for name, points in lines.items()
+    }
+
+
+def plot_curve(results: dict[str, dict], path: str | Path, title: str = "") -> None:
+    """Answer agreement (same answer, agreeing prefix), top-1 and KL against the recompute ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(9.6, 6.4), sharex=True)
+    lines = curve_points(results)
+    naive = next((r for r in results.values() if r["strategy"] == "naive"), None)
+    for ax, (metric, name) in zip(axes.flat, CURVE_METRICS):
+        for strategy, points in lines.items():
+            ax.plot([p[0] for p in points], [p[1][metric] for p in points], marker="o", label=strategy)
+        if naive is not None:
+            ax.axhline(naive[metric], color="grey", linestyle=":", label="naive")
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if metric in ("same_answer", "agree_prefix"):
+            ax.set_ylim(-0.02, 1.02)  # shares: the whole range, so a flat line reads as flat
+    for ax in axes[1]:
+        ax.set_xlabel("recompute fraction used (mean over questions)")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title or "answer agreement with the full prefill vs recompute budget", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

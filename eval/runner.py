@@ -1,6 +1,8 @@
 """The evaluation runner: every strategy on every sample, measured against a full prefill of the
 same prompt in the same run (TTFT ratios, KL / top-1 teacher-forced on full's answer, F1, ROUGE-L),
-and against the model's own transformers forward on the same token ids (`hf`, the honest baseline)."""
+and against the model's own transformers forward on the same token ids (`hf`, the honest baseline).
+Answer-level fidelity: `same_answer` (the greedy answer is full's, token for token), `agree_prefix`
+(share of full's answer repeated before the first difference) and `f1_vs_full`."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from ..engine.engine import Engine
 from ..engine.stopwatch import Stopwatch
 from .context import record_sample_context
 from .datasets import Sample
-from .metrics import TEACHER_TOKENS, f1, kl_per_position, rouge_l, top1_agreement
+from .metrics import TEACHER_TOKENS, agree_prefix, f1, kl_per_position, rouge_l, same_answer, top1_agreement
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,16 @@ def evaluate_sample(
         if reference is None:
             hf_ms = hf_ttft_ms(engine, sample.question, chunks)  # right after full: same machine state
             forced = torch.tensor(answer_ids[:TEACHER_TOKENS] or [int(run.logits.argmax())])
-            reference = (forced, engine.teacher_forced_logits(run.blend, forced), text)
-        forced, ref_logits, ref_text = reference
+            reference = (forced, engine.teacher_forced_logits(run.blend, forced), text, answer_ids)
+        forced, ref_logits, ref_text, ref_ids = reference
         logits = engine.teacher_forced_logits(run.blend, forced)  # [P, vocab]
         kl = kl_per_position(ref_logits, logits)
         out[spec.label] = {
+            "strategy": spec.strategy,
+            "ratio": spec.ratio,
+            "same_answer": float(same_answer(ref_ids, answer_ids)),
+            "agree_prefix": agree_prefix(ref_ids, answer_ids),
+            "f1_vs_full": f1(text, [ref_text]) if ref_text else float(text == ref_text),
             "ttft_ms": run.ttft_ms,
             "hf_ttft_ms": hf_ms,
             "parts_ms": run.parts_ms,
@@ -113,6 +120,9 @@ def summarize(per_sample: Sequence[dict[str, dict]]) -> dict[str, dict]:
     """Means of the quality metrics and medians of TTFT and speedup, per spec label."""
     labels = list(per_sample[0]) if per_sample else []
     mean_keys = (
+        "same_answer",
+        "agree_prefix",
+        "f1_vs_full",
         "f1",
         "rouge_l",
         "kl_first_token",
@@ -127,6 +137,7 @@ def summarize(per_sample: Sequence[dict[str, dict]]) -> dict[str, dict]:
     for label in labels:
         rows = [s[label] for s in per_sample]
         summary[label] = {k: statistics.fmean(r[k] for r in rows) for k in mean_keys}
+        summary[label].update(strategy=rows[0]["strategy"], ratio=rows[0]["ratio"])
         summary[label]["ttft_ms_median"] = statistics.median(r["ttft_ms"] for r in rows)
         summary[label]["speedup_vs_full"] = statistics.median(r["speedup_vs_full"] for r in rows)
         summary[label]["speedup_vs_hf"] = statistics.median(r["speedup_vs_hf"] for r in rows)
@@ -155,7 +166,7 @@ def run_eval(
     engine: Engine,
     samples: Sequence[Sample],
     specs: Sequence[Spec],
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 24,
     progress: Callable | None = None,
     context: str = "reversed",
 ) -> tuple[dict[str, dict], list[dict[str, dict]]]:

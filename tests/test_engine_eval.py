@@ -19,6 +19,10 @@ def test_evaluate_sample_reports_speedups_against_full_and_hf():
     full = rows["full"]
     assert full["kl_mean"] == 0.0 and full["top1_agreement"] == 1.0 and full["speedup_vs_full"] == 1.0
     assert rows["cacheblend@1"]["kl_mean"] < 1e-8 and rows["cacheblend@1"]["top1_agreement"] == 1.0  # exact
+    for label in ("full", "cacheblend@1"):  # the same greedy answer, token for token
+        assert rows[label]["same_answer"] == 1.0 and rows[label]["agree_prefix"] == 1.0
+        assert rows[label]["f1_vs_full"] == 1.0
+    assert rows["naive"]["same_answer"] in (0.0, 1.0) and 0.0 <= rows["naive"]["agree_prefix"] <= 1.0
     hf = full["hf_ttft_ms"]
     for row in rows.values():
         assert row["hf_ttft_ms"] == hf and row["misses"] == 0  # chunk KV was cached before timing

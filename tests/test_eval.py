@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from ragkv.eval.datasets import load_samples
-from ragkv.eval.metrics import f1, kl_per_position, normalize_answer, rouge_l, top1_agreement
-from ragkv.eval.report import markdown_table
+from ragkv.eval.metrics import (
+    agree_prefix,
+    f1,
+    kl_per_position,
+    normalize_answer,
+    rouge_l,
+    same_answer,
+    top1_agreement,
+)
+from ragkv.eval.report import curve_points, markdown_table, plot_curve
 from ragkv.eval.runner import parse_specs, summarize
 
 
@@ -76,6 +84,11 @@ def test_specs_and_summary_table():
     specs = parse_specs(["naive", "cacheblend", "epic"], [0.1, 0.2])
     assert [s.label for s in specs] == ["full", "naive", "cacheblend@0.1", "cacheblend@0.2", "epic@0.1", "epic@0.2"]
     row = {
+        "strategy": "naive",
+        "ratio": 0.0,
+        "same_answer": 1.0,
+        "agree_prefix": 1.0,
+        "f1_vs_full": 1.0,
         "ttft_ms": 10.0,
         "speedup_vs_full": 2.0,
         "speedup_vs_hf": 1.5,
@@ -97,6 +110,7 @@ def test_specs_and_summary_table():
     assert summary["naive"]["ttft_ms_median"] == 20.0 and summary["naive"]["speedup_vs_full"] == 3.0
     assert summary["naive"]["speedup_vs_hf"] == 1.0 and summary["naive"]["hf_ttft_ms_median"] == 15.0
     assert "| naive |" in markdown_table(summary)
+    assert summary["naive"]["same_answer"] == 1.0 and summary["naive"]["strategy"] == "naive"
 
 
 def test_one_strategy_parser_and_label_for_the_blend_the_eval_and_the_trace():
@@ -123,3 +137,29 @@ def test_one_strategy_parser_and_label_for_the_blend_the_eval_and_the_trace():
     ]
     with pytest.raises(ValueError, match="takes no recompute ratio"):
         parse_sim_strategies("cachecraft@0.2")
+
+
+def test_answer_agreement_metrics():
+    assert agree_prefix([5, 6, 7, 8], [5, 6, 9, 8]) == 0.5
+    assert agree_prefix([5, 6], [5, 6, 7]) == 1.0 and agree_prefix([5, 6], []) == 0.0
+    assert agree_prefix([], []) == 1.0 and agree_prefix([], [3]) == 0.0
+    assert same_answer([5, 6], [5, 6]) and not same_answer([5, 6], [5, 6, 7])
+
+
+def test_budget_curve_is_drawn_per_strategy_over_the_fraction_used(tmp_path):
+    def row(strategy, ratio, fraction, same):
+        metrics = dict(same_answer=same, agree_prefix=same, top1_agreement=0.9, kl_mean=0.1)
+        return dict(strategy=strategy, ratio=ratio, recompute_fraction=fraction, **metrics)
+
+    summary = {
+        "full": row("full", 0.0, 1.0, 1.0),
+        "naive": row("naive", 0.0, 0.0, 0.2),
+        "focus@0.5": row("focus", 0.5, 0.31, 0.8),
+        "focus@0.1": row("focus", 0.1, 0.1, 0.5),
+        "cacheblend@0.1": row("cacheblend", 0.1, 0.13, 0.3),
+    }
+    points = curve_points(summary)
+    assert sorted(points) == ["cacheblend", "focus"]
+    assert [(x, r["same_answer"]) for x, r in points["focus"]] == [(0.1, 0.5), (0.31, 0.8)]
+    plot_curve(summary, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000

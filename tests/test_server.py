@@ -59,7 +59,7 @@ def test_chat_with_documents_reports_usage_and_ragkv(url):
     assert r.object == "chat.completion" and r.choices[0].message.content.strip()
     assert r.usage.prompt_tokens > 20 and 0 < r.usage.completion_tokens <= 6
     info = r.model_extra["ragkv"]
-    assert info["namespace"] == "tenant-a" and info["strategy"] == "cacheblend"
+    assert info["namespace"] == "tenant-a" and info["strategy"] == "focus"  # the default strategy
     assert tuple(info["parts_ms"]) == PARTS and min(info["parts_ms"].values()) >= 0.0
     assert sum(info["parts_ms"].values()) == pytest.approx(info["ttft_ms"], rel=0.05)  # the parts add up
     assert info["parts_ms"]["precompute"] > 0.0 and 0 < info["recompute_fraction"] <= 1  # first sight: misses

@@ -137,7 +137,7 @@ def test_forwards_the_exact_fused_token_ids_and_returns_the_upstream_answer(engi
     [record] = fake.records
     assert record.model == "fake-model" and record.path == "shm"  # named for the connector's model check
     assert not list((tmp_path / "shm").iterdir())  # unpinned and gone once answered
-    assert info["misses"] == 2 and info["strategy"] == "cacheblend"
+    assert info["misses"] == 2 and info["strategy"] == "focus"  # the default strategy
     assert {"publish", "upstream_first_token", "recompute"} <= set(info["parts_ms"])
 
 

@@ -1,0 +1,93 @@
+"""APE-style shared prefix, training-free: each chunk's KV computed after the prompt's fixed prefix (chat
+template + instruction, the same for every question of a template) instead of after the sink alone.
+
+Per sample, both kinds of chunk KV (fp32, computed here, not read from the store) are fused with the same
+strategies; same_answer / agree_prefix over the full prefill's greedy answer (`--new-tokens`, 24) and
+kl_mean teacher-forced along it. References are cached as experiments/answer_turns.py does (`--cache`).
+
+    python experiments/shared_prefix.py --demo --cache /tmp/refs
+    python experiments/shared_prefix.py --data ../shared/data/cacheblend/musique_s.json --format musique --limit 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from answer_turns import add_sample_args, engine_and_samples, reference
+
+from ragkv.blend import BlendConfig, blend, make_strategy
+from ragkv.chunk_cache import ChunkKV, precompute_many
+from ragkv.engine.engine import Engine
+from ragkv.eval.metrics import agree_prefix, kl_per_position
+
+VARIANTS = (
+    ("naive", "naive", 0.0, BlendConfig()),
+    ("focus@0.15 fixed", "focus", 0.15, BlendConfig(focus_mass=0.0)),
+    ("focus@0.15 adaptive", "focus", 0.15, BlendConfig()),
+    ("cacheblend@0.15", "cacheblend", 0.15, BlendConfig()),
+)
+
+
+def after_prefix(engine: Engine, plan, chunks) -> list[tuple[int, ChunkKV]]:
+    """Each chunk's KV computed after the plan's prefix rows (pos0 = the prefix length)."""
+    prefix = plan.input_ids[: plan.prefix_len].tolist()
+    out = []
+    for (start, _), chunk in zip(plan.chunk_spans, chunks):
+        ids = torch.tensor(prefix + list(chunk))
+        kv = engine.model.forward_kv(ids, torch.arange(len(ids)))
+        out.append((start, ChunkKV(kv[:, :, len(prefix) :].clone(), pos0=len(prefix))))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_sample_args(ap, limit=3)
+    ap.add_argument("--out", default="shared_prefix.json")
+    args = ap.parse_args()
+    engine, samples = engine_and_samples(args)
+    rows, totals = [], {}
+    for sample in samples:
+        chunks = [list(c) for c in sample.chunk_ids] if sample.chunk_ids else engine.tokenize_chunks(sample.chunks)
+        plan = engine.plan(sample.question, chunks)
+        key = hashlib.sha1(json.dumps([plan.input_ids.tolist(), args.new_tokens]).encode()).hexdigest()[:16]
+        ref = reference(engine, plan, args.new_tokens, args.cache, key)
+        forced = torch.tensor(ref["answer"])
+        sink = [(s, kv) for (s, _), kv in zip(plan.chunk_spans, precompute_many(engine.model, chunks))]
+        row = {"id": sample.id}
+        for kind, sources in (("sink", sink), ("prefix", after_prefix(engine, plan, chunks))):
+            for label, name, ratio, config in VARIANTS:
+                result = blend(
+                    engine.model, plan, make_strategy(name, ratio, config), sources, reserve=args.new_tokens + 1
+                )
+                answer = list(engine.answer_ids(result, args.new_tokens))
+                logits = engine.teacher_forced_logits(result, forced)
+                m = {
+                    "same_answer": float(answer == ref["answer"]),
+                    "agree_prefix": agree_prefix(ref["answer"], answer),
+                    "kl_mean": float(kl_per_position(ref["logits"], logits).mean()),
+                    "recompute_fraction": result.recompute_fraction,
+                }
+                row[f"{kind} {label}"] = m
+                for k, v in m.items():
+                    totals.setdefault(f"{kind} {label}", {}).setdefault(k, []).append(v)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print("| chunk KV computed after | strategy | same answer | agree prefix | kl_mean | recompute |")
+    print("|---|---|---|---|---|---|")
+    for k, t in totals.items():
+        kind, label = k.split(" ", 1)
+        n = len(t["same_answer"])
+        mean = {m: sum(v) / n for m, v in t.items()}
+        print(
+            f"| {kind} | {label} | {int(sum(t['same_answer']))}/{n} | {mean['agree_prefix']:.3f} | "
+            f"{mean['kl_mean']:.4f} | {mean['recompute_fraction']:.3f} |"
+        )
+    Path(args.out).write_text(json.dumps({"data": "demo" if args.demo else args.data, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
