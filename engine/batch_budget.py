@@ -63,12 +63,13 @@ def size_of(engine, num_tokens: int, reserve: int) -> RequestSize:
 
 def estimate(engine, request: FusionRequest) -> RequestSize:
     """A request's size before it runs: exact for given chunks or documents (their tokens and the
-    prompt template), an upper bound for retrieval (`k` chunks of the retriever's largest size)."""
+    prompt template), an upper bound for retrieval (`k` chunks of the retriever's largest size). A bad
+    request (an empty document) is sized, not refused: `fuse_many` reports its error."""
     prefix, query, sep = engine.template.render(engine.tokenizer, request.question)
     if request.chunks is not None:
         lengths = [len(c) for c in request.chunks]
     elif request.documents is not None:
-        lengths = [len(c) for c in engine.tokenize_chunks(request.documents)]
+        lengths = [len(engine.template.chunk_ids(engine.tokenizer, d)) for d in request.documents]  # never raises
     else:
         lengths = [engine.config.retriever.chunk_max_tokens] * request.k
     tokens = len(prefix) + len(query) + sum(n + len(sep) for n in lengths)

@@ -79,6 +79,7 @@ def test_fits_estimates_sizes_and_counts_the_buffers_still_held():
     stream = start_stream(fusion)
     fusion.release()
     assert stream.kv_bytes == sizes[0].kv_bytes  # the buffers a scheduler counts as held
+    assert fits(engine, [engine.request(QUESTION, [""])])  # a bad request is sized; fuse_many reports it
     retrieving = engine.request("What bends?", k=3)  # an upper bound: k chunks of the largest size
     assert estimate(engine, retrieving).tokens >= 3 * engine.config.retriever.chunk_max_tokens
 
