@@ -4,6 +4,8 @@
 Computed KV goes to the first tier at once and is copied to the disk tier off the request path
 (write-behind). An entry that vanished or failed its checksum between lookup and read is recomputed
 through the same compute-once path, so two sidecars that lose one entry at once compute it once.
+Several prompts (a batch) are looked up in one store call (`lookup_many`) and their misses computed
+together (`ensure_many`): a chunk two prompts of the batch miss is computed once and counted as alone.
 """
 
 from __future__ import annotations
