@@ -2,10 +2,11 @@
 
 from .cache import kv_tensor, to_dynamic_cache
 from .config import STRATEGIES, BlendConfig
-from .extend import extend
+from .extend import extend, extend_many
 from .loader import LayerLoader
-from .loop import BlendResult, blend
+from .loop import BlendResult, blend, blend_many
 from .plan import BlendPlan, make_plan
+from .prompt_state import PromptState
 from .registry import make_strategy
 from .rerotate import rerotate, rotation
 from .strategies import Strategy
@@ -17,10 +18,13 @@ __all__ = [
     "make_plan",
     "BlendResult",
     "blend",
+    "blend_many",
+    "PromptState",
     "LayerLoader",
     "Strategy",
     "make_strategy",
     "extend",
+    "extend_many",
     "rerotate",
     "rotation",
     "to_dynamic_cache",

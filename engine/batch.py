@@ -1,37 +1,133 @@
 """Several requests at once: their fusions, then their decoding one step at a time, so a scheduler can
 let requests join and leave between steps (continuous batching).
 
-`fuse_many(engine, requests)` gives each request the `Fusion` that `engine.fuse(request)` would give it;
-`start_stream(fusion)` turns one into a `TokenStream`, and `step_many(engine, streams)` moves every
-unfinished stream one token forward: it picks each stream's next token from its logits (greedy or
-sampled, the stream's own temperature), then computes the next logits of the streams that go on.
+`fuse_many(engine, requests)` gives each request the `Fusion` that `engine.fuse(request)` would give it
+(the same first-token logits up to the rounding of packed matrix products): every request's chunks are
+resolved and looked up, the chunk-KV misses of all of them precomputed together (packed passes, a chunk
+two requests miss computed once), then, batch by batch within the `BatchBudget`, each request's
+entries are loaded and the requests fused in one pass per layer (`blend.blend_many`: their active rows
+packed for the projections and MLP, each with its own masks, positions, check layers and K/V buffers).
+`full` requests run the model's own forward, each alone (what `engine.fuse` runs); every other
+strategy (prefix, naive, epic, cacheblend, cachecraft, +query) is packed. A request over the budget on
+its own is fused alone.
 
-This first version runs the requests one after another (the reference the batched version must equal).
+`start_stream(fusion)` turns a fusion into a `TokenStream`, and `step_many(engine, streams)` moves every
+unfinished stream one token forward: it picks each stream's next token from its logits (greedy or
+sampled, the stream's own temperature), then computes the next logits of the streams that go on in one
+pass per layer (`blend.extend_many`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..blend import extend
-from .fusion import Fusion
+from ..blend import PromptState, blend_many, extend_many
+from .batch_budget import BatchBudget, size_of, split
+from .fusion import Fusion, begin, choose_sources, fuse, load, record, resolve_chunks
 from .request import FusionRequest
 
+ERRORS = ("raise", "return")
 
-def fuse_many(engine, requests: Sequence[FusionRequest]) -> list[Fusion]:
-    """Each request through the stages to its first-token logits; the caller releases each fusion."""
-    fusions: list[Fusion] = []
+
+def fuse_many(
+    engine, requests: Sequence[FusionRequest], *, budget: BatchBudget | None = None, errors: str = "raise"
+) -> list[Fusion | Exception]:
+    """Each request through the stages to its first-token logits, fused together within `budget` (the
+    engine's by default); the caller releases each fusion. A failure releases every fusion and is
+    raised (`errors="raise"`), or (`errors="return"`) takes the failed request's place in the list
+    (released) while the others go on; a failure of a shared step (the precompute, a packed pass)
+    fails every request in it."""
+    if errors not in ERRORS:
+        raise ValueError(f"unknown errors {errors!r}; accepted: {', '.join(ERRORS)}")
+    budget = budget or BatchBudget.of(engine)
+    batch = _Batch([begin(engine, r) for r in requests], errors == "raise")
     try:
-        for request in requests:
-            fusions.append(engine.fuse(request))
+        batch.each(range(len(requests)), lambda f: resolve_chunks(engine, f))
+        batch.together(batch.live(), lambda fs: look_up_many(engine, fs))
+        live = batch.live()
+        sizes = [size_of(engine, batch.fusions[i].plan.num_tokens, batch.fusions[i].request.reserve) for i in live]
+        for group in split(sizes, budget):
+            _fuse_group(engine, batch, [live[j] for j in group])
     except BaseException:
-        for f in fusions:
+        for f in batch.fusions:
             f.release()
         raise
-    return fusions
+    for i in batch.failed:
+        batch.fusions[i].release()
+    return [batch.failed.get(i, f) for i, f in enumerate(batch.fusions)]
+
+
+def look_up_many(engine, fusions: Sequence[Fusion]) -> None:
+    """The look-up stage of several requests: one store lookup, then the misses of all of them
+    computed together (each once across sidecars); every request's watch charges both laps."""
+    chunked = [f for f in fusions if f.strategy.reuse == "chunks" and f.chunks]
+    for f, found in zip(chunked, engine.supply.lookup_many([(f.chunks, f.request.namespace) for f in chunked])):
+        f.lookup = found
+    for f in fusions:
+        f.watch.lap("lookup")
+    if any(f.lookup.missing for f in chunked):
+        engine.supply.ensure_many([f.lookup for f in chunked])
+        for f in fusions:
+            f.watch.lap("precompute")
+
+
+def _fuse_group(engine, batch: _Batch, group: list[int]) -> None:
+    """One batch within the budget: each request's entries loaded, `full` ones fused alone, the others
+    in one packed pass."""
+    batch.each(group, lambda f: (choose_sources(engine, f), load(engine, f)))
+    alone = [i for i in batch.live(group) if batch.fusions[i].strategy.reuse == "none"]
+    batch.each(alone, lambda f: fuse(engine, f))
+    states = batch.each([i for i in batch.live(group) if i not in alone], lambda f: _state(engine, f))
+    packed = batch.live(states)
+    batch.together(packed, lambda fs: _record_all(fs, blend_many(engine.model, [states[i] for i in packed])))
+
+
+def _state(engine, f: Fusion) -> PromptState:
+    return PromptState(engine.model, f.plan, f.strategy, f.sources, reserve=f.request.reserve)
+
+
+def _record_all(fusions: Sequence[Fusion], results) -> None:
+    for f, result in zip(fusions, results):
+        record(f, result)
+
+
+class _Batch:
+    """The fusions of one `fuse_many` call and which of them failed (index -> exception)."""
+
+    def __init__(self, fusions: list[Fusion], strict: bool) -> None:
+        self.fusions = fusions
+        self.strict = strict  # re-raise the first failure
+        self.failed: dict[int, Exception] = {}
+
+    def live(self, indices=None) -> list[int]:
+        return [i for i in (range(len(self.fusions)) if indices is None else indices) if i not in self.failed]
+
+    def each(self, indices, step: Callable[[Fusion], object]) -> dict[int, object]:
+        """`step` on each live fusion of `indices`, a failure failing that request only; their results."""
+        out = {}
+        for i in self.live(indices):
+            try:
+                out[i] = step(self.fusions[i])
+            except Exception as exc:
+                if self.strict:
+                    raise
+                self.failed[i] = exc
+        return out
+
+    def together(self, indices, step: Callable[[list[Fusion]], object]) -> None:
+        """`step` on the live fusions of `indices` at once, a failure failing all of them."""
+        live = self.live(indices)
+        if not live:
+            return
+        try:
+            step([self.fusions[i] for i in live])
+        except Exception as exc:
+            if self.strict:
+                raise
+            self.failed.update(dict.fromkeys(live, exc))
 
 
 @dataclass
@@ -52,6 +148,11 @@ class TokenStream:
         """The K/V row the last picked token is written to when the stream goes on."""
         return self.fusion.run.blend.num_tokens + len(self.tokens) - 1
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the stream's K/V buffers (held until the stream is dropped)."""
+        return sum(k.nbytes + v.nbytes for k, v in self.fusion.run.blend.buffers)
+
 
 def start_stream(fusion: Fusion) -> TokenStream:
     return TokenStream(fusion, fusion.run.logits, done=fusion.request.max_new_tokens == 0)
@@ -68,7 +169,7 @@ def pick(stream: TokenStream) -> int:
 @torch.inference_mode()
 def step_many(engine, streams: Sequence[TokenStream]) -> list[int | None]:
     """One token for every unfinished stream (None for finished ones); a stream is done after EOS or
-    its `max_new_tokens`. The next logits are computed only for the streams that go on."""
+    its `max_new_tokens`. The next logits of the streams that go on are computed together."""
     eos = engine.eos_ids
     picked: list[int | None] = []
     for s in streams:
@@ -79,8 +180,11 @@ def step_many(engine, streams: Sequence[TokenStream]) -> list[int | None]:
         s.tokens.append(token)
         s.done = token in eos or len(s.tokens) >= s.request.max_new_tokens
         picked.append(token)
-    for s, token in zip(streams, picked):
-        if token is not None and not s.done:
-            ids = torch.tensor([token], device=engine.model.device)
-            s.logits = extend(engine.model, s.fusion.run.blend, ids, s.next_row)[0]
+    going = [s for s, token in zip(streams, picked) if token is not None and not s.done]
+    if going:
+        dev = engine.model.device
+        ids = [torch.tensor([s.tokens[-1]], device=dev) for s in going]
+        logits = extend_many(engine.model, [s.fusion.run.blend for s in going], ids, [s.next_row for s in going])
+        for s, out in zip(going, logits):
+            s.logits = out[0]
     return picked

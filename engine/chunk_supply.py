@@ -4,6 +4,8 @@
 Computed KV goes to the first tier at once and is copied to the disk tier off the request path
 (write-behind). An entry that vanished or failed its checksum between lookup and read is recomputed
 through the same compute-once path, so two sidecars that lose one entry at once compute it once.
+Several prompts (a batch) are looked up in one store call (`lookup_many`) and their misses computed
+together (`ensure_many`): a chunk two prompts of the batch miss is computed once and counted as alone.
 """
 
 from __future__ import annotations
@@ -23,19 +25,28 @@ from ..storage.lease import compute_once
 @dataclass
 class Lookup:
     """Where a prompt's chunks are: keys in prompt order, hits per tier, the missing ones (a repeated
-    chunk once) and the misses counting repeats."""
+    chunk once), the misses counting repeats, and (in a batch) the chunks an earlier prompt of the same
+    batch misses, computed once for both (`pending`: they count as hits of the tier they land in)."""
 
     keys: list[ChunkKey] = field(default_factory=list)
     hits: dict[str, int] = field(default_factory=dict)
     missing: dict[ChunkKey, Sequence[int]] = field(default_factory=dict)
     misses: int = 0
+    pending: list[ChunkKey] = field(default_factory=list)  # a key once per occurrence
 
     def count_shared(self, shared: dict[ChunkKey, str]) -> None:
         """Chunks another sidecar computed while this one waited count as hits of their tier."""
         for k in self.keys:
-            if k in shared:
+            if k in shared and k in self.missing:
                 self.hits[shared[k]] = self.hits.get(shared[k], 0) + 1
                 self.misses -= 1
+
+    def count_pending(self, tiers: dict[ChunkKey, str | None]) -> None:
+        """The `pending` chunks, computed for an earlier prompt of the batch, count as hits of the tier
+        that now holds them (`tiers`; one no tier kept is left to the load, which recomputes it)."""
+        for k in self.pending:
+            if tiers.get(k) is not None:
+                self.hits[tiers[k]] = self.hits.get(tiers[k], 0) + 1
 
 
 class ChunkSupply:
@@ -48,15 +59,37 @@ class ChunkSupply:
 
     def lookup(self, chunks: Sequence[Sequence[int]], namespace: str) -> Lookup:
         """Keys and tiers of `chunks` (no I/O, no precompute); the store's stats count the misses."""
-        found = Lookup(keys=[chunk_key(self.model, c, namespace) for c in chunks])
-        for key, chunk, tier in zip(found.keys, chunks, self.store.lookup(found.keys)):
-            if tier is None:
-                found.missing[key] = chunk
-                found.misses += 1
-            else:
-                found.hits[tier] = found.hits.get(tier, 0) + 1
-        self.store.note_misses(found.misses)  # cache stats agree with the answer's misses
+        return self.lookup_many([(chunks, namespace)])[0]
+
+    def lookup_many(self, prompts: Sequence[tuple[Sequence[Sequence[int]], str]]) -> list[Lookup]:
+        """`lookup` of several prompts (chunks, namespace) with one store lookup: a chunk that an earlier
+        prompt of the batch misses is `pending` in the later ones, not missed twice."""
+        found = [Lookup(keys=[chunk_key(self.model, c, ns) for c in chunks]) for chunks, ns in prompts]
+        tiers = iter(self.store.lookup([k for f in found for k in f.keys]))
+        earlier: set[ChunkKey] = set()
+        for f, (chunks, _) in zip(found, prompts):
+            for key, chunk, tier in zip(f.keys, chunks, tiers):
+                if tier is not None:
+                    f.hits[tier] = f.hits.get(tier, 0) + 1
+                elif key in earlier:
+                    f.pending.append(key)
+                else:
+                    f.missing[key] = chunk
+                    f.misses += 1
+            earlier.update(f.missing)
+        self.store.note_misses(sum(f.misses for f in found))  # cache stats agree with the answers' misses
         return found
+
+    def ensure_many(self, lookups: Sequence[Lookup]) -> None:
+        """Compute the misses of several prompts' lookups together (packed passes, each chunk once across
+        sidecars) and settle each lookup's counts: chunks another sidecar computed, and the `pending`."""
+        missing = {k: c for f in lookups for k, c in f.missing.items()}
+        shared = self.precompute(missing)
+        pending = list(dict.fromkeys(k for f in lookups for k in f.pending))
+        tiers = dict(zip(pending, self.store.lookup(pending))) if pending else {}
+        for f in lookups:
+            f.count_shared(shared)
+            f.count_pending(tiers)
 
     def precompute(self, missing: dict[ChunkKey, Sequence[int]]) -> dict[ChunkKey, str]:
         """Compute and store the KV of `missing` chunks, each once across sidecars, written behind to
@@ -69,7 +102,7 @@ class ChunkSupply:
     def ensure(self, chunks: Sequence[Sequence[int]], namespace: str) -> Lookup:
         """Look `chunks` up and compute the misses."""
         found = self.lookup(chunks, namespace)
-        found.count_shared(self.precompute(found.missing))
+        self.ensure_many([found])
         return found
 
     def recompute_vanished(

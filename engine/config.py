@@ -28,6 +28,8 @@ class EngineConfig:
     namespace: str = "default"
     max_new_tokens: int = 32
     prepack_tokens: int = 4096  # precompute packs several chunks per pass up to this many tokens
+    batch_tokens: int | None = None  # prompt tokens fused in one batch (None: the device's default)
+    batch_kv_bytes: int | None = None  # K/V buffer bytes of one batch (None: the device's default)
     blend: BlendConfig = field(default_factory=BlendConfig)
     storage: StorageConfig | None = None  # None: a CPU tier + a disk tier (SQLite catalog) under data_dir/cache
     catalog_url: str | None = (

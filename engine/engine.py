@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from ..blend import BlendPlan, BlendResult, extend, make_plan, make_strategy, to_dynamic_cache
+from ..blend import BlendPlan, BlendResult, extend, make_plan, to_dynamic_cache
 from ..chunk_cache import ChunkKey
 from ..compression.layered import DTYPES
 from ..models import ModelAdapter, load_adapter
@@ -24,12 +24,11 @@ from .chunk_supply import ChunkSupply
 from .config import EngineConfig
 from .context_pass import ContextPassReport, context_pass
 from .decode import decode
-from .fusion import STAGES, Fusion
+from .fusion import STAGES, Fusion, begin
 from .ingest import IngestConfig, Ingester, IngestReport
 from .prompt import PromptTemplate
 from .request import FusionRequest
 from .run_result import RunResult
-from .stopwatch import Stopwatch
 
 
 class Engine:
@@ -143,11 +142,7 @@ class Engine:
     def fuse(self, request: FusionRequest) -> Fusion:
         """Run `request` through the stages up to its first-token logits (`fusion.run`); its entries
         stay pinned until `fusion.release()`, which the caller runs once the first token is out."""
-        fusion = Fusion(
-            request,
-            make_strategy(request.strategy, request.recompute_ratio, self.config.blend),
-            Stopwatch(self.model.device),
-        )
+        fusion = begin(self, request)
         try:
             for stage in STAGES:
                 stage(self, fusion)

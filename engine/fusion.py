@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from ..blend import BlendPlan, blend
+from ..blend import BlendPlan, BlendResult, blend, make_strategy
 from ..blend.strategies import Strategy
 from ..chunk_cache import ChunkKey, LayeredKV
 from .chunk_supply import Lookup
@@ -50,6 +50,15 @@ class Fusion:
                 self.strategy.finish()
         finally:
             self.upkeep_ms = self.watch.lap("upkeep")
+
+
+def begin(engine, request: FusionRequest) -> Fusion:
+    """A new request's Fusion: its own strategy (from the engine's blend settings) and stopwatch."""
+    return Fusion(
+        request,
+        make_strategy(request.strategy, request.recompute_ratio, engine.config.blend),
+        Stopwatch(engine.model.device),
+    )
 
 
 def resolve_chunks(engine, f: Fusion) -> None:
@@ -109,12 +118,17 @@ def load(engine, f: Fusion) -> None:
 
 
 def fuse(engine, f: Fusion) -> None:
-    """The merged KV and the first-token logits: the model's own forward for `full`, else the blend
-    loop; the loop's own parts (load, rerotate, recompute, first_token) move out of `other`."""
+    """The merged KV and the first-token logits: the model's own forward for `full`, else the blend loop."""
     if f.strategy.reuse == "none":
         result = full_prefill(engine.model, f.plan, f.request.reserve)
     else:
         result = blend(engine.model, f.plan, f.strategy, f.sources, reserve=f.request.reserve)
+    record(f, result)
+
+
+def record(f: Fusion, result: BlendResult) -> None:
+    """The request's `RunResult` from its fusion's result: the loop's own parts (load, rerotate,
+    recompute, first_token) move out of `other`."""
     f.watch.lap("other")
     parts = {name: f.watch.parts.get(name, 0.0) for name in PARTS}
     for part, seconds in result.seconds.items():

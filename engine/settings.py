@@ -146,6 +146,10 @@ class Settings(BaseSettings):
     catalog_url: str | None = None  # one SQLAlchemy database for store + documents; None: SQLite in data_dir
     max_new_tokens: int = Field(32, ge=1)
     prepack_tokens: int = Field(4096, ge=1)  # precompute packs several chunks per pass up to this many tokens
+    # requests fused together (engine/batch_budget.py): their prompt tokens and their K/V buffer bytes at most
+    # this much (None: per device, 16384 tokens / 1GiB on CPU, 65536 tokens / a quarter of the GPU's memory)
+    batch_tokens: int | None = Field(None, ge=1)
+    batch_kv_bytes: ByteSize | None = None
     torch_threads: int | None = Field(None, ge=1)
     storage: StorageSettings = StorageSettings()
     blend: BlendConfig = BlendConfig()

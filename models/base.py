@@ -95,15 +95,23 @@ class ModelAdapter(ABC):
         query_positions: torch.Tensor | QueryMask | None = None,
         segments: Sequence[tuple[int, int]] | Segments | None = None,
     ) -> torch.Tensor:
-        """Attention of q [T, H_q, D] over keys/values [1, H_kv, N, D] (key j at position j), then MLP.
+        """Attention of q [T, H_q, D] over keys/values [1, H_kv, N, D] (key j at position j), then MLP:
+        `attention` then `after_attention`. Returns the new hidden states [T, hidden]."""
+        return self.after_attention(layer, h, self.attention(q, keys, values, query_positions, segments))
 
-        Masks: plain causal when T == N and nothing else is given; `query_positions` for a subset of
-        queries attending causally by position: a `QueryMask` built once per request (see
-        `models.attention`), or the sorted positions [T] (a mask is built for this call); `segments`
-        for independent causal sequences packed side by side (block-diagonal). Returns the new hidden
-        states [T, hidden].
-        """
-        block = self.layers[layer]
+    def attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        query_positions: torch.Tensor | QueryMask | None = None,
+        segments: Sequence[tuple[int, int]] | Segments | None = None,
+    ) -> torch.Tensor:
+        """The heads' attention output [T, H_q * D] of q [T, H_q, D] over keys/values [1, H_kv, N, D]
+        (before the output projection). Masks: plain causal when T == N and nothing else is given;
+        `query_positions` for a subset of queries attending causally by position: a `QueryMask` built
+        once per request (see `models.attention`), or the sorted positions [T] (a mask is built for this
+        call); `segments` for independent causal sequences packed side by side (block-diagonal)."""
         qh = q.transpose(0, 1)[None]  # [1, H_q, T, D]
         if segments is not None:
             packed = segments if isinstance(segments, Segments) else Segments(segments, q.device)
@@ -115,7 +123,13 @@ class ModelAdapter(ABC):
             o = mask.attend(qh, keys, values, self.scaling)
         else:
             o = sdpa(qh, keys, values, self.scaling)
-        o = o[0].transpose(0, 1).reshape(h.shape[0], -1)  # [T, H_q * D]
+        return o[0].transpose(0, 1).reshape(q.shape[0], -1)  # [T, H_q * D]
+
+    def after_attention(self, layer: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The rest of layer `layer` for hidden states h [T, hidden] and their attention output o
+        [T, H_q * D]: output projection, residual, MLP. Row-wise, so rows of several prompts may be
+        packed into one call."""
+        block = self.layers[layer]
         h = h + block.self_attn.o_proj(o)
         return h + block.mlp(block.post_attention_layernorm(h))
 
