@@ -19,6 +19,7 @@ from ..models import ModelAdapter
 from ..models.attention import MASK_KINDS, QueryMask, query_mask
 from .loader import LayerLoader
 from .plan import BlendPlan
+from .recover import Recovering, recovering
 from .rerotate import rerotate, rotation
 from .select import kv_deviation, query_attention
 from .strategies import Strategy
@@ -83,11 +84,11 @@ class PromptState:
         self.recomputed = 0  # cached rows recomputed, summed over layers
 
     @property
-    @property
     def recovered(self) -> int:
         """Chunks whose stored KV failed mid-blend and were recomputed (blend/recover.py)."""
         return sum(isinstance(kv, Recovering) and kv.recomputed is not None for _, kv in self.sources)
 
+    @property
     def num_tokens(self) -> int:
         return self.plan.num_tokens
 

@@ -87,6 +87,8 @@ class EngineConfig:
             namespace=settings.namespace,
             max_new_tokens=settings.max_new_tokens,
             prepack_tokens=settings.prepack_tokens,
+            batch_tokens=settings.batch_tokens,
+            batch_kv_bytes=None if settings.batch_kv_bytes is None else int(settings.batch_kv_bytes),
             catalog_url=settings.catalog_url,
             blend=settings.blend,
             retriever=RetrieverConfig(
