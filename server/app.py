@@ -24,10 +24,10 @@ from .completions import router as completions_router
 from .disconnect import cancel_on_disconnect
 from .errors import ApiError, error_response
 from .metrics import Metrics
+from .scheduler import Scheduler, default_batch_tokens
 from .schemas import DocumentsRequest, RetrieveRequest
 from .settings import ServerSettings
 from .tenant_stats import TenantCounters, tenant_store_stats
-from .worker import ModelWorker
 
 
 def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
@@ -61,7 +61,14 @@ def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.upstream = upstream
-    app.state.worker = ModelWorker(settings.queue_size, init=init, per_tenant=settings.max_inflight_per_tenant)
+    app.state.worker = Scheduler(
+        engine,
+        settings.queue_size,
+        settings.batch_tokens or default_batch_tokens(settings.device),
+        batched=settings.scheduler == "batch",
+        init=init,
+        per_tenant=settings.max_inflight_per_tenant,
+    )
     app.state.metrics = Metrics()
     app.state.tenant_counters = TenantCounters()
     app.state.documents = DocumentService(engine)
