@@ -40,7 +40,7 @@ from ..engine.request import FusionRequest
 from .engine_port import BatchingEngine, ServedEngine
 from .worker import BURST_S, END, ModelWorker, Task
 
-DEFAULT_BATCH_TOKENS = {"cpu": 8192, "cuda": 65536}  # prompt + decode rows of one batch, by device kind
+DEFAULT_BATCH_TOKENS = {"cpu": 16384, "cuda": 65536}  # prompt + decode rows of one batch, by device kind
 
 
 def default_batch_tokens(device: str) -> int:
