@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 from load_clients import ROOT, dataset_samples, demo_samples, run_pass
@@ -75,33 +76,34 @@ def sidecar_settings(args: argparse.Namespace, scheduler: str) -> dict[str, str]
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Every scheduler's sidecar runs at once (an idle one costs no CPU) and their passes alternate, so
+    that on a shared machine each comparison is measured under about the same load."""
     samples, source = samples_for(args)
     clients = [int(c) for c in args.clients.split(",")]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="ragkv-load-") as tmp:
+    rows, load_before = [], os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="ragkv-load-") as tmp, ExitStack() as procs:
+        urls = {}
         for scheduler in args.schedulers.split(","):
             workdir = Path(tmp) / scheduler
             workdir.mkdir()
-            url, proc = start_sidecar(workdir, scheduler, None, workdir, sidecar_settings(args, scheduler))
-            try:
-                offset = 0  # each (strategy, clients) round takes the next slice: cold means new to this sidecar
-                for strategy in args.strategies.split(","):
-                    for c in clients:
-                        n = c * args.requests
-                        batch = [samples[(offset + i) % len(samples)] for i in range(n)]
-                        offset += n
-                        for cache in ("cold", "warm"):
-                            r = asyncio.run(run_pass(url, batch, c, strategy, args.max_tokens))
-                            rows.append(
-                                {"scheduler": scheduler, "strategy": strategy, "clients": c, "cache": cache, **r}
-                            )
-                            print(_row_line(rows[-1]), flush=True)
-            finally:
-                stop(proc)
+            urls[scheduler], proc = start_sidecar(workdir, scheduler, None, workdir, sidecar_settings(args, scheduler))
+            procs.callback(stop, proc)
+        offset = 0  # each (strategy, clients) round takes the next slice: cold means new to every sidecar
+        for strategy in args.strategies.split(","):
+            for c in clients:
+                n = c * args.requests
+                batch = [samples[(offset + i) % len(samples)] for i in range(n)]
+                offset += n
+                for cache in ("cold", "warm"):
+                    for scheduler, url in urls.items():
+                        r = asyncio.run(run_pass(url, batch, c, strategy, args.max_tokens))
+                        rows.append({"scheduler": scheduler, "strategy": strategy, "clients": c, "cache": cache, **r})
+                        print(_row_line(rows[-1]), flush=True)
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-        "load_average": os.getloadavg(),
+        "load_average": os.getloadavg(),  # at the end; the machine may be shared
+        "load_average_before": load_before,
         "data": source,
         "samples": len(samples),
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
