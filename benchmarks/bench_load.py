@@ -11,8 +11,8 @@ Writes JSON and a plot (throughput and p95 TTFT against clients), and prints a m
     ragkv bench load --clients 1,4,8,16 --requests 3 --strategies cacheblend --out load.json
     ragkv bench load --clients 8 --schedulers one,batch --strategies cacheblend,full,prefix
 
-Requests come from `--data` (CacheBlend's MuSiQue JSON, default ../shared/data/cacheblend/musique_s.json
-relative to the repository root), or the built-in demo set (`--demo`, or when the file is missing).
+Requests come from `--data` (CacheBlend's MuSiQue JSON; default `cacheblend/musique_s.json` under the
+shared data folder, eval/shared_data.py), or the built-in demo set (`--demo`, or when the file is missing).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from load_clients import ROOT, dataset_samples, demo_samples, run_pass
+from load_clients import dataset_samples, demo_samples, run_pass
 from sidecar_procs import start_sidecar, stop
 
-DEFAULT_DATA = Path("..") / "shared" / "data" / "cacheblend" / "musique_s.json"  # relative to the repository root
+from ragkv.eval.shared_data import shared_data
+
 COLUMNS = ("requests_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms", "engine_ttft_p50_ms", "queue_p50_ms")
 
 
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=3, help="requests per client in each pass")
     p.add_argument("--strategies", default="cacheblend,full,prefix", help="comma-separated (cacheblend: the default)")
     p.add_argument("--schedulers", default="one,batch", help="sidecar schedulers to compare, comma-separated")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="MuSiQue JSON; relative paths from the repository root")
+    p.add_argument("--data", default=None, help="MuSiQue JSON (default: the shared data's cacheblend/musique_s.json)")
     p.add_argument("--demo", action="store_true", help="use the built-in demo questions and passages")
     p.add_argument("--passages", type=int, default=3, help="passages per request")
     p.add_argument("--max-tokens", type=int, default=16, help="completion tokens per request")
@@ -53,12 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def samples_for(args: argparse.Namespace) -> tuple[list, str]:
-    path = Path(args.data) if Path(args.data).is_absolute() else ROOT / args.data
+    path = Path(args.data) if args.data else shared_data("cacheblend", "musique_s.json")
     if args.demo or not path.exists():
         if not args.demo:
-            print(f"data set {args.data} not found: using the built-in demo set")
+            print(f"data set {path} not found: using the built-in demo set")
         return demo_samples(args.passages), "demo"
-    return dataset_samples(path, args.passages), str(args.data)
+    return dataset_samples(path, args.passages), path.name
 
 
 def sidecar_settings(args: argparse.Namespace, scheduler: str) -> dict[str, str]:
