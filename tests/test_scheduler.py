@@ -64,9 +64,14 @@ async def _collect(events) -> list:
 
 async def _gated(worker: Scheduler, submit):
     """Hold the model thread, let `submit()` queue its work (a list of futures), then open the gate;
-    returns submit's result."""
+    returns submit's result once the gate's one step is over (the queued work has not started)."""
     gate = threading.Event()
-    held = asyncio.ensure_future(worker.call(gate.wait, 10, tenant="gate"))
+
+    def hold():  # one generic step that ends the task (a `call` would take a second step, after a decode step)
+        gate.wait(10)
+        yield from ()
+
+    held = asyncio.ensure_future(_collect(worker.steps(hold, "gate")))
     while worker.depth < 1:
         await asyncio.sleep(0.01)
     result = submit()
