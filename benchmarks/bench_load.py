@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--passages", type=int, default=3, help="passages per request")
     p.add_argument("--max-tokens", type=int, default=16, help="completion tokens per request")
     p.add_argument("--batch-tokens", type=int, default=None, help="the batch token budget (default: by device)")
+    p.add_argument("--join-tokens", type=int, default=None, help="tokens joining the batch per turn (default: all)")
     p.add_argument("--torch-threads", type=int, default=1, help="the sidecar's torch threads")
     p.add_argument("--model", default=None, help="the sidecar's model (default: its settings, smollm2)")
     p.add_argument("--out", default="load.json")
@@ -71,6 +72,8 @@ def sidecar_settings(args: argparse.Namespace, scheduler: str) -> dict[str, str]
     env["RAGKV_TORCH_THREADS"] = str(args.torch_threads)
     if args.batch_tokens:
         env["RAGKV_SERVER__BATCH_TOKENS"] = str(args.batch_tokens)
+    if args.join_tokens:
+        env["RAGKV_SERVER__JOIN_TOKENS"] = str(args.join_tokens)
     if args.model:
         env["RAGKV_MODEL"] = args.model
     return env

@@ -67,6 +67,7 @@ def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
         settings.queue_size,
         settings.batch_tokens or default_batch_tokens(settings.device),
         batched=settings.scheduler == "batch",
+        join_tokens=settings.join_tokens,
         init=init,
         per_tenant=settings.max_inflight_per_tenant,
     )

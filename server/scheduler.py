@@ -8,7 +8,9 @@ takes generations: `generate(prepare, tenant)` admits a request like any other w
    the tenant that used the least model time first) while the batch's token budget allows; their
    requests are built (`prepare`, on this thread) and fused together (`engine.batch.fuse_many`).
    A request larger than the budget joins only an empty batch and runs alone; a request that does
-   not fit waits at the head (the ones behind it do not overtake it).
+   not fit waits at the head (the ones behind it do not overtake it). At most `join_tokens` join in
+   one turn (setting `server.join_tokens`; default: the whole budget), so a burst can be fused in
+   several groups between decode steps instead of one long pass before anyone's first token.
 2. **decode**: one `step_many` over every running stream: each gets its next token, its text piece
    (detokenized incrementally, as `Engine.answer_events` does) goes to its client, its first token
    releases its fusion (the store's deferred upkeep); a finished stream gets its `Answer` and leaves.
@@ -78,12 +80,14 @@ class Scheduler(ModelWorker):
         queue_size: int,
         budget_tokens: int,
         batched: bool = True,
+        join_tokens: int | None = None,
         init: Callable[[], None] | None = None,
         per_tenant: int | None = None,
         burst_s: float = BURST_S,
     ) -> None:
         self.engine = engine
         self.budget_tokens = budget_tokens
+        self.join_tokens = join_tokens or budget_tokens  # fused in one turn (a burst joins over several turns)
         self.batched = batched and isinstance(engine, BatchingEngine)
         self._waiting: dict[str, deque[_Generation]] = {}  # tenant -> generations not yet in the batch
         self._running: list[_Generation] = []  # the batch (only the model thread touches it)
@@ -164,7 +168,7 @@ class Scheduler(ModelWorker):
         """The waiting generations that join the batch now, in fair order, within the token budget."""
         with self._cv:
             candidates = self._fair_order()
-        used = sum(g.size for g in self._running)
+        used, joining = sum(g.size for g in self._running), 0
         chosen: list[_Generation] = []
         for g in candidates:
             if g.request is None and not self._prepare(g):
@@ -172,6 +176,9 @@ class Scheduler(ModelWorker):
             alone = not self._running and not chosen
             if not alone and used + g.size > self.budget_tokens:
                 break  # it waits at the head for room; the ones behind it do not overtake it
+            if chosen and joining + g.size > self.join_tokens:
+                break  # the rest of a burst joins in the next turns, between decode steps
+            joining += g.size
             chosen.append(g)
             used += g.size
             if g.size > self.budget_tokens:

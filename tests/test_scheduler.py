@@ -224,3 +224,21 @@ def test_batched_answers_equal_one_at_a_time_answers_through_the_http_api(tmp_pa
     assert [b["usage"] for b in batch] == [o["usage"] for o in one]
     assert batches["fused"] == [[QUESTIONS[i] for i in range(4)]]  # the batch run fused all four together
     assert all(b["ragkv"]["queue_ms"] >= 0 and "batch" in b["ragkv"]["parts_ms"] for b in batch)
+
+
+def test_a_burst_joins_over_several_turns_within_join_tokens(engine, batches):
+    requests = [_request(engine, i, max_new_tokens=4) for i in range(3)]
+    expected = [_alone(engine, r) for r in requests]
+
+    async def main():
+        join = max(request_tokens(r) for r in requests)  # one request joins per turn
+        w = Scheduler(engine, queue_size=8, budget_tokens=10_000, join_tokens=join)
+        tasks = await _gated(w, lambda: [asyncio.ensure_future(_collect(w.generate(lambda r=r: r))) for r in requests])
+        results = await asyncio.gather(*tasks)
+        w.close()
+        return results
+
+    results = asyncio.run(main())
+    assert batches["fused"] == [[r.question] for r in requests]  # one per turn, between decode steps
+    assert [len(s) for s in batches["stepped"][:3]] == [1, 2, 3]  # each joined the batch already decoding
+    assert [r[-1].token_ids for r in results] == [e.token_ids for e in expected]
