@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from loadtest import percentile
 
 from ragkv.eval.datasets import load_samples
 
@@ -38,16 +39,6 @@ def demo_samples(passages: int = 3) -> list[Sample]:
 def dataset_samples(path: Path, passages: int = 3, limit: int | None = None) -> list[Sample]:
     """A CacheBlend MuSiQue/2WikiMQA JSON file's questions with their first `passages` passages."""
     return [Sample(s.question, s.chunks) for s in load_samples(path, "musique", limit=limit, max_chunks=passages)]
-
-
-def percentile(xs: list[float], p: float) -> float:
-    """The p-th percentile (0-100) by linear interpolation (NaN for no values)."""
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    i = (len(s) - 1) * p / 100
-    lo, hi = int(i), min(int(i) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (i - lo)
 
 
 async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
