@@ -57,8 +57,11 @@ class RedisServer:
             self.proc = None
 
 
-def start_sidecar(workdir: Path, name: str, redis_url: str | None, log_dir: Path) -> tuple[str, subprocess.Popen]:
-    """`ragkv serve` from this checkout on a free port (RAM tier, + the Redis tier when `redis_url`)."""
+def start_sidecar(
+    workdir: Path, name: str, redis_url: str | None, log_dir: Path, extra: dict[str, str] | None = None
+) -> tuple[str, subprocess.Popen]:
+    """`ragkv serve` from this checkout on a free port (RAM tier, + the Redis tier when `redis_url`);
+    `extra` adds or replaces `RAGKV_*` settings."""
     py = workdir / "py"
     py.mkdir(exist_ok=True)
     if not (py / "ragkv").exists():
@@ -81,6 +84,7 @@ def start_sidecar(workdir: Path, name: str, redis_url: str | None, log_dir: Path
     if redis_url:
         tiers.append({"kind": "redis", "capacity": "64GiB", "codec": "cachegen", "url": redis_url, "prefix": "bench"})
     env["RAGKV_STORAGE__TIERS"] = json.dumps(tiers)
+    env.update(extra or {})
     log = open(log_dir / f"sidecar-{name}.log", "w")
     cmd = [sys.executable, "-m", "ragkv.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd + ["--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -223,9 +223,10 @@ class Engine:
                 fusion.release()  # after the first token: the store's deferred upkeep (once)
         finally:
             fusion.release()
-        yield self._answer(fusion, tokens, text)
+        yield self.answer(fusion, tokens, text)
 
-    def _answer(self, fusion: Fusion, tokens: list[int], text: str) -> Answer:
+    def answer(self, fusion: Fusion, tokens: list[int], text: str) -> Answer:
+        """The `Answer` of a decoded fusion: its answer tokens (EOS excluded), their text, the timings."""
         run, watch = fusion.run, fusion.watch
         watch.lap("decode")
         return Answer(

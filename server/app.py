@@ -25,10 +25,10 @@ from .disconnect import cancel_on_disconnect
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .openapi import describe
+from .scheduler import Scheduler, default_batch_tokens
 from .schemas import DocumentsRequest, RetrieveRequest, shown
 from .settings import ServerSettings
 from .tenant_stats import TenantCounters, tenant_store_stats
-from .worker import ModelWorker
 
 
 def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
@@ -63,7 +63,15 @@ def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.upstream = upstream
-    app.state.worker = ModelWorker(settings.queue_size, init=init, per_tenant=settings.max_inflight_per_tenant)
+    app.state.worker = Scheduler(
+        engine,
+        settings.queue_size,
+        settings.batch_tokens or default_batch_tokens(settings.device),
+        batched=settings.scheduler == "batch",
+        join_tokens=settings.join_tokens,
+        init=init,
+        per_tenant=settings.max_inflight_per_tenant,
+    )
     app.state.metrics = Metrics()
     app.state.tenant_counters = TenantCounters()
     app.state.documents = DocumentService(engine)

@@ -1,8 +1,9 @@
 """The OpenAI-compatible endpoints: `POST /v1/chat/completions` and `POST /v1/completions`.
 
-A request becomes a `Job` (question, chunks to fuse, blend options, namespace) that runs on the model
-worker; the reply is the OpenAI body plus `usage` and a `ragkv` object (TTFT and its parts, hits per
-tier, misses, recompute fraction). With `stream: true` it is server-sent events ending in `[DONE]`;
+A request becomes a `Job` (question, chunks to fuse, blend options, namespace); the scheduler
+(scheduler.py) builds its `FusionRequest` on the model thread and generates it with the others. The
+reply is the OpenAI body plus `usage` and a `ragkv` object (TTFT and its parts, hits per tier,
+misses, recompute fraction). With `stream: true` it is server-sent events ending in `[DONE]`;
 the last chunk carries `finish_reason`, `usage` and `ragkv`.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, Request
@@ -88,10 +89,6 @@ class Job:
             namespace=self.namespace,
             temperature=self.temperature,
         )
-
-    def run(self, engine: ServedEngine, documents) -> Iterator[str | Answer]:
-        """Resolve the chunks and generate: text pieces, then the Answer."""
-        yield from engine.answer_events(self.request(engine, documents))
 
 
 def empty_retrieval_warning(namespace: str) -> str:
@@ -209,7 +206,7 @@ async def _respond(request: Request, body, job: Job, chat: bool):
     if upstream is not None:
         events = upstream.stream(job, state)
     else:
-        events = state.worker.stream(lambda: job.run(state.engine, state.documents), job.namespace)
+        events = state.worker.generate(lambda: job.request(state.engine, state.documents), job.namespace)
     # errors before the first token become a 4xx/5xx JSON reply; a client gone meanwhile cancels the job
     first = await cancel_on_disconnect(request, _first(events))
 

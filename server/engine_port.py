@@ -5,7 +5,7 @@ stream of text pieces ending in an `Answer`, and the store it reports on."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..engine.answer import Answer
 from ..engine.request import FusionRequest
@@ -19,3 +19,18 @@ class ServedEngine(Protocol):
     def request(self, question: str, documents: Sequence[str] | None = None, **options) -> FusionRequest: ...
 
     def answer_events(self, request: FusionRequest) -> Iterator[str | Answer]: ...
+
+
+@runtime_checkable
+class BatchingEngine(ServedEngine, Protocol):
+    """An engine the scheduler can batch (engine/batch.py): fuse a request to its first-token logits,
+    its model and EOS ids for the decode steps, its tokenizer for the text, and the final `Answer`.
+    A stand-in without these is served one request at a time."""
+
+    model: Any
+    tokenizer: Any
+    eos_ids: set[int]
+
+    def fuse(self, request: FusionRequest) -> Any: ...
+
+    def answer(self, fusion: Any, tokens: list[int], text: str) -> Answer: ...

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-_END = object()
+END = object()  # delivered after a task's last item
 BURST_S = 0.25  # how far behind the busiest tenants a newly active tenant may start (its head start)
 
 
@@ -37,14 +37,14 @@ class ShuttingDown(RuntimeError):
     """The worker no longer admits requests."""
 
 
-class _Task:
+class Task:
     """One admitted request: its generator (made on the worker thread) and where its items go."""
 
     def __init__(self, tenant: str, gen_fn: Callable[[], Iterator], deliver: Callable[[Any], None]) -> None:
         self.tenant = tenant
         self.gen_fn = gen_fn
         self.gen: Iterator | None = None
-        self.deliver = deliver  # called (thread-safely) with each item, then _END or an exception
+        self.deliver = deliver  # called (thread-safely) with each item, then END or an exception
         self.cancelled = threading.Event()
 
 
@@ -62,7 +62,7 @@ class ModelWorker:
         self.per_tenant = min(per_tenant or self.capacity, self.capacity)
         self._init = init
         self._cv = threading.Condition()
-        self._queues: dict[str, deque[_Task]] = {}  # tenant -> its tasks waiting for a step, in arrival order
+        self._queues: dict[str, deque[Task]] = {}  # tenant -> its tasks waiting for a step, in arrival order
         self._used: dict[str, float] = {}  # tenant -> model seconds used (shifted on return, see _enqueue)
         self.burst_s = burst_s
         self._admitted = 0
@@ -103,21 +103,25 @@ class ModelWorker:
         """Iterate `gen_fn()` on the model thread, yielding its items here as they come. Admission happens
         now (QueueFull is raised before any response starts); closing the returned iterator early (client
         gone) cancels the work: it leaves the queue, or stops before its next step."""
+        return self._open(lambda deliver: Task(tenant, gen_fn, deliver))
+
+    def _open(self, make_task: Callable[[Callable[[Any], None]], Task]) -> AsyncIterator:
+        """Admit the task `make_task(deliver)` and iterate what it delivers (here, on the event loop)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def deliver(item: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        task = _Task(tenant, gen_fn, deliver)
+        task = make_task(deliver)
         self._admit(task)
         return self._drain(queue, task)
 
-    async def _drain(self, queue: asyncio.Queue, task: _Task) -> AsyncIterator:
+    async def _drain(self, queue: asyncio.Queue, task: Task) -> AsyncIterator:
         try:
             while True:
                 item = await queue.get()
-                if item is _END:
+                if item is END:
                     break
                 if isinstance(item, BaseException):
                     raise item
@@ -126,7 +130,7 @@ class ModelWorker:
             self._cancel(task)
 
     # -- admission and cancellation ------------------------------------------------------------------
-    def _admit(self, task: _Task) -> None:
+    def _admit(self, task: Task) -> None:
         with self._cv:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
@@ -142,16 +146,26 @@ class ModelWorker:
             self._enqueue(task)
             self._cv.notify()
 
-    def _enqueue(self, task: _Task) -> None:
-        if task.tenant not in self._queues:  # the tenant becomes active: catch its clock up, minus a head start
-            active = [self._used[t] for t in self._queues]
-            floor = min(active) - self.burst_s if active else 0.0
-            self._used[task.tenant] = max(self._used.get(task.tenant, 0.0), floor)
-            if not active:
-                self._used = {task.tenant: 0.0}  # idle: forget the past
+    def _enqueue(self, task: Task) -> None:
+        self._catch_up(task.tenant)
         self._queues.setdefault(task.tenant, deque()).append(task)
 
-    def _cancel(self, task: _Task) -> None:
+    def _busy_tenants(self) -> set[str]:
+        """Tenants with work waiting or running (a subclass with more kinds of work adds them)."""
+        return set(self._queues)
+
+    def _catch_up(self, tenant: str) -> None:
+        """A tenant that becomes active starts at most `burst_s` behind the least busy active tenant."""
+        busy = self._busy_tenants()
+        if tenant in busy:
+            return
+        active = [self._used[t] for t in busy]
+        floor = min(active) - self.burst_s if active else 0.0
+        self._used[tenant] = max(self._used.get(tenant, 0.0), floor)
+        if not active:
+            self._used = {tenant: 0.0}  # idle: forget the past
+
+    def _cancel(self, task: Task) -> None:
         """The awaiting side is gone: drop the task if it waits, else flag it to stop between steps."""
         task.cancelled.set()
         with self._cv:
@@ -162,7 +176,7 @@ class ModelWorker:
                     del self._queues[task.tenant]
                 self._release(task)
 
-    def _release(self, task: _Task) -> None:
+    def _release(self, task: Task) -> None:
         """Free the task's admission slot (called with the lock held, once per task)."""
         self._admitted -= 1
         self._by_tenant[task.tenant] -= 1
@@ -171,34 +185,48 @@ class ModelWorker:
         self._cv.notify_all()
 
     # -- the model thread ----------------------------------------------------------------------------
-    def _next(self) -> _Task | None:
-        """The next task to step: the oldest of the tenant that used the least time (None once closed and idle)."""
+    def _next(self) -> Task | None:
+        """The next task to step (None once closed and idle)."""
         with self._cv:
             while not self._queues:
                 if self._closed:
                     return None
                 self._cv.wait()
-            tenant = min(self._queues, key=lambda t: self._used[t])  # ties: the tenant that arrived first
-            q = self._queues[tenant]
-            task = q.popleft()
-            if not q:
-                del self._queues[tenant]
-            return task
+            return self._pop_fairest()
+
+    def _pop_fairest(self) -> Task | None:
+        """The oldest waiting task of the tenant that used the least time (called with the lock held)."""
+        if not self._queues:
+            return None
+        tenant = min(self._queues, key=lambda t: self._used[t])  # ties: the tenant that arrived first
+        q = self._queues[tenant]
+        task = q.popleft()
+        if not q:
+            del self._queues[tenant]
+        return task
 
     def _run(self) -> None:
         if self._init is not None:
             self._init()
         while (task := self._next()) is not None:
-            t0 = time.perf_counter()
-            done = self._step(task)
-            with self._cv:
-                self._used[task.tenant] = self._used.get(task.tenant, 0.0) + time.perf_counter() - t0
-                if done:
-                    self._release(task)
-                else:
-                    self._enqueue(task)  # behind this tenant's other work
+            self._run_step(task)
 
-    def _step(self, task: _Task) -> bool:
+    def _run_step(self, task: Task) -> None:
+        """One step of `task`, charged to its tenant; then it is requeued or its slot freed."""
+        t0 = time.perf_counter()
+        done = self._step(task)
+        with self._cv:
+            self._charge(task.tenant, time.perf_counter() - t0)
+            if done:
+                self._release(task)
+            else:
+                self._enqueue(task)  # behind this tenant's other work
+
+    def _charge(self, tenant: str, seconds: float) -> None:
+        """Add model time to a tenant's clock (called with the lock held)."""
+        self._used[tenant] = self._used.get(tenant, 0.0) + seconds
+
+    def _step(self, task: Task) -> bool:
         """Run one step of `task`; True when it is finished (ended, failed or cancelled)."""
         try:
             if task.cancelled.is_set():
@@ -210,7 +238,7 @@ class ModelWorker:
             task.deliver(next(task.gen))
             return False
         except StopIteration:
-            task.deliver(_END)
+            task.deliver(END)
             return True
         except BaseException as err:  # noqa: BLE001 - handed to the awaiting side
             task.deliver(err)
