@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 from ..chunk_cache import ChunkKey, precompute_many
 from ..retriever import Document, DocumentUpdate, LoadError, Retriever, find_files, load_file
+from ..storage.metadata import metadata_store
+from ..storage.variants import forget_chunks
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ class Ingester:
         yield run.report(time.perf_counter() - t0)
 
     def remove(self, doc_ids: Sequence[str]) -> tuple[ChunkKey, ...]:
-        """Delete documents from catalog and index and their orphaned chunks' KV from the store."""
+        """Delete documents from catalog and index, and their orphaned chunks' KV, metadata and KV variants
+        (theirs and those computed after them) from the store."""
         dropped: list[ChunkKey] = []
         for doc_id in doc_ids:
             keys = self.retriever.remove_document(doc_id)
@@ -138,6 +141,7 @@ class Ingester:
                 raise ValueError(f"no document with id {doc_id!r} in the catalog")
             for key in keys:
                 self.store.remove(key)
+            forget_chunks(self.store, metadata_store(self.store), keys)
             dropped.extend(keys)
         self.retriever.save()
         return tuple(dropped)
@@ -205,6 +209,8 @@ class _Run:
             self.ing.store.remove(key)
             if self.pending.pop(key, None) is not None:
                 self.pending_tokens = sum(map(len, self.pending.values()))
+        if update.invalidated:
+            forget_chunks(self.ing.store, metadata_store(self.ing.store), update.invalidated)
         self.invalidated.extend(update.invalidated)
         self.doc_bar.update(1)
         self.doc_bar.set_postfix(tokens=self.counts["tokens"], refresh=False)

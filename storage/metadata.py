@@ -110,6 +110,10 @@ class MetadataStore(ABC):
     def count_reuses(self, keys: Sequence[ChunkKey]) -> None:
         """One more reuse for each of these variant keys (unknown keys are ignored)."""
 
+    @abstractmethod
+    def variants_involving(self, keys: Sequence[ChunkKey]) -> list[VariantRecord]:
+        """The records of variants whose base is one of `keys` or whose preceding chunks include one."""
+
 
 class MemoryMetadata(MetadataStore):
     """In-process metadata (a memory-only store)."""
@@ -151,6 +155,11 @@ class MemoryMetadata(MetadataStore):
             for k in keys:
                 if k in self._variants:
                     self._variants[k] = replace(self._variants[k], reuses=self._variants[k].reuses + 1)
+
+    def variants_involving(self, keys):
+        wanted = set(keys)
+        with self._lock:
+            return [r for r in self._variants.values() if r.base in wanted or wanted.intersection(r.preceding)]
 
 
 class SqlMetadata(MetadataStore):
@@ -222,6 +231,18 @@ class SqlMetadata(MetadataStore):
             with self.engine.begin() as conn:
                 conn.execute(sa.update(VARIANTS).where(VARIANTS.c.key.in_(names)).values(reuses=VARIANTS.c.reuses + 1))
 
+    def variants_involving(self, keys):
+        names = [str(k) for k in keys]
+        if not names:
+            return []
+        # a JSON list holding "namespace/digest" contains it quoted (autoescape: `_` in a namespace is literal)
+        after = [VARIANTS.c.preceding.contains(f'"{n}"', autoescape=True) for n in names]
+        found = sa.or_(VARIANTS.c.base.in_(names), *after)
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(sa.select(VARIANTS).where(found)).mappings())
+        wanted = set(keys)
+        return [r for r in map(_variant_of, rows) if r.base in wanted or wanted.intersection(r.preceding)]
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -249,7 +270,7 @@ def metadata_store(store) -> MetadataStore:
     with _BY_STORE_LOCK:
         found = _BY_STORE.get(store)
         if found is None:
-            url = next((t.catalog.url for t in store.tiers if hasattr(t, "catalog")), None)
+            url = next((t.catalog.url for t in getattr(store, "tiers", ()) if hasattr(t, "catalog")), None)
             found = SqlMetadata(url) if url else MemoryMetadata()
             _BY_STORE[store] = found
         return found

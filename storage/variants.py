@@ -86,3 +86,15 @@ def store_variant(
         store.remove(r.key)
     metadata.drop_variants([r.key for r in gone + victims])
     return key
+
+
+def forget_chunks(store, metadata, keys: Sequence[ChunkKey]) -> list[ChunkKey]:
+    """A chunk of `keys` is gone (its document removed or replaced): drop every variant it is part of,
+    its own and those computed after it (their KV holds its content), from the TieredStore `store` and
+    the records, and the chunks' metadata. Returns the variant keys dropped."""
+    records = metadata.variants_involving(keys)
+    for r in records:
+        store.remove(r.key)
+    metadata.drop_variants([r.key for r in records])
+    metadata.delete(keys)
+    return [r.key for r in records]
