@@ -29,11 +29,11 @@ from collections.abc import Sequence
 import torch
 
 from ..chunk_cache import ChunkKey
-from ..storage.metadata import ChunkMetadata, MetadataStore
+from ..storage.metadata import ChunkMetadata, MetadataStore, metadata_store
 from .config import BlendConfig
 from .query_select import question_attention, top_rows
 from .strategies import Strategy
-from .variant_choice import ChunkDecision, SourceChoice, base_choices, overlap
+from .variant_choice import ChunkDecision, SourceChoice, base_choices, choose_variants, overlap
 
 __all__ = ["CacheCraft", "allocate", "overlap"]
 
@@ -90,11 +90,26 @@ class CacheCraft(Strategy):
         self, keys: Sequence[ChunkKey], metadata: MetadataStore, choices: Sequence[SourceChoice] | None = None
     ) -> None:
         """The keys of the plan's chunks (plan order), where their metadata lives, and the KV each chunk
-        loads (`choose_sources`; None: every chunk its base entry)."""
+        loads (`choose_variants`; None: every chunk its base entry)."""
         self.keys, self.metadata = list(keys), metadata
         self.choices = list(choices) if choices is not None else base_choices(self.keys)
         if len(self.choices) != len(self.keys):
             raise ValueError(f"cachecraft bound to {len(self.keys)} keys and {len(self.choices)} sources")
+
+    def choose_sources(self, keys, store):
+        """Binds the chunks' keys and the store's metadata; with `craft_variants > 0` each chunk loads
+        the held variant whose preceding chunks overlap this prompt's most (else its base entry)."""
+        meta = metadata_store(store)
+        choices = choose_variants(keys, meta, store) if self.config.craft_variants else None
+        self.bind(keys, meta, choices)
+        return [c.key for c in self.choices]
+
+    def source_lost(self, index):
+        self.choices[index] = base_choices(self.keys)[index]
+
+    def finish(self):
+        if self.metadata is not None and self.choices:
+            self.metadata.count_reuses([c.key for c in self.choices if c.is_variant])
 
     def decisions(self) -> list[ChunkDecision]:
         return list(self._decisions)

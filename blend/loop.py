@@ -47,6 +47,7 @@ def blend(
     plan: BlendPlan,
     strategy: Strategy,
     sources: Sequence[tuple[int, LayeredKV]] = (),
+    *,
     reserve: int = 0,
     attention: str = "auto",
 ) -> BlendResult:

@@ -37,6 +37,18 @@ class Strategy(ABC):
         """Called by the blend loop before `initial_tokens`, with the model and the cached `sources`
         (target start row, LayeredKV): strategies that choose tokens before layer 0 do it here."""
 
+    def choose_sources(self, keys: list, store) -> list:
+        """The store entry each chunk loads (`keys`: the chunks' base keys in plan order): the base
+        entry by default; a strategy that keeps KV variants (cachecraft) may pick an entry computed in
+        a context closer to this prompt's. Called by the Engine after lookup, before the entries are read."""
+        return list(keys)
+
+    def source_lost(self, index: int) -> None:
+        """The entry chosen for chunk `index` vanished since `choose_sources`: it loads its base entry."""
+
+    def finish(self) -> None:
+        """Upkeep after the first token is out (cachecraft: the variants loaded were reused once more)."""
+
     @abstractmethod
     def initial_tokens(self, plan: BlendPlan, cached: torch.Tensor) -> torch.Tensor:
         """[N] bool of tokens computed from layer 0 on; `cached` [N] marks rows loaded from cache."""

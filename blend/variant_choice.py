@@ -2,7 +2,7 @@
 cachecraft decided for it.
 
 A chunk's base entry was computed with no chunk before it; a variant (`storage/variants.py`) after the
-chunks it records. `choose_sources` picks, per chunk, the stored variant whose preceding chunks
+chunks it records. `choose_variants` picks, per chunk, the stored variant whose preceding chunks
 overlap the chunks now before it most (`overlap`: in order, foreign ones count against it), or the
 base entry when no variant overlaps more. cachecraft then budgets the chunk's recompute with
 CCI x (1 - overlap of the chosen source) and reports a `ChunkDecision` per chunk in the blend result.
@@ -56,7 +56,7 @@ def base_choices(keys: Sequence[ChunkKey]) -> list[SourceChoice]:
     return [SourceChoice(key, (), overlap((), keys[:i])) for i, key in enumerate(keys)]
 
 
-def choose_sources(keys: Sequence[ChunkKey], metadata, store) -> list[SourceChoice]:
+def choose_variants(keys: Sequence[ChunkKey], metadata, store) -> list[SourceChoice]:
     """Per chunk (`keys` in prompt order): the variant recorded in `metadata` (a MetadataStore) and held
     by `store` (a TieredStore: `lookup`, no I/O) whose preceding chunks overlap the chunks before it now
     most (ties: more reuses), if it overlaps more than the base entry does; else the base entry."""

@@ -16,16 +16,12 @@ from ..models import ModelAdapter
 
 @torch.inference_mode()
 def decode(
-    model: ModelAdapter,
-    result: BlendResult,
-    start: int,
-    max_new_tokens: int,
-    eos_ids: set[int],
-    temperature: float = 0.0,
+    model: ModelAdapter, result: BlendResult, eos_ids: set[int], *, max_new_tokens: int, temperature: float = 0.0
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` ids after a prompt of `start` tokens, the first picked from the
-    blend's logits, stopping at EOS (which is yielded). Sampling draws from torch's global generator."""
-    logits = result.logits
+    """Yield up to `max_new_tokens` ids after the blend's prompt (`result.num_tokens` rows), the first
+    picked from the blend's logits, stopping at EOS (which is yielded). Sampling draws from torch's
+    global generator."""
+    logits, start = result.logits, result.num_tokens
     for step in range(max_new_tokens):
         if temperature > 0.0:
             token = int(torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..blend import BlendPlan
 from ..blend.loop import BlendResult
+from .request import FusionRequest
 
 # The parts of a TTFT, in request order; they add up to `ttft_ms` because `other` is the remainder.
 PARTS = (
@@ -33,6 +34,7 @@ class RunResult:
     parts_ms: dict[str, float]
     hits: dict[str, int] = field(default_factory=dict)  # per tier
     misses: int = 0  # chunks precomputed by this request (lookup misses + vanished entries)
+    request: FusionRequest | None = None  # what was asked, every default resolved
 
     @property
     def logits(self):

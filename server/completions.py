@@ -18,9 +18,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.answer import Answer
+from ..engine.request import FusionRequest
 from ..retriever import CatalogUnavailable
 from .auth import tenant
 from .disconnect import cancel_on_disconnect
+from .engine_port import ServedEngine
 from .errors import ApiError
 from .schemas import ChatRequest, ChunkRef, CompletionRequest, TextDocument, chat_question
 
@@ -75,18 +77,21 @@ class Job:
                 self.warnings.append(empty_retrieval_warning(self.namespace))
         return [c for c in chunks if c is not None]
 
-    def run(self, engine, documents) -> Iterator[str | Answer]:
-        """Resolve the chunks and generate: text pieces, then the Answer."""
-        yield from engine.generate(
+    def request(self, engine: ServedEngine, documents) -> FusionRequest:
+        """The engine's request: the resolved chunks, every default the job left open resolved once."""
+        return engine.request(
             self.question,
             chunks=self.resolve_chunks(engine, documents),
             strategy=self.strategy,
             recompute_ratio=self.ratio,
             max_new_tokens=self.max_new_tokens,
-            stream=True,
             namespace=self.namespace,
             temperature=self.temperature,
         )
+
+    def run(self, engine: ServedEngine, documents) -> Iterator[str | Answer]:
+        """Resolve the chunks and generate: text pieces, then the Answer."""
+        yield from engine.answer_events(self.request(engine, documents))
 
 
 def empty_retrieval_warning(namespace: str) -> str:

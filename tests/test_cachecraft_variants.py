@@ -12,7 +12,7 @@ from tiny_engine import PASSAGES, tiny_engine
 from ragkv.blend import BlendConfig, blend, make_plan, make_strategy
 from ragkv.blend.chunk_metadata import record_context
 from ragkv.blend.query_select import question_attention
-from ragkv.blend.variant_choice import choose_sources, overlap
+from ragkv.blend.variant_choice import choose_variants, overlap
 from ragkv.chunk_cache import ChunkKey, ChunkKV, precompute
 from ragkv.engine.context_pass import in_context_kv
 from ragkv.engine.full_prefill import full_prefill
@@ -126,7 +126,7 @@ def _exact_setup(adapter, chunks):
 def test_exact_variants_recompute_nothing_and_give_the_full_prefill_logits(tiny_adapter, alpha):
     chunks = _chunks(seed=1)
     plan, keys, store, meta, prefill = _exact_setup(tiny_adapter, chunks)
-    choices = choose_sources(keys, meta, store)
+    choices = choose_variants(keys, meta, store)
     assert [c.exact for c in choices] == [False, True, True] and choices[0].key == keys[0]
     strategy = make_strategy("cachecraft", 0.15, BlendConfig(craft_alpha=alpha))
     strategy.bind(keys, meta, choices)
@@ -156,13 +156,13 @@ def test_a_partial_overlap_variant_shrinks_the_budget(tiny_adapter, alpha):
     sources = [(s, store.get(k)) for (s, _), k in zip(plan.chunk_spans, keys)]
     config = BlendConfig(craft_alpha=alpha)
     without = make_strategy("cachecraft", 0.2, config)
-    without.bind(keys, meta, choose_sources(keys, meta, store))  # no variants yet: every chunk its base
+    without.bind(keys, meta, choose_variants(keys, meta, store))  # no variants yet: every chunk its base
     without.prepare(tiny_adapter, plan, sources)
     # c as computed after a only: half of what is before it now (a, b)
     other = _plan([a, c])
     s, e = other.chunk_spans[1]
     store_variant(store, meta, keys[2], keys[:1], in_context_kv(full_prefill(tiny_adapter, other), s, e), 2, e)
-    choices = choose_sources(keys, meta, store)
+    choices = choose_variants(keys, meta, store)
     assert choices[2].key == keys[2].variant(keys[:1]) and choices[2].overlap == 0.5 and not choices[2].exact
     with_variant = make_strategy("cachecraft", 0.2, config)
     with_variant.bind(keys, meta, choices)

@@ -16,7 +16,7 @@ import pytest
 from storage_helpers import redis_url
 from tiny_engine import PASSAGES, tiny_engine
 
-import ragkv.engine.engine as engine_module
+import ragkv.engine.chunk_supply as supply_module
 from ragkv.storage import MemoryTier, RedisTier, TieredStore
 from ragkv.storage.lease import leases_of
 
@@ -30,7 +30,7 @@ def _engine(prefix: str):
 @pytest.fixture
 def counted_precompute(monkeypatch):
     """Every chunk the Engine precomputes (token ids), each pass slowed so racing sidecars overlap."""
-    real = engine_module.precompute_many
+    real = supply_module.precompute_many
     computed: list[tuple[int, ...]] = []
     lock = threading.Lock()
 
@@ -40,7 +40,7 @@ def counted_precompute(monkeypatch):
             computed.extend(tuple(c) for c in chunks)
         return real(model, chunks, *args)
 
-    monkeypatch.setattr(engine_module, "precompute_many", slow)
+    monkeypatch.setattr(supply_module, "precompute_many", slow)
     return computed
 
 
@@ -108,14 +108,14 @@ def test_a_chunk_computed_while_redis_was_unreachable_is_counted_as_an_outage_du
     link._down(ConnectionError("Redis unreachable"))  # B's lookup misses and its lease cannot be taken ...
     link._retry_at = time.monotonic() + 60
     monkeypatch.setattr(leases, "_acquire", lambda *args, **kw: None)
-    real = engine_module.precompute_many
+    real = supply_module.precompute_many
 
     def redis_back_meanwhile(model, chunks, *args):
         out = real(model, chunks, *args)
         link._retry_at = 0.0  # ... and Redis answers again once the compute is done: the count lands
         return out
 
-    monkeypatch.setattr(engine_module, "precompute_many", redis_back_meanwhile)
+    monkeypatch.setattr(supply_module, "precompute_many", redis_back_meanwhile)
     run = b.run(QUESTION, PASSAGES[:1], strategy="naive")
     assert run.misses == 1
     assert leases.stats.unleased == 1 and leases.stats.outage_duplicates == 1 and leases.stats.duplicates == 0

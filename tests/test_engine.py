@@ -130,10 +130,10 @@ def test_sampling_follows_the_softmax_and_low_temperature_is_greedy(engine):
     draws = 4000
     counts = torch.zeros_like(probs)
     for _ in range(draws):
-        counts[next(decode(engine.model, run.blend, run.prompt_tokens, 1, set(), temperature=1.5))] += 1
+        counts[next(decode(engine.model, run.blend, set(), max_new_tokens=1, temperature=1.5))] += 1
     total_variation = 0.5 * float((counts / draws - probs).abs().sum())
     assert total_variation < 0.15, total_variation  # a wrong temperature or argmax would be far off
-    cold = next(decode(engine.model, run.blend, run.prompt_tokens, 1, set(), temperature=1e-4))
+    cold = next(decode(engine.model, run.blend, set(), max_new_tokens=1, temperature=1e-4))
     assert cold == int(logits.argmax())
     torch.manual_seed(1)
     a = engine.generate(QUESTION, PASSAGES, strategy="naive", temperature=1.0, max_new_tokens=6).token_ids

@@ -9,6 +9,8 @@ import asyncio
 import httpx
 
 from ragkv.engine.answer import Answer
+from ragkv.engine.config import EngineConfig
+from ragkv.engine.request import FusionRequest
 
 
 class StubEngine:
@@ -18,8 +20,11 @@ class StubEngine:
     def tokenize_chunks(self, docs):
         return [[1, 2] for _ in docs]
 
-    def generate(self, question, chunks=None, **kw):
-        self.chunks = chunks
+    def request(self, question, documents=None, **options):
+        return FusionRequest.build(EngineConfig(), question, documents, **options)
+
+    def answer_events(self, request):
+        self.chunks = [list(c) for c in request.chunks]
         yield "ok"
         yield Answer(
             text="ok",

@@ -11,6 +11,8 @@ import httpx
 import pytest
 
 from ragkv.engine.answer import Answer
+from ragkv.engine.config import EngineConfig
+from ragkv.engine.request import FusionRequest
 from ragkv.server.worker import ModelWorker, QueueFull, ShuttingDown
 
 
@@ -56,7 +58,10 @@ class StubEngine:
     def tokenize_chunks(self, docs):
         return [[1, 2] for _ in docs]
 
-    def generate(self, question, chunks=None, **kw):
+    def request(self, question, documents=None, **options):
+        return FusionRequest.build(EngineConfig(), question, documents, **options)
+
+    def answer_events(self, request):
         self.gate.wait(10)
         yield "ok"
         yield Answer(

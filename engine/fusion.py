@@ -1,0 +1,127 @@
+"""Fusion: one request on its way through the Engine's stages, and the stages themselves.
+
+resolve chunks -> look up -> choose sources (the Strategy's hook) -> load -> fuse; then the Engine
+decodes. Each stage is a small function that reads what the earlier ones left on the `Fusion` and adds
+its own part; each charges its time to the request's one `Stopwatch` (the TTFT parts of
+`run_result.PARTS`). The entries a request reads are pinned from `load` until `release()` (after the
+first token), which then runs the store upkeep the pins deferred and the strategy's own.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from ..blend import BlendPlan, blend
+from ..blend.strategies import Strategy
+from ..chunk_cache import ChunkKey, LayeredKV
+from .chunk_supply import Lookup
+from .full_prefill import full_prefill
+from .request import FusionRequest
+from .run_result import PARTS, RunResult
+from .stopwatch import Stopwatch
+
+
+@dataclass
+class Fusion:
+    """The state of one request between stages."""
+
+    request: FusionRequest
+    strategy: Strategy
+    watch: Stopwatch
+    chunks: list[list[int]] = field(default_factory=list)  # token ids, prompt order
+    plan: BlendPlan | None = None
+    lookup: Lookup = field(default_factory=Lookup)
+    loads: list[ChunkKey] = field(default_factory=list)  # the entry each chunk loads: base key or a variant's
+    sources: list[tuple[int, LayeredKV]] = field(default_factory=list)  # (target start row, cached KV)
+    run: RunResult | None = None
+    upkeep_ms: float | None = None  # set by release()
+    _pins: ExitStack = field(default_factory=ExitStack)
+
+    def release(self) -> None:
+        """Unpin the request's entries (running the promotions they deferred) and the strategy's upkeep;
+        once, however often it is called. Charged to the `upkeep` lap."""
+        if self.upkeep_ms is not None:
+            return
+        self.watch.lap("decode")  # from the end of the fusion to here: the first token
+        try:
+            self._pins.close()
+            if self.run is not None:
+                self.strategy.finish()
+        finally:
+            self.upkeep_ms = self.watch.lap("upkeep")
+
+
+def resolve_chunks(engine, f: Fusion) -> None:
+    """The chunks' token ids (given, tokenized from texts, or retrieved) and the prompt's plan."""
+    req = f.request
+    if req.retrieves:
+        f.chunks = [list(hit.token_ids) for hit in engine.retrieve(req.question, req.k, req.namespace)]
+        f.watch.lap("retrieve")
+    elif req.chunks is not None:
+        f.chunks = [list(c) for c in req.chunks]
+    else:
+        f.chunks = engine.tokenize_chunks(req.documents)
+    f.plan = engine.plan(req.question, f.chunks)
+    f.watch.lap("template")
+
+
+def look_up(engine, f: Fusion) -> None:
+    """Which tier holds each chunk; the misses computed and stored (a part with nothing to do takes no lap)."""
+    if f.strategy.reuse == "chunks" and f.chunks:
+        f.lookup = engine.supply.lookup(f.chunks, f.request.namespace)
+    f.watch.lap("lookup")
+    if f.lookup.missing:
+        f.lookup.count_shared(engine.supply.precompute(f.lookup.missing))
+        f.watch.lap("precompute")
+
+
+def choose_sources(engine, f: Fusion) -> None:
+    """The entry each chunk loads: the strategy decides (its base entry, or a KV variant)."""
+    f.loads = f.strategy.choose_sources(f.lookup.keys, engine.store) if f.lookup.keys else []
+
+
+def load(engine, f: Fusion) -> None:
+    """Pin the entries and read them (file reads and checksums; layers decode lazily in the blend).
+    An entry that vanished since lookup: a variant falls back to its base entry, a base entry is
+    recomputed. `prefix` reads (or computes) the prompt prefix's KV instead."""
+    keys = f.lookup.keys
+    f._pins.enter_context(engine.store.pinned(keys + [v for v in f.loads if v not in keys]))
+    if keys:
+        found = engine.store.get_layered_many(f.loads)
+        f.watch.lap("load")
+        for i, kv in enumerate(found):
+            if kv is None and f.loads[i] != keys[i]:
+                f.strategy.source_lost(i)
+                found[i] = engine.store.get_layered(keys[i])
+        if None in found:
+            f.lookup.misses += engine.supply.recompute_vanished(keys, f.chunks, found)
+            f.watch.lap("precompute")
+        f.sources = [(start, kv) for (start, _), kv in zip(f.plan.chunk_spans, found)]
+    elif f.strategy.reuse == "prefix" and f.plan.prefix_len > 1:
+        key, kv = engine.supply.cached_prefix(f.plan, f.request.namespace)
+        f.watch.lap("load")
+        if kv is None:
+            kv = engine.supply.compute_prefix(f.plan, key)
+            f.lookup.misses += 1
+            f.watch.lap("precompute")
+        f.sources = [(0, kv)]
+
+
+def fuse(engine, f: Fusion) -> None:
+    """The merged KV and the first-token logits: the model's own forward for `full`, else the blend
+    loop; the loop's own parts (load, rerotate, recompute, first_token) move out of `other`."""
+    if f.strategy.reuse == "none":
+        result = full_prefill(engine.model, f.plan, f.request.reserve)
+    else:
+        result = blend(engine.model, f.plan, f.strategy, f.sources, reserve=f.request.reserve)
+    f.watch.lap("other")
+    parts = {name: f.watch.parts.get(name, 0.0) for name in PARTS}
+    for part, seconds in result.seconds.items():
+        if part in parts and part != "other":
+            parts[part] += seconds * 1e3
+            parts["other"] -= seconds * 1e3
+    f.run = RunResult(f.plan, result, f.watch.elapsed_ms(), parts, f.lookup.hits, f.lookup.misses, f.request)
+
+
+STAGES = (resolve_chunks, look_up, choose_sources, load, fuse)
