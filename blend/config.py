@@ -11,6 +11,7 @@ SCORES = ("deviation", "attention", "deviation*attention")
 # attention in a scout pass ("query"); a strategy name may carry it: "cacheblend+query"
 SELECTIONS = ("check", "query")
 SELECTIVE = ("cacheblend", "cachecraft")  # the strategies that take a selection suffix
+CRAFT_SERVE = ("off", "recurring", "always")  # when the serving path stores exact KV variants (cachecraft)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class BlendConfig:
     craft_min_share: float = 0.25  # cachecraft: each chunk keeps at least this share of its even budget
     craft_variants: int = 2  # cachecraft: KV variants kept per chunk (by preceding chunks); 0 = none stored or used
     craft_focus: float = 0.0  # cachecraft early stop: chunks under this share of the question's attention: no fix
+    craft_serve: str = "recurring"  # cachecraft requests store exact variants: off | recurring (2nd time) | always
 
     def __post_init__(self) -> None:
         validate(self.strategy, self.recompute_ratio)
@@ -56,6 +58,8 @@ class BlendConfig:
             raise ValueError(f"craft_variants must be >= 0 (0 stores and uses no variants), got {self.craft_variants}")
         if not (0.0 <= self.craft_focus < 1.0):
             raise ValueError(f"craft_focus must be within [0, 1) (0: no early stop), got {self.craft_focus}")
+        if self.craft_serve not in CRAFT_SERVE:
+            raise ValueError(f"unknown craft_serve {self.craft_serve!r}; accepted: {', '.join(CRAFT_SERVE)}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"unknown deviation {self.deviation!r}; accepted: {', '.join(DEVIATIONS)}")
 

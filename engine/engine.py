@@ -29,6 +29,7 @@ from .ingest import IngestConfig, Ingester, IngestReport
 from .prompt import PromptTemplate
 from .request import FusionRequest
 from .run_result import RunResult
+from .serving_variants import store_after_answer
 from .stopwatch import Stopwatch
 
 
@@ -162,6 +163,7 @@ class Engine:
         max_new_tokens) to decode into. Store upkeep the request deferred runs after the TTFT is taken."""
         fusion = self.fuse(self.request(question, documents, **options))
         fusion.release()
+        store_after_answer(self, fusion)  # cachecraft: exact KV variants of a recurring prompt, after its TTFT
         return fusion.run
 
     def record_context(
@@ -229,6 +231,7 @@ class Engine:
         finally:
             fusion.release()
         yield self._answer(fusion, tokens, text)
+        store_after_answer(self, fusion)  # cachecraft: exact KV variants of a recurring prompt, once answered
 
     def _answer(self, fusion: Fusion, tokens: list[int], text: str) -> Answer:
         run, watch = fusion.run, fusion.watch

@@ -22,6 +22,7 @@ from ..chunk_cache import ChunkKey, precompute_many
 from ..retriever import Document, DocumentUpdate, LoadError, Retriever, find_files, load_file
 from ..storage.metadata import metadata_store
 from ..storage.variants import forget_chunks
+from .neighbour_variants import store_neighbour_variants
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class IngestConfig:
     documents_per_batch: int = 32  # documents chunked and embedded together (each still committed alone)
     save_every_documents: int = 200  # also save the faiss index this often (it is rebuilt if stale anyway)
     progress: bool = True
+    neighbour_variants: int = 0  # k > 0: each new chunk's KV also after its k nearest chunks (opt-in, FusionRAG)
+    variant_limit: int = 2  # KV variants kept per chunk (as blend.craft_variants)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class IngestReport:
     kv_seconds: float = 0.0
     seconds: float = 0.0
     invalidated: tuple[ChunkKey, ...] = ()  # keys whose KV was dropped (documents replaced)
+    neighbour_variants: int = 0  # KV variants stored after nearest neighbours (IngestConfig.neighbour_variants)
     errors: tuple[IngestError, ...] = field(default=())
 
     @property
@@ -127,6 +131,7 @@ class Ingester:
             while run.pending:
                 run.flush_batch()
                 yield None
+            run.store_neighbour_variants()  # after every chunk is indexed: neighbours come from the whole corpus
         finally:
             run.close()
         yield run.report(time.perf_counter() - t0)
@@ -168,6 +173,8 @@ class _Run:
         self.invalidated: list[ChunkKey] = []
         self.batch: list[Document] = []
         self.pending: dict[ChunkKey, tuple[int, ...]] = {}
+        self.computed: dict[ChunkKey, tuple[int, ...]] = {}  # chunks whose KV this run computed
+        self.neighbour_variants = 0
         self.pending_tokens = 0
         self.since_save = 0
         off = not ing.config.progress
@@ -246,8 +253,10 @@ class _Run:
             n += len(chunk_ids)
         t = time.perf_counter()
         kvs = precompute_many(self.ing.adapter, ids, self.ing.config.max_tokens_per_pass)
-        for key, kv in zip(keys, kvs):
+        for key, kv, chunk_ids in zip(keys, kvs, ids):
             self.ing.store.put(key, kv, durable=True)
+            if self.ing.config.neighbour_variants:
+                self.computed[key] = chunk_ids
         self.kv_seconds += time.perf_counter() - t
         self.counts["kv_computed"] += len(keys)
         self.counts["kv_tokens"] += n
@@ -255,6 +264,16 @@ class _Run:
         for key in keys:
             del self.pending[key]
         self.pending_tokens -= n
+
+    def store_neighbour_variants(self) -> None:
+        """With `neighbour_variants = k`: each chunk computed in this run, also after its k nearest chunks."""
+        cfg = self.ing.config
+        ing = self.ing
+        stored = store_neighbour_variants(
+            ing.adapter, ing.store, ing.retriever, self.computed, cfg.neighbour_variants, cfg.variant_limit
+        )
+        self.neighbour_variants += len(stored)
+        self.computed = {}
 
     def close(self) -> None:
         self.ing.retriever.save()  # also after an interruption: the catalog is already committed
@@ -267,5 +286,6 @@ class _Run:
             kv_seconds=self.kv_seconds,
             seconds=seconds,
             invalidated=tuple(self.invalidated),
+            neighbour_variants=self.neighbour_variants,
             errors=tuple(self.errors),
         )

@@ -95,6 +95,7 @@ class BlendSettings(_Section):
     craft_min_share: float = Field(0.25, ge=0.0, le=1.0)  # cachecraft: floor of each chunk's even budget share
     craft_variants: int = Field(2, ge=0)  # cachecraft: KV variants per chunk (by preceding chunks); 0: none
     craft_focus: float = Field(0.0, ge=0.0, lt=1.0)  # cachecraft early stop: question-attention share floor
+    craft_serve: Literal["off", "recurring", "always"] = "recurring"  # cachecraft: serving-path exact variants
 
 
 class RetrieverSettings(_Section):
