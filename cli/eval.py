@@ -53,10 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--record-context",
         default="reversed",
-        choices=("reversed", "same", "new-first", "none"),
+        choices=("reversed", "same", "new-first", "served", "none"),
         help="cachecraft's chunk metadata (and KV variants) come from a context pass over the sample's chunks "
         "in this order (default reversed: other neighbours; same: this prompt, an upper bound; new-first: "
-        "this prompt without its first chunk; none: nothing)",
+        "this prompt without its first chunk; served: no pass, the prompt was served twice before, so the "
+        "serving path stored its exact variants; none: nothing)",
     )
     p.add_argument(
         "--craft-variants",

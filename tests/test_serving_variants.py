@@ -10,6 +10,8 @@ from tiny_engine import PASSAGES, tiny_engine
 from ragkv.blend import BlendConfig
 from ragkv.chunk_cache import chunk_key
 from ragkv.engine.prompt import PromptTemplate
+from ragkv.eval.datasets import Sample
+from ragkv.eval.runner import Spec, evaluate_sample
 from ragkv.storage.metadata import metadata_store
 
 QUESTION = "Where does the river bend?"
@@ -80,3 +82,12 @@ def test_variants_stay_within_the_per_chunk_limit(mode):
     for order in orders * 2:
         _craft(engine, passages=order)
     assert all(len(rs) <= 1 for rs in metadata_store(engine.store).variants_of(_keys(engine)))
+
+
+def test_eval_served_context_answers_a_recurring_prompt_as_the_full_prefill():
+    engine = tiny_engine()  # craft_serve defaults to recurring
+    sample = Sample("s1", QUESTION, tuple(PASSAGES), ("the stone bridge",))
+    rows = evaluate_sample(engine, sample, [Spec("full"), Spec("cachecraft", 0.15)], max_new_tokens=6, context="served")
+    craft = rows["cachecraft@0.15"]
+    assert craft["variants_used"] == len(PASSAGES) and craft["recomputed_chunk_tokens"] == 0
+    assert craft["kl_mean"] < 1e-6 and craft["top1_agreement"] == 1.0 and craft["answer"] == rows["full"]["answer"]
