@@ -4,7 +4,7 @@
 # Exports nothing: writes the URL to .ci/pg_url (gitignored); tests read RAGKV_TEST_PG_URL or that file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PGDIR="${RAGKV_PG_DIR:-/tmp/ragkv-ci-pg}"    # data dir, socket dir, password file, log
+PGDIR="${RAGKV_PG_DIR:-${TMPDIR:-/tmp}/ragkv-ci-pg}"    # data dir, socket dir, password file, log
 PORT="${RAGKV_PG_PORT:-55432}"
 DB="${RAGKV_PG_DB:-ragkv_test}"
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT="${RAGKV_REDIS_PORT:-56379}"
-DIR="${RAGKV_REDIS_DIR:-/tmp/ragkv-ci-redis}"     # pid file and log
+DIR="${RAGKV_REDIS_DIR:-${TMPDIR:-/tmp}/ragkv-ci-redis}"     # pid file and log
 MAXMEM="${RAGKV_REDIS_MAXMEMORY:-256mb}"
 
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def serve(args):
     from ragkv.server.app import create_app
     from ragkv.server.settings import load_settings
 
-    settings = load_settings(api_keys=KEYS, queue_size=64, data_dir="/tmp/ragkv-fairness")
+    settings = load_settings(api_keys=KEYS, queue_size=64, data_dir=tempfile.mkdtemp(prefix="ragkv-fairness-"))
     app = create_app(settings, SleepEngine(args.chat_ms))
     app.state.documents = SleepDocuments(args.doc_steps, args.step_ms, args.atomic)
     port = _free_port()

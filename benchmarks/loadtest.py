@@ -53,6 +53,7 @@ def run_load(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     lat: list[float] = []
     ttft: list[float] = []
+    chunks = {"hits": 0, "misses": 0}  # chunk KV reads the answers report (`ragkv.hits`, `ragkv.misses`)
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -80,6 +81,8 @@ def run_load(
                     if ok:
                         lat.append(ms)
                         ttft.append(info.get("ttft_ms", float("nan")))
+                        chunks["hits"] += sum(info.get("hits", {}).values())
+                        chunks["misses"] += info.get("misses", 0)
                     else:
                         errors.append(str(getattr(r, "status_code", r)))
 
@@ -112,6 +115,8 @@ def run_load(
         "error_samples": errors[:5],
         "wall_s": wall,
         "throughput_rps": len(lat) / wall if wall else 0.0,
+        "chunk_hits": chunks["hits"],
+        "chunk_misses": chunks["misses"],
         **summary,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }

@@ -4,7 +4,7 @@ same request stream, duplicate precomputes, client errors while Redis is killed 
 
     python benchmarks/multi_sidecar.py --sidecars 3 --clients 12 --requests 20 --out docs/bench/multi_sidecar.json
 
-The request stream comes from the RAGPulse trace (/work/shared/data/ragpulse, read at run time):
+The request stream comes from the RAGPulse trace (`shared_data("ragpulse")`, read at run time):
 by default each request draws --passages distinct passages among the trace's --corpus most
 referenced ones, weighted by how often the whole trace references each (its real popularity, steady
 state); `--mode replay` takes the trace's first clients x requests requests in time order instead (a
@@ -38,7 +38,9 @@ from pathlib import Path
 import httpx
 from sidecar_procs import RedisServer, start_sidecar, stop  # benchmarks/ is on sys.path
 
-RAGPULSE = Path("/work/shared/data/ragpulse")
+from ragkv.eval.shared_data import shared_data
+
+RAGPULSE = shared_data("ragpulse")
 WORDS = (
     "river stone cloud lamp orbit maple quartz tide harbor lantern meadow copper falcon glacier willow ember "
     "canyon prairie summit beacon delta thistle cobalt saffron juniper basalt marble pepper violet amber cedar "

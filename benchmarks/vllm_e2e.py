@@ -28,6 +28,7 @@ import httpx
 from ragkv.engine.config import EngineConfig
 from ragkv.engine.engine import Engine
 from ragkv.eval.datasets import load_samples
+from ragkv.eval.shared_data import shared_data
 from ragkv.models import load_adapter
 from ragkv.server.app import create_app
 from ragkv.server.fused_store import FusedKVStore
@@ -78,7 +79,7 @@ def main() -> None:
     ap.add_argument("--vllm", default="http://127.0.0.1:8311", help="vLLM base URL (started with RagkvConnector)")
     ap.add_argument("--model", default="smollm2", help="vLLM's served model name")
     ap.add_argument("--fused-dir", default="/dev/shm/ragkv-fused", help="the connector's fused_dir")
-    ap.add_argument("--data", default="/work/shared/data/cacheblend/musique_s.json")
+    ap.add_argument("--data", default=str(shared_data("cacheblend", "musique_s.json")))
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--chunks", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=16)

@@ -6,8 +6,9 @@ from .extend import extend
 from .loader import LayerLoader
 from .loop import BlendResult, blend
 from .plan import BlendPlan, make_plan
+from .registry import make_strategy
 from .rerotate import rerotate, rotation
-from .strategies import Strategy, make_strategy
+from .strategies import Strategy
 
 __all__ = [
     "BlendConfig",

@@ -81,11 +81,6 @@ class CacheCraft(Strategy):
         self.fractions: list[float] = []  # per chunk, set by prepare: recomputed share of its tokens
         self._decisions: list[ChunkDecision] = []
 
-    @property
-    def label(self) -> str:
-        suffix = "+query" if self.config.select == "query" else ""
-        return f"{self.name}{suffix}@{self.ratio:g}"
-
     def bind(
         self, keys: Sequence[ChunkKey], metadata: MetadataStore, choices: Sequence[SourceChoice] | None = None
     ) -> None:

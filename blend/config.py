@@ -12,6 +12,7 @@ SCORES = ("deviation", "attention", "deviation*attention")
 SELECTIONS = ("check", "query")
 SELECTIVE = ("cacheblend", "cachecraft")  # the strategies that take a selection suffix
 CRAFT_SERVE = ("off", "recurring", "always")  # when the serving path stores exact KV variants (cachecraft)
+RATIO_FREE = ("full", "prefix", "naive")  # reuse nothing, or exactly: no recompute ratio in their label
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,30 @@ def split_name(strategy: str) -> tuple[str, str | None]:
             f"{', '.join(SELECTIVE)}, one of +{', +'.join(SELECTIONS)}"
         )
     return base, select
+
+
+def parse_strategy(text: str) -> tuple[str, float | None]:
+    """The one strategy-spec parser: `"cacheblend@0.15"` -> ("cacheblend", 0.15), `"cacheblend+query"` ->
+    ("cacheblend+query", None) (no ratio given). An unknown name, a ratio that is not a number or one
+    outside [0, 1] fails saying what is accepted."""
+    name, at, ratio = text.strip().partition("@")
+    split_name(name)
+    if not at:
+        return name, None
+    try:
+        value = float(ratio)
+    except ValueError:
+        raise ValueError(f"strategy {text!r}: the recompute ratio after '@' must be a number in [0, 1]") from None
+    validate(name, value)
+    return name, value
+
+
+def strategy_label(strategy: str, ratio: float | None = None) -> str:
+    """The one label of a strategy at a recompute ratio: `full`, `prefix`, `naive` and a strategy given
+    no ratio (None) by name, the others `name@ratio` (`cacheblend@0.15`, `cacheblend+query@0.15`);
+    `parse_strategy` reads it back."""
+    base, _ = split_name(strategy)
+    return strategy if base in RATIO_FREE or ratio is None else f"{strategy}@{float(ratio):g}"
 
 
 def validate(strategy: str, ratio: float) -> None:

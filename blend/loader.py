@@ -5,10 +5,11 @@ Iterating a `LayerLoader` yields, layer by layer, every source's rows concatenat
 stream while the current layer computes: K and V are copied separately (each contiguous: a stored
 ChunkKV's `kv[:, layer]` is not), host rows that are not pinned go through two reused pinned staging
 buffers, and the compute stream waits on an event (no host synchronization); on CPU loading is inline. Either
-way, sources offering `prefetch(layer)` (entries of a CPU-bound codec with a DecodePool) are asked
-for the next `lookahead` layers first, so worker processes decode them while this layer computes.
+way, every source is asked to `prefetch(layer)` the next `lookahead` layers first (entries of a CPU-bound
+codec with a DecodePool start them in worker processes while this layer computes; a no-op for others).
+The optional abilities are `LayeredKV`'s methods with no-op defaults (chunk_cache/kv.py).
 
-Sources offering `device_task(layer, dtype)` (entries of a codec that decodes on the device: int8, fp8,
+Sources whose `device_task(layer, dtype)` gives a task (entries of a codec that decodes on the device: int8, fp8,
 packed) are not decoded on the host: on CUDA their *encoded* sections of the layer go, 16-byte aligned, into
 one pinned buffer, cross in one copy on the side stream, and each codec's `device_layer` decodes its rows
 there, on the side stream too, so both overlap the previous layer's compute (`device_decode=True` runs the
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..chunk_cache import ChunkKV, LayeredKV
+from ..chunk_cache import LayeredKV
 from ..compression import LayerTask
 
 _ALIGN = 16  # byte alignment of each section in the device copy (codecs view sections as fp16 / fp32)
@@ -54,10 +55,8 @@ class LayerLoader:
         self.num_rows = sum(s.num_tokens for s in self.sources)
         self.seconds = 0.0
         self.lookahead = lookahead
-        self._prefetchers = [s.prefetch for s in self.sources if hasattr(s, "prefetch")]
-        self._stored = [_stored_chunk(s) for s in self.sources]
-        on_device = self.device.type == "cuda" if device_decode is None else device_decode
-        self._device_tasks = [getattr(s, "device_task", None) if on_device else None for s in self.sources]
+        self._stored = [s.stored() for s in self.sources]
+        self._on_device = self.device.type == "cuda" if device_decode is None else device_decode
         self.device_bytes = 0  # encoded bytes copied to the device and decoded there
         self._staging: list[torch.Tensor | None] = [None, None]  # pinned KV rows, per slot (CUDA only)
         self._byte_staging: list[torch.Tensor | None] = [None, None]  # pinned encoded sections, per slot
@@ -79,7 +78,7 @@ class LayerLoader:
         for i, s in enumerate(self.sources):
             rows = slice(row, row + s.num_tokens)
             row += s.num_tokens
-            task = self._device_tasks[i](layer, self.dtype) if self._device_tasks[i] is not None else None
+            task = s.device_task(layer, self.dtype) if self._on_device else None
             if task is not None:
                 encoded.append((rows, task))
                 continue
@@ -169,8 +168,8 @@ class LayerLoader:
         """Ask prefetching sources for `layer` and the `lookahead` layers after it (no-op for layers
         already started)."""
         for ahead in range(layer, min(layer + 1 + self.lookahead, self.num_layers)):
-            for prefetch in self._prefetchers:
-                prefetch(ahead)
+            for source in self.sources:
+                source.prefetch(ahead)
 
     def _iter_cuda(self) -> Iterator[torch.Tensor]:
         side = torch.cuda.Stream(device=self.device)
@@ -211,15 +210,6 @@ class LayerLoader:
 
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
-
-
-def _stored_chunk(source: LayeredKV) -> ChunkKV | None:
-    """The ChunkKV behind a source when its layers are slices of one stored tensor (a ChunkKV, or a
-    memory tier's resident view `.chunk`), so K and V can be copied separately and contiguously."""
-    if isinstance(source, ChunkKV):
-        return source
-    chunk = getattr(source, "chunk", None)
-    return chunk if isinstance(chunk, ChunkKV) else None
 
 
 class _PinnedBuffers:

@@ -6,17 +6,17 @@ do); `naive` reuses every chunk and computes only fresh tokens; `cacheblend` rec
 whose KV deviates most; `epic` recomputes the first tokens of every chunk; `cachecraft`
 (blend/cachecraft.py) budgets each chunk from what was recorded when it was last seen in context.
 `cacheblend+query` picks its tokens before layer 0 by the question's attention (blend/query_select.py).
+`make_strategy` (blend/registry.py) makes one by name.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import replace
 
 import torch
 
-from .config import BlendConfig, split_name, validate
+from .config import SELECTIVE, BlendConfig, strategy_label, validate
 from .plan import BlendPlan
 from .query_select import query_aware_tokens
 from .select import budget, keep_top
@@ -77,7 +77,9 @@ class Strategy(ABC):
 
     @property
     def label(self) -> str:
-        return self.name if self.name in ("full", "prefix", "naive") else f"{self.name}@{self.ratio:g}"
+        """`cacheblend@0.15`, `cacheblend+query@0.15`, `full` (blend/config.py `strategy_label`)."""
+        query = self.name in SELECTIVE and self.config.select == "query"
+        return strategy_label(self.name + ("+query" if query else ""), self.ratio)
 
 
 class Full(Strategy):
@@ -113,11 +115,6 @@ class CacheBlend(Strategy):
         super().__init__(ratio, config)
         self._chosen: torch.Tensor | None = None  # [N] rows chosen before layer 0 (select="query")
 
-    @property
-    def label(self) -> str:
-        suffix = "+query" if self.config.select == "query" else ""
-        return f"{self.name}{suffix}@{self.ratio:g}"
-
     def prepare(self, model, plan, sources):
         if self.config.select == "query" and self.ratio > 0.0:
             self._chosen = query_aware_tokens(model, plan, sources, self.ratio, self.config.scout_layers)
@@ -152,20 +149,3 @@ class Epic(Strategy):
         for start, end in plan.chunk_spans:
             active[start : start + math.ceil(self.ratio * (end - start) - 1e-9)] = True
         return active
-
-
-STRATEGY_CLASSES: dict[str, type[Strategy]] = {c.name: c for c in (Full, Prefix, Naive, CacheBlend, Epic)}
-
-
-def make_strategy(name: str, ratio: float = 0.0, config: BlendConfig = BlendConfig()) -> Strategy:
-    """The strategy called `name` at recompute ratio `ratio` (unknown names fail listing the known);
-    `"cacheblend+query"` is cacheblend with `config.select = "query"`."""
-    validate(name, ratio)
-    base, select = split_name(name)
-    if select is not None:
-        config = replace(config, select=select)
-    if base == "cachecraft":
-        from .cachecraft import CacheCraft  # it builds on this module's Strategy
-
-        return CacheCraft(ratio, config)
-    return STRATEGY_CLASSES[base](ratio, config)

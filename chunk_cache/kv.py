@@ -3,38 +3,48 @@
 `kv[2, num_layers, num_tokens, num_kv_heads, head_dim]` (K then V, keys already RoPE-rotated at
 positions `pos0 .. pos0 + num_tokens - 1`). Token-major, so slicing and concatenation are on dim 2.
 Anything with `pos0`, `num_tokens`, `num_layers` and `layer(l)` (e.g. a lazily decoded entry) can be
-fed to the blend loop in place of a ChunkKV.
+fed to the blend loop in place of a ChunkKV; a class that subclasses `LayeredKV` also gets its optional
+abilities (`prefetch`, `device_task`, `stored`) as no-op defaults, and overrides the ones it has.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 
 @runtime_checkable
 class LayeredKV(Protocol):
-    """A chunk's KV readable one layer at a time (what the blend loop consumes). A source may also
-    offer `prefetch(index)`: a hint that layer `index` is read soon (storage's encoded entries start
-    decoding it in a worker process); the loader calls it when present."""
+    """A chunk's KV readable one layer at a time (what the blend loop consumes). The optional abilities
+    below default to "not offered"; the layer loader (blend/loader.py) calls them on every source."""
 
     pos0: int
-
-    @property
-    def num_tokens(self) -> int: ...
-
-    @property
-    def num_layers(self) -> int: ...
+    num_tokens: int  # an attribute or a read-only property
+    num_layers: int
 
     def layer(self, index: int) -> torch.Tensor:
         """KV of one layer: [2, num_tokens, num_kv_heads, head_dim]."""
         ...
 
+    def prefetch(self, index: int) -> None:
+        """A hint that layer `index` is read soon (storage's encoded entries start decoding it in a
+        worker process); by default nothing to do."""
+
+    def device_task(self, index: int, dtype: torch.dtype) -> Any:
+        """Layer `index` as a `compression.LayerTask` whose encoded bytes the loader decodes on the
+        device, or None (the default): the loader reads `layer(index)`."""
+        return None
+
+    def stored(self) -> ChunkKV | None:
+        """The ChunkKV whose tensor holds these layers, when there is one (so K and V can be copied
+        separately and contiguously); None by default."""
+        return None
+
 
 @dataclass(frozen=True, eq=False)
-class ChunkKV:
+class ChunkKV(LayeredKV):
     """A chunk's KV for every layer, with the position its keys were rotated at."""
 
     kv: torch.Tensor  # [2, L, T, H_kv, D]
@@ -80,6 +90,9 @@ class ChunkKV:
 
     def layer(self, index: int) -> torch.Tensor:
         return self.kv[:, index]  # [2, T, H_kv, D]
+
+    def stored(self) -> ChunkKV:
+        return self
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ChunkKV:
         return ChunkKV(self.kv.to(device=device, dtype=dtype), self.pos0)

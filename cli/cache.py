@@ -13,7 +13,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from .options import add_settings_args, settings_of
+from .options import add_settings_args, engine_config, settings_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..storage.config import build_store
 
-    config = settings_of(args).engine_config()  # the store only: no model is loaded
+    config = engine_config(settings_of(args))  # the store only: no model is loaded
     read_only = args.action == "stats" or args.dry_run  # then the disk tier's opening check only counts
     store = build_store(replace(config.storage_config(), repair_on_open=not read_only))
     try:

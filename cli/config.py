@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_settings_args, overrides_of, settings_of
+from .options import add_settings_args, engine_config, overrides_of, settings_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.settings import origins, unknown_env
 
     settings = settings_of(args)
-    engine = settings.engine_config()  # the lower folders' own checks (tier order, codec names, ...)
+    engine = engine_config(settings)  # the lower folders' own checks (tier order, codec names, ...)
     where = origins(settings, args.config, overrides_of(args))
     tree = settings.model_dump(mode="json")
     store = engine.storage_config()  # the embedded default store, where none is configured, as it will be built

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .options import add_settings_args, load_engine, settings_of
 
-FLAGS = {"strategy": "blend.strategy", "ratio": "blend.recompute_ratio", "max_new_tokens": "max_new_tokens"}
+SETTINGS = ("strategy", "recompute_ratio", "max_new_tokens")  # the flags that set settings (by name)
 NAMESPACE = "demo"  # the demo's catalog and index live apart from the user's (DATA_DIR/tenants/demo)
 SMALL_MODEL_NOTE = (
     "Note: SmolLM2-135M is a very small model. It can copy a name or a place that sits in the passage next to "
@@ -33,12 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--strategy", default=None, help="fusion strategy to compare with full (default cacheblend)")
-    p.add_argument("--ratio", type=float, default=None, help="recompute ratio (default 0.15)")
+    p.add_argument("--ratio", dest="recompute_ratio", type=float, default=None, help="recompute ratio (default 0.15)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default 32)")
     p.add_argument("-k", type=int, default=3, help="chunks retrieved per question (default 3)")
     p.add_argument("--questions", type=int, default=6, help="how many of the 10 shipped questions (default 6)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per strategy; the median is shown (default 3)")
-    add_settings_args(p, FLAGS, namespace=False)  # the demo keeps its documents in its own namespace
+    add_settings_args(p, SETTINGS, namespace=False)  # the demo keeps its documents in its own namespace
     p.set_defaults(func=run)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..eval.datasets import FORMATS
 from .eval_trace import add_trace_args, run_trace
-from .options import add_settings_args, settings_of
+from .options import add_settings_args, engine_config, settings_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trace_args(p)
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
-    add_settings_args(p, {"craft_variants": "blend.craft_variants"}, namespace=False)
+    add_settings_args(p, ("craft_variants",), namespace=False)
     p.set_defaults(func=run)
 
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no usable samples in {args.data} (format {args.format})")
     settings = settings_of(args)
     engine = Engine.from_pretrained(
-        config=settings_of(args, overrides=_store_overrides(args, settings.device)).engine_config()
+        config=engine_config(settings_of(args, overrides=_store_overrides(args, settings.device)))
     )
     engine.template = template_for(args.format) if isinstance(engine.template, PromptTemplate) else engine.template
     if args.retrieve:

@@ -15,22 +15,28 @@ from pathlib import Path
 
 from .options import add_settings_args, load_engine, settings_of
 
-# the retriever options `ingest` and `retrieve` share: flag dest -> settings path
-RETRIEVER_FLAGS = {"catalog_url": "catalog_url", "embedder": "retriever.embedder_path", "index": "retriever.index_kind"}
-CHUNKING_FLAGS = {
-    "chunk_min": "retriever.chunk_min_tokens",
-    "chunk_max": "retriever.chunk_max_tokens",
-    "overlap": "retriever.overlap_tokens",
-    "max_document_size": "retriever.max_document_bytes",
-}
+# the settings the retriever options of `ingest` and `retrieve` set (flag dests are the settings' names)
+RETRIEVER_SETTINGS = ("catalog_url", "embedder_path", "index_kind")
+CHUNKING_SETTINGS = ("chunk_min_tokens", "chunk_max_tokens", "overlap_tokens", "max_document_bytes")
 
 
 def add_retriever_args(p: argparse.ArgumentParser, chunking: bool = False) -> None:
     """Options shared by `ingest` and `retrieve`: where the data lives and which model / index."""
-    add_settings_args(p, {**RETRIEVER_FLAGS, **(CHUNKING_FLAGS if chunking else {})})
+    add_settings_args(p, RETRIEVER_SETTINGS + (CHUNKING_SETTINGS if chunking else ()))
     p.add_argument("--catalog-url", default=None, help="SQLAlchemy URL (default: sqlite:///DATA_DIR/catalog.sqlite)")
-    p.add_argument("--embedder", default=None, help="local HF encoder folder (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--index", default=None, choices=("flat", "ivf", "hnsw"), help="faiss index kind (default flat)")
+    p.add_argument(
+        "--embedder",
+        dest="embedder_path",
+        default=None,
+        help="local HF encoder folder (default: bundled all-MiniLM-L6-v2)",
+    )
+    p.add_argument(
+        "--index",
+        dest="index_kind",
+        default=None,
+        choices=("flat", "ivf", "hnsw"),
+        help="faiss index kind (default flat)",
+    )
 
 
 def register(subparsers) -> None:
@@ -39,10 +45,34 @@ def register(subparsers) -> None:
     )
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (walked recursively)")
     add_retriever_args(p, chunking=True)
-    p.add_argument("--chunk-min", type=int, default=None, help="minimum chunk length in model tokens (default 256)")
-    p.add_argument("--chunk-max", type=int, default=None, help="maximum chunk length in model tokens (default 512)")
-    p.add_argument("--overlap", type=int, default=None, help="tokens repeated from the previous chunk (default 0)")
-    p.add_argument("--max-document-size", default=None, metavar="SIZE", help="larger documents are refused (20MiB)")
+    p.add_argument(
+        "--chunk-min",
+        dest="chunk_min_tokens",
+        type=int,
+        default=None,
+        help="minimum chunk length in model tokens (default 256)",
+    )
+    p.add_argument(
+        "--chunk-max",
+        dest="chunk_max_tokens",
+        type=int,
+        default=None,
+        help="maximum chunk length in model tokens (default 512)",
+    )
+    p.add_argument(
+        "--overlap",
+        dest="overlap_tokens",
+        type=int,
+        default=None,
+        help="tokens repeated from the previous chunk (default 0)",
+    )
+    p.add_argument(
+        "--max-document-size",
+        dest="max_document_bytes",
+        default=None,
+        metavar="SIZE",
+        help="larger documents are refused (20MiB)",
+    )
     p.add_argument("--no-kv", action="store_true", help="only catalog and index; KV is computed on first use")
     p.add_argument(
         "--batch-tokens", type=int, default=2048, help="chunk tokens per precompute batch (stored as it goes)"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .options import add_settings_args, load_engine, settings_of
 
-FLAGS = {"strategy": "blend.strategy", "ratio": "blend.recompute_ratio", "max_new_tokens": "max_new_tokens"}
+SETTINGS = ("strategy", "recompute_ratio", "max_new_tokens")  # the flags that set settings (by name)
 _FILE_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".jsonl", ".json")
 
 
@@ -30,9 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--retrieve", type=int, default=0, metavar="K", help="also fuse the K best ingested chunks")
     p.add_argument("--strategy", default=None, help="full, prefix, naive, cacheblend (default) or epic")
-    p.add_argument("--ratio", type=float, default=None, help="recompute ratio in [0, 1] (default 0.15)")
+    p.add_argument(
+        "--ratio", dest="recompute_ratio", type=float, default=None, help="recompute ratio in [0, 1] (default 0.15)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length in tokens (default 32)")
-    add_settings_args(p, FLAGS)
+    add_settings_args(p, SETTINGS)
     p.add_argument("--server", default=None, metavar="URL", help="ask a running `ragkv serve` at URL instead")
     p.add_argument("--api-key", default=None, help="bearer key for --server")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             docs,
             k=args.retrieve or None,
             strategy=args.strategy,
-            recompute_ratio=args.ratio,
+            recompute_ratio=args.recompute_ratio,
             max_new_tokens=args.max_new_tokens,
         )
         for warning in (out.get("ragkv") or {}).get("warnings", []):

@@ -12,7 +12,7 @@ import argparse
 
 from .options import add_settings_args, settings_of
 
-FLAGS = {"host": "server.host", "port": "server.port", "queue_size": "server.queue_size"}
+SETTINGS = ("host", "port", "queue_size")  # the flags that set settings (by name)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--queue-size", type=int, default=None, help="requests that may wait for the model (default 64)")
-    add_settings_args(p, FLAGS)
+    add_settings_args(p, SETTINGS)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.add_argument(
         "--upstream",

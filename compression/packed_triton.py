@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .packed import MAX_BITS, PackedLayout
+from .packed_layout import MAX_BITS, PackedLayout
 
 try:
     import triton

@@ -1,18 +1,19 @@
 """EngineConfig: the composed configuration of an Engine (model, devices, cache, blend defaults).
 
 Users configure ragkv through the settings tree (engine/settings.py: flags > `RAGKV_*` env > config
-file > defaults); `EngineConfig.load(...)` / `Settings.engine_config()` compose this dataclass from it.
+file > defaults); `EngineConfig.load(...)` / `EngineConfig.from_settings(settings)` compose this
+dataclass from it. This module imports the settings module, never the reverse.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 
 from ..blend import BlendConfig
 from ..retriever import RetrieverConfig
 from ..storage.config import StorageConfig, TierConfig
-from .settings import DEFAULT_DATA_DIR
+from .settings import DEFAULT_DATA_DIR, Settings, load_settings
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,54 @@ class EngineConfig:
         """From the settings tree: `overrides` (settings names; None = not given) > `RAGKV_*` environment >
         `config_file` (else `$RAGKV_CONFIG`) > defaults. An override that is already a built config
         (`storage=StorageConfig(...)`, `blend=BlendConfig(...)`, `retriever=RetrieverConfig(...)`) is used as given."""
-        from dataclasses import is_dataclass, replace
-
-        from .settings import load_settings
-
         built = {k: v for k, v in overrides.items() if is_dataclass(v)}
         given = {k: v for k, v in overrides.items() if k not in built}
-        return replace(load_settings(config_file, given).engine_config(), **built)
+        return replace(cls.from_settings(load_settings(config_file, given)), **built)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineConfig:
+        """The EngineConfig (and the lower folders' configs) the settings tree describes."""
+        base = cls(
+            model=settings.model,
+            data_dir=settings.data_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+            kv_dtype=settings.kv_dtype,
+            namespace=settings.namespace,
+            max_new_tokens=settings.max_new_tokens,
+            prepack_tokens=settings.prepack_tokens,
+            catalog_url=settings.catalog_url,
+            blend=settings.blend,
+            retriever=RetrieverConfig(
+                **settings.retriever.model_dump(exclude={"max_document_bytes"}),
+                max_document_bytes=int(settings.retriever.max_document_bytes),
+                namespace=settings.namespace,
+            ),
+        )
+        return replace(base, storage=_storage(base, settings))
+
+
+def _storage(base: EngineConfig, settings: Settings) -> StorageConfig:
+    """The store the settings' `storage` section describes, over `base`'s default store."""
+    s = settings.storage
+    storage = replace(
+        base.storage_config(),
+        policy=s.policy,
+        promote=s.promote,
+        decode_workers=s.decode_workers,
+        kv_dtype=settings.kv_dtype,
+    )
+    if s.tiers is not None:
+        tiers = tuple(
+            TierConfig(t.kind, int(t.capacity), t.codec, t.name, url=t.url, prefix=t.prefix, ttl_s=t.ttl_s)
+            for t in s.tiers
+        )
+        storage = replace(storage, tiers=tiers)
+    if s.redis_url and not any(t.kind == "redis" for t in storage.tiers):
+        redis = TierConfig("redis", int(s.redis_capacity), s.redis_codec, url=s.redis_url, prefix=s.redis_prefix)
+        storage = replace(storage, tiers=(storage.tiers[0], redis, *storage.tiers[1:]))
+    if s.codec_schedule is not None:
+        storage = replace(storage, codec_schedule=str(Path(s.codec_schedule).expanduser()))
+    if s.disk_dir is not None:
+        storage = replace(storage, disk_dir=str(Path(s.disk_dir).expanduser()))
+    return storage

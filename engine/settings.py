@@ -8,18 +8,22 @@
 
 An override that is None means "not given": it never beats the environment or the file.
 The library, every CLI command and the sidecar read the same tree; `ragkv config` prints it with the
-origin of each value. `engine_config()` composes the Engine's `EngineConfig` from it (and with it the
-lower folders' own small dataclasses: StorageConfig, BlendConfig, RetrieverConfig). This module
-imports only pydantic, so commands that do not need torch stay fast.
+origin of each value. `EngineConfig.from_settings(settings)` (engine/config.py) composes the Engine's
+config from it (and with it the lower folders' StorageConfig and RetrieverConfig). A section that is
+the same as a lower folder's config is that dataclass itself, validated once by its own checks:
+`blend` is blend/config.py's `BlendConfig` (pydantic reads its fields and runs its `__post_init__`).
+This module imports no other module of ragkv's engine (engine/config.py imports it, not the reverse).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -31,8 +35,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-if TYPE_CHECKING:
-    from .config import EngineConfig
+from ..blend.config import BlendConfig
 
 CONFIG_ENV = "RAGKV_CONFIG"  # names the config file when `--config` is not given
 DEFAULT_DATA_DIR = "~/.cache/ragkv"
@@ -78,24 +81,6 @@ class StorageSettings(_Section):
     redis_codec: str = "lz4"  # must pass the answer gate (`ragkv calibrate --gate`); cachegen/packed are opt-in
     redis_prefix: str = "ragkv"
     redis_capacity: ByteSize = ByteSize(64 << 30)  # this process's accounting; Redis maxmemory bounds the total
-
-
-class BlendSettings(_Section):
-    """Fusion defaults (a request may name its own strategy and ratio)."""
-
-    strategy: Literal["full", "prefix", "naive", "cacheblend", "epic", "cachecraft"] = "cacheblend"
-    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)
-    check_layers: tuple[int, ...] = (1,)
-    gradual_factor: float = Field(2.0, ge=1.0)
-    deviation: Literal["v", "k", "kv"] = "v"
-    score: Literal["deviation", "attention", "deviation*attention"] = "deviation"
-    select: Literal["check", "query"] = "check"  # cacheblend/cachecraft: at check layers, or by the question
-    scout_layers: tuple[int, ...] = (2, 6, 12, 20, 29)  # where the question's attention is measured (select=query)
-    craft_alpha: float = Field(0.0, ge=0.0)  # cachecraft: chunk budget = alpha * CCI * (1 - overlap); 0: the ratio
-    craft_min_share: float = Field(0.25, ge=0.0, le=1.0)  # cachecraft: floor of each chunk's even budget share
-    craft_variants: int = Field(2, ge=0)  # cachecraft: KV variants per chunk (by preceding chunks); 0: none
-    craft_focus: float = Field(0.0, ge=0.0, lt=1.0)  # cachecraft early stop: question-attention share floor
-    craft_serve: Literal["off", "recurring", "always"] = "recurring"  # cachecraft: serving-path exact variants
 
 
 class RetrieverSettings(_Section):
@@ -161,7 +146,7 @@ class Settings(BaseSettings):
     prepack_tokens: int = Field(4096, ge=1)  # precompute packs several chunks per pass up to this many tokens
     torch_threads: int | None = Field(None, ge=1)
     storage: StorageSettings = StorageSettings()
-    blend: BlendSettings = BlendSettings()
+    blend: BlendConfig = BlendConfig()
     retriever: RetrieverSettings = RetrieverSettings()
     server: ServerOptions = ServerOptions()
 
@@ -171,6 +156,15 @@ class Settings(BaseSettings):
         if not _NAMESPACE.match(v):
             raise ValueError(f"namespace {v!r}: {_NAMESPACE_RULE}")
         return v
+
+    @field_validator("blend", mode="before")
+    @classmethod
+    def _nested_env_lists(cls, v: Any) -> Any:
+        """pydantic-settings decodes a nested variable's JSON only for pydantic sections: a dataclass
+        section's list arrives as text (RAGKV_BLEND__CHECK_LAYERS='[1, 3]') and is decoded here."""
+        if not isinstance(v, Mapping):
+            return v
+        return {k: json.loads(x) if isinstance(x, str) and x.lstrip().startswith("[") else x for k, x in v.items()}
 
     @field_validator("device")
     @classmethod
@@ -194,55 +188,6 @@ class Settings(BaseSettings):
             JsonConfigSettingsSource(settings_cls),
             TomlConfigSettingsSource(settings_cls),
         )
-
-    def engine_config(self) -> EngineConfig:
-        """The EngineConfig (and the lower folders' configs) these settings describe."""
-        from dataclasses import replace
-
-        from ..blend import BlendConfig
-        from ..retriever import RetrieverConfig
-        from ..storage.config import TierConfig
-        from .config import EngineConfig
-
-        base = EngineConfig(
-            model=self.model,
-            data_dir=self.data_dir,
-            device=self.device,
-            dtype=self.dtype,
-            kv_dtype=self.kv_dtype,
-            namespace=self.namespace,
-            max_new_tokens=self.max_new_tokens,
-            prepack_tokens=self.prepack_tokens,
-            catalog_url=self.catalog_url,
-            blend=BlendConfig(**self.blend.model_dump()),
-            retriever=RetrieverConfig(
-                **self.retriever.model_dump(exclude={"max_document_bytes"}),
-                max_document_bytes=int(self.retriever.max_document_bytes),
-                namespace=self.namespace,
-            ),
-        )
-        s = self.storage
-        storage = replace(
-            base.storage_config(),
-            policy=s.policy,
-            promote=s.promote,
-            decode_workers=s.decode_workers,
-            kv_dtype=self.kv_dtype,
-        )
-        if s.tiers is not None:
-            tiers = tuple(
-                TierConfig(t.kind, int(t.capacity), t.codec, t.name, url=t.url, prefix=t.prefix, ttl_s=t.ttl_s)
-                for t in s.tiers
-            )
-            storage = replace(storage, tiers=tiers)
-        if s.redis_url and not any(t.kind == "redis" for t in storage.tiers):
-            redis = TierConfig("redis", int(s.redis_capacity), s.redis_codec, url=s.redis_url, prefix=s.redis_prefix)
-            storage = replace(storage, tiers=(storage.tiers[0], redis, *storage.tiers[1:]))
-        if s.codec_schedule is not None:
-            storage = replace(storage, codec_schedule=str(Path(s.codec_schedule).expanduser()))
-        if s.disk_dir is not None:
-            storage = replace(storage, disk_dir=str(Path(s.disk_dir).expanduser()))
-        return replace(base, storage=storage)
 
 
 S = TypeVar("S", bound=Settings)
@@ -272,14 +217,14 @@ def config_path(config: str | Path | None) -> Path | None:
 def nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Overrides keyed by dotted path (`storage.policy`), top-level name (`data_dir`) or a field name
     unique to one section (`queue_size` -> `server.queue_size`) -> a nested dict; None values are dropped."""
-    sections = {name: f.annotation for name, f in Settings.model_fields.items() if _is_section(f.annotation)}
+    sections = {name: _fields(f.annotation) for name, f in Settings.model_fields.items() if _fields(f.annotation)}
     out: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
             continue
         path = key.split(".")
         if len(path) == 1 and key not in Settings.model_fields:
-            owners = [s for s, model in sections.items() if key in model.model_fields]
+            owners = [s for s, names in sections.items() if key in names]
             if len(owners) != 1:
                 raise ValueError(f"unknown setting {key!r}; run `ragkv config` to list them all")
             path = [owners[0], key]
@@ -290,8 +235,11 @@ def nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, _Section)
+def _fields(annotation: Any) -> set[str]:
+    """The field names of a section (a pydantic model or a lower folder's dataclass); empty otherwise."""
+    if isinstance(annotation, type) and issubclass(annotation, _Section):
+        return set(annotation.model_fields)
+    return {f.name for f in fields(annotation)} if isinstance(annotation, type) and is_dataclass(annotation) else set()
 
 
 def load_settings(
@@ -347,7 +295,7 @@ def unknown_env() -> list[str]:
         for name in os.environ
         if name.startswith("RAGKV_")
         and name != CONFIG_ENV
-        and not name.startswith(("RAGKV_TEST_", "RAGKV_PG_"))
+        and not name.startswith(("RAGKV_TEST_", "RAGKV_PG_", "RAGKV_SHARED_DATA"))
         and name[len("RAGKV_") :].split("__")[0] not in fields
     )
 

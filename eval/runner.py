@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..blend.config import RATIO_FREE, split_name, strategy_label
 from ..engine.engine import Engine
 from ..engine.stopwatch import Stopwatch
 from .context import record_sample_context
@@ -26,7 +27,7 @@ class Spec:
 
     @property
     def label(self) -> str:
-        return self.strategy if self.strategy in ("full", "naive", "prefix") else f"{self.strategy}@{self.ratio:g}"
+        return strategy_label(self.strategy, self.ratio)
 
 
 def parse_specs(strategies: Sequence[str], ratios: Sequence[float]) -> list[Spec]:
@@ -35,7 +36,7 @@ def parse_specs(strategies: Sequence[str], ratios: Sequence[float]) -> list[Spec
     for name in strategies:
         if name == "full":
             continue
-        specs.extend([Spec(name)] if name in ("naive", "prefix") else [Spec(name, r) for r in ratios])
+        specs.extend([Spec(name)] if split_name(name)[0] in RATIO_FREE else [Spec(name, r) for r in ratios])
     return specs
 
 

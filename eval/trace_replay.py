@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..blend.cachecraft import overlap
+from ..blend.config import parse_strategy, strategy_label
 from .sim_store import SimStore
 from .trace import TraceRequest
 
@@ -47,26 +48,27 @@ class SimStrategy:
     """A replayed strategy: `prefix`, `cacheblend@r`, `epic@r` or `cachecraft`."""
 
     name: str
-    ratio: float = 0.0
+    ratio: float | None = None  # cacheblend and epic only
 
     @property
     def label(self) -> str:
-        return f"{self.name}@{self.ratio:g}" if self.name in ("cacheblend", "epic") else self.name
+        return strategy_label(self.name, self.ratio)
 
 
 def parse_sim_strategies(text: str) -> list[SimStrategy]:
-    """`"prefix,cacheblend@0.15,epic@0.15,cachecraft"` -> strategies (cacheblend/epic need a ratio)."""
+    """`"prefix,cacheblend@0.15,epic@0.15,cachecraft"` -> strategies (blend/config.py `parse_strategy`);
+    cacheblend and epic need a ratio, cachecraft takes none (its budget is craft_alpha x CCI)."""
     out = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
-        name, _, ratio = item.partition("@")
+        name = item.partition("@")[0]
         if name not in SIM_STRATEGIES:
             raise ValueError(f"unknown trace strategy {item!r}; accepted: {', '.join(SIM_STRATEGIES)}")
-        if name in ("cacheblend", "epic") and not ratio:
+        name, ratio = parse_strategy(item)
+        if name in ("cacheblend", "epic") and ratio is None:
             raise ValueError(f"{name} needs a recompute ratio, e.g. {name}@0.15")
-        r = float(ratio) if ratio else 0.0
-        if not 0.0 <= r <= 1.0:
-            raise ValueError(f"recompute ratio of {item!r} must be within [0, 1]")
-        out.append(SimStrategy(name, r))
+        if name in ("prefix", "cachecraft") and ratio is not None:
+            raise ValueError(f"trace strategy {item!r}: {name} takes no recompute ratio")
+        out.append(SimStrategy(name, ratio))
     return out
 
 
@@ -152,7 +154,7 @@ class StrategyReplay:
         self.strategy, self.config, self.costs = strategy, config, costs
         self.variants: dict[int, list[tuple]] = defaultdict(list)  # chunk id -> held variant keys, oldest first
         self.store = SimStore(config.capacities(), config.policy, on_drop=self._dropped)
-        expected = config.craft_alpha * config.cci if strategy.name == "cachecraft" else strategy.ratio
+        expected = config.craft_alpha * config.cci if strategy.name == "cachecraft" else strategy.ratio or 0.0
         self.chunk_saving = max(0.0, 1.0 - expected)  # share of a chunk's prefill a hit saves
 
     def _dropped(self, key) -> None:

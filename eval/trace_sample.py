@@ -91,7 +91,7 @@ def run_sample(
         ratios[index] = craft_ratio(req, craft.get(index), alpha, cci)
         specs = [Spec("full")]
         for s in strategies:
-            specs.append(Spec(s.name, ratios[index] if s.name == "cachecraft" else s.ratio))
+            specs.append(Spec(s.name, ratios[index] if s.name == "cachecraft" else s.ratio or 0.0))
         chunks = tuple(tuple(segment_ids(corpus, p)) for p in req.passages)
         question_ids = [t for s in req.history + req.user_input for t in segment_ids(corpus, s)]
         question = engine.tokenizer.decode(question_ids, skip_special_tokens=True)

@@ -20,6 +20,7 @@ from ragkv.chunk_cache import ChunkKV
 from ragkv.compression.cachegen import CacheGenCodec, CacheGenConfig
 from ragkv.engine.engine import Engine
 from ragkv.eval.datasets import load_samples
+from ragkv.eval.shared_data import shared_data
 
 SCHEDULES = {  # name: (key_bins, value_bins), per equal band of layers, early first
     "K=V (6,5,4)": ((6, 5, 4), (6, 5, 4)),
@@ -35,7 +36,7 @@ SCHEDULES = {  # name: (key_bins, value_bins), per equal band of layers, early f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data/cacheblend/musique_s.json")
+    ap.add_argument("--data", default=str(shared_data("cacheblend", "musique_s.json")))
     ap.add_argument("--format", default="musique")
     ap.add_argument("--limit", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)

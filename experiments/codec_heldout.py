@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def main() -> None:
     ap.add_argument("--variants", default=";".join(DEFAULT_VARIANTS), help="';'-separated VARIANTS ('' for none)")
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache", default="/tmp/ragkv_codec_heldout")
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ragkv_codec_heldout"))
     ap.add_argument("--previous", help="JSONL of rows printed by an earlier run, counted in the summary too")
     ap.add_argument("--out", default="codec_heldout.json")
     args = ap.parse_args()

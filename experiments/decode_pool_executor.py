@@ -9,7 +9,7 @@ shared machine's load drifts) and each pool's output is checked bit-identical to
 the worker decodes and writes the layer's K and V halves straight into a shared-memory block the
 parent allocated for the whole batch, and the parent copies the batch out once.
     PYTHONPATH=... python experiments/decode_pool_executor.py \
-        --data /work/shared/data/cacheblend/musique_s.json --limit 2 --repeats 5
+        --data ../shared/data/cacheblend/musique_s.json --limit 2 --repeats 5
 """
 
 from __future__ import annotations

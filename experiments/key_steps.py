@@ -27,6 +27,7 @@ from ragkv.blend import blend, make_strategy
 from ragkv.compression.cachegen import CacheGenCodec, CacheGenConfig
 from ragkv.engine.engine import Engine
 from ragkv.eval.datasets import load_samples
+from ragkv.eval.shared_data import shared_data
 
 OLD = dict(key_bins=(8, 8, 8, 10, 10, 5), value_bins=(3, 3, 3, 4, 4, 2))  # the schedule fitted with std steps
 PER_CHANNEL_V = dict(value_bins=(3, 3, 3, 4, 4, 2), value_step_exponent=1.0)
@@ -81,7 +82,7 @@ def query_energy(engine, sample) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data/cacheblend/musique_s.json")
+    ap.add_argument("--data", default=str(shared_data("cacheblend", "musique_s.json")))
     ap.add_argument("--format", default="musique")
     ap.add_argument("--skip", type=int, default=0, help="records to skip first (held-out runs)")
     ap.add_argument("--limit", type=int, default=2)

@@ -53,7 +53,7 @@ CASES = [  # (name, number of tokens, save_unfull_chunk)
     ("512-exact", 512, False),
     ("100-too-short", 100, False),
 ]
-MODEL = "/root/.cache/ragkv/models/smollm2-135m-instruct"
+MODEL = "models/smollm2-135m-instruct"  # only a name in the keys (vLLM gives the served model's path)
 
 
 def tokens(n: int, seed: int) -> list[int]:

@@ -21,6 +21,7 @@ from ragkv.blend.strategies import CacheBlend
 from ragkv.engine.engine import Engine
 from ragkv.eval.datasets import load_samples
 from ragkv.eval.metrics import kl_per_position
+from ragkv.eval.shared_data import shared_data
 
 
 class OracleSelection(CacheBlend):
@@ -36,7 +37,7 @@ class OracleSelection(CacheBlend):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data/cacheblend/musique_s.json")
+    ap.add_argument("--data", default=str(shared_data("cacheblend", "musique_s.json")))
     ap.add_argument("--format", default="musique")
     ap.add_argument("--limit", type=int, default=4)
     ap.add_argument("--ratios", default="0.15,0.3")

@@ -19,6 +19,7 @@ from ragkv.compression.cachegen import CacheGenCodec, CacheGenConfig
 from ragkv.compression.packed import PackedCodec, PackedConfig
 from ragkv.engine.engine import Engine
 from ragkv.eval.datasets import load_samples
+from ragkv.eval.shared_data import shared_data
 
 VARIANTS = {
     "cachegen default": lambda: CacheGenCodec(),
@@ -43,7 +44,7 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data/cacheblend/musique_s.json")
+    ap.add_argument("--data", default=str(shared_data("cacheblend", "musique_s.json")))
     ap.add_argument("--format", default="musique")
     ap.add_argument("--skip", type=int, default=4)
     ap.add_argument("--limit", type=int, default=2)

@@ -4,7 +4,7 @@ behind docs/SCALING.md.
 
     python experiments/scaling_sim.py --out docs/bench/scaling_sim.json
 
-Replays every passage reference of the trace (/work/shared/data/ragpulse, read at run time) in time
+Replays every passage reference of the trace (`shared_data("ragpulse")`, read at run time) in time
 order through one tier of a given byte capacity: a hit if the passage is held, else it is inserted
 (evicting by the policy). Entry size = passage tokens x KV bytes per token of the model and codec.
 The tier is eval/sim_store.py's `SimStore` (the one `ragkv eval --trace` replays through): the policy's
@@ -18,9 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+from ragkv.eval.shared_data import shared_data
 from ragkv.eval.sim_store import SimStore
 
-RAGPULSE = Path("/work/shared/data/ragpulse")
+RAGPULSE = shared_data("ragpulse")
 # (layers, kv heads, head dim) of the KV cache; fp16 = 2 bytes per value, K and V
 MODELS = {"llama-3.1-8b": (32, 8, 128), "llama-3.1-70b": (80, 8, 128), "smollm2-135m": (30, 3, 64)}
 POLICIES = ("lru", "cost", "utility")  # storage/policy.py

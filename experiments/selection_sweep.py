@@ -23,6 +23,7 @@ from ragkv.blend.chunk_metadata import record_context
 from ragkv.engine.engine import Engine
 from ragkv.eval.datasets import load_samples
 from ragkv.eval.metrics import kl_per_position, top1_agreement
+from ragkv.eval.shared_data import shared_data
 from ragkv.storage.metadata import metadata_store
 
 
@@ -44,7 +45,7 @@ def parse_variant(text: str) -> tuple[str, str, float, BlendConfig]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data/cacheblend/musique_s.json")
+    ap.add_argument("--data", default=str(shared_data("cacheblend", "musique_s.json")))
     ap.add_argument("--format", default="musique")
     ap.add_argument("--limit", type=int, default=4)
     ap.add_argument("--offset", type=int, default=0, help="skip this many samples first")

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
+from ..storage.sql import sql_engine
+
 _META = sa.MetaData()
 META = sa.Table(
     "ragkv_retriever_meta",
@@ -120,11 +122,7 @@ class Catalog:
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.url = url
         self.namespace = namespace
-        # PostgreSQL: a restarted server leaves no dead pooled connection; an unreachable one fails a call, not hangs it
-        pg = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
-        self.engine = sa.create_engine(url, **(pg if parsed.get_backend_name() == "postgresql" else {}))
-        if parsed.get_backend_name() == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine = sql_engine(url)  # storage/sql.py: the pragmas and timeouts every catalog database gets
         for attempt in range(3):  # another process may be creating the same tables right now
             try:
                 _migrate_unscoped(self.engine)
@@ -375,13 +373,3 @@ def _migrate_unscoped(engine: sa.Engine) -> None:
 
 def _ids(blob: bytes) -> tuple[int, ...]:
     return tuple(int(t) for t in np.frombuffer(blob, dtype="<i4"))
-
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    """WAL: readers do not block the writer; NORMAL sync is crash-consistent in WAL mode."""
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()

@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 
 # 1. Dependencies: the wheels go into their own folder, first on PYTHONPATH (same versions as CI).
-SITE="${RAGKV_GPU_SITE:-/tmp/ragkv-site}"
+SITE="${RAGKV_GPU_SITE:-${TMPDIR:-/tmp}/ragkv-site}"
 if [ "$DRY" = 0 ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$ROOT"/.whl/*.whl 2>&1 | tail -3
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"

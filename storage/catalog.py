@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..chunk_cache import ChunkKey
+from .sql import sql_engine
 from .tier import EntryInfo
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,7 @@ class Catalog:
             raise ValueError(f"catalog URL {url!r}: use sqlite:///PATH or postgresql+psycopg://USER:PW@HOST/DB")
         self.url = url
         self.tier = tier
-        self.engine = sa.create_engine(url, pool_pre_ping=url.startswith("postgresql"))
-        if url.startswith("sqlite"):
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine = sql_engine(url)
         try:
             _META.create_all(self.engine, checkfirst=True)
             if url.startswith("sqlite"):
@@ -202,12 +201,3 @@ def _row(r) -> CatalogRow:
         float(r["priority"]),
     )
     return CatalogRow(info, r["file"], r["codec"], r["checksum"])
-
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    """WAL: readers do not block the writer; NORMAL sync is crash-consistent in WAL mode."""
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()

@@ -126,6 +126,10 @@ class DiskTier(Tier):
         row = self._index.get(key)
         return None if row is None else row.info
 
+    @property
+    def catalog_url(self) -> str:
+        return self.catalog.url
+
     def touched(self, key: ChunkKey) -> None:
         with self._lock:
             self._dirty.add(key)

@@ -17,7 +17,7 @@ from ..chunk_cache import ChunkKV, LayeredKV
 from ..compression import Codec, DecodePool, DecodePoolError, EncodedKV, LayeredCodec, LayerTask
 
 
-class ResidentKV:
+class ResidentKV(LayeredKV):
     """A stored ChunkKV read on another device, one layer at a time."""
 
     def __init__(self, chunk: ChunkKV, device: torch.device) -> None:
@@ -37,8 +37,11 @@ class ResidentKV:
         """KV of one layer on the target device: [2, T, H_kv, D]."""
         return self.chunk.layer(index).to(self.device, non_blocking=True)  # [2, T, H, D]
 
+    def stored(self) -> ChunkKV:
+        return self.chunk
 
-class EncodedLayers:
+
+class EncodedLayers(LayeredKV):
     """An encoded payload decoded layer by layer on `device` (the bytes are already verified)."""
 
     def __init__(

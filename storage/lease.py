@@ -30,10 +30,10 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from ..chunk_cache import ChunkKey, ChunkKV
 from .redis_tier import RedisTier
-from .tiered import TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,12 @@ class LeaseStats:
         return asdict(self)
 
 
+class ChunkSink(Protocol):
+    """What the protocol needs from the store: somewhere to put what it computed (a TieredStore)."""
+
+    def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, *, write_behind: bool = False) -> object: ...
+
+
 class ComputeLeases:
     """Leases and precompute counters for the entries of one Redis tier."""
 
@@ -83,7 +89,7 @@ class ComputeLeases:
     # -- the protocol ---------------------------------------------------------------------------------
     def run(
         self,
-        store: TieredStore,
+        store: ChunkSink,
         missing: Mapping[ChunkKey, Sequence[int]],
         compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
         write_behind: bool = False,
@@ -175,7 +181,7 @@ class ComputeLeases:
 
     def _compute(
         self,
-        store: TieredStore,
+        store: ChunkSink,
         keys: list[ChunkKey],
         missing: Mapping[ChunkKey, Sequence[int]],
         compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
@@ -242,25 +248,21 @@ class ComputeLeases:
                 setattr(self.stats, name, getattr(self.stats, name) + n)
 
 
-def leases_of(store: TieredStore) -> ComputeLeases | None:
-    """The compute leases of the store's first Redis tier (made on first use), or None without one."""
-    tier = next((t for t in store.tiers if isinstance(t, RedisTier)), None)
-    if tier is None:
-        return None
-    if tier.leases is None:
-        tier.leases = ComputeLeases(tier)
-    return tier.leases
+def leases_of(store) -> ComputeLeases | None:
+    """The compute leases of the store's first Redis tier (`store.services.leases`), or None without one."""
+    return store.services.leases
 
 
 def compute_once(
-    store: TieredStore,
+    store,
     missing: Mapping[ChunkKey, Sequence[int]],
     compute: Callable[[list[Sequence[int]]], list[ChunkKV]],
     write_behind: bool = False,
 ) -> dict[ChunkKey, str]:
     """Precompute (`compute(list of token ids) -> ChunkKVs`) and store the `missing` chunks, each once
     across every sidecar sharing the store's Redis tier; returns {key: Redis tier name} for the keys
-    another sidecar computed meanwhile (hits for the caller). `write_behind` is passed to `store.put`."""
+    another sidecar computed meanwhile (hits for the caller). `write_behind` is passed to `store.put`.
+    `store` is a TieredStore: its services hold the leases (`store.services.leases`)."""
     if not missing:
         return {}
     leases = leases_of(store)

@@ -6,14 +6,14 @@ how much it attends to the chunks before it), the ranking of its tokens by atten
 chunks that preceded it; and which KV variants of it are stored (`storage/variants.py`: a
 `VariantRecord` per variant). A store with a disk tier keeps it in that tier's SQL catalog database
 (tables `ragkv_chunk_metadata`, `ragkv_chunk_variants`); a memory-only store keeps it in memory.
-`metadata_store(store)` gives the one metadata store of a TieredStore.
+The store's services own it (`store.services.metadata`, storage/services.py); `metadata_store(store)`
+is the same thing.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +22,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from ..chunk_cache import ChunkKey
+from .sql import sql_engine
 from .variants import VariantRecord
 
 _META = sa.MetaData()
@@ -114,6 +115,9 @@ class MetadataStore(ABC):
     def variants_involving(self, keys: Sequence[ChunkKey]) -> list[VariantRecord]:
         """The records of variants whose base is one of `keys` or whose preceding chunks include one."""
 
+    def close(self) -> None:
+        """Release the database connections (none in memory)."""
+
 
 class MemoryMetadata(MetadataStore):
     """In-process metadata (a memory-only store)."""
@@ -166,7 +170,7 @@ class SqlMetadata(MetadataStore):
     """Metadata rows in a SQL database (the disk tier's catalog: SQLite file or PostgreSQL)."""
 
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url)
+        self.engine = sql_engine(url)
         _META.create_all(self.engine, checkfirst=True)
 
     def get_many(self, keys):
@@ -260,17 +264,6 @@ def _variant_of(row) -> VariantRecord:
     )
 
 
-_BY_STORE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_BY_STORE_LOCK = threading.Lock()
-
-
 def metadata_store(store) -> MetadataStore:
-    """The metadata store of a TieredStore: in the catalog database of its first tier that has one
-    (a disk tier), else in memory; one per store."""
-    with _BY_STORE_LOCK:
-        found = _BY_STORE.get(store)
-        if found is None:
-            url = next((t.catalog.url for t in getattr(store, "tiers", ()) if hasattr(t, "catalog")), None)
-            found = SqlMetadata(url) if url else MemoryMetadata()
-            _BY_STORE[store] = found
-        return found
+    """The metadata store of a TieredStore (`store.services.metadata`)."""
+    return store.services.metadata

@@ -79,7 +79,6 @@ class RedisTier(Tier):
         self.device = torch.device("cpu")
         self.corrupt = 0
         self.incomplete = 0  # entries with a part evicted by Redis (a miss, keys deleted)
-        self.leases = None  # the ComputeLeases over this tier (storage/lease.py), made on first use
         self._index: dict[ChunkKey, tuple[EntryInfo, int]] = {}  # entries this process wrote or read: info, parts
         self._bytes = 0
         self._lock = threading.Lock()
@@ -117,9 +116,8 @@ class RedisTier(Tier):
             return [info for info, _ in self._index.values()]
 
     def status(self) -> dict:
-        """The link's health, what reads found wrong and what the compute leases did."""
-        leases = self.leases.stats.to_dict() if self.leases is not None else None
-        return {**self.link.status(), "corrupt": self.corrupt, "incomplete": self.incomplete, "leases": leases}
+        """The link's health and what reads found wrong (the store's services add the compute leases)."""
+        return {**self.link.status(), "corrupt": self.corrupt, "incomplete": self.incomplete}
 
     # -- reads ----------------------------------------------------------------------------------------
     def get(self, key: ChunkKey, device: torch.device | str | None = None) -> LayeredKV | None:

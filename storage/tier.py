@@ -81,6 +81,17 @@ class Tier(ABC):
         """Every key held here."""
         return [i.key for i in self.infos()]
 
+    @property
+    def catalog_url(self) -> str | None:
+        """The URL of this tier's SQL catalog database (the store keeps chunk metadata there); None
+        for a tier without one."""
+        return None
+
+    def status(self) -> dict | None:
+        """The health of a remote tier's link (up, outages, last_error, ...); None for a local tier,
+        which has no link that can go down."""
+        return None
+
     def touched(self, key: ChunkKey) -> None:
         """The store changed this entry's hits/recency/priority; persistent tiers note it for `flush`."""
 

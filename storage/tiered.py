@@ -5,7 +5,8 @@
 the key is pinned); `put` stores in the first tier (with `write_behind`, a background thread also
 copies it to the last tier, the disk, so it outlives the process); a tier over budget evicts by its policy and
 demotes the victim to the next tier. Pinned keys are never evicted. Copies are inclusive: a promoted
-entry keeps its lower copy, so demoting it again costs no write.
+entry keeps its lower copy, so demoting it again costs no write. `services` (storage/services.py)
+holds what the store offers besides entries: chunk metadata, compute leases, remote tiers' health.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
 from ..compression import DecodePool
 from .layered import materialize
 from .policy import make_policy
+from .services import StoreServices
 from .stats import StoreStats, TierStats
 from .tier import Tier, TierWriteError
 
@@ -69,6 +71,7 @@ class TieredStore:
         self._behind: dict[ChunkKey, tuple[ChunkKV, float | None]] = {}  # waiting for the write-behind thread
         self._behind_queue: queue.Queue[ChunkKey | None] = queue.Queue()
         self._behind_thread: threading.Thread | None = None
+        self.services = StoreServices(self.tiers)  # chunk metadata, compute leases, remote health
 
     # -- the read path: lookup -> pin -> get_layered (per layer) -> unpin ---------------------------
     def lookup(self, keys: Sequence[ChunkKey]) -> list[str | None]:
@@ -259,6 +262,7 @@ class TieredStore:
         if self.decode_pool is not None:
             self.decode_pool.close()
         with self._lock:
+            self.services.close()
             for t in self.tiers:
                 t.close()
 

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from ragkv.blend import BlendConfig, blend, kv_tensor, make_plan, make_strategy, rerotate, rotation, to_dynamic_cache
-from ragkv.chunk_cache import precompute, precompute_many
+from ragkv.chunk_cache import LayeredKV, precompute, precompute_many
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -141,8 +141,13 @@ def test_no_future_warning_from_generate_with_a_cache(tiny_adapter):
     result = blend(tiny_adapter, plan, make_strategy("naive", 0.0), _sources(tiny_adapter, plan, chunks))
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("error", FutureWarning)
-        cache = cache_keyword(to_dynamic_cache(result, plan.num_tokens - 1))
-        tiny_adapter.model.generate(plan.input_ids[None], **cache, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        dynamic = to_dynamic_cache(result, plan.num_tokens - 1)
+        assert dynamic.get_seq_length() == plan.num_tokens - 1  # every prompt row but the last, from the blend
+        out = tiny_adapter.model.generate(
+            plan.input_ids[None], **cache_keyword(dynamic), max_new_tokens=1, do_sample=False, pad_token_id=0
+        )
+    # generate computed the last prompt token over the reused (naive) rows: the blend's own first token
+    assert int(out[0, plan.num_tokens]) == int(result.logits.argmax())
 
 
 def test_dynamic_cache_feeds_generate(tiny_adapter):
@@ -228,7 +233,7 @@ def test_every_selection_score_at_ratio_one_equals_full(tiny_adapter, score):
     assert 0.2 < narrowed.recompute_fraction < 1.0
 
 
-class _FailingKV:
+class _FailingKV(LayeredKV):
     """A LayeredKV whose read of one layer fails (a damaged entry found while loading)."""
 
     def __init__(self, kv, bad_layer):
@@ -324,7 +329,7 @@ def test_blend_result_prompt_kv_views_the_buffers(tiny_adapter):
 
 
 def test_layer_loader_reads_k_and_v_of_stored_and_decoded_sources(tiny_adapter):
-    from ragkv.blend.loader import LayerLoader, _stored_chunk
+    from ragkv.blend.loader import LayerLoader
     from ragkv.compression import get_codec
     from ragkv.storage.layered import EncodedLayers, ResidentKV
 
@@ -333,7 +338,7 @@ def test_layer_loader_reads_k_and_v_of_stored_and_decoded_sources(tiny_adapter):
     resident = ResidentKV(kvs[0], torch.device("cpu"))
     codec = get_codec("lz4")
     encoded = EncodedLayers(codec.encode(kvs[1]), codec, kvs[1].pos0, kvs[1].num_tokens, kvs[1].num_layers, "cpu")
-    assert _stored_chunk(resident) is kvs[0] and _stored_chunk(kvs[2]) is kvs[2] and _stored_chunk(encoded) is None
+    assert resident.stored() is kvs[0] and kvs[2].stored() is kvs[2] and encoded.stored() is None
     loader = LayerLoader([resident, encoded, kvs[2]], tiny_adapter.num_layers, torch.device("cpu"), torch.float32)
     for layer, rows in enumerate(loader):
         assert torch.equal(rows, torch.cat([kv.layer(layer) for kv in kvs], dim=1))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_codecs import make_kv
 
-from ragkv.chunk_cache import ChunkKey
+from ragkv.chunk_cache import ChunkKey, LayeredKV
 from ragkv.compression import CacheGenCodec, CodecError, DecodePool, DecodePoolError, EncodedKV, get_codec
 
 
@@ -145,7 +145,7 @@ def test_store_lends_its_pool_to_the_tiers_and_closes_it(tmp_path):
     assert not pool.alive and all(w.proc.poll() is not None for w in pool._procs)
 
 
-class _Recording:
+class _Recording(LayeredKV):
     """A LayeredKV that records prefetch hints and reads."""
 
     def __init__(self, kv):

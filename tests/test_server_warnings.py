@@ -11,11 +11,12 @@ import httpx
 from ragkv.engine.answer import Answer
 from ragkv.engine.config import EngineConfig
 from ragkv.engine.request import FusionRequest
+from ragkv.storage.services import StoreServices
 
 
 class StubEngine:
     def __init__(self) -> None:
-        self.store = type("S", (), {"flush": lambda self: None})()
+        self.store = type("S", (), {"flush": lambda self: None, "services": StoreServices([])})()  # no tiers
 
     def tokenize_chunks(self, docs):
         return [[1, 2] for _ in docs]

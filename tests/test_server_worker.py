@@ -14,6 +14,7 @@ from ragkv.engine.answer import Answer
 from ragkv.engine.config import EngineConfig
 from ragkv.engine.request import FusionRequest
 from ragkv.server.worker import ModelWorker, QueueFull, ShuttingDown
+from ragkv.storage.services import StoreServices
 
 
 def test_call_stream_and_errors():
@@ -53,7 +54,7 @@ class StubEngine:
 
     def __init__(self) -> None:
         self.gate = threading.Event()
-        self.store = type("S", (), {"flush": lambda self: None, "stats": None})()
+        self.store = type("S", (), {"flush": lambda self: None, "stats": None, "services": StoreServices([])})()
 
     def tokenize_chunks(self, docs):
         return [[1, 2] for _ in docs]

@@ -3,13 +3,15 @@ library, every command and the sidecar; no model is loaded here."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from ragkv.cli.main import build_parser, main
 from ragkv.cli.options import settings_of
-from ragkv.engine.settings import BlendSettings, Settings, load_settings, nest, origins
+from ragkv.engine.config import EngineConfig
+from ragkv.engine.settings import Settings, load_settings, nest, origins
 
 # each command with its required arguments
 COMMANDS = {
@@ -84,7 +86,7 @@ def test_ingest_chunking_flags_and_sizes(clean_env):
     assert (s.retriever.chunk_min_tokens, s.retriever.chunk_max_tokens) == (64, 128)
     assert s.retriever.max_document_bytes == 1 << 20
     s = _settings(["ingest", "p", "--max-document-size", "2KB"])
-    assert s.engine_config().retriever.max_document_bytes == 2000
+    assert EngineConfig.from_settings(s).retriever.max_document_bytes == 2000
 
 
 def test_explicit_none_never_beats_the_environment(clean_env):
@@ -115,7 +117,7 @@ def test_storage_tiers_codecs_and_policy_from_the_environment(clean_env, tmp_pat
     clean_env.setenv("RAGKV_STORAGE__POLICY", "cost")
     clean_env.setenv("RAGKV_STORAGE__DECODE_WORKERS", "0")
     clean_env.setenv("RAGKV_KV_DTYPE", "bfloat16")
-    store = load_settings(data_dir=str(tmp_path)).engine_config().storage_config()
+    store = EngineConfig.from_settings(load_settings(data_dir=str(tmp_path))).storage_config()
     assert [(t.kind, t.capacity_bytes, t.codec) for t in store.tiers] == [
         ("cpu", 1 << 30, "int8"),
         ("disk", 8e9, "lz4"),
@@ -125,7 +127,7 @@ def test_storage_tiers_codecs_and_policy_from_the_environment(clean_env, tmp_pat
 
 
 def test_default_store_follows_the_device(clean_env):
-    store = load_settings(device="cuda:0").engine_config().storage_config()
+    store = EngineConfig.from_settings(load_settings(device="cuda:0")).storage_config()
     assert [t.kind for t in store.tiers] == ["gpu", "disk"]
 
 
@@ -137,26 +139,34 @@ def test_bad_values_say_what_is_accepted(clean_env, tmp_path, capsys):
     with pytest.raises(ValueError, match="cpu, cuda and cuda:N"):
         load_settings(device="tpu")
     with pytest.raises(ValueError, match="unknown codec 'zip'"):
-        load_settings(**{"storage.tiers": [{"kind": "cpu", "capacity": "1GiB", "codec": "zip"}]}).engine_config()
+        EngineConfig.from_settings(
+            load_settings(**{"storage.tiers": [{"kind": "cpu", "capacity": "1GiB", "codec": "zip"}]})
+        )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")
     (tmp_path / "c.yaml").write_text("a: 1")
     with pytest.raises(ValueError, match=".toml and .json"):
         load_settings(tmp_path / "c.yaml")
     assert main(["query", "q", "--strategy", "magic"]) == 2
-    assert "setting blend.strategy: Input should be 'full'" in capsys.readouterr().err
+    assert "setting blend: unknown strategy 'magic'; accepted: full, prefix" in capsys.readouterr().err
 
 
-def test_blend_choices_match_the_blend_folder():
-    from ragkv.blend.config import DEVIATIONS, SCORES, SELECTIONS, STRATEGIES, BlendConfig
+def test_the_blend_section_is_the_blend_folders_config(clean_env):
+    """One config model: the settings' `blend` section is BlendConfig itself, checked once by its own rules
+    (types by pydantic, then BlendConfig's checks), with its defaults; no copy to drift."""
+    from ragkv.blend.config import BlendConfig
 
-    fields = BlendSettings.model_fields
-    assert set(fields["strategy"].annotation.__args__) == set(STRATEGIES)
-    assert set(fields["deviation"].annotation.__args__) == set(DEVIATIONS)
-    assert set(fields["score"].annotation.__args__) == set(SCORES)
-    assert set(fields["select"].annotation.__args__) == set(SELECTIONS)
-    defaults = BlendSettings().model_dump()
-    assert BlendConfig(**defaults) == BlendConfig()  # every blend option, with the same defaults
+    assert Settings.model_fields["blend"].annotation is BlendConfig and Settings().blend == BlendConfig()
+    clean_env.setenv("RAGKV_BLEND__CHECK_LAYERS", "[2, 4]")
+    s = load_settings(**{"blend.strategy": "cacheblend+query", "craft_focus": "0.5"})
+    assert s.blend == BlendConfig(strategy="cacheblend+query", check_layers=(2, 4), craft_focus=0.5)
+    assert EngineConfig.from_settings(s).blend is s.blend
+    with pytest.raises(ValueError, match="setting blend: check_layers must be strictly increasing"):
+        load_settings(**{"blend.check_layers": [3, 1]})
+    with pytest.raises(ValueError, match=r"setting blend.craft_alpha: Input should be a valid number"):
+        load_settings(**{"blend.craft_alpha": "lots"})
+    with pytest.raises(ValueError, match="setting blend.nope: Unexpected keyword argument"):
+        load_settings(**{"blend.nope": 1})
 
 
 def test_config_command_prints_values_and_origins(clean_env, tmp_path, capsys):
@@ -190,7 +200,7 @@ def test_json_config_file(clean_env, tmp_path):
     config.write_text(json.dumps({"namespace": "team-a", "retriever": {"chunk_max_tokens": 300}}))
     s = load_settings(config)
     assert (s.namespace, s.retriever.chunk_max_tokens) == ("team-a", 300)
-    assert s.engine_config().retriever.namespace == "team-a"
+    assert EngineConfig.from_settings(s).retriever.namespace == "team-a"
 
 
 def test_a_packed_tier_takes_the_models_calibrated_schedule_from_the_data_dir(clean_env, tmp_path):
@@ -202,7 +212,26 @@ def test_a_packed_tier_takes_the_models_calibrated_schedule_from_the_data_dir(cl
     schedule.save(schedule_path(tmp_path / "calibration", "model-A"))  # where `ragkv calibrate` writes it
     tiers = [{"kind": "cpu", "capacity": "1MiB", "codec": "packed"}]
     clean_env.setenv("RAGKV_STORAGE__TIERS", json.dumps(tiers))
-    storage = load_settings(data_dir=str(tmp_path)).engine_config().storage_config()
+    storage = EngineConfig.from_settings(load_settings(data_dir=str(tmp_path))).storage_config()
     assert storage.codec_schedule == str(tmp_path / "calibration")
     assert build_store(storage, "model-A").tiers[0].codec.config == schedule.packed_config()
     assert build_store(storage, "model-B").tiers[0].codec.config == PackedConfig()  # another model: defaults
+
+
+def test_every_settings_flag_is_named_after_its_setting():
+    """A flag that sets a setting stores it under the setting's own name; the settings tree finds its path
+    (`nest`), so no command keeps a flag -> path table that could drift."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    seen = set()
+    for name, sub in commands.items():
+        dests = {a.dest for a in sub._actions}
+        for setting in sub.get_default("settings_flags") or ():
+            assert setting in dests, (name, setting)
+            path = nest({setting: 1})
+            assert path, (name, setting)  # an unknown name raises "unknown setting" here
+            seen.add(setting)
+    assert {"recompute_ratio", "queue_size", "index_kind", "craft_variants", "max_document_bytes"} <= seen
+    assert settings_of(parser.parse_args(["query", "q", "--ratio", "0.3"])).blend.recompute_ratio == 0.3
+    ingest = parser.parse_args(["ingest", "--index", "hnsw", "--chunk-max", "300"])
+    assert (settings_of(ingest).retriever.index_kind, settings_of(ingest).retriever.chunk_max_tokens) == ("hnsw", 300)

@@ -14,6 +14,7 @@ import pytest
 from storage_helpers import chunk, key, redis_url, same
 
 from ragkv.compression import get_codec
+from ragkv.engine.config import EngineConfig
 from ragkv.storage import MemoryTier, RedisLink, RedisTier, StorageConfig, TierConfig, TieredStore, build_store
 from ragkv.storage.tier import TierWriteError
 
@@ -109,9 +110,16 @@ def test_build_store_makes_a_redis_tier_from_config(redis_prefix):
         ),
         decode_workers=0,
     )
-    store = build_store(cfg)
-    assert isinstance(store.tiers[1], RedisTier) and store.tiers[1].codec.name == "cachegen"
+    store, other = build_store(cfg), build_store(cfg)  # two sidecars with the same settings
+    tier = store.tiers[1]
+    assert isinstance(tier, RedisTier) and tier.codec.name == "cachegen" and tier.prefix == redis_prefix
+    assert store.put(key(7), chunk(7)) == "cpu" and tier.lookup(key(7))  # RAM, written through to Redis
+    assert tier.header_key(key(7)).startswith(redis_prefix + ":")  # under the configured prefix
+    assert other.lookup([key(7)]) == ["redis"]  # the other sidecar finds it there
+    codec = get_codec("cachegen")  # stored with the configured (lossy) codec: exactly what it decodes
+    assert same(other.get_layered(key(7)), codec.decode(codec.encode(chunk(7))))
     store.close()
+    other.close()
 
 
 def test_tier_config_rejects_a_redis_tier_without_url_and_bad_urls():
@@ -153,12 +161,14 @@ def test_serve_settings_put_the_redis_tier_after_ram_and_keep_the_disk_catalog_l
     from ragkv.server.settings import load_settings
 
     pg = "postgresql+psycopg://u:p@127.0.0.1:1/db"
-    cfg = load_settings(redis_url="redis://127.0.0.1:1/0", catalog_url=pg, data_dir=str(tmp_path)).engine_config()
+    cfg = EngineConfig.from_settings(
+        load_settings(redis_url="redis://127.0.0.1:1/0", catalog_url=pg, data_dir=str(tmp_path))
+    )
     storage = cfg.storage_config()
     assert [(t.kind, t.codec) for t in storage.tiers] == [("cpu", "identity"), ("redis", "lz4"), ("disk", "lz4")]
     assert storage.catalog_url.startswith("sqlite:///") and cfg.catalog() == pg  # documents shared, disk local
     ram_only = {"storage.tiers": [{"kind": "cpu", "capacity": "2GiB"}]}
-    memory = load_settings(redis_url="redis://127.0.0.1:1/0", **ram_only).engine_config().storage_config()
+    memory = EngineConfig.from_settings(load_settings(redis_url="redis://127.0.0.1:1/0", **ram_only)).storage_config()
     assert [t.kind for t in memory.tiers] == ["cpu", "redis"]
 
 
