@@ -8,8 +8,8 @@ default) pinned in CPU memory and on the disk tier (lz4 and cachegen decoded on 
 crossing as encoded bytes and decoded on the GPU; warm page cache; prompts of up to `--disk-max-chunks`).
 First, each codec's encode and decode GB/s on the model's chunk KV (`--codecs`). TTFT = store look-up +
 blend up to the first token's logits, timed with CUDA events, median of `--repeats` after `--warmup`
-runs. Each row also keeps the blend's parts (load = what the copies failed to hide, rerotate, recompute,
-first token; CUDA events), the time to load
+runs. Each row also keeps the look-up alone (`get_layered_many`: what runs before layer 0), the blend's
+parts (load = what the copies failed to hide, rerotate, recompute, first token; CUDA events), the time to load
 every layer of the cached rows alone (no compute), the peak GPU memory above the weights, and the compute
 limit: 1 / (fraction of the token-layer work the strategy computes). Then prepacked vs one-by-one
 precompute. Writes JSON (after every row) and prints a table. `--dry-run`: a tiny model on CPU,
@@ -194,7 +194,7 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
                         continue  # host decoding of the biggest prompts would eat the run's time budget
                     if source not in ("gpu", "-"):
                         kinds = [args.source_attention]
-                    elif name in ("cacheblend", "epic"):
+                    elif name.partition("+")[0] in ("cacheblend", "epic"):  # cacheblend+query too
                         kinds = attentions
                     else:
                         kinds = ["auto"]
@@ -226,7 +226,7 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
 def _blend_row(args, model, device, timer, plan, kvs, strategy, source, attention, stores, root) -> dict:
     if source == "-":
         get_sources = lambda: ()  # noqa: E731
-        load_ms = None
+        load_ms = lookup_ms = None
     else:
         if source not in stores:
             stores[source] = make_stores(source, kvs, device, root)
@@ -239,6 +239,7 @@ def _blend_row(args, model, device, timer, plan, kvs, strategy, source, attentio
                 pass
 
         load_ms, _ = median_ms(timer, load_only, max(1, args.repeats // 2), min(1, args.warmup))
+        lookup_ms, _ = median_ms(timer, get_sources, max(1, args.repeats // 2), min(1, args.warmup))
     out = {}
 
     def run():
@@ -255,6 +256,7 @@ def _blend_row(args, model, device, timer, plan, kvs, strategy, source, attentio
         ttft_ms=round(ttft, 2),
         times_ms=rounded(times),
         load_only_ms=None if load_ms is None else round(load_ms, 2),
+        lookup_ms=None if lookup_ms is None else round(lookup_ms, 2),  # get_layered_many alone: before layer 0
         parts_ms=parts,
         load_waited_ms=parts.get("load") if source != "-" else None,
         peak_gb=peak,
@@ -302,11 +304,16 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--chunk-tokens", type=int, default=512)
     p.add_argument("--query-tokens", type=int, default=32)
     p.add_argument("--pass-tokens", type=int, default=16384, help="prepacking budget of the chunk precompute")
-    p.add_argument("--strategies", default="hf,full,naive,cacheblend@0.15,epic@0.15")
+    p.add_argument(
+        "--strategies",
+        default="hf,full,naive,cacheblend@0.15,cacheblend+query@0.15,epic@0.15",
+        help="comma-separated: hf, or any strategy name make_strategy accepts, with @RATIO (cachecraft+query@0.15)",
+    )
     p.add_argument(
         "--sources",
-        default="gpu,pinned,disk-lz4,disk-int8,disk-packed,disk-cachegen:10",
-        help="gpu, pinned, disk-CODEC; ':N' limits a source to prompts of at most N chunks",
+        default="gpu,pinned,disk-lz4,disk-int8,disk-packed,disk-packed/whole,disk-cachegen:10",
+        help="gpu, pinned, disk-CODEC (read per layer), disk-CODEC/whole (read whole at the look-up); "
+        "':N' limits a source to prompts of at most N chunks",
     )
     p.add_argument("--codecs", default="int8,fp8,packed,cachegen", help="codecs of the decode-speed rows ('' skips)")
     p.add_argument("--codec-chunks", type=int, default=10, help="chunks of the decode-speed rows")
@@ -329,6 +336,10 @@ def parse_args(argv: list[str] | None):
                 setattr(args, key, value)
         if args.attention == defaults["attention"]:
             args.attention = "blocks,dense,flex"
+    for label in args.strategies.split(",") + args.source_strategies.split(","):
+        if label != "hf":  # an unknown strategy fails here, naming the known ones, before any model work
+            name, _, ratio = label.partition("@")
+            make_strategy(name, float(ratio or 0.0))
     return args
 
 
@@ -374,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["flex_failure"] = attention_kernels.FLEX_FAILURE
         report["varlen_failure"] = attention_kernels.VARLEN_FAILURE
+        report["flex_shapes"] = sorted(attention_kernels.FLEX_SHAPES)  # (query, key) buckets compiled
         out.write_text(json.dumps(report, indent=1))
 
     if args.codecs:

@@ -1,9 +1,11 @@
-"""Retrieval-quality benchmark: recall@1/5/10 of the gold passage, faiss exact vs IVF vs HNSW.
+"""Retrieval-quality benchmark: recall@1/5/10 of the gold passage, faiss exact vs IVF vs HNSW, and with
+`--pg-url` pgvector's HNSW inside PostgreSQL (plus its top-10 overlap with faiss exact search).
 
 Pools every passage of the Lost-in-the-Middle NQ-Open oracle file (one gold passage per question;
 the other questions' passages are the distractors), embeds passages ("title\\ntext") and questions
 with the configured encoder, and searches each index kind. Prints a table, writes JSON.
-    python benchmarks/bench_retrieval.py --data PATH/nq-open-oracle.jsonl.gz --out results-retrieval.json
+    python benchmarks/bench_retrieval.py --data PATH/nq-open-oracle.jsonl.gz --out results-retrieval.json \
+        [--pg-url "$(cat .ci/pg_url)"]     # PostgreSQL with pgvector, e.g. from .ci/postgres.sh
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sqlalchemy as sa
 
 from ragkv.retriever.config import RetrieverConfig
 from ragkv.retriever.embedder import HFEmbedder
 from ragkv.retriever.index import VectorIndex
+from ragkv.retriever.pgvector_index import TABLE, PgVectorIndex
 
 KS = (1, 5, 10)
 
@@ -55,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache", default=None, help="reuse / save the embeddings in this .npz")
     p.add_argument("--out", default="results-retrieval.json")
+    p.add_argument(
+        "--pg-url", default=None, help="also pgvector in this PostgreSQL (its ragkv_chunk_vectors is replaced)"
+    )
     args = p.parse_args(argv)
 
     questions, passages, gold = load_nq(args.data, args.limit)
@@ -79,8 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         ("hnsw", RetrieverConfig(index_kind="hnsw", hnsw_ef_search=16)),
         ("hnsw", RetrieverConfig(index_kind="hnsw", hnsw_ef_search=64)),
     ]
-    for cfg in (cfg for _, cfg in kinds):
-        index = VectorIndex(pvec.shape[1], cfg)
+    flat = VectorIndex(pvec.shape[1])
+    flat.build(ids, pvec)
+    _, exact = flat.search(qvec, 10)  # [Q, 10]: what every approximate index is compared with
+    pg = sa.create_engine(args.pg_url) if args.pg_url else None
+    if pg is not None:
+        kinds += [("pgvector", RetrieverConfig(hnsw_ef_search=ef)) for ef in (40, 100)]
+    for kind, cfg in kinds:
+        if kind == "pgvector":
+            with pg.begin() as conn:
+                conn.execute(sa.text(f"DROP TABLE IF EXISTS {TABLE}"))
+            index = PgVectorIndex.open(pg, pvec.shape[1], cfg)
+            if index is None:
+                raise SystemExit(f"--pg-url {pg.url.render_as_string(hide_password=True)}: no pgvector extension")
+        else:
+            index = VectorIndex(pvec.shape[1], cfg)
         t = time.perf_counter()
         index.build(ids, pvec)
         t_build = time.perf_counter() - t
@@ -92,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                 index=index.built_kind,
                 params=index.describe().split(" ", 1)[1],
                 **recall(found, gold),
+                overlap_with_exact_at_10=round(
+                    float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])), 4
+                ),
                 build_s=round(t_build, 3),
                 search_ms_per_query=round(1000 * t_search / len(questions), 4),
             )
@@ -108,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(questions)} questions, {len(passages)} pooled passages, embedder {result['embedder']}"
         + (f", embedding {t_embed:.0f}s" if t_embed else "")
     )
-    print(f"{'index':<6} {'params':<24} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'build s':>8} {'ms/query':>9}")
+    print(
+        f"{'index':<14} {'params':<34} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'=exact':>6} {'build s':>8} {'ms/query':>9}"
+    )
     for r in rows:
         print(
-            f"{r['index']:<6} {r['params']:<24} {r['recall@1']:6.3f} {r['recall@5']:6.3f} {r['recall@10']:6.3f} "
-            f"{r['build_s']:8.3f} {r['search_ms_per_query']:9.4f}"
+            f"{r['index']:<14} {r['params']:<34} {r['recall@1']:6.3f} {r['recall@5']:6.3f} {r['recall@10']:6.3f} "
+            f"{r['overlap_with_exact_at_10']:6.3f} {r['build_s']:8.3f} {r['search_ms_per_query']:9.4f}"
         )
+    if pg is not None:
+        with pg.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {TABLE}"))
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 

@@ -1,7 +1,9 @@
 """Where `bench_gpu` keeps chunk KV between runs, and how fast each codec decodes on the device.
 
 Sources are named `gpu`, `pinned` or `disk-CODEC`, with an optional `:N` (only for prompts of at most N
-chunks: a host-decoded codec on the largest prompts would eat the run's time). A disk source whose codec
+chunks: a host-decoded codec on the largest prompts would eat the run's time). A disk tier reads each layer
+when the loader asks (`FileLayers`); `disk-CODEC/whole` reads and verifies whole entries at the look-up
+instead (`DiskTier(layer_reads=False)`, the former behaviour, for comparison). A disk source whose codec
 decodes on the CPU (cachegen) gets a DecodePool of one worker per core, as a store with `decode_workers` does;
 codecs that decode on the device (int8, fp8, packed) cross as encoded bytes (`LayerLoader`'s device path).
 """
@@ -36,11 +38,14 @@ def make_stores(kind: str, kvs, device: torch.device, root: Path):
     elif kind == "pinned":
         tier = MemoryTier(1 << 40, device="cpu", pin=cuda)
     elif kind.startswith("disk-"):
-        codec = kind.removeprefix("disk-")
+        codec, _, whole = kind.removeprefix("disk-").partition("/")
+        if whole not in ("", "whole"):
+            raise ValueError(f"unknown disk source {kind!r}; accepted: disk-CODEC or disk-CODEC/whole")
         pool = DecodePool(os.cpu_count() or 1) if get_codec(codec).parallel_decode else None
-        tier = DiskTier(root / codec.replace("+", "_"), 1 << 42, codec, decode_pool=pool)
+        folder = root / kind.removeprefix("disk-").replace("+", "_").replace("/", "_")
+        tier = DiskTier(folder, 1 << 42, codec, decode_pool=pool, layer_reads=not whole)
     else:
-        raise ValueError(f"unknown source {kind!r}; accepted: gpu, pinned, disk-CODEC (e.g. disk-lz4)")
+        raise ValueError(f"unknown source {kind!r}; accepted: gpu, pinned, disk-CODEC (e.g. disk-lz4, disk-lz4/whole)")
     store = TieredStore([tier], promote=False, decode_pool=pool)  # closing the store ends the pool's workers
     keys = [ChunkKey.of("bench-gpu", kind, [i]) for i in range(len(kvs))]
     for key, kv in zip(keys, kvs):

@@ -11,14 +11,20 @@ Per RAG prompt (question + K chunks of a MuSiQue sample, chunks already cached i
 4. fallback: an unreadable file where the entry would be, the same ids to vLLM: it must prefill
    every token itself and answer exactly as in 3.
 Prints a table and writes JSON (--out).
-    python benchmarks/vllm_e2e.py --vllm http://127.0.0.1:8311 --data musique_s.json --prompts 3 --chunks 4
+    python benchmarks/vllm_e2e.py --vllm http://127.0.0.1:8311 --prompts 3 --chunks 4
+The data defaults to ../shared/data/cacheblend/musique_s.json beside the repository.
+`--check` makes it exit non-zero unless every fused prompt had vLLM compute exactly its last token, the
+greedy tokens equal ragkv's, and every fallback prefilled fully and answered as vLLM alone (CI's smoke).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,10 +37,11 @@ from ragkv.eval.datasets import load_samples
 from ragkv.eval.shared_data import shared_data
 from ragkv.models import load_adapter
 from ragkv.server.app import create_app
-from ragkv.server.fused_store import FusedKVStore
 from ragkv.server.settings import load_settings
-from ragkv.server.upstream import Upstream
+from ragkv.server.upstream import Upstream, fused_store_of
 from ragkv.storage import MemoryTier, TieredStore
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def vllm_sources(url: str) -> dict[str, float]:
@@ -74,12 +81,37 @@ def vllm_direct(url: str, model: str, ids: list[int], max_tokens: int) -> tuple[
     return ttft, tokens, delta(before, vllm_sources(url))
 
 
+def summarize(rows: list[dict], chunks: int) -> dict:
+    """Counts against the targets and median TTFTs (written after every prompt, so a cut-short run keeps them)."""
+    if not rows:
+        return {"prompts": 0}
+    return {
+        "prompts": len(rows),
+        "chunks": chunks,
+        "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rows),
+        "median_proxy_ttft_ms": statistics.median(r["proxy_ttft_ms"] for r in rows),
+        "median_vllm_alone_ttft_ms": statistics.median(r["vllm_alone_ttft_ms"] for r in rows),
+        "median_ttft_speedup": statistics.median(r["vllm_alone_ttft_ms"] / r["proxy_ttft_ms"] for r in rows),
+        "only_last_token_computed": sum(r["vllm_computed_fused"] == 1 for r in rows),
+        "first_tokens_equal_ragkv": sum(r["first_tokens_equal_ragkv"] for r in rows),
+        "first_tokens_equal_vllm_alone": sum(r["first_tokens_equal_vllm_alone"] for r in rows),
+        "fallback_full_prefill": sum(r["fallback_computed"] == r["prompt_tokens"] for r in rows),
+        "fallback_wrong_answers": sum(not r["fallback_equals_alone"] for r in rows),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vllm", default="http://127.0.0.1:8311", help="vLLM base URL (started with RagkvConnector)")
     ap.add_argument("--model", default="smollm2", help="vLLM's served model name")
     ap.add_argument("--fused-dir", default="/dev/shm/ragkv-fused", help="the connector's fused_dir")
-    ap.add_argument("--data", default=str(shared_data("cacheblend", "musique_s.json")))
+    ap.add_argument(
+        "--data",
+        default=str(shared_data("cacheblend", "musique_s.json")),
+        help="MuSiQue samples (default: the shared data setting)",
+    )
+    ap.add_argument("--handoff", default="auto", choices=["auto", "shm", "file"], help="ragkv's hand-off path")
+    ap.add_argument("--check", action="store_true", help="exit 1 unless every prompt met the targets")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--chunks", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -92,8 +124,9 @@ def main() -> None:
     config = EngineConfig(max_new_tokens=args.max_tokens)
     model = load_adapter("smollm2", data_dir=config.data_dir)  # the weights `vllm serve` runs too
     engine = Engine(model, TieredStore([MemoryTier(8 << 30)]), config)  # RAM only: nothing of this run is kept
-    store = FusedKVStore(args.fused_dir)
-    app = create_app(load_settings(store="memory"), engine, upstream=Upstream(args.vllm, store, model=args.model))
+    store = fused_store_of(args.fused_dir, args.handoff)
+    settings = load_settings(data_dir=tempfile.mkdtemp(prefix="ragkv-vllm-e2e-"))  # nothing of this run is kept
+    app = create_app(settings, engine, upstream=Upstream(args.vllm, store, model=args.model))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     proxy = f"http://127.0.0.1:{args.port}"
@@ -120,7 +153,7 @@ def main() -> None:
         ttft_alone, alone_tokens, alone_src = vllm_direct(args.vllm, args.model, ids, args.max_tokens)
 
         store.root.mkdir(parents=True, exist_ok=True)
-        store.path(ids).write_bytes(b"not a safetensors file")  # an unreadable entry: must be a miss
+        store.path(ids).write_bytes(b"not a fused record")  # an unreadable entry: must be a miss
         _, fallback_tokens, fallback_src = vllm_direct(args.vllm, args.model, ids, args.max_tokens)
         store.remove(ids)
 
@@ -131,6 +164,8 @@ def main() -> None:
             "ragkv_ttft_ms": round(own.ttft_ms, 1),
             "proxy_ttft_ms": round(ttft_fused * 1e3, 1),
             "proxy_parts_ms": {k: round(v, 1) for k, v in info["parts_ms"].items()},
+            "handoff": info["upstream"]["handoff"],
+            "loadavg_1m": round(os.getloadavg()[0], 1),
             "vllm_alone_ttft_ms": round(ttft_alone * 1e3, 1),
             "vllm_computed_fused": fused_src.get("local_compute"),
             "vllm_loaded_fused": fused_src.get("external_kv_transfer"),
@@ -142,6 +177,7 @@ def main() -> None:
             "tokens": {"ragkv": own.token_ids, "vllm_fused": fused_tokens, "vllm_alone": alone_tokens},
         }
         rows.append(row)
+        Path(args.out).write_text(json.dumps({"summary": summarize(rows, args.chunks), "rows": rows}, indent=1))
         print(
             f"{s.id[:14]:14s} N={len(ids):5d} proxy TTFT {row['proxy_ttft_ms']:8.0f} ms  vLLM alone "
             f"{row['vllm_alone_ttft_ms']:8.0f} ms  vLLM computed {row['vllm_computed_fused']}/{len(ids)}  "
@@ -151,21 +187,19 @@ def main() -> None:
         )
     server.should_exit = True
 
-    ratio = [r["vllm_alone_ttft_ms"] / r["proxy_ttft_ms"] for r in rows]
-    summary = {
-        "prompts": len(rows),
-        "chunks": args.chunks,
-        "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rows),
-        "median_proxy_ttft_ms": statistics.median(r["proxy_ttft_ms"] for r in rows),
-        "median_vllm_alone_ttft_ms": statistics.median(r["vllm_alone_ttft_ms"] for r in rows),
-        "median_ttft_speedup": statistics.median(ratio),
-        "only_last_token_computed": sum(r["vllm_computed_fused"] == 1 for r in rows),
-        "first_tokens_equal_ragkv": sum(r["first_tokens_equal_ragkv"] for r in rows),
-        "fallback_full_prefill": sum(r["fallback_computed"] == r["prompt_tokens"] for r in rows),
-        "fallback_wrong_answers": sum(not r["fallback_equals_alone"] for r in rows),
-    }
+    summary = summarize(rows, args.chunks)
     print(json.dumps(summary, indent=1))
     Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    if args.check:
+        n = len(rows)
+        ok = n > 0 and (
+            summary["only_last_token_computed"] == n
+            and summary["first_tokens_equal_ragkv"] == n
+            and summary["fallback_full_prefill"] == n
+            and summary["fallback_wrong_answers"] == 0
+        )
+        print(f"vllm e2e check: {'PASSED' if ok else 'FAILED'} ({n} prompts)", flush=True)
+        sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

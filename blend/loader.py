@@ -13,7 +13,10 @@ Sources whose `device_task(layer, dtype)` gives a task (entries of a codec that 
 packed) are not decoded on the host: on CUDA their *encoded* sections of the layer go, 16-byte aligned, into
 one pinned buffer, cross in one copy on the side stream, and each codec's `device_layer` decodes its rows
 there, on the side stream too, so both overlap the previous layer's compute (`device_decode=True` runs the
-same path on CPU tensors, which is how the tests check it).
+same path on CPU tensors, which is how the tests check it). Sources offering `section_nbytes(layer)` and
+`read_device_task(layer, dtype, into)` (disk entries read layer by layer, `storage.layered.FileLayers`) read
+their section from the file straight into that buffer and check its CRC32 there; one that fails (None: the
+source recomputed its chunk, blend/recover.py) is read as host rows instead.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..chunk_cache import LayeredKV
 from ..compression import LayerTask
 
 _ALIGN = 16  # byte alignment of each section in the device copy (codecs view sections as fp16 / fp32)
+_TABLE_BYTES = 128  # room per entry for a codec's `rows_meta` table (packed: 96 bytes, int8: 24)
 
 
 class LayerLoader:
@@ -58,6 +62,7 @@ class LayerLoader:
         self._stored = [s.stored() for s in self.sources]
         self._on_device = self.device.type == "cuda" if device_decode is None else device_decode
         self.device_bytes = 0  # encoded bytes copied to the device and decoded there
+        self.file_bytes = 0  # of which read from payload files straight into the loader's buffer
         self._staging: list[torch.Tensor | None] = [None, None]  # pinned KV rows, per slot (CUDA only)
         self._byte_staging: list[torch.Tensor | None] = [None, None]  # pinned encoded sections, per slot
 
@@ -74,54 +79,63 @@ class LayerLoader:
         staging buffer `slot` (reused), so every host-to-device copy is asynchronous and contiguous."""
         out: torch.Tensor | None = None
         row = 0
-        encoded: list[tuple[slice, LayerTask]] = []  # decoded on the device from their bytes
+        encoded: list[tuple[int, slice, int, LayerTask | None]] = []  # decoded on the device from their bytes
         for i, s in enumerate(self.sources):
             rows = slice(row, row + s.num_tokens)
             row += s.num_tokens
+            nbytes = s.section_nbytes(layer) if self._on_device else None
+            if nbytes is not None:  # read from its file into the shared buffer below
+                encoded.append((i, rows, nbytes, None))
+                continue
             task = s.device_task(layer, self.dtype) if self._on_device else None
             if task is not None:
-                encoded.append((rows, task))
-                continue
-            k, v = self._read(i, layer)
-            if out is None:
-                out = torch.empty(2, self.num_rows, *k.shape[1:], dtype=self.dtype, device=self.device)
-            for half, part in enumerate((k, v)):
-                if slot is not None and part.device.type == "cpu" and not part.is_pinned():
-                    if self._staging[slot] is None:
-                        self._staging[slot] = _STAGING.take((2, self.num_rows, *k.shape[1:]), self.dtype)
-                    staged = self._staging[slot][half, rows]
-                    part = staged.copy_(part)  # host copy (and cast) into pinned memory
-                out[half, rows].copy_(part, non_blocking=non_blocking)
+                encoded.append((i, rows, len(task.section), task))
+            else:
+                out = self._copy_rows(i, layer, rows, out, slot, non_blocking)
         if encoded:
-            if out is None:
-                out = torch.empty(2, self.num_rows, *encoded[0][1].shape[1:], dtype=self.dtype, device=self.device)
-            self._decode_on_device(encoded, out, slot, non_blocking)
+            out, failed = self._decode_on_device(layer, encoded, out, slot, non_blocking)
+            for i, rows in failed:  # recomputed since (blend/recover.py): host rows now
+                out = self._copy_rows(i, layer, rows, out, slot, non_blocking)
         assert out is not None, "a loader needs at least one source"
         return out
 
+    def _rows(self, head_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(2, self.num_rows, *head_shape, dtype=self.dtype, device=self.device)
+
+    def _copy_rows(
+        self, i: int, layer: int, rows: slice, out: torch.Tensor | None, slot: int | None, non_blocking: bool
+    ) -> torch.Tensor:
+        """Source `i`'s K and V of `layer` into `out[:, rows]` (allocated here when None), through the pinned
+        staging buffer `slot` for host rows on CUDA; returns `out`."""
+        k, v = self._read(i, layer)
+        out = self._rows(k.shape[1:]) if out is None else out
+        for half, part in enumerate((k, v)):
+            if slot is not None and part.device.type == "cpu" and not part.is_pinned():
+                if self._staging[slot] is None:
+                    self._staging[slot] = _STAGING.take(tuple(out.shape), self.dtype)
+                staged = self._staging[slot][half, rows]
+                part = staged.copy_(part)  # host copy (and cast) into pinned memory
+            out[half, rows].copy_(part, non_blocking=non_blocking)
+        return out
+
     def _decode_on_device(
-        self, encoded: list[tuple[slice, LayerTask]], out: torch.Tensor, slot: int | None, non_blocking: bool
-    ) -> None:
+        self,
+        layer: int,
+        encoded: list[tuple[int, slice, int, LayerTask | None]],
+        out: torch.Tensor | None,
+        slot: int | None,
+        non_blocking: bool,
+    ) -> tuple[torch.Tensor | None, list[tuple[int, slice]]]:
         """One layer's encoded sections, and each codec's table for `device_rows`, go into one (pinned, on
-        CUDA) host buffer, cross in one copy, and each codec decodes all its rows of `out` there (packed: one
-        kernel launch for every entry)."""
-        tasks = [task for _, task in encoded]
-        rows = [r.start for r, _ in encoded]
+        CUDA) host buffer, cross in one copy, and each codec decodes all its rows of `out` there (packed, int8:
+        one kernel launch for every entry). Sections of file-backed sources are read straight into the
+        buffer and checked there; returns `out` and the (source, rows) that failed, to read as host rows."""
         offsets, total = [], 0
-        for task in tasks:
+        for _, _, nbytes, _ in encoded:
             offsets.append(total)
-            total += _aligned(len(task.section))
-        by_codec: dict[str, list[int]] = {}
-        for j, task in enumerate(tasks):
-            by_codec.setdefault(task.codec.name, []).append(j)
-        tables: dict[str, tuple[int, np.ndarray]] = {}
-        for name, members in by_codec.items():
-            table = tasks[members[0]].codec.rows_meta(
-                [tasks[j] for j in members], [offsets[j] for j in members], [rows[j] for j in members]
-            )
-            if table is not None:
-                tables[name] = (total, table)
-                total += _aligned(table.nbytes)
+            total += _aligned(nbytes)
+        end = total
+        total += (_TABLE_BYTES + _ALIGN) * len(encoded)  # room for the codecs' tables
         if slot is None:
             host = torch.empty(total, dtype=torch.uint8)
         else:
@@ -130,28 +144,58 @@ class LayerLoader:
                 _STAGING.give_back([buf])
                 buf = self._byte_staging[slot] = _STAGING.take((total,), torch.uint8)
             host = buf[:total]
+        flat = host.numpy()
+        tasks: list[LayerTask] = []
+        rows: list[int] = []
+        at_of: list[int] = []
+        failed: list[tuple[int, slice]] = []
         with warnings.catch_warnings():  # read-only views of the entries' bytes: only read here
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            for task, at in zip(tasks, offsets):  # torch copies large spans with all intra-op threads
-                host[at : at + len(task.section)].copy_(torch.frombuffer(task.section, dtype=torch.uint8))
-        flat = host.numpy()
-        for at, table in tables.values():
-            flat[at : at + table.nbytes] = table.view(np.uint8).reshape(-1)
-        on_device = host.to(self.device, non_blocking=non_blocking)  # [total] uint8
+            for (i, span, nbytes, task), at in zip(encoded, offsets):
+                if task is None:  # straight from the file into the (pinned) buffer, CRC32 checked there
+                    task = self.sources[i].read_device_task(layer, self.dtype, memoryview(flat[at : at + nbytes]))
+                    if task is None:
+                        failed.append((i, span))
+                        continue
+                    self.file_bytes += nbytes
+                else:  # torch copies large spans with all intra-op threads
+                    host[at : at + nbytes].copy_(torch.frombuffer(task.section, dtype=torch.uint8))
+                tasks.append(task)
+                rows.append(span.start)
+                at_of.append(at)
+        if not tasks:
+            return out, failed
+        out = self._rows(tasks[0].shape[1:]) if out is None else out
+        by_codec: dict[str, list[int]] = {}
+        for k, task in enumerate(tasks):
+            by_codec.setdefault(task.codec.name, []).append(k)
+        tables: dict[str, tuple[int, np.ndarray]] = {}
+        for name, members in by_codec.items():
+            table = tasks[members[0]].codec.rows_meta(
+                [tasks[k] for k in members], [at_of[k] for k in members], [rows[k] for k in members]
+            )
+            if table is not None:
+                if end + table.nbytes > total:
+                    raise RuntimeError(f"{name}'s rows_meta table is over {_TABLE_BYTES} bytes per entry")
+                flat[end : end + table.nbytes] = table.view(np.uint8).reshape(-1)
+                tables[name] = (end, table)
+                end += _aligned(table.nbytes)
+        on_device = host[:end].to(self.device, non_blocking=non_blocking)  # [bytes] uint8
         for name, members in by_codec.items():
             meta = None
             if name in tables:
                 at, table = tables[name]
                 meta = on_device[at : at + table.nbytes].view(torch.int64).view(table.shape)
             tasks[members[0]].codec.device_rows(
-                [tasks[j] for j in members],
+                [tasks[k] for k in members],
                 on_device,
-                [offsets[j] for j in members],
+                [at_of[k] for k in members],
                 out,
-                [rows[j] for j in members],
+                [rows[k] for k in members],
                 meta,
             )
-        self.device_bytes += total
+        self.device_bytes += end
+        return out, failed
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.device.type == "cuda":

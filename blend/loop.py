@@ -19,6 +19,7 @@ from ..models import ModelAdapter, synchronize
 from ..models.attention import MASK_KINDS, QueryMask, query_mask
 from .loader import LayerLoader
 from .plan import BlendPlan
+from .recover import recovering
 from .rerotate import rerotate, rotation
 from .select import kv_deviation, query_attention
 from .strategies import Strategy
@@ -61,6 +62,7 @@ def blend(
     if attention not in MASK_KINDS:
         raise ValueError(f"unknown attention {attention!r}; accepted: {', '.join(MASK_KINDS)}")
     t_start = time.perf_counter()
+    sources = recovering(model, plan, sources)  # a stored layer found damaged mid-blend: that chunk is recomputed
 
     # 1. Which rows come from cache (host bookkeeping), their target rows and the rotation that moves
     #    each cached key to its target row: all computed once per request, on the device.

@@ -16,6 +16,7 @@ import torch
 from ..chunk_cache import LayeredKV
 from ..models import ModelAdapter
 from .plan import BlendPlan
+from .recover import recovering
 from .rerotate import rerotate, rotation
 
 # observe(layer, rows [S] sorted prompt rows, q [S, H_q, D], keys [H_kv, N, D]) at each observed layer
@@ -34,6 +35,7 @@ def scout(
     """Run layers 0..max(`layers`) for the `active` [N] bool rows over the cached `sources` (target
     start row, KV); call `observe` at each of `layers` before that layer's attention."""
     n, dev, dtype = plan.num_tokens, model.device, model.dtype
+    sources = recovering(model, plan, sources)  # a stored layer found damaged here: that chunk is recomputed
     if not layers or min(layers) < 0 or max(layers) >= model.num_layers:
         raise ValueError(f"scout layers must lie within 0..{model.num_layers - 1}, got {tuple(layers)}")
     cached = torch.zeros(n, dtype=torch.bool)

@@ -42,6 +42,16 @@ class LayeredKV(Protocol):
         separately and contiguously); None by default."""
         return None
 
+    def section_nbytes(self, index: int) -> int | None:
+        """Bytes of layer `index`'s encoded section when the loader should read it straight into its
+        own buffer (`read_device_task`) and decode it on the device; None (the default): not offered."""
+        return None
+
+    def read_device_task(self, index: int, dtype: torch.dtype, into: memoryview) -> Any:
+        """Read layer `index`'s section into `into` and return its device task (offered only by sources
+        whose `section_nbytes` is not None)."""
+        raise NotImplementedError(f"{type(self).__name__} offers no section reads")
+
 
 @dataclass(frozen=True, eq=False)
 class ChunkKV(LayeredKV):

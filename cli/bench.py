@@ -28,6 +28,7 @@ def register(sub) -> None:
         help="run a benchmark from the source checkout's benchmarks/ (`ragkv bench NAME --help`)",
         add_help=False,
     )
+    p.add_argument("-h", "--help", action="store_true", dest="show_help", help="list the benchmarks")
     p.add_argument("name", nargs="?", help="benchmark name")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=run)
@@ -47,7 +48,9 @@ def script_for(name: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.name or args.name in ("-h", "--help"):
+    if args.show_help and args.name:  # `ragkv bench NAME --help`: the benchmark's own help
+        args.args = ["--help", *args.args]
+    if not args.name:
         print("usage: ragkv bench NAME [ARGS...]; NAME is one of: " + (", ".join(available()) or "(none found)"))
         return 0
     script = script_for(args.name)

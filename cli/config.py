@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .options import add_settings_args, engine_config, overrides_of, settings_of
 
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     engine = engine_config(settings)  # the lower folders' own checks (tier order, codec names, ...)
     where = origins(settings, args.config, overrides_of(args))
     tree = settings.model_dump(mode="json")
+    tree["data_dir"] = str(Path(settings.data_dir).expanduser())  # as every command uses it
     store = engine.storage_config()  # the embedded default store, where none is configured, as it will be built
     tree["storage"]["tiers"] = [dict(kind=t.kind, capacity=t.capacity_bytes, codec=t.codec) for t in store.tiers]
     tree["storage"]["disk_dir"] = store.disk_dir

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 
+from .preflight import check_data_dir
+
 COMMON = ("model", "data_dir", "device", "namespace")  # the settings every command's flags set
 
 
@@ -62,6 +64,7 @@ def load_engine(settings, quiet: bool = False):
 
     from ..engine.engine import Engine
 
+    check_data_dir(settings.data_dir)  # before the model load, not after it
     hf_logging.disable_progress_bar()
     if settings.torch_threads:
         import torch

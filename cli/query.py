@@ -29,7 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--file", action="append", default=[], metavar="PATH", help="a document from a text file (repeatable)"
     )
     p.add_argument("--retrieve", type=int, default=0, metavar="K", help="also fuse the K best ingested chunks")
-    p.add_argument("--strategy", default=None, help="full, prefix, naive, cacheblend (default) or epic")
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help="full, prefix, naive, cacheblend (default), epic or cachecraft; cacheblend and cachecraft take "
+        "+check or +query (how tokens to recompute are chosen)",
+    )
     p.add_argument(
         "--ratio", dest="recompute_ratio", type=float, default=None, help="recompute ratio in [0, 1] (default 0.15)"
     )
@@ -61,6 +66,8 @@ def _documents(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise ValueError('the question is empty: ask something, e.g. ragkv query "Where does the Rhine bend north?"')
     settings = settings_of(args)  # validates strategy and ratio before anything loads
     docs = _documents(args)
     if args.server:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from .options import add_settings_args, settings_of
+from .preflight import check_data_dir, check_port
 
 SETTINGS = ("host", "port", "queue_size")  # the flags that set settings (by name)
 
@@ -35,6 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="proxy mode: where fused KV is published for vLLM's connector (default /dev/shm/ragkv-fused)",
     )
     p.add_argument("--upstream-model", default=None, help="proxy mode: the upstream's model name (default: ask it)")
+    p.add_argument(
+        "--handoff",
+        default="auto",
+        choices=["auto", "cuda_ipc", "shm", "file"],
+        help="proxy mode: how fused KV reaches vLLM (auto: CUDA IPC on a GPU, else shared memory, else a file)",
+    )
+    p.add_argument("--fused-budget", default="8GiB", metavar="SIZE", help="proxy mode: fused KV held at once (8GiB)")
+    p.add_argument(
+        "--fused-mode",
+        default="600",
+        metavar="OCTAL",
+        help="proxy mode: entry file permissions (600; 640/644 for vLLM as another user)",
+    )
     p.set_defaults(func=run)
 
 
@@ -47,6 +61,8 @@ def server_settings(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     settings = server_settings(args)
+    check_data_dir(settings.data_dir)  # what can fail is checked before the model loads
+    check_port(settings.server.host, settings.server.port)
     import uvicorn
 
     from ..server.app import create_app
@@ -58,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {settings.model} ...", flush=True)
     upstream = None
     if args.upstream:
-        from ..server.fused_store import FusedKVStore
-        from ..server.upstream import Upstream, fused_dir_default
+        from ..server.upstream import Upstream, fused_dir_default, fused_store_of
 
         fused_dir = args.fused_dir or fused_dir_default()
-        upstream = Upstream(args.upstream, FusedKVStore(fused_dir, max_entries=16), model=args.upstream_model)
+        store = fused_store_of(fused_dir, args.handoff, args.fused_budget, args.fused_mode)
+        upstream = Upstream(args.upstream, store, model=args.upstream_model)
         print(f"proxy mode: generating on {upstream.url}, fused KV published to {fused_dir}", flush=True)
     app = create_app(settings, upstream=upstream)
     uvicorn.run(

@@ -132,15 +132,19 @@ class LayeredCodec(Codec):
 
     # -- the Codec interface ------------------------------------------------------------------------
     def encode(self, kv: ChunkKV) -> EncodedKV:
-        dtype = dtype_name(kv.dtype)
+        dtype_name(kv.dtype)
         x = kv.kv.detach() if self.encodes_on_device else kv.kv.detach().cpu()  # [2, L, T, H, D]
-        sections = [self.encode_layer(x[:, i].contiguous(), i, kv.num_layers) for i in range(kv.num_layers)]
+        layers = range(kv.num_layers)
+        return self.framed(kv, [self.encode_layer(x[:, i].contiguous(), i, kv.num_layers) for i in layers])
+
+    def framed(self, kv: ChunkKV, sections: Sequence[bytes]) -> EncodedKV:
+        """The entry of `kv` whose layers encoded to `sections`: the payload and its framing (offsets, CRC32s)."""
         offsets = [0]
         for s in sections:
             offsets.append(offsets[-1] + len(s))
         meta = {
             "shape": list(kv.kv.shape),
-            "dtype": dtype,
+            "dtype": dtype_name(kv.dtype),
             "pos0": kv.pos0,
             "offsets": offsets,
             "crc": [zlib.crc32(s) for s in sections],

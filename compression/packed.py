@@ -30,7 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..chunk_cache import ChunkKV
+from .codec import EncodedKV
 from .layered import CodecError, LayeredCodec, LayerTask
+from .packed_encode import encode_layers
 from .packed_layout import FORMAT, MAX_BITS, PackedConfig, PackedLayout, PartLayout
 from .quant import check_finite
 
@@ -131,8 +134,9 @@ class PackedCodec(LayeredCodec):
     device_decode = True
     encodes_on_device = True  # the grid search and bit packing run where the KV is (the GPU after a precompute)
 
-    def __init__(self, config: PackedConfig | None = None) -> None:
+    def __init__(self, config: PackedConfig | None = None, fused: bool = True) -> None:
         self.config = config or PackedConfig()
+        self.fused = fused  # encode every layer at once (packed_encode.py); False: layer by layer (the reference)
 
     @property
     def rel_error(self) -> float:
@@ -145,6 +149,19 @@ class PackedCodec(LayeredCodec):
         return self.config.params()
 
     # -- encode ----------------------------------------------------------------------------------------
+    def encode(self, kv: ChunkKV) -> EncodedKV:
+        """The fused encoder (all layers in a few large ops where the KV is; the reference's bytes), or the
+        reference layer by layer with `fused=False`."""
+        if not self.fused:
+            return super().encode(kv)
+        x = kv.kv.detach()  # [2, L, T, H, D]
+        check_finite(x, self.name)
+        if float(x.abs().max()) > _FP16_MAX:
+            raise ValueError(f"packed stores fp16 grids; this chunk's KV exceeds |x| = {_FP16_MAX}")
+        t, c = x.shape[2], x.shape[3] * x.shape[4]
+        layouts = [PackedLayout.of(self.config, t, c, layer, kv.num_layers) for layer in range(kv.num_layers)]
+        return self.framed(kv, encode_layers(x, layouts, _CLIPS))
+
     def encode_layer(self, layer_kv, layer, num_layers) -> bytes:
         check_finite(layer_kv, self.name)
         if float(layer_kv.abs().max()) > _FP16_MAX:

@@ -11,22 +11,12 @@ check it without a GPU).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .packed_layout import MAX_BITS, PackedLayout
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # triton is optional: without it every device decodes with torch ops
-    HAS_TRITON = False
+from .triton_common import HAS_TRITON, block_size, store_value, tl, triton
 
 BLOCK = 1024  # elements per program on the GPU
-INTERPRETED_BLOCK = 1 << 14  # under TRITON_INTERPRET each program is a numpy pass: fewer, larger ones
 
 if HAS_TRITON:
 
@@ -64,13 +54,7 @@ if HAS_TRITON:
         group = (t // gt) * per_row + c // gc
         lo = tl.load(src16 + lo_at + group, mask=live, other=0.0).to(tl.float32)
         step = tl.load(src16 + step_at + group, mask=live, other=0.0).to(tl.float32)
-        value = lo + code.to(tl.float32) * step
-        if OUT_BF16:  # round to nearest even by hand: the same bits compiled or interpreted (values are finite)
-            b = value.to(tl.uint32, bitcast=True)
-            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-            tl.store(out_at + e, b.to(tl.uint16).to(tl.int16, bitcast=True), mask=live)
-        else:
-            tl.store(out_at + e, value.to(out_at.dtype.element_ty), mask=live)
+        store_value(out_at + e, lo + code.to(tl.float32) * step, live, OUT_BF16)
 
 
 if HAS_TRITON:
@@ -140,7 +124,7 @@ def decode_packed_triton(section: torch.Tensor, layout: PackedLayout, out: torch
         raise RuntimeError("triton is not installed: decode with decode_packed_torch, or pip install triton")
     n = layout.tokens * layout.channels
     k, v = layout.parts
-    block = INTERPRETED_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+    block = block_size(BLOCK)
     grid = (triton.cdiv(n, block), 2)
     bf16 = out.dtype == torch.bfloat16
     _packed_layer_kernel[grid](
@@ -257,7 +241,7 @@ def decode_packed_rows_triton(
     k, v = layouts[0].parts
     channels = layouts[0].channels
     max_n = max(layout.tokens * layout.channels for layout in layouts)
-    block = INTERPRETED_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+    block = block_size(BLOCK)
     bf16 = out.dtype == torch.bfloat16
     grid = (triton.cdiv(max_n, block), 2, len(layouts))
     _packed_rows_kernel[grid](

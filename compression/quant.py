@@ -7,10 +7,11 @@ arithmetic on the target device.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .identity import tensor_bytes, tensor_from
-from .layered import LayeredCodec
+from .layered import CodecError, LayeredCodec
 
 HAS_FP8 = hasattr(torch, "float8_e4m3fn")
 
@@ -96,6 +97,29 @@ class Int8Codec(_ScaledCodec):
 
     def max_abs_error(self, x, scale):
         return scale / 2
+
+    def rows_meta(self, tasks, offsets, rows) -> np.ndarray:
+        for task in tasks:
+            t, h, d = task.shape
+            if len(task.section) != 4 * (h * d + t) + 2 * t * h * d:
+                raise CodecError(f"int8 section is {len(task.section)} bytes; a [{t}, {h}, {d}] layer needs more")
+        table = [[at, task.shape[0], row] for task, at, row in zip(tasks, offsets, rows)]  # quant_triton.META_FIELDS
+        return np.asarray(table, dtype=np.int64)
+
+    def device_rows(self, tasks, src, offsets, out, rows, meta=None) -> None:
+        """Every entry of the layer in one Triton launch on CUDA (`quant_triton`); the same fp32 arithmetic
+        in torch ops elsewhere (or without `meta`), entry by entry."""
+        # imported here, as packed does: triton decides at import whether kernels run interpreted (TRITON_INTERPRET)
+        from .quant_triton import HAS_TRITON, decode_int8_rows_torch, decode_int8_rows_triton
+
+        channels = tasks[0].shape[1] * tasks[0].shape[2]
+        tokens = [t.shape[0] for t in tasks]
+        if meta is not None and src.is_cuda and HAS_TRITON and out.is_contiguous():
+            decode_int8_rows_triton(src, meta, max(tokens), channels, out)
+        elif out.is_contiguous():
+            decode_int8_rows_torch(src, tokens, list(offsets), list(rows), channels, out)
+        else:
+            super().device_rows(tasks, src, offsets, out, rows)
 
 
 class Fp8Codec(_ScaledCodec):

@@ -22,6 +22,10 @@ class RetrievalUnavailable(RuntimeError):
     """The Engine has no document index (an engine without `retriever`)."""
 
 
+class UnknownChunks(LookupError):
+    """Chunk ids that the namespace's catalog does not hold (the HTTP API answers 404)."""
+
+
 class DocumentService:
     """Ingest, look up, delete and search documents of one namespace at a time, through the Engine."""
 
@@ -95,12 +99,12 @@ class DocumentService:
         return self.engine.retrieve(query, k, namespace=namespace)
 
     def chunk_ids(self, namespace: str, chunk_ids: Sequence[int]) -> list[list[int]]:
-        """Token ids of ingested chunks by catalog id; a ValueError names the unknown ids."""
+        """Token ids of ingested chunks by catalog id; an UnknownChunks names the unknown ids."""
         catalog = self.retriever(namespace).catalog
         rows = catalog.chunks(list(chunk_ids))
         unknown = [c for c in chunk_ids if c not in rows]
         if unknown and not getattr(catalog, "reachable", True):  # not read before the catalog went down
             raise CatalogUnavailable(f"documents: chunk_id {unknown} cannot be read while the catalog is unreachable")
         if unknown:
-            raise ValueError(f"documents: unknown chunk_id {unknown} in this namespace; use ids from /v1/retrieve")
+            raise UnknownChunks(f"documents: unknown chunk_id {unknown} in this namespace; use ids from /v1/retrieve")
         return [list(rows[c].token_ids) for c in chunk_ids]

@@ -102,7 +102,7 @@ class Ingester:
         max_bytes = self.retriever.config.max_document_bytes
 
         def documents() -> Iterable[Document | LoadError]:
-            for f in tqdm(files, desc="files", unit="file", disable=not self.config.progress, position=0):
+            for f in files:
                 yield from load_file(f, max_bytes)
 
         report = self.ingest_documents(documents())
@@ -177,9 +177,9 @@ class _Run:
         self.neighbour_variants = 0
         self.pending_tokens = 0
         self.since_save = 0
-        off = not ing.config.progress
-        self.doc_bar = tqdm(desc="documents", unit="doc", disable=off, position=1)
-        self.kv_bar = tqdm(desc="KV tokens", unit="tok", total=0, disable=off, position=2)
+        # ONE bar (nested bars garble logs), drawn only on a terminal (disable=None: off when not a TTY)
+        self.bar = tqdm(desc="ingesting", unit="doc", disable=True if not ing.config.progress else None)
+        self.kv_total = 0
 
     def add(self, doc: Document) -> None:
         limit = self.ing.retriever.config.max_document_bytes
@@ -219,8 +219,8 @@ class _Run:
         if update.invalidated:
             forget_chunks(self.ing.store, metadata_store(self.ing.store), update.invalidated)
         self.invalidated.extend(update.invalidated)
-        self.doc_bar.update(1)
-        self.doc_bar.set_postfix(tokens=self.counts["tokens"], refresh=False)
+        self.bar.update(1)
+        self._postfix()
         self.since_save += 1
         if self.since_save >= self.ing.config.save_every_documents:
             self.ing.retriever.save()
@@ -237,8 +237,11 @@ class _Run:
             else:
                 self.pending[key] = fresh[key]
                 self.pending_tokens += len(fresh[key])
-                self.kv_bar.total += len(fresh[key])
-        self.kv_bar.refresh()
+                self.kv_total += len(fresh[key])
+        self._postfix()
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix(tokens=self.counts["tokens"], kv_tokens=f"{self.counts['kv_tokens']}/{self.kv_total}")
 
     def flush_batch(self) -> None:
         """Precompute the oldest pending chunks, up to `kv_batch_tokens` (at least one chunk), and store them."""
@@ -260,7 +263,7 @@ class _Run:
         self.kv_seconds += time.perf_counter() - t
         self.counts["kv_computed"] += len(keys)
         self.counts["kv_tokens"] += n
-        self.kv_bar.update(n)
+        self._postfix()
         for key in keys:
             del self.pending[key]
         self.pending_tokens -= n
@@ -277,8 +280,7 @@ class _Run:
 
     def close(self) -> None:
         self.ing.retriever.save()  # also after an interruption: the catalog is already committed
-        self.doc_bar.close()
-        self.kv_bar.close()
+        self.bar.close()
 
     def report(self, seconds: float) -> IngestReport:
         return IngestReport(

@@ -108,6 +108,8 @@ class ServerOptions(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: dict[str, str] = Field(default_factory=dict)  # empty: no auth, everyone is `namespace`
+    metrics_key: str | None = None  # with api_keys: the bearer key /metrics needs (server-wide counters)
+    metrics_public: bool = False  # with api_keys: serve /metrics without a key (e.g. on a private network)
     max_body_bytes: ByteSize = ByteSize(1 << 20)
     max_documents: int = Field(16, ge=1)
     max_document_chars: int = Field(20_000, ge=1)
@@ -254,6 +256,8 @@ def load_settings(
         return cls(**_reading(cls, path)(**given).model_dump())
     except ValidationError as err:  # one line per bad value: where, what is accepted, what was given
         raise ValueError("; ".join(_explain(e) for e in err.errors())) from None
+    except ValueError as err:  # the file does not parse (TOML or JSON syntax): name it
+        raise ValueError(f"config file {path}: {err}") from None
 
 
 def _explain(error: Mapping[str, Any]) -> str:

@@ -8,7 +8,8 @@ from ragkv import Engine
 from ragkv.adapters.langchain import RagkvChatModel, RagkvRetriever, rag_chain
 from ragkv.adapters.ragkv_backend import LocalBackend
 
-backend = LocalBackend(Engine.from_pretrained("smollm2"))
+# a namespace of its own: the example's documents stay out of your corpus (the `default` namespace)
+backend = LocalBackend(Engine.from_pretrained("smollm2"), namespace="example-langchain")
 backend.add_documents(
     [
         {"id": "rhine", "text": "The Rhine rises in the Swiss Alps and bends north at Basel."},

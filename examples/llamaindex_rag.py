@@ -8,7 +8,8 @@ from ragkv import Engine
 from ragkv.adapters.llamaindex import RagkvLlamaRetriever, RagkvLLM, RagkvQueryEngine
 from ragkv.adapters.ragkv_backend import LocalBackend
 
-backend = LocalBackend(Engine.from_pretrained("smollm2"))
+# a namespace of its own: the example's documents stay out of your corpus (the `default` namespace)
+backend = LocalBackend(Engine.from_pretrained("smollm2"), namespace="example-llamaindex")
 backend.add_documents(
     [
         {"id": "venus", "text": "Venus spins backwards, so the Sun rises in the west there."},

@@ -73,17 +73,41 @@ class DenseMask(QueryMask):
 
 
 _COMPILED_FLEX = None
+FLEX_BUCKET_MIN = 128  # FlexAttention's block size: no bucket is smaller
+FLEX_BUCKETS_PER_OCTAVE = 4  # bucket sizes grow by 2**(1/4): at most 19% padding, 4 compiles per doubling
+FLEX_RECOMPILE_LIMIT = 64  # compiled shapes kept (torch's default of 8 would fall back to eager after 8 buckets)
+FLEX_SHAPES: set[tuple[int, int]] = set()  # (query bucket, key bucket) pairs run in this process
+
+
+def flex_bucket(n: int) -> int:
+    """The padded size FlexAttention is compiled for when it sees `n` queries or keys: the smallest
+    multiple of 128 on the grid 128 * 2**(i / 4) (rounded up to 128) that holds `n`. Every shape in a
+    bucket shares one static compile, so a run's figures do not depend on which prompt ran first."""
+    if n < 1:
+        raise ValueError(f"a bucket holds at least 1 row, got {n}")
+    i = 0
+    while True:
+        size = -(-int(FLEX_BUCKET_MIN * 2 ** (i / FLEX_BUCKETS_PER_OCTAVE)) // FLEX_BUCKET_MIN) * FLEX_BUCKET_MIN
+        if size >= n:
+            return size
+        i += 1
 
 
 def _flex_attention(device: torch.device):
-    """FlexAttention: compiled on CUDA (fast kernels, dynamic shapes), the eager reference elsewhere."""
+    """FlexAttention: compiled on CUDA for static shapes (one kernel per bucket pair, `flex_bucket`), the
+    eager reference elsewhere."""
     global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":
         return flex_attention
     if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # the name differs across torch versions
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), FLEX_RECOMPILE_LIMIT))
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX
 
 
@@ -94,9 +118,11 @@ FLEX_FAILURE: str | None = None  # why FlexAttention failed in this process (the
 
 class FlexMask(QueryMask):
     """FlexAttention with a block mask over the sorted query positions: fully masked key blocks are
-    skipped, so the work is about what the causal mask keeps. The block mask is built on the device.
-    With `fallback` (what `auto` asks for), a failure to compile or run FlexAttention is reported once
-    (a warning, and `FLEX_FAILURE`) and the attention is computed with one dense mask instead."""
+    skipped, so the work is about what the causal mask keeps. Queries and keys are padded to their
+    `flex_bucket` (pad queries take the last position, pad keys are zeros past every position, so masked
+    off), so FlexAttention is compiled once per bucket pair, never for another prompt's shape. The block
+    mask is built on the device. With `fallback` (what `auto` asks for), a failure to compile or run
+    FlexAttention is reported once (a warning, and `FLEX_FAILURE`) and one dense mask is used instead."""
 
     def __init__(self, positions: torch.Tensor, num_keys: int, device: torch.device, fallback: bool = False) -> None:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -105,27 +131,48 @@ class FlexMask(QueryMask):
         self.num_queries = pos.shape[0]
         self.num_keys = num_keys
         self.positions, self.device, self.fallback = pos, device, fallback
-
-        pad = -pos.shape[0] % 128  # padded query blocks may index past T: give them the last position
+        self.shape = (flex_bucket(self.num_queries), flex_bucket(num_keys))  # what FlexAttention runs
+        pad = self.shape[0] - self.num_queries  # padded queries attend like the last one; their rows are dropped
         padded = torch.cat([pos, pos[-1:].expand(pad)]) if pad else pos
 
         def causal_by_position(b, h, q_idx, kv_idx):
-            return kv_idx <= padded[q_idx]
+            return kv_idx <= padded[q_idx]  # keys past the last position (the pad) are never attended
 
         self.block_mask = create_block_mask(
-            causal_by_position, None, None, self.num_queries, num_keys, device=device, _compile=device.type == "cuda"
+            causal_by_position, None, None, *self.shape, device=device, _compile=device.type == "cuda"
         )
         self._flex = _flex_attention(device)
+        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None  # zero-padded K, V reused across layers
+
+    def _padded(self, q, k, v):
+        """q, k, v at the bucket's shape: q's extra rows repeat its last one, k and v get zero rows."""
+        tq, nk = self.shape
+        n = self.num_keys
+        if q.shape[2] != tq:
+            q = torch.cat([q, q[:, :, -1:].expand(-1, -1, tq - q.shape[2], -1)], dim=2)
+        if nk == n:
+            return q, k[:, :, :n], v[:, :, :n]
+        if self._keys is None or self._keys[0].shape[1] != k.shape[1] or self._keys[0].dtype != k.dtype:
+            self._keys = tuple(k.new_zeros(k.shape[0], k.shape[1], nk, k.shape[3]) for _ in range(2))
+        kp, vp = self._keys
+        kp[:, :, :n].copy_(k[:, :, :n])
+        vp[:, :, :n].copy_(v[:, :, :n])
+        return q, kp, vp
+
+    def _run(self, q, k, v, scale):
+        FLEX_SHAPES.add(self.shape)
+        qp, kp, vp = self._padded(q, k, v)
+        out = self._flex(qp, kp, vp, block_mask=self.block_mask, scale=scale, enable_gqa=True)
+        return out[:, :, : self.num_queries]
 
     def attend(self, q, k, v, scale):
-        n = self.num_keys
         if not self.fallback:
-            return self._flex(q, k[:, :, :n], v[:, :, :n], block_mask=self.block_mask, scale=scale, enable_gqa=True)
+            return self._run(q, k, v, scale)
         try:
-            return self._flex(q, k[:, :, :n], v[:, :, :n], block_mask=self.block_mask, scale=scale, enable_gqa=True)
+            return self._run(q, k, v, scale)
         except Exception as exc:  # a compiler or kernel failure: report it once, then stay correct
             _flex_failed(exc)
-            return DenseMask(self.positions, n, self.device).attend(q, k, v, scale)
+            return DenseMask(self.positions, self.num_keys, self.device).attend(q, k, v, scale)
 
 
 def _flex_failed(exc: Exception) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
+from ..storage.schema import create_tables
 from ..storage.sql import sql_engine
 
 _META = sa.MetaData()
@@ -123,15 +124,7 @@ class Catalog:
         self.url = url
         self.namespace = namespace
         self.engine = sql_engine(url)  # storage/sql.py: the pragmas and timeouts every catalog database gets
-        for attempt in range(3):  # another process may be creating the same tables right now
-            try:
-                _migrate_unscoped(self.engine)
-                _META.create_all(self.engine, checkfirst=True)
-                break
-            except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
-                if attempt == 2:
-                    raise
-                time.sleep(0.2)
+        create_tables(_META, self.engine, prepare=_migrate_unscoped)  # another process may be creating them now
         self._insert_meta(f"generation:{self._ns}", "0")  # the row every write of this namespace locks first
 
     def _insert_meta(self, name: str, value: str) -> None:

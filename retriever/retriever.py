@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,11 @@ from .chunker import Chunker
 from .config import RetrieverConfig
 from .embedder import Embedder, HFEmbedder
 from .index import VectorIndex
+from .journal import DocumentJournal
 from .loaders import Document
 from .pgvector_index import PgVectorIndex
+
+log = logging.getLogger(__name__)
 
 
 class TokenizedModel(Protocol):
@@ -77,8 +81,10 @@ class Retriever:
         embedder: Embedder,
         index_path: str | Path,
         config: RetrieverConfig | None = None,
+        journal: DocumentJournal | None = None,
     ) -> None:
         self.config = config or RetrieverConfig()
+        self.journal = journal
         self.model = model
         self.catalog = catalog
         self.embedder = embedder
@@ -88,6 +94,7 @@ class Retriever:
             tokenizer=model.tokenizer_fingerprint, model=model.fingerprint, embedder=f"{embedder.name}/{embedder.dim}"
         )
         self.index = self._load_or_rebuild()
+        self.recovered = self._recover()  # documents rebuilt from the journal into an empty catalog
 
     @classmethod
     def open(
@@ -105,11 +112,12 @@ class Retriever:
         config = config or RetrieverConfig()
         data_dir = Path(data_dir).expanduser()
         url = catalog_url or f"sqlite:///{data_dir / 'catalog.sqlite'}"
+        journal = DocumentJournal.beside(url)
         catalog = Catalog(url, config.namespace) if link is None else link.run(lambda: Catalog(url, config.namespace))
         if embedder is None:  # loaded only once the catalog opened (an outage retries without loading it)
             embedder = HFEmbedder(config.embedder_path, config.embed_batch_size, config.embed_max_length)
         if link is None:
-            return cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config)
+            return cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config, journal)
         guarded = GuardedCatalog(catalog, link)
         try:
             return link.run(lambda: cls(model, guarded, embedder, data_dir / "index" / "chunks.faiss", config))
@@ -130,8 +138,16 @@ class Retriever:
         return result
 
     def add_documents(self, docs: Sequence[Document]) -> list[DocumentUpdate | ValueError]:
-        """`add_document` for several documents with one embedding batch; each is committed on its own,
-        and a document that cannot be added gets a ValueError in its place."""
+        """`add_document` for several documents with one embedding batch; each is committed on its own
+        (and then journaled), and a document that cannot be added gets a ValueError in its place."""
+        results = self._add_documents(docs)
+        if self.journal is not None:
+            self.journal.record(
+                d for d, r in zip(docs, results) if isinstance(r, DocumentUpdate) and r.status != "unchanged"
+            )
+        return results
+
+    def _add_documents(self, docs: Sequence[Document]) -> list[DocumentUpdate | ValueError]:
         results: list[DocumentUpdate | ValueError | None] = [None] * len(docs)
         staged = []
         for n, d in enumerate(docs):
@@ -174,6 +190,8 @@ class Retriever:
         change = self.catalog.remove_document(doc_id)
         if change is None:
             return None
+        if self.journal is not None:
+            self.journal.record_removal(doc_id)
         self._apply(change)
         return tuple(ChunkKey.parse(k) for k in change.removed_keys)
 
@@ -248,6 +266,27 @@ class Retriever:
         self.index.remove(change.removed_ids)
         self.index.add(change.added_ids, change.added_vectors)
         self.index.generation = change.generation
+
+    def _recover(self) -> int:
+        """An empty catalog beside a journal that has documents (the damaged catalog was moved aside):
+        rebuild them; the journal is then compacted. Returns how many documents were recovered."""
+        if self.journal is None:
+            return 0
+        docs = self.journal.documents()
+        recovered = 0
+        if docs and not self.catalog.document_ids():
+            results = self._add_documents(docs)
+            recovered = sum(isinstance(r, DocumentUpdate) for r in results)
+            log.warning(
+                "catalog %s had no documents: rebuilt %d of the %d documents of %s (their chunk KV is recomputed "
+                "on first use where the disk tier did not keep it)",
+                self.catalog.url,
+                recovered,
+                len(docs),
+                self.journal.path,
+            )
+        self.journal.compact()
+        return recovered
 
     def _load_or_rebuild(self) -> VectorIndex | PgVectorIndex:
         shared = PgVectorIndex.open(self.catalog.engine, self.embedder.dim, self.config)

@@ -18,13 +18,14 @@ from ..engine.documents import DocumentService
 from ..retriever import CatalogUnavailable
 from ..storage.health import remote_status
 from . import errors
-from .auth import tenant
+from .auth import metrics_access, tenant
 from .completions import empty_retrieval_warning
 from .completions import router as completions_router
 from .disconnect import cancel_on_disconnect
 from .errors import ApiError, error_response
 from .metrics import Metrics
-from .schemas import DocumentsRequest, RetrieveRequest
+from .openapi import describe
+from .schemas import DocumentsRequest, RetrieveRequest, shown
 from .settings import ServerSettings
 from .tenant_stats import TenantCounters, tenant_store_stats
 from .worker import ModelWorker
@@ -71,6 +72,7 @@ def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
     app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(completions_router)
     app.include_router(_router())
+    describe(app)
     return app
 
 
@@ -90,7 +92,7 @@ def _router():
             "auth": s.settings.auth_enabled,
         }
 
-    @r.get("/metrics")
+    @r.get("/metrics", dependencies=[Depends(metrics_access)])
     async def metrics(request: Request):
         s = request.app.state
         s.metrics.queue_depth.set(s.worker.depth)
@@ -133,7 +135,7 @@ def _router():
         s = request.app.state
         doc = await s.worker.call(s.documents.get, namespace, doc_id, tenant=namespace)
         if doc is None:
-            raise ApiError(404, f"no document {doc_id!r} in this namespace", "doc_id")
+            raise ApiError(404, f"no document {shown(doc_id)} in this namespace", "doc_id")
         return doc
 
     @r.delete("/v1/documents/{doc_id}")
@@ -141,7 +143,7 @@ def _router():
         s = request.app.state
         dropped = await s.worker.call(s.documents.delete, namespace, doc_id, tenant=namespace)
         if dropped is None:
-            raise ApiError(404, f"no document {doc_id!r} in this namespace", "doc_id")
+            raise ApiError(404, f"no document {shown(doc_id)} in this namespace", "doc_id")
         return {"id": doc_id, "deleted": True, "invalidated_keys": dropped}
 
     @r.post("/v1/retrieve")

@@ -133,22 +133,25 @@ def make_job(req: ChatRequest | CompletionRequest, question: str, namespace: str
     r = req.retrieve
     if r is not None and r.k > settings.max_retrieve_k:
         raise ApiError(400, f"retrieve.k {r.k} is over the limit of {settings.max_retrieve_k}", "retrieve")
-    if r is not None and len(docs) + r.k > settings.max_documents:
-        raise ApiError(
-            400, f"documents + retrieve.k = {len(docs) + r.k} chunks; the limit is {settings.max_documents}", "retrieve"
+    warnings = []
+    k = 0 if r is None else min(r.k, settings.max_documents - len(docs))  # documents + retrieved <= the limit
+    if r is not None and k < r.k:
+        warnings.append(
+            f"retrieve.k lowered from {r.k} to {k}: documents + retrieve.k may not exceed {settings.max_documents}"
         )
     blend = req.blend
     return Job(
         question=question,
         texts=texts,
         refs=refs,
-        retrieve_query=None if r is None else (r.query or question),
-        retrieve_k=0 if r is None else r.k,
+        retrieve_query=None if r is None or k == 0 else (r.query or question),
+        retrieve_k=k,
         strategy=blend.strategy if blend else None,
         ratio=blend.recompute_ratio if blend else None,
         max_new_tokens=max_tokens,
         temperature=req.temperature or 0.0,
         namespace=namespace,
+        warnings=warnings,
     )
 
 

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..engine.documents import RetrievalUnavailable
+from ..engine.documents import RetrievalUnavailable, UnknownChunks
 from ..retriever import CatalogUnavailable
 from .worker import QueueFull, ShuttingDown
 
@@ -74,6 +74,10 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(ValueError)
     async def _value(_: Request, err: ValueError):
         return error_response(400, str(err))
+
+    @app.exception_handler(UnknownChunks)
+    async def _unknown_chunks(_: Request, err: UnknownChunks):
+        return error_response(404, str(err), "documents")
 
     @app.exception_handler(QueueFull)
     async def _full(request: Request, err: QueueFull):

@@ -72,6 +72,12 @@ class Metrics:
         self.catalog_outages = Gauge(
             "ragkv_catalog_outages", "times a network document catalog became unreachable", registry=r
         )
+        self.corrupt = Gauge(
+            "ragkv_corrupt_entries",
+            "entries dropped because they failed their checks (never served)",
+            ["tier"],
+            registry=r,
+        )
         self.empty_retrievals = Counter(
             "ragkv_empty_retrievals", "retrievals (in a completion or /v1/retrieve) that found no chunks", registry=r
         )
@@ -91,7 +97,9 @@ class Metrics:
             self.degraded.inc()
 
     def observe_store(self, store) -> None:
-        """Refresh the shared-tier gauges (up, outages, duplicate precomputes) from the store."""
+        """Refresh the corrupt-entry and shared-tier gauges (up, outages, duplicate precomputes) from the store."""
+        for tier in getattr(store, "tiers", ()):
+            self.corrupt.labels(tier.name).set(getattr(tier, "corrupt", 0))
         for name, s in remote_status(store).items():
             self.remote_up.labels(name).set(1 if s.get("up") else 0)
             self.remote_outages.labels(name).set(s.get("outages", 0))

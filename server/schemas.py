@@ -5,22 +5,32 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from ..blend.config import validate
+from ..blend.config import SELECTIONS, SELECTIVE, STRATEGIES, validate
 
 MAX_INT64 = 2**63 - 1  # SQL integer columns (chunk ids) hold no more
 MIN_TEMPERATURE = 1e-6  # below this (but above 0) logits / temperature overflow float32 into NaN
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """`value` quoted for an error message, cut to `limit` characters (a client's 100 kB id is not echoed)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def valid_unicode(text: str) -> str:
@@ -43,22 +53,66 @@ def storable(text: str) -> str:
     return text
 
 
-def _storable_json(value):
-    """`value` if every string inside it (keys included) is `storable`."""
+def _storable_json(value, where: str = "metadata"):
+    """`value` if every string inside it (keys included) is `storable` and every number is finite (JSON
+    has no NaN or Infinity: a stored one could never be read back)."""
     if isinstance(value, str):
         storable(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(
+            f"{shown(where, 80)} is {value!r}: only finite numbers can be stored (JSON has no NaN or Infinity)"
+        )
     elif isinstance(value, dict):
         for k, v in value.items():
-            _storable_json(k)
-            _storable_json(v)
+            _storable_json(k, where)
+            _storable_json(v, f"{where}.{k}")
     elif isinstance(value, list):
-        for v in value:
-            _storable_json(v)
+        for i, v in enumerate(value):
+            _storable_json(v, f"{where}[{i}]")
+    return value
+
+
+def json_int(value):
+    """An integer as JSON Schema means it (2 or 2.0); true, "5" and 2.5 are refused rather than coerced."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        got = "a boolean" if isinstance(value, bool) else f"a {type(value).__name__}"
+        raise ValueError(f"expected an integer, got {got} ({shown(str(value).lower(), 20)})")
     return value
 
 
 Text = Annotated[str, AfterValidator(valid_unicode)]
-StoredText = Annotated[str, AfterValidator(storable)]
+Integer = Annotated[int, BeforeValidator(json_int)]
+TokenCount = Annotated[int, Field(ge=1, le=MAX_INT64), BeforeValidator(json_int)]  # constraints first: see the schema
+StoredText = Annotated[str, AfterValidator(storable), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+# What the schema promises for a question (the validators below check it with a clearer message)
+NON_BLANK = {"minLength": 1, "pattern": r"\S"}
+Prompt = Annotated[Text, Field(json_schema_extra=NON_BLANK)]
+# 0 (greedy) or a temperature large enough to sample with
+_TEMPERATURE = {"anyOf": [{"const": 0}, {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": 2}, {"type": "null"}]}
+STRATEGY_NAMES = [*STRATEGIES, *(f"{s}+{sel}" for s in SELECTIVE for sel in SELECTIONS)]
+# a chat needs a user message with some text (the question): as a string, or text parts
+_QUESTION = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"const": "user"},
+        "content": {
+            "anyOf": [
+                {"type": "string", **NON_BLANK},
+                {
+                    "type": "array",
+                    "contains": {
+                        "type": "object",
+                        "required": ["text"],
+                        "properties": {"text": {"type": "string", **NON_BLANK}},
+                    },
+                },
+            ]
+        },
+    },
+}
 
 
 class _Strict(BaseModel):
@@ -68,8 +122,10 @@ class _Strict(BaseModel):
 class BlendOptions(_Strict):
     """How the request's chunks are fused (server defaults where absent)."""
 
-    strategy: Text | None = Field(None, max_length=64)
-    recompute_ratio: float | None = Field(None, allow_inf_nan=False)
+    strategy: Text | None = Field(None, max_length=64, json_schema_extra={"enum": [*STRATEGY_NAMES, None]})
+    recompute_ratio: float | None = Field(  # the range is checked by `validate` (one message for both)
+        None, allow_inf_nan=False, strict=True, json_schema_extra={"minimum": 0.0, "maximum": 1.0}
+    )
 
     @model_validator(mode="after")
     def _check(self) -> BlendOptions:
@@ -81,20 +137,20 @@ class RetrieveOptions(_Strict):
     """Search the tenant's ingested chunks; `query` defaults to the question."""
 
     query: Text | None = None
-    k: int = Field(4, ge=1, le=1024)
+    k: Integer = Field(4, ge=1, le=1024)
 
 
 class TextDocument(_Strict):
-    text: Text
+    text: Text = Field(json_schema_extra=NON_BLANK)
 
 
 class ChunkRef(_Strict):
     """An ingested chunk by its catalog id (as `/v1/retrieve` returns it)."""
 
-    chunk_id: int = Field(ge=0, le=MAX_INT64)
+    chunk_id: Integer = Field(ge=0, le=MAX_INT64)
 
 
-DocumentItem = Text | TextDocument | ChunkRef
+DocumentItem = Annotated[Text, Field(json_schema_extra=NON_BLANK)] | TextDocument | ChunkRef
 
 
 class RagkvFields(BaseModel):
@@ -132,7 +188,7 @@ class RagkvFields(BaseModel):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Text
+    type: Text = Field(json_schema_extra={"enum": ["text"]})  # other part types are refused
     text: Text | None = None
 
 
@@ -147,17 +203,19 @@ class ChatMessage(BaseModel):
             return self.content or ""
         for p in self.content:
             if p.type != "text":
-                raise ValueError(f"messages: content part type {p.type!r} is not supported; accepted: text")
+                raise ValueError(f"messages: content part type {shown(p.type)} is not supported; accepted: text")
         return "".join(p.text or "" for p in self.content)
 
 
 class _Completion(RagkvFields):
     model_config = ConfigDict(extra="ignore")
     model: Text | None = Field(None, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_INT64)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    max_tokens: TokenCount | None = None
+    temperature: Annotated[float | None, WithJsonSchema(_TEMPERATURE)] = Field(
+        None, ge=0.0, le=2.0, allow_inf_nan=False, strict=True
+    )
+    stream: bool = Field(False, strict=True)
+    n: Integer = Field(1, ge=1, le=1)
 
     @field_validator("temperature")
     @classmethod
@@ -172,8 +230,8 @@ class _Completion(RagkvFields):
 class ChatRequest(_Completion):
     """`POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT64)
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1, "contains": _QUESTION})
+    max_completion_tokens: TokenCount | None = None
 
     @field_validator("messages")
     @classmethod
@@ -188,7 +246,7 @@ class ChatRequest(_Completion):
 class CompletionRequest(_Completion):
     """`POST /v1/completions`: the prompt is the question."""
 
-    prompt: Text | list[Text]
+    prompt: Prompt | Annotated[list[Prompt], Field(json_schema_extra={"minItems": 1, "maxItems": 1})]
 
     @field_validator("prompt")
     @classmethod
@@ -216,8 +274,15 @@ class DocumentsRequest(_Strict):
 class RetrieveRequest(_Strict):
     """`POST /v1/retrieve`."""
 
-    query: Text = Field(min_length=1)
-    k: int = Field(4, ge=1, le=1024)
+    query: Text = Field(min_length=1, json_schema_extra={"pattern": r"\S"})
+    k: Integer = Field(4, ge=1, le=1024)
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query is blank: send some text to search for")
+        return v
 
 
 def chat_question(messages: list[ChatMessage]) -> str:

@@ -48,7 +48,7 @@ def tenant_store_stats(store, namespace: str, counters: TenantCounters) -> dict:
                 "capacity_bytes": t.capacity_bytes,
                 "hits": hits.get(t.name, 0),
                 "evictions": 0,  # not tracked per tenant
-                "corrupt": 0,  # not tracked per tenant
+                "corrupt": t.corrupt_in(namespace),  # entries dropped as corrupt (never served)
             }
         )
     return {
@@ -63,6 +63,6 @@ def tenant_store_stats(store, namespace: str, counters: TenantCounters) -> dict:
         "write_errors": 0,
         "last_error": None,
         "hits": {t["name"]: t["hits"] for t in tiers},
-        "corrupt": 0,
+        "corrupt": sum(t["corrupt"] for t in tiers),
         "evictions": 0,
     }

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from ..engine.answer import Answer
 from .errors import ApiError
@@ -33,6 +34,8 @@ class Prepared:
     token_ids: list[int]
     published: bool
     publish_error: str | None
+    handoff: str | None  # the hand-off path taken (cuda_ipc, shm, file), None if not published
+    handoff_fallback: list[str]  # why better paths were not taken
     parts_ms: dict[str, float]
     hits: dict[str, int]
     misses: int
@@ -61,7 +64,8 @@ class Upstream:
         self.url = self.url.rstrip("/")
 
     # -- on the model worker: fuse and publish ---------------------------------------------------
-    def prepare(self, job, engine, documents) -> Prepared:
+    def prepare(self, job, engine, documents, model: str = "") -> Prepared:
+        """Fuse the prompt and publish its KV for the upstream's `model` (the name the connector checks)."""
         t0 = time.perf_counter()
         chunks = job.resolve_chunks(engine, documents)
         run = engine.run(
@@ -74,11 +78,11 @@ class Upstream:
         )
         ids = run.plan.input_ids.tolist()
         t1 = time.perf_counter()
-        published, error = True, None
+        published, error, record = True, None, None
         try:
             kv = run.blend.prompt_kv()  # per layer (K, V) [1, H_kv, N, D]
             keys, values = [k for k, _ in kv], [v for _, v in kv]
-            self.store.publish(ids, keys, values, dtype=self.publish_dtype)
+            record = self.store.publish(ids, keys, values, dtype=self.publish_dtype, model=model)
         except (OSError, ValueError, RuntimeError) as err:  # vLLM then finds no entry and prefills itself
             published, error = False, f"{type(err).__name__}: {err}"
         parts = {**run.parts_ms, "publish": (time.perf_counter() - t1) * 1e3}
@@ -87,6 +91,8 @@ class Upstream:
             token_ids=ids,
             published=published,
             publish_error=error,
+            handoff=record.path if record else None,
+            handoff_fallback=list(record.fallback) if record else [],
             parts_ms=parts,
             hits=run.hits,
             misses=run.misses,
@@ -100,9 +106,9 @@ class Upstream:
     # -- on the event loop: forward and stream back ----------------------------------------------
     async def stream(self, job, state) -> AsyncIterator[str | Answer]:
         """Text pieces from the upstream, then an `Answer` (the events `Job.run` yields in-process)."""
-        prep = await state.worker.call(self.prepare, job, state.engine, state.documents)
         client = self._http()
         model = self.model or await self._served_model(client)
+        prep = await state.worker.call(self.prepare, job, state.engine, state.documents, model)
         body = {
             "model": model,
             "prompt": prep.token_ids,
@@ -131,7 +137,7 @@ class Upstream:
                             yield piece
         except httpx.HTTPError as err:
             raise ApiError(502, f"upstream {self.url} failed: {type(err).__name__}: {err}") from None
-        finally:  # vLLM has loaded it (or never will); ragkv fuses afresh for every request
+        finally:  # vLLM has loaded it (or never will): unpin it; ragkv fuses afresh for every request
             if prep.published and self.remove_after:
                 self.store.remove(prep.token_ids)
         t_end = time.perf_counter()
@@ -143,6 +149,8 @@ class Upstream:
             model=model,
             published=prep.published,
             publish_error=prep.publish_error,
+            handoff=prep.handoff,
+            handoff_fallback=prep.handoff_fallback,
             fused_tokens=len(prep.token_ids) - 1 if prep.published else 0,
             ragkv_first_token=prep.first_token,
             upstream_first_token=tokens[0] if tokens else None,
@@ -198,6 +206,19 @@ async def _sse(reply: httpx.Response) -> AsyncIterator[dict]:
         if "error" in event:
             raise ApiError(502, f"upstream error: {event['error']}")
         yield event
+
+
+def fused_store_of(fused_dir: str, handoff: str = "auto", budget: str = "8GiB", mode: str = "600") -> FusedKVStore:
+    """The proxy's store from its command-line words (`budget` like "8GiB", `mode` octal like "640")."""
+    try:
+        budget_bytes = int(TypeAdapter(ByteSize).validate_python(budget))
+    except ValidationError:
+        raise ValueError(f"fused budget {budget!r} is not a size; accepted: bytes or e.g. 512MiB, 8GiB") from None
+    try:
+        entry_mode = int(mode, 8)
+    except ValueError:
+        raise ValueError(f"fused entry mode {mode!r} is not octal; accepted: e.g. 600, 640, 644") from None
+    return FusedKVStore(fused_dir, budget_bytes=budget_bytes, handoff=handoff, entry_mode=entry_mode)
 
 
 def fused_dir_default() -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..chunk_cache import ChunkKey
+from .schema import create_tables
 from .sql import sql_engine
 from .tier import EntryInfo
 
@@ -62,7 +63,7 @@ class Catalog:
         self.tier = tier
         self.engine = sql_engine(url)
         try:
-            _META.create_all(self.engine, checkfirst=True)
+            create_tables(_META, self.engine)  # a neighbour creating them at the same moment is not damage
             if url.startswith("sqlite"):
                 with self.engine.connect() as conn:
                     verdict = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
@@ -88,7 +89,8 @@ class Catalog:
         return (
             f"the chunk catalog {where} is damaged ({why}); no payload file was touched. To heal: stop every "
             f"ragkv process using it, move {where} (and its -wal / -shm files) aside, and start again: the disk "
-            "tier rebuilds its rows from the payload headers (documents in a shared catalog must be re-ingested)"
+            "tier rebuilds its rows from the payload headers, and the documents are rebuilt from "
+            "documents.journal.jsonl beside it (a PostgreSQL catalog has no journal: re-ingest its documents)"
         )
 
     def rows(self) -> list[CatalogRow]:

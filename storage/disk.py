@@ -32,8 +32,8 @@ from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
 from ..compression import Codec, DecodePool, get_codec
 from .catalog import Catalog, CatalogDamaged, CatalogRow
 from .files import file_mtime, file_size, fsync_dir, hold_lock, lock_held, unlink_if_present
-from .layered import EncodedLayers
-from .payload import CorruptPayload, pack_header, read_any_payload, read_payload
+from .layered import EncodedLayers, FileLayers
+from .payload import CorruptPayload, Header, pack_header, read_any_payload, read_header, read_payload
 from .tier import EntryInfo, Tier, TierWriteError, resolve_codec
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class DiskTier(Tier):
         decode_pool: DecodePool | None = None,
         grace_s: float = GRACE_S,
         repair: bool = True,
+        layer_reads: bool = True,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
@@ -82,6 +83,7 @@ class DiskTier(Tier):
         self.device = torch.device("cpu")
         self.corrupt = 0
         self.grace_s = grace_s
+        self.layer_reads = layer_reads  # `get` reads the header only; each layer is read and checked when asked
         try:
             (self.root / "data").mkdir(parents=True, exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)
@@ -142,24 +144,69 @@ class DiskTier(Tier):
             return [r.info for r in self._index.values()]
 
     def get(self, key: ChunkKey, device: torch.device | str | None = None) -> LayeredKV | None:
+        """The entry, its header verified. With `layer_reads` (and a layered payload whose digest covers the
+        header) nothing else is read here: `FileLayers` reads each layer's section when asked and checks its
+        CRC32 then (a bad one drops the entry); otherwise the whole payload is read and verified now."""
         row = self._index.get(key)
         if row is None:
             return None
+        target = torch.device(device) if device is not None else self.device
         try:
-            with open(self.root / row.file, "rb") as f:
-                p = read_payload(f, key, row.checksum)
-            codec = self.codec if p.enc.codec == self.codec.name else get_codec(p.enc.codec)
+            fd = os.open(self.root / row.file, os.O_RDONLY)
         except FileNotFoundError:
             return self._vanished(key, row, device)
+        except OSError as err:
+            return self._corrupt(key, row, f"unreadable: {err}")
+        try:
+            with open(fd, "rb", closefd=False) as f:
+                head = read_header(f)
+                lazy = self.layer_reads and head.by_header
+                if not lazy:
+                    f.seek(0)
+                    p = read_payload(f, key, row.checksum)
+            codec = self.codec if head.codec == self.codec.name else get_codec(head.codec)
+            if lazy:
+                self._check_header(key, row, head, os.fstat(fd).st_size)
+                layers = FileLayers(
+                    fd,
+                    head.payload_offset,
+                    head.codec,
+                    head.meta,
+                    codec,
+                    head.pos0,
+                    head.num_tokens,
+                    head.num_layers,
+                    target,
+                    self.decode_pool,
+                    lambda why: self._corrupt(key, row, why),
+                )
+                fd = None  # the view owns it now
+                return layers
         except (CorruptPayload, ValueError) as err:
-            log.warning("disk tier %r: dropping corrupt entry %s (%s)", self.name, key, err)
-            with self._lock:
-                if self._index.get(key) is row:
-                    self.corrupt += 1
-                    self._drop(key)
-            return None
-        target = torch.device(device) if device is not None else self.device
+            return self._corrupt(key, row, str(err))
+        finally:
+            if fd is not None:
+                os.close(fd)
         return EncodedLayers(p.enc, codec, p.pos0, p.num_tokens, p.num_layers, target, self.decode_pool)
+
+    @staticmethod
+    def _check_header(key: ChunkKey, row: CatalogRow, head: Header, file_size: int) -> None:
+        """What `read_payload` checks besides the payload bytes: the owner, the catalog's checksum, the size."""
+        if head.key != str(key):
+            raise CorruptPayload(f"payload belongs to {head.key!r}, not {key}")
+        if head.checksum != row.checksum:
+            raise CorruptPayload("checksum differs from the catalog's")
+        if file_size != head.payload_offset + head.payload_len:
+            raise CorruptPayload(f"file is {file_size} bytes; its header says {head.payload_offset + head.payload_len}")
+
+    def _corrupt(self, key: ChunkKey, row: CatalogRow, why: str) -> None:
+        """Drop a damaged entry (still the one `row` names) so it is recomputed, never served; a miss."""
+        log.warning("disk tier %r: dropping corrupt entry %s (%s)", self.name, key, why)
+        with self._lock:
+            if self._index.get(key) is row:
+                self.count_corrupt(key)
+                self._drop(key)
+        return None
 
     # -- writes ----------------------------------------------------------------------------------
     def put(self, key: ChunkKey, kv: ChunkKV, cost: float | None = None, hits: int = 0) -> EntryInfo:

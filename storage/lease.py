@@ -20,6 +20,13 @@ holds. A chunk computed without a lease whose count, once Redis answers again, i
 `outage_duplicates` (Redis was unreachable when it was decided, so no protocol could have avoided
 it); `duplicates` counts only computes decided with Redis reachable (under a lease, or after a wait
 ran out): the compute-once protocol's own failures. Each is logged with its key.
+
+Redis refusing the entry (out of memory) while the lease is held: the holder serves its answer from its
+local tiers (`unstored` counts it) and, instead of releasing the lease, marks it `unstored` for lease_ms.
+A waiter that sees the mark computes at once without a lease (`refused_waits`), and so does a sidecar
+that finds the mark when it asks for the lease: each sidecar computes such a chunk at most once, all at
+the same time, instead of taking the lease in turn, each computing again while the rest wait. When the
+mark expires, the next miss tries Redis again. (A mark Redis refuses too is a plain release.)
 """
 
 from __future__ import annotations
@@ -39,6 +46,12 @@ log = logging.getLogger(__name__)
 
 # delete the lease only if it is still ours (it may have expired and been taken by another sidecar)
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+# turn our lease into the `unstored` mark (the entry could not be written): waiters stop waiting on it
+_MARK = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) else return 0 end"
+)
+UNSTORED = b"unstored"
 # extend the lease only if it is still ours
 _RENEW = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
@@ -53,8 +66,10 @@ class LeaseStats:
     arrived: int = 0  # chunks another sidecar computed while we waited (hits, nothing computed here)
     timeouts: int = 0  # waits that ran out: computed anyway
     duplicates: int = 0  # precomputes of a chunk Redis had already counted once (by any sidecar)
-    unleased: int = 0  # chunks computed without a lease because Redis was unreachable
+    unleased: int = 0  # chunks computed without a lease because Redis was unreachable (or refused the entry)
     outage_duplicates: int = 0  # of the unleased ones: chunks Redis had counted once already
+    unstored: int = 0  # chunks computed under a lease whose Redis write was refused (out of memory)
+    refused_waits: int = 0  # waits ended by an `unstored` mark: computed here at once, without a lease
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,15 +127,21 @@ class ComputeLeases:
                 arrived.update(k for k, p in zip(mine, landed) if p)
                 todo = [k for k, p in zip(mine, landed) if not p]
                 renew = self._keep_alive(mine, token)  # a slow precompute must not lose its leases
+                unstored: list[ChunkKey] = []
                 try:
                     self._compute(store, todo, missing, compute, token, write_behind)
+                    unstored = [k for k in todo if not self.tier.lookup(k)]  # Redis refused the write
                 finally:
                     renew.set()
-                    self._release(mine, token)
+                    self._release([k for k in mine if k not in unstored], token)
+                    self._mark_unstored(unstored, token)
             pending = [k for k, w in zip(pending, won) if not w]
             if not pending:
                 break
-            pending = self._wait(pending, deadline, arrived)
+            pending, refused = self._wait(pending, deadline, arrived)
+            if refused:  # the holder could not store them: compute here now, everyone at once
+                self._count(refused_waits=len(refused))
+                self._compute(store, refused, missing, compute, None, write_behind, leased=False)
             if pending and time.monotonic() >= deadline:  # waited long enough: compute anyway
                 self._count(timeouts=len(pending))
                 self._compute(store, pending, missing, compute, None, write_behind)
@@ -147,37 +168,44 @@ class ComputeLeases:
 
         return self.link.call(go, [False] * len(keys))
 
-    def _wait(self, keys: list[ChunkKey], deadline: float, arrived: set[ChunkKey]) -> list[ChunkKey]:
-        """Poll until each key's entry lands (-> `arrived`) or its lease is gone; returns keys still
-        missing (lease gone without an entry, or the deadline passed, or Redis went away)."""
+    def _wait(
+        self, keys: list[ChunkKey], deadline: float, arrived: set[ChunkKey]
+    ) -> tuple[list[ChunkKey], list[ChunkKey]]:
+        """Poll until each key's entry lands (-> `arrived`), its lease is gone or marked `unstored`;
+        returns (keys still missing: lease gone without an entry, the deadline passed or Redis went
+        away; keys whose lease is marked `unstored`: Redis refused the holder's entry)."""
         waiting = list(keys)
+        first = True
         while waiting and time.monotonic() < deadline:
-            time.sleep(self.poll_s)
+            if not first:  # a mark is there at once for a key whose lease could not be taken
+                time.sleep(self.poll_s)
+            first = False
 
             def go(r, keys=tuple(waiting)):
                 pipe = r.pipeline(transaction=False)
                 for k in keys:
                     pipe.exists(self.tier.header_key(k))
-                    pipe.exists(self.lease_key(k))
+                    pipe.get(self.lease_key(k))
                 out = pipe.execute()
                 return list(zip(out[::2], out[1::2]))
 
             states = self.link.call(go, None)
             if states is None:
-                return waiting  # Redis went away: the caller computes
-            still = []
-            orphaned = []
+                return waiting, []  # Redis went away: the caller computes
+            still, orphaned, refused = [], [], []
             for k, (entry, lease) in zip(waiting, states):
                 if entry:
                     arrived.add(k)
+                elif lease == UNSTORED:
+                    refused.append(k)
                 elif lease:
                     still.append(k)
                 else:
                     orphaned.append(k)
-            if orphaned:
-                return orphaned + still  # retry leases for the orphans (and keep waiting on the rest)
+            if orphaned or refused:
+                return orphaned + still, refused  # retry leases for the orphans (and keep waiting on the rest)
             waiting = still
-        return waiting
+        return waiting, []
 
     def _compute(
         self,
@@ -241,6 +269,25 @@ class ComputeLeases:
             pipe.execute()
 
         self.link.call(go, None)
+
+    def _mark_unstored(self, keys: list[ChunkKey], token: str) -> None:
+        """Our leases on `keys`, whose entries Redis refused, become the `unstored` mark for lease_ms."""
+        if not keys:
+            return
+        self._count(unstored=len(keys))
+        log.warning(
+            "redis tier %r refused %d computed chunks (%s): marked unstored", self.tier.name, len(keys), keys[0]
+        )
+
+        def go(r):
+            pipe = r.pipeline(transaction=False)
+            for k in keys:
+                pipe.eval(_MARK, 1, self.lease_key(k), token, UNSTORED, self.lease_ms)
+            pipe.execute()
+            return True
+
+        if not self.link.call(go, False):  # the mark refused too: a plain release (waiters take turns)
+            self._release(keys, token)
 
     def _count(self, **deltas: int) -> None:
         with self._lock:

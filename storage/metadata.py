@@ -22,6 +22,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from ..chunk_cache import ChunkKey
+from .schema import create_tables
 from .sql import sql_engine
 from .variants import VariantRecord
 
@@ -171,7 +172,7 @@ class SqlMetadata(MetadataStore):
 
     def __init__(self, url: str) -> None:
         self.engine = sql_engine(url)
-        _META.create_all(self.engine, checkfirst=True)
+        create_tables(_META, self.engine)
 
     def get_many(self, keys):
         names = [str(k) for k in keys]

@@ -248,7 +248,7 @@ class RedisTier(Tier):
 
     def _corrupt(self, key: ChunkKey, parts: int, err: Exception) -> None:
         log.warning("redis tier %r: dropping corrupt entry %s (%s)", self.name, key, err)
-        self.corrupt += 1
+        self.count_corrupt(key)
         self._forget(key)
         self._delete(key, parts)
 

@@ -48,6 +48,16 @@ class Tier(ABC):
     corrupt: int = 0  # entries found corrupt on read (dropped, never served)
     shared: bool = False  # other processes read this tier (Redis): the store writes every put through to it
 
+    def count_corrupt(self, key: ChunkKey) -> None:
+        """Record one entry dropped as corrupt: in `corrupt` and under its namespace (`corrupt_in`)."""
+        self.corrupt += 1
+        by_namespace = self.__dict__.setdefault("_corrupt_by_namespace", {})
+        by_namespace[key.namespace] = by_namespace.get(key.namespace, 0) + 1
+
+    def corrupt_in(self, namespace: str) -> int:
+        """Entries of `namespace` dropped as corrupt here."""
+        return self.__dict__.get("_corrupt_by_namespace", {}).get(namespace, 0)
+
     @abstractmethod
     def lookup(self, key: ChunkKey) -> bool:
         """Whether `key` is here, without I/O or side effects."""

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
-from ..compression import DecodePool
+from ..compression import CodecError, DecodePool
 from .layered import materialize
 from .policy import make_policy
 from .services import StoreServices
@@ -105,8 +105,10 @@ class TieredStore:
                 if i > 0 and self.promote:
                     if self._pins[key]:
                         self._pending[key] = i
-                    else:
-                        self._promote(key, i, kv)
+                    elif not self._promote(key, i, kv):  # damaged (read layer by layer): dropped by its tier
+                        self._hits[tier.name] -= 1
+                        self._count["misses"] += 1
+                        return None
             return kv
         with self._lock:
             self._count["misses"] += 1
@@ -126,7 +128,10 @@ class TieredStore:
     def get(self, key: ChunkKey, device: torch.device | str | None = None) -> ChunkKV | None:
         """The whole entry as one ChunkKV (all layers decoded), or None on a miss."""
         kv = self.get_layered(key, device)
-        return None if kv is None else materialize(kv, device)
+        try:
+            return None if kv is None else materialize(kv, device)
+        except CodecError:  # a layer failed its check on reading: its tier dropped the entry, a miss
+            return None
 
     def pin(self, keys: Iterable[ChunkKey]) -> None:
         """Keep `keys` from being evicted until as many `unpin` calls."""
@@ -306,7 +311,10 @@ class TieredStore:
         below = self.tiers[i + 1] if i + 1 < len(self.tiers) else None
         info = tier.info(key)
         kv = tier.get(key, below.device) if below is not None and not below.lookup(key) else None
-        chunk = materialize(kv) if kv is not None else None
+        try:
+            chunk = materialize(kv) if kv is not None else None
+        except CodecError:  # a damaged entry (its tier dropped it on reading): nothing to demote
+            chunk = None
         tier.remove(key)
         if info is not None:
             self.policies[i].on_evict(info)
@@ -320,8 +328,14 @@ class TieredStore:
         ):
             self._count["demotions"] += 1
 
-    def _promote(self, key: ChunkKey, i: int, kv: LayeredKV) -> None:
+    def _promote(self, key: ChunkKey, i: int, kv: LayeredKV) -> bool:
+        """Copy a lower-tier hit into the first tier; False when the entry turned out damaged on reading."""
         info = self.tiers[i].info(key)
-        chunk = materialize(kv, self.tiers[0].device)
+        try:
+            chunk = materialize(kv, self.tiers[0].device)
+        except CodecError as err:  # a layer failed its check on reading: its tier dropped the entry
+            log.warning("not promoting %s: %s", key, err)
+            return False
         if self._insert(0, key, chunk, info.cost if info else None, info.hits if info else 0):
             self._count["promotions"] += 1
+        return True

@@ -125,11 +125,12 @@ def test_triton_kernel_on_model_kv():
     kv = ChunkKV(kv.kv.half(), kv.pos0)
     codec = PackedCodec(MIXED)
     enc = codec.encode(kv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels need device tensors
     for layer, task, section in _layers(codec, enc, torch.float16):
         t, h, d = task.shape
-        out = torch.empty((2, t, h, d), dtype=torch.float16)
-        decode_packed_triton(section, PackedLayout.of(MIXED, t, h * d, layer, kv.num_layers), out)
-        assert torch.equal(out, codec.decode_layer(enc, layer)), f"layer {layer}"
+        out = torch.empty((2, t, h, d), dtype=torch.float16, device=device)
+        decode_packed_triton(section.to(device), PackedLayout.of(MIXED, t, h * d, layer, kv.num_layers), out)
+        assert torch.equal(out.cpu(), codec.decode_layer(enc, layer)), f"layer {layer}"
 
 
 @pytest.mark.parametrize("name", ("packed", "int8", "cachegen"))

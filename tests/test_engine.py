@@ -113,13 +113,32 @@ def test_a_corrupt_disk_entry_is_recomputed(tmp_path):
     payloads = sorted((tmp_path / "cache").rglob("*.kv"))  # payload files (not the writer locks)
     assert len(payloads) == len(PASSAGES)
     data = bytearray(payloads[0].read_bytes())
-    data[-10] ^= 0xFF  # flip bits inside the KV bytes: the checksum no longer matches
+    data[-10] ^= 0xFF  # flip bits inside the KV bytes (the last layer): its CRC32 no longer matches
     payloads[0].write_bytes(bytes(data))
+    run = engine.run(QUESTION, PASSAGES, strategy="naive")
+    # read layer by layer, the damage shows at the last layer, mid-blend: that chunk is recomputed there
+    assert run.misses == 0 and run.hits == {"disk": len(PASSAGES)}
+    torch.testing.assert_close(run.logits, reference.logits, **TOL)
+    assert engine.store.stats().corrupt == 1 and not payloads[0].exists()  # dropped, never served again
+    again = engine.run(QUESTION, PASSAGES, strategy="naive")
+    assert again.misses == 1  # recomputed as a miss and stored back
+    torch.testing.assert_close(again.logits, reference.logits, **TOL)
+    assert engine.run(QUESTION, PASSAGES, strategy="naive").misses == 0
+
+
+def test_a_damaged_layer_section_read_whole_is_a_miss_recomputed_before_the_blend(tmp_path):
+    """The same damage with the whole payload verified at `get` (`layer_reads=False`): a miss at once."""
+    disk = DiskTier(tmp_path / "cache", catalog_url=f"sqlite:///{tmp_path}/c.sqlite", layer_reads=False)
+    engine = tiny_engine(TieredStore([disk]))
+    reference = engine.run(QUESTION, PASSAGES, strategy="naive")
+    payload = sorted((tmp_path / "cache").rglob("*.kv"))[0]
+    data = bytearray(payload.read_bytes())
+    data[-10] ^= 0xFF
+    payload.write_bytes(bytes(data))
     run = engine.run(QUESTION, PASSAGES, strategy="naive")
     assert run.misses == 1 and run.hits == {"disk": len(PASSAGES)}  # lookup saw it; the read refused it
     torch.testing.assert_close(run.logits, reference.logits, **TOL)
-    again = engine.run(QUESTION, PASSAGES, strategy="naive")
-    assert again.misses == 0  # the recomputed entry was stored back
+    assert engine.run(QUESTION, PASSAGES, strategy="naive").misses == 0  # the recomputed entry was stored back
 
 
 def test_sampling_follows_the_softmax_and_low_temperature_is_greedy(engine):

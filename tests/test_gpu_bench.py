@@ -18,8 +18,9 @@ def test_bench_gpu_dry_run_covers_every_row(tmp_path):
     for tokens in (37, 53):  # 2 and 3 chunks of 16 tokens + BOS + a 4-token query
         assert (tokens, "hf-forward", "-", "sdpa") in rows and (tokens, "full", "-", "auto") in rows
         assert (tokens, "naive", "gpu", "auto") in rows
-        for source in ("pinned", "disk-lz4", "disk-int8"):
+        for source in ("pinned", "disk-lz4", "disk-int8", "disk-packed", "disk-packed/whole"):
             assert (tokens, "cacheblend@0.15", source, "dense") in rows
+        assert (tokens, "cacheblend+query@0.15", "gpu", "dense") in rows  # any strategy name runs
         for attention in ("blocks", "dense", "flex"):
             assert (tokens, "cacheblend@0.15", "gpu", attention) in rows and (
                 tokens,
@@ -33,6 +34,13 @@ def test_bench_gpu_dry_run_covers_every_row(tmp_path):
     assert 0.15 < cb["recompute_fraction"] < 1.0 and cb["limit_x"] > 1.0
     assert by_key[(53, "naive", "gpu", "auto")]["recompute_fraction"] == 0.0
     assert report["precompute"][0]["chunk_tokens"] == 8
+    per_layer, whole = (
+        by_key[(53, "cacheblend@0.15", "disk-packed", "dense")],
+        by_key[(53, "cacheblend@0.15", "disk-packed/whole", "dense")],
+    )
+    assert per_layer["lookup_ms"] is not None and whole["lookup_ms"] is not None  # the look-up before layer 0
+    assert per_layer["recompute_fraction"] == whole["recompute_fraction"]
+    assert all(isinstance(shape, list) and len(shape) == 2 for shape in report["flex_shapes"])  # flex rows ran
 
 
 def test_bench_gpu_refuses_unknown_shapes_and_sources(tmp_path):

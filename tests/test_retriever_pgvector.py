@@ -27,9 +27,13 @@ def pg_engine():
         if conn.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first() is None:
             pytest.skip("PostgreSQL has no pgvector extension (install postgresql-NN-pgvector)")
     yield engine
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP TABLE IF EXISTS {TABLE}"))
+    with engine.begin() as conn:  # leave nothing for the next test (a catalog binds its model on first use)
+        for table in (TABLE, *CATALOG_TABLES):
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table} CASCADE"))
     engine.dispose()
+
+
+CATALOG_TABLES = ("ragkv_document_chunks", "ragkv_documents", "ragkv_retriever_chunks", "ragkv_retriever_meta")
 
 
 def _unit(n: int, dim: int, seed: int) -> np.ndarray:

@@ -26,7 +26,12 @@ DOCS = ["The Rhine bends north at Basel.", "Lake Constance feeds the Rhine."]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with running_server(
-        tmp_path_factory.mktemp("server"), api_keys=KEYS, max_documents=4, max_document_chars=400, max_new_tokens=6
+        tmp_path_factory.mktemp("server"),
+        api_keys=KEYS,
+        metrics_key="admin-key",
+        max_documents=4,
+        max_document_chars=400,
+        max_new_tokens=6,
     ) as (url, proc):
         yield url, proc
 
@@ -104,7 +109,7 @@ def test_auth_required(url):
         ask(url, DOCS, key="wrong")
     r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}]})
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
-    assert httpx.get(f"{url}/healthz").status_code == 200  # health and metrics stay open
+    assert httpx.get(f"{url}/healthz").status_code == 200  # health stays open
 
 
 BAD = [
@@ -165,7 +170,8 @@ def test_healthz_answers_while_generating(url):
 
 def test_metrics_and_cache_stats(url):
     ask(url, DOCS)
-    text = httpx.get(f"{url}/metrics").text
+    assert httpx.get(f"{url}/metrics").status_code == 401  # every tenant's counters: the admin key only
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer admin-key"}).text
     assert 'ragkv_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in text
     assert "ragkv_ttft_seconds_bucket" in text and 'ragkv_chunk_hits_total{tier="cpu"}' in text
     assert "ragkv_recompute_fraction_count" in text and "ragkv_request_seconds_bucket" in text

@@ -20,6 +20,7 @@ from tiny_engine import tiny_engine_adapter
 
 from ragkv.engine import Engine, EngineConfig
 from ragkv.retriever import RetrieverConfig
+from ragkv.retriever.pgvector_index import PgVectorIndex
 from ragkv.storage import MemoryTier, TieredStore
 
 DOCS = [
@@ -27,6 +28,7 @@ DOCS = [
     {"id": "lake", "text": "Lake Constance feeds the Rhine; maple trees line the quartz road by the lake."},
 ]
 ASK = {"messages": [{"role": "user", "content": "Where does the Rhine bend?"}], "max_tokens": 2}
+RETRIEVE = {**ASK, "retrieve": {"query": "Where does the Rhine bend?", "k": 2}}
 
 
 @pytest.fixture
@@ -57,6 +59,21 @@ def _app(catalog_url: str, data_dir):
     return create_app(load_settings(data_dir=str(data_dir), max_new_tokens=2), engine), engine
 
 
+def _ingested_behind_a_proxy(pg_database, data_dir):
+    """(proxy, catalog URL through it, app, engine): a sidecar whose catalog is reached through a TCP
+    proxy, with DOCS ingested and one retrieval answered (both checked) before anything is cut."""
+    proxy = TcpProxy(pg_database.host or "127.0.0.1", pg_database.port or 5432)
+    url = pg_database.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    app, engine = _app(url, data_dir)
+    added, before = _call(
+        app, ("POST", "/v1/documents", {"documents": DOCS}), ("POST", "/v1/chat/completions", RETRIEVE)
+    )
+    assert added.status_code == 200 and added.json()["added"] == 2
+    assert before.status_code == 200 and len(before.json()["ragkv"]["retrieved"]) == 2
+    assert before.json()["ragkv"]["warnings"] == []
+    return proxy, url, app, engine
+
+
 def _call(app, *requests):
     """Send (method, path, json) requests in order to `app`; their responses."""
 
@@ -68,22 +85,16 @@ def _call(app, *requests):
     return asyncio.run(main())
 
 
-def test_a_catalog_outage_degrades_answers_and_a_restart_keeps_what_was_committed(pg_database, tmp_path):
-    proxy = TcpProxy(pg_database.host or "127.0.0.1", pg_database.port or 5432)
-    url = pg_database.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    app, engine = _app(url, tmp_path / "a")
-    retrieve = {**ASK, "retrieve": {"query": "Where does the Rhine bend?", "k": 2}}
-    added, before = _call(
-        app, ("POST", "/v1/documents", {"documents": DOCS}), ("POST", "/v1/chat/completions", retrieve)
-    )
-    assert added.status_code == 200 and added.json()["added"] == 2
-    assert before.status_code == 200 and len(before.json()["ragkv"]["retrieved"]) == 2
-    assert before.json()["ragkv"]["warnings"] == []
+def test_a_catalog_outage_degrades_answers_and_a_restart_keeps_what_was_committed(pg_database, tmp_path, monkeypatch):
+    # the local faiss index answers during the outage; with pgvector (now in CI's PostgreSQL) the index lives
+    # in the unreachable database, so searches find nothing then: see the next test
+    monkeypatch.setattr(PgVectorIndex, "open", classmethod(lambda cls, *a, **k: None))
+    proxy, url, app, engine = _ingested_behind_a_proxy(pg_database, tmp_path / "a")
 
     proxy.cut()  # PostgreSQL is gone for this sidecar
     during = _call(
         app,
-        ("POST", "/v1/chat/completions", retrieve),
+        ("POST", "/v1/chat/completions", RETRIEVE),
         ("POST", "/v1/chat/completions", {**ASK, "documents": ["The Rhine bends north at Basel."]}),
         ("POST", "/v1/retrieve", {"query": "Rhine", "k": 2}),
         ("POST", "/v1/documents", {"documents": [{"id": "new", "text": "A document written during the outage."}]}),
@@ -104,7 +115,7 @@ def test_a_catalog_outage_degrades_answers_and_a_restart_keeps_what_was_committe
     proxy.restore()
     link = next(iter(engine.catalog_links.values()))
     link._retry_at = 0.0  # the backoff has passed: the next call probes and reconnects
-    after, metrics = _call(app, ("POST", "/v1/chat/completions", retrieve), ("GET", "/metrics", None))
+    after, metrics = _call(app, ("POST", "/v1/chat/completions", RETRIEVE), ("GET", "/metrics", None))
     assert after.status_code == 200 and after.json()["ragkv"]["warnings"] == [] and link.up
     assert "ragkv_catalog_up 1.0" in metrics.text
     app.state.worker.close()
@@ -157,4 +168,17 @@ def test_connections_the_server_killed_are_replaced_without_a_warning(pg_databas
     assert answer.status_code == 200 and answer.json()["ragkv"]["retrieved"]
     assert answer.json()["ragkv"]["warnings"] == []  # pre-ping replaced the dead connection: no outage
     assert all(link.outages == 0 for link in engine.catalog_links.values())
+    app.state.worker.close()
+
+
+def test_with_pgvector_a_catalog_outage_answers_without_retrieval_and_says_so(pg_database, tmp_path):
+    with sa.create_engine(pg_database).connect() as conn:
+        if conn.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first() is None:
+            pytest.skip("this PostgreSQL has no pgvector")
+    proxy, _, app, _ = _ingested_behind_a_proxy(pg_database, tmp_path / "a")
+    proxy.cut()
+    (during,) = _call(app, ("POST", "/v1/chat/completions", RETRIEVE))
+    assert during.status_code == 200 and during.json()["ragkv"]["retrieved"] == []
+    assert any("unreachable" in w for w in during.json()["ragkv"]["warnings"])
+    proxy.restore()
     app.state.worker.close()

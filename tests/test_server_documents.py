@@ -49,7 +49,7 @@ def test_chat_with_retrieve_and_chunk_ids_hits_ingested_kv(url):
     by_id = chat(url, A, documents=[{"chunk_id": cid}]).json()["ragkv"]
     assert hits(by_id) == 1 and by_id["misses"] == 0
     other = chat(url, B, documents=[{"chunk_id": cid}])
-    assert other.status_code == 400 and "unknown chunk_id" in other.json()["error"]["message"]
+    assert other.status_code == 404 and "unknown chunk_id" in other.json()["error"]["message"]
 
 
 def test_plugins_against_the_sidecar(url):

@@ -9,69 +9,19 @@ import asyncio
 import json
 import random
 import threading
-from dataclasses import replace
 
 import httpx
 import pytest
-from retriever_fakes import HashEmbedder, tiny_byte_adapter
+from asgi_helpers import A, B, get, post, tiny_app
 
-from ragkv.engine.config import EngineConfig
-from ragkv.engine.engine import Engine
-from ragkv.retriever import Retriever
 from ragkv.server.worker import ModelWorker, QueueFull
-from ragkv.storage import MemoryTier, TieredStore
-
-KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
-A = {"Authorization": "Bearer key-a", "Content-Type": "application/json"}
-B = {"Authorization": "Bearer key-b", "Content-Type": "application/json"}
-
-
-class TinyEngine(Engine):
-    """The real Engine over the tiny random Llama, with the hashing embedder for retrieval."""
-
-    def retriever(self, namespace=None):
-        ns = namespace or self.config.namespace
-        if ns not in self._retrievers:
-            cfg = replace(self.config.retriever, namespace=ns, chunk_min_tokens=40, chunk_max_tokens=80)
-            path = self.config.data_path(ns)
-            path.mkdir(parents=True, exist_ok=True)
-            self._retrievers[ns] = Retriever.open(path, self.model, cfg, HashEmbedder(), self.config.catalog(ns))
-        return self._retrievers[ns]
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from ragkv.server.app import create_app
-    from ragkv.server.settings import load_settings
-
-    tmp = tmp_path_factory.mktemp("hardening")
-    engine = TinyEngine(
-        tiny_byte_adapter(), TieredStore([MemoryTier(1 << 26)]), EngineConfig(data_dir=str(tmp), max_new_tokens=2)
-    )
-    settings = load_settings(
-        api_keys=KEYS, data_dir=str(tmp), max_new_tokens=2, max_tokens_limit=4, max_document_chars=400, queue_size=8
-    )
-    app = create_app(settings, engine)
+    app = tiny_app(tmp_path_factory.mktemp("hardening"))
     yield app
     app.state.worker.close()
-
-
-def post(app, path: str, body: bytes | str, headers=A) -> httpx.Response:
-    async def go():
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-            return await c.post(path, content=body, headers=headers)
-
-    return asyncio.run(go())
-
-
-def get(app, path: str, headers=A) -> httpx.Response:
-    async def go():
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-            return await c.get(path, headers=headers)
-
-    return asyncio.run(go())
 
 
 Q = '"messages": [{"role": "user", "content": "q"}]'

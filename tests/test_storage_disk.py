@@ -7,8 +7,10 @@ import errno
 import os
 
 import pytest
+import torch
 from storage_helpers import chunk, key, same
 
+from ragkv.compression import CodecError
 from ragkv.storage import DiskTier, MemoryTier, TieredStore, TierWriteError
 from ragkv.storage import disk as disk_module
 
@@ -61,6 +63,7 @@ def _foreign(path, other):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_payload", "flip_header", "foreign"])
 def test_corrupt_payload_is_a_counted_miss(tier, damage):
+    tier.layer_reads = damage != "flip_payload"  # read layer by layer, a payload flip is found when read (below)
     path = _path(tier, 0)
     {
         "truncate": _truncate,
@@ -76,6 +79,21 @@ def test_corrupt_payload_is_a_counted_miss(tier, damage):
     assert same(store.get_layered(key(1)), chunk(1))  # the neighbour is untouched
     store.put(key(0), chunk(0))  # recomputed and stored again
     assert same(store.get_layered(key(0)), chunk(0))
+
+
+def test_a_damaged_layer_is_caught_when_read_and_the_entry_dropped(tier):
+    """Read layer by layer (the default), `get` reads the header only; the flipped layer fails its CRC32 when
+    it is read, the entry is dropped then (counted corrupt), and the undamaged layers read before were good."""
+    path = _path(tier, 0)
+    _flip_payload(path)  # 100 bytes before the end: the last layer
+    store = TieredStore([tier])
+    kv = store.get_layered(key(0))
+    assert kv is not None and kv.bytes_read == 0
+    assert torch.equal(kv.layer(0), chunk(0).layer(0))
+    with pytest.raises(CodecError, match="CRC32"):
+        kv.layer(kv.num_layers - 1)
+    assert tier.corrupt == 1 and not tier.lookup(key(0)) and not path.exists()
+    assert store.get(key(0)) is None and store.get(key(1)) is not None  # a miss now; the neighbour is untouched
 
 
 def test_corrupt_lower_copy_falls_back_to_a_miss_then_recompute(tmp_path):

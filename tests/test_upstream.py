@@ -19,7 +19,7 @@ from ragkv.engine.engine import Engine
 from ragkv.server.app import create_app
 from ragkv.server.fused_store import FusedKVStore
 from ragkv.server.settings import load_settings
-from ragkv.server.upstream import Upstream
+from ragkv.server.upstream import Upstream, fused_store_of
 from ragkv.storage import MemoryTier, TieredStore
 
 DOCS = ["The Rhine bends north at Basel.", "Lake Constance feeds the Rhine."]
@@ -33,7 +33,8 @@ class FakeVLLM:
     def __init__(self, fused_dir) -> None:
         self.requests: list[dict] = []
         self.entry_rows: list[int | None] = []
-        store = FusedKVStore(fused_dir)
+        self.records: list = []
+        store = FusedKVStore(fused_dir, shm_dir=fused_dir.parent / "shm")
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,6 +54,7 @@ class FakeVLLM:
                 fake.requests.append(req)
                 entry = store.find(req["prompt"])
                 fake.entry_rows.append(None if entry is None else entry.num_rows)
+                fake.records.append(entry)
                 words = ["load", "ed"] if entry is not None else ["pre", "filled"]
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -71,6 +73,10 @@ class FakeVLLM:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _store(tmp_path, **kw):
+    return FusedKVStore(tmp_path / "fused", shm_dir=tmp_path / "shm", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +116,7 @@ def _chat(stream=False):
 
 
 def test_forwards_the_exact_fused_token_ids_and_returns_the_upstream_answer(engine, tmp_path, fake):
-    store = FusedKVStore(tmp_path / "fused")
+    store = _store(tmp_path)
     r = _post(engine, tmp_path, Upstream(fake.url, store), _chat())
     assert r.status_code == 200, r.text
     want = engine.plan(QUESTION, engine.tokenize_chunks(DOCS)).input_ids.tolist()
@@ -127,12 +133,16 @@ def test_forwards_the_exact_fused_token_ids_and_returns_the_upstream_answer(engi
     assert up["published"] is True and up["fused_tokens"] == len(want) - 1 and up["url"] == fake.url
     assert up["usage"]["prompt_tokens"] == len(want) and up["upstream_first_token"] == 40
     assert isinstance(up["ragkv_first_token"], int)
+    assert up["handoff"] == "shm" and up["handoff_fallback"] == []  # KV fused on CPU: shared memory
+    [record] = fake.records
+    assert record.model == "fake-model" and record.path == "shm"  # named for the connector's model check
+    assert not list((tmp_path / "shm").iterdir())  # unpinned and gone once answered
     assert info["misses"] == 2 and info["strategy"] == "cacheblend"
     assert {"publish", "upstream_first_token", "recompute"} <= set(info["parts_ms"])
 
 
 def test_streams_the_upstream_pieces_and_ends_with_ragkv_fields(engine, tmp_path, fake):
-    r = _post(engine, tmp_path, Upstream(fake.url, FusedKVStore(tmp_path / "fused"), model="m"), _chat(stream=True))
+    r = _post(engine, tmp_path, Upstream(fake.url, _store(tmp_path), model="m"), _chat(stream=True))
     assert r.status_code == 200
     events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data: {")]
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
@@ -142,7 +152,7 @@ def test_streams_the_upstream_pieces_and_ends_with_ragkv_fields(engine, tmp_path
 
 def test_completions_endpoint_forwards_too(engine, tmp_path, fake):
     body = {"prompt": QUESTION, "documents": DOCS, "max_tokens": 4}
-    r = _post(engine, tmp_path, Upstream(fake.url, FusedKVStore(tmp_path / "fused")), body, "/v1/completions")
+    r = _post(engine, tmp_path, Upstream(fake.url, _store(tmp_path)), body, "/v1/completions")
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "loaded"
     assert fake.requests[0]["prompt"] == engine.plan(QUESTION, engine.tokenize_chunks(DOCS)).input_ids.tolist()
 
@@ -150,7 +160,7 @@ def test_completions_endpoint_forwards_too(engine, tmp_path, fake):
 def test_without_a_published_entry_the_upstream_prefills_the_same_ids(engine, tmp_path, fake):
     blocker = tmp_path / "fused"
     blocker.write_text("a file where the fused folder should be")  # publishing fails
-    r = _post(engine, tmp_path, Upstream(fake.url, FusedKVStore(blocker)), _chat())
+    r = _post(engine, tmp_path, Upstream(fake.url, FusedKVStore(blocker, shm_dir=blocker)), _chat())
     assert r.status_code == 200
     want = engine.plan(QUESTION, engine.tokenize_chunks(DOCS)).input_ids.tolist()
     assert fake.requests[0]["prompt"] == want and fake.entry_rows == [None]
@@ -159,9 +169,25 @@ def test_without_a_published_entry_the_upstream_prefills_the_same_ids(engine, tm
     assert up["published"] is False and up["fused_tokens"] == 0 and "Error" in up["publish_error"]
 
 
+def test_a_full_handoff_budget_falls_back_to_a_full_prefill_naming_why(engine, tmp_path, fake):
+    r = _post(engine, tmp_path, Upstream(fake.url, _store(tmp_path, budget_bytes=64)), _chat())
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "prefilled"
+    up = r.json()["ragkv"]["upstream"]
+    assert up["published"] is False and "budget full" in up["publish_error"] and up["handoff"] is None
+
+
+def test_fused_store_words_from_the_command_line(tmp_path):
+    store = fused_store_of(str(tmp_path), "file", "1MiB", "640")
+    assert store.ledger.budget_bytes == 1 << 20 and store.entry_mode == 0o640 and store.handoff == "file"
+    with pytest.raises(ValueError, match="not a size"):
+        fused_store_of(str(tmp_path), budget="lots")
+    with pytest.raises(ValueError, match="not octal"):
+        fused_store_of(str(tmp_path), mode="rw-r--r--")
+
+
 def test_an_unreachable_upstream_is_a_502_naming_it(engine, tmp_path):
     down = "http://127.0.0.1:9"  # discard port: nothing listens
-    r = _post(engine, tmp_path, Upstream(down, FusedKVStore(tmp_path / "fused"), model="m"), _chat())
+    r = _post(engine, tmp_path, Upstream(down, _store(tmp_path), model="m"), _chat())
     assert r.status_code == 502 and down in r.json()["error"]["message"]
     with pytest.raises(ValueError, match="http:// or https://"):
         Upstream("localhost:8000", FusedKVStore(tmp_path))

