@@ -4,12 +4,12 @@ import pytest
 from tiny_engine import PASSAGES, tiny_engine
 
 from ragkv.chunk_cache import ChunkKV
-from ragkv.compression import Codec, EncodedKV
+from ragkv.compression import EncodedKV
 from ragkv.compression.identity import IdentityCodec
 from ragkv.eval.codec_gate import CodecVerdict, GatePrompt, Outcome, gate_table, run_gate
 
 
-class ScaledCodec(Codec):
+class ScaledCodec(IdentityCodec):
     """A lossy test codec: V scaled by `factor` (K kept), so attention outputs shrink everywhere."""
 
     name = "scaled"
@@ -17,15 +17,11 @@ class ScaledCodec(Codec):
 
     def __init__(self, factor: float) -> None:
         self.factor = factor
-        self.inner = IdentityCodec()
 
     def encode(self, kv: ChunkKV) -> EncodedKV:
         x = kv.kv.clone()
         x[1] = x[1] * self.factor
-        return self.inner.encode(ChunkKV(x, kv.pos0))
-
-    def decode(self, enc, device="cpu", dtype=None) -> ChunkKV:
-        return self.inner.decode(enc, device, dtype)
+        return super().encode(ChunkKV(x, kv.pos0))
 
 
 def _prompts(engine):
