@@ -91,11 +91,12 @@ class CacheCraft(Strategy):
         if len(self.choices) != len(self.keys):
             raise ValueError(f"cachecraft bound to {len(self.keys)} keys and {len(self.choices)} sources")
 
-    def choose_sources(self, keys, store):
+    def choose_sources(self, keys, store, prefix=None):
         """Binds the chunks' keys and the store's metadata; with `craft_variants > 0` each chunk loads
-        the held variant whose preceding chunks overlap this prompt's most (else its base entry)."""
+        the held variant (computed after this prompt's `prefix`, or a neighbour variant) whose preceding
+        chunks overlap this prompt's most (else its base entry)."""
         meta = metadata_store(store)
-        choices = choose_variants(keys, meta, store) if self.config.craft_variants else None
+        choices = choose_variants(keys, meta, store, prefix) if self.config.craft_variants else None
         self.bind(keys, meta, choices)
         return [c.key for c in self.choices]
 

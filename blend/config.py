@@ -11,6 +11,7 @@ SCORES = ("deviation", "attention", "deviation*attention")
 # attention in a scout pass ("query"); a strategy name may carry it: "cacheblend+query"
 SELECTIONS = ("check", "query")
 SELECTIVE = ("cacheblend", "cachecraft")  # the strategies that take a selection suffix
+CRAFT_SERVE = ("off", "recurring", "always")  # when the serving path stores exact KV variants (cachecraft)
 RATIO_FREE = ("full", "prefix", "naive")  # reuse nothing, or exactly: no recompute ratio in their label
 
 
@@ -39,6 +40,7 @@ class BlendConfig:
     focus_radius: int = 0
     focus_tail: int = 0
     focus_deviation: float = 0.0
+    craft_serve: str = "recurring"  # cachecraft requests store exact variants: off | recurring (2nd time) | always
 
     def __post_init__(self) -> None:
         validate(self.strategy, self.recompute_ratio)
@@ -72,6 +74,8 @@ class BlendConfig:
             raise ValueError(f"focus_radius and focus_tail must be >= 0, got {self.focus_radius}, {self.focus_tail}")
         if not (0.0 <= self.focus_deviation <= 1.0):
             raise ValueError(f"focus_deviation must lie within [0, 1], got {self.focus_deviation}")
+        if self.craft_serve not in CRAFT_SERVE:
+            raise ValueError(f"unknown craft_serve {self.craft_serve!r}; accepted: {', '.join(CRAFT_SERVE)}")
         if self.deviation not in DEVIATIONS:
             raise ValueError(f"unknown deviation {self.deviation!r}; accepted: {', '.join(DEVIATIONS)}")
 

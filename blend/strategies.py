@@ -37,10 +37,11 @@ class Strategy(ABC):
         """Called by the blend loop before `initial_tokens`, with the model and the cached `sources`
         (target start row, LayeredKV): strategies that choose tokens before layer 0 do it here."""
 
-    def choose_sources(self, keys: list, store) -> list:
-        """The store entry each chunk loads (`keys`: the chunks' base keys in plan order): the base
-        entry by default; a strategy that keeps KV variants (cachecraft) may pick an entry computed in
-        a context closer to this prompt's. Called by the Engine after lookup, before the entries are read."""
+    def choose_sources(self, keys: list, store, prefix=None) -> list:
+        """The store entry each chunk loads (`keys`: the chunks' base keys in plan order; `prefix`: the
+        key of the prompt's prefix): the base entry by default; a strategy that keeps KV variants
+        (cachecraft) may pick an entry computed in a context closer to this prompt's. Called by the
+        Engine after lookup, before the entries are read."""
         return list(keys)
 
     def source_lost(self, index: int) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..chunk_cache import ChunkKey
+from ..storage.variants import variant_key
 
 ACTIONS = ("reuse", "fix", "recompute")  # nothing recomputed / some tokens / every token of the chunk
 
@@ -40,15 +41,17 @@ class SourceChoice:
     key: ChunkKey  # the base key, or the chosen variant's key
     preceding: tuple[ChunkKey, ...]  # the chunks before it when that KV was computed (none: the base)
     overlap: float  # overlap(preceding, the chunks before it in this prompt)
+    variant: bool = False  # a stored variant (the first chunk's, after the prompt prefix, has no preceding)
+    after_prefix: bool = False  # computed after this prompt's prefix (not after the attention sink alone)
 
     @property
     def is_variant(self) -> bool:
-        return bool(self.preceding)
+        return self.variant
 
     @property
     def exact(self) -> bool:
-        """A variant computed in this very context: its rows are the full prefill's."""
-        return self.is_variant and self.overlap >= 1.0
+        """A variant computed in this very context (prefix and preceding chunks): the full prefill's rows."""
+        return self.is_variant and self.after_prefix and self.overlap >= 1.0
 
 
 def base_choices(keys: Sequence[ChunkKey]) -> list[SourceChoice]:
@@ -56,10 +59,14 @@ def base_choices(keys: Sequence[ChunkKey]) -> list[SourceChoice]:
     return [SourceChoice(key, (), overlap((), keys[:i])) for i, key in enumerate(keys)]
 
 
-def choose_variants(keys: Sequence[ChunkKey], metadata, store) -> list[SourceChoice]:
+def choose_variants(keys: Sequence[ChunkKey], metadata, store, prefix: ChunkKey | None = None) -> list[SourceChoice]:
     """Per chunk (`keys` in prompt order): the variant recorded in `metadata` (a MetadataStore) and held
     by `store` (a TieredStore: `lookup`, no I/O) whose preceding chunks overlap the chunks before it now
-    most (ties: more reuses), if it overlaps more than the base entry does; else the base entry."""
+    most (ties: one computed after the prompt prefix `prefix`, then more reuses), if it overlaps more
+    than the base entry does (or as much, exactly: after the very prefix and chunks now before it);
+    else the base entry. A variant computed after another prompt prefix is not considered; one computed
+    after the attention sink and its preceding chunks alone (a neighbour variant from ingestion) is, but
+    is never exact."""
     choices = base_choices(keys)
     distinct = list(dict.fromkeys(keys))
     by_base = dict(zip(distinct, metadata.variants_of(distinct)))
@@ -67,12 +74,16 @@ def choose_variants(keys: Sequence[ChunkKey], metadata, store) -> list[SourceCho
     held = dict(zip((r.key for r in records), store.lookup([r.key for r in records]))) if records else {}
     for i, key in enumerate(keys):
         before = tuple(keys[:i])
-        scored = [(overlap(r.preceding, before), r.reuses, r) for r in by_base[key] if held.get(r.key)]
+        scored = [
+            (overlap(r.preceding, before), r.key == variant_key(r.base, r.preceding, prefix), r.reuses, r)
+            for r in by_base[key]
+            if held.get(r.key) and r.key in (variant_key(r.base, r.preceding, prefix), r.base.variant(r.preceding))
+        ]
         if not scored:
             continue
-        best, _, record = max(scored, key=lambda s: (s[0], s[1]))
-        if best > choices[i].overlap:
-            choices[i] = SourceChoice(record.key, record.preceding, best)
+        best, after_prefix, _, record = max(scored, key=lambda s: s[:3])
+        if best > choices[i].overlap or (best >= 1.0 and after_prefix):
+            choices[i] = SourceChoice(record.key, record.preceding, best, variant=True, after_prefix=after_prefix)
     return choices
 
 

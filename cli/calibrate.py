@@ -1,7 +1,8 @@
 """`ragkv calibrate`: pick the `packed` codec's bits per band of layers (K and V) for one model and a
 bits/value budget, from how much its answers suffer on a few prompts; stores the schedule under the
 data directory keyed by the model fingerprint (a store with `codec_schedule` set reads it there).
-Optionally measures the schedule on other prompts (`--eval-data`), never the calibration ones."""
+Optionally measures the schedule on other prompts (`--eval-data`), never the calibration ones.
+`--gate` runs the answer gate instead (cli/gate.py): which codecs change no answer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..eval.datasets import FORMATS
+from .gate import add_gate_arguments, run_gate_command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", default="cachegen", help="comma-separated codecs measured beside (default cachegen)")
     p.add_argument("--report", default=None, help="write the held-out measurement as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_gate_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -123,9 +126,11 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.datasets import load_samples
     from ..storage.config import StorageConfig, TierConfig
 
+    held_out = [parse_eval_data(s) for s in args.eval_data]  # bad specs fail before any model work
+    if args.gate:
+        return run_gate_command(args, held_out, demo_samples)
     if args.budget <= args.min_bits:
         raise ValueError(f"--budget {args.budget} leaves nothing above --min-bits {args.min_bits}")
-    held_out = [parse_eval_data(s) for s in args.eval_data]  # bad specs fail before any model work
     groups = (parse_group(args.key_group), parse_group(args.value_group))
     bands = parse_bands(args.bands)
     curve = [float(b) for b in args.curve.split(",") if b.strip()]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 from ..eval.datasets import FORMATS
@@ -64,10 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--record-context",
         default="reversed",
-        choices=("reversed", "same", "new-first", "none"),
+        choices=("reversed", "same", "new-first", "served", "none"),
         help="cachecraft's chunk metadata (and KV variants) come from a context pass over the sample's chunks "
         "in this order (default reversed: other neighbours; same: this prompt, an upper bound; new-first: "
-        "this prompt without its first chunk; none: nothing)",
+        "this prompt without its first chunk; served: no pass, the prompt was served twice before, so the "
+        "serving path stored its exact variants; none: nothing)",
     )
     p.add_argument(
         "--craft-variants",
@@ -113,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         config=engine_config(settings_of(args, overrides=_store_overrides(args, settings.device)))
     )
     engine.template = template_for(args.format) if isinstance(engine.template, PromptTemplate) else engine.template
+    if args.record_context != "served":  # every spec reruns the prompt: its later cachecraft rows must not read
+        # exact variants the serving path stored after the earlier ones (only `served` measures that)
+        engine.config = replace(engine.config, blend=replace(engine.config.blend, craft_serve="off"))
     if args.retrieve:
         samples = retrieve_in_the_loop(engine, samples, args.retrieve)
     summary, rows = run_eval(

@@ -3,11 +3,12 @@
 `context_pass` records, for the chunks of one prompt in their order, (1) their chunk metadata (CCI,
 token ranking, preceding keys: `blend/chunk_metadata.py`, a scout pass over the cached rows) and (2)
 with `variants > 0`, each chunk's KV as computed in this context: a full prefill of the prompt (the
-model's own forward, `full_prefill`) gives every chunk's exact in-context rows, and each chunk after
-the first is stored as a variant keyed by its preceding chunks (`storage/variants.py`, at most
-`variants` per chunk, evicted by utility). The first chunk has nothing before it: its base entry
-serves. A later prompt with the same chunks in the same order then loads exact variants and
-recomputes none of their tokens (`blend/cachecraft.py`).
+model's own forward, `full_prefill`) gives every chunk's exact in-context rows, and each chunk is
+stored as a variant keyed by the prompt prefix and its preceding chunks (`storage/variants.py`, at
+most `variants` per chunk, evicted by utility; the first chunk's variant is its KV after the prefix).
+A later prompt with the same prefix and the same chunks in the same order then loads exact variants
+and recomputes none of their tokens (`blend/cachecraft.py`). `store_in_context` is the storing half,
+shared with the serving path (engine/serving_variants.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from ..blend import BlendPlan, BlendResult
 from ..blend.chunk_metadata import record_context
 from ..chunk_cache import ChunkKey, ChunkKV
+from ..models import ModelAdapter
 from ..storage.metadata import ChunkMetadata, metadata_store
 from ..storage.variants import store_variant
 from .full_prefill import full_prefill
@@ -31,7 +33,7 @@ class ContextPassReport:
 
     keys: list[ChunkKey]  # the chunks' base keys, in prompt order
     metadata: list[ChunkMetadata]  # per chunk (empty if an entry vanished before the pass)
-    variants: list[ChunkKey]  # the variant keys stored, one per chunk after the first
+    variants: list[ChunkKey]  # the variant keys stored, one per chunk
 
 
 def in_context_kv(result: BlendResult, start: int, end: int) -> ChunkKV:
@@ -40,6 +42,26 @@ def in_context_kv(result: BlendResult, start: int, end: int) -> ChunkKV:
     keys = torch.stack([k[0, :, start:end].transpose(0, 1) for k, _ in result.buffers])  # [L, T, H, D]
     values = torch.stack([v[0, :, start:end].transpose(0, 1) for _, v in result.buffers])
     return ChunkKV(torch.stack([keys, values]).contiguous(), pos0=start)  # [2, L, T, H, D]
+
+
+def prefix_key(model: ModelAdapter, plan: BlendPlan, namespace: str) -> ChunkKey:
+    """The key of a prompt's prefix (its token ids before the first chunk): what a variant was computed after."""
+    prefix = plan.input_ids[: plan.prefix_len].tolist()
+    return ChunkKey.of(model.fingerprint + ":prefix", model.tokenizer_fingerprint, prefix, namespace)
+
+
+def store_in_context(
+    store, plan: BlendPlan, keys: Sequence[ChunkKey], exact: BlendResult, prefix: ChunkKey, limit: int, chunks=None
+) -> list[ChunkKey]:
+    """Store the rows of the chunks `chunks` (indices; default all) of `exact` (a prefill of `plan` whose
+    chunk rows are exact: the full prefill's) as variants after `prefix` and their preceding chunks."""
+    meta = metadata_store(store)
+    stored = []
+    for i in range(len(keys)) if chunks is None else chunks:
+        start, end = plan.chunk_spans[i]
+        kv = in_context_kv(exact, start, end)
+        stored.append(store_variant(store, meta, keys[i], keys[:i], kv, limit, compute_saved=end, prefix=prefix))
+    return stored
 
 
 @torch.inference_mode()
@@ -59,10 +81,7 @@ def context_pass(
             sources = [(start, kv) for (start, _), kv in zip(plan.chunk_spans, found)]
             recorded = record_context(engine.model, plan, sources, keys, meta)
     stored: list[ChunkKey] = []
-    if limit > 0 and len(keys) > 1:
-        result = full_prefill(engine.model, plan)
-        for i in range(1, len(keys)):
-            start, end = plan.chunk_spans[i]
-            kv = in_context_kv(result, start, end)
-            stored.append(store_variant(engine.store, meta, keys[i], keys[:i], kv, limit, compute_saved=end))
+    if limit > 0 and keys:
+        prefix = prefix_key(engine.model, plan, namespace or engine.config.namespace)
+        stored = store_in_context(engine.store, plan, keys, full_prefill(engine.model, plan), prefix, limit)
     return ContextPassReport(keys, recorded, stored)

@@ -29,6 +29,7 @@ from .ingest import IngestConfig, Ingester, IngestReport
 from .prompt import PromptTemplate
 from .request import FusionRequest
 from .run_result import RunResult
+from .serving_variants import store_after_answer
 
 
 class Engine:
@@ -157,6 +158,7 @@ class Engine:
         max_new_tokens) to decode into. Store upkeep the request deferred runs after the TTFT is taken."""
         fusion = self.fuse(self.request(question, documents, **options))
         fusion.release()
+        store_after_answer(self, fusion)  # cachecraft: exact KV variants of a recurring prompt, after its TTFT
         return fusion.run
 
     def record_context(
@@ -224,6 +226,12 @@ class Engine:
         finally:
             fusion.release()
         yield self.answer(fusion, tokens, text)
+        self.after_answer(fusion)
+
+    def after_answer(self, fusion: Fusion) -> None:
+        """What a request leaves for after its answer is out (cachecraft: the exact KV variants of a
+        recurring prompt, `blend.craft_serve`); the sidecar's scheduler calls it too."""
+        store_after_answer(self, fusion)
 
     def answer(self, fusion: Fusion, tokens: list[int], text: str) -> Answer:
         """The `Answer` of a decoded fusion: its answer tokens (EOS excluded), their text, the timings."""

@@ -16,6 +16,7 @@ from ..blend import BlendPlan, BlendResult, blend, make_strategy
 from ..blend.strategies import Strategy
 from ..chunk_cache import ChunkKey, LayeredKV
 from .chunk_supply import Lookup
+from .context_pass import prefix_key
 from .full_prefill import full_prefill
 from .request import FusionRequest
 from .run_result import PARTS, RunResult
@@ -33,6 +34,7 @@ class Fusion:
     plan: BlendPlan | None = None
     lookup: Lookup = field(default_factory=Lookup)
     loads: list[ChunkKey] = field(default_factory=list)  # the entry each chunk loads: base key or a variant's
+    prefix: ChunkKey | None = None  # the key of the prompt's prefix (what KV variants are computed after)
     sources: list[tuple[int, LayeredKV]] = field(default_factory=list)  # (target start row, cached KV)
     run: RunResult | None = None
     upkeep_ms: float | None = None  # set by release()
@@ -86,8 +88,11 @@ def look_up(engine, f: Fusion) -> None:
 
 
 def choose_sources(engine, f: Fusion) -> None:
-    """The entry each chunk loads: the strategy decides (its base entry, or a KV variant)."""
-    f.loads = f.strategy.choose_sources(f.lookup.keys, engine.store) if f.lookup.keys else []
+    """The entry each chunk loads: the strategy decides (its base entry, or a KV variant computed after
+    this prompt's prefix, `prefix_key`)."""
+    if f.lookup.keys:
+        f.prefix = prefix_key(engine.model, f.plan, f.request.namespace)
+        f.loads = f.strategy.choose_sources(f.lookup.keys, engine.store, f.prefix)
 
 
 def load(engine, f: Fusion) -> None:

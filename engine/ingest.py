@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 
 from ..chunk_cache import ChunkKey, precompute_many
 from ..retriever import Document, DocumentUpdate, LoadError, Retriever, find_files, load_file
+from ..storage.metadata import metadata_store
+from ..storage.variants import forget_chunks
+from .neighbour_variants import store_neighbour_variants
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class IngestConfig:
     documents_per_batch: int = 32  # documents chunked and embedded together (each still committed alone)
     save_every_documents: int = 200  # also save the faiss index this often (it is rebuilt if stale anyway)
     progress: bool = True
+    neighbour_variants: int = 0  # k > 0: each new chunk's KV also after its k nearest chunks (opt-in, FusionRAG)
+    variant_limit: int = 2  # KV variants kept per chunk (as blend.craft_variants)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class IngestReport:
     kv_seconds: float = 0.0
     seconds: float = 0.0
     invalidated: tuple[ChunkKey, ...] = ()  # keys whose KV was dropped (documents replaced)
+    neighbour_variants: int = 0  # KV variants stored after nearest neighbours (IngestConfig.neighbour_variants)
     errors: tuple[IngestError, ...] = field(default=())
 
     @property
@@ -125,12 +131,14 @@ class Ingester:
             while run.pending:
                 run.flush_batch()
                 yield None
+            run.store_neighbour_variants()  # after every chunk is indexed: neighbours come from the whole corpus
         finally:
             run.close()
         yield run.report(time.perf_counter() - t0)
 
     def remove(self, doc_ids: Sequence[str]) -> tuple[ChunkKey, ...]:
-        """Delete documents from catalog and index and their orphaned chunks' KV from the store."""
+        """Delete documents from catalog and index, and their orphaned chunks' KV, metadata and KV variants
+        (theirs and those computed after them) from the store."""
         dropped: list[ChunkKey] = []
         for doc_id in doc_ids:
             keys = self.retriever.remove_document(doc_id)
@@ -138,6 +146,7 @@ class Ingester:
                 raise ValueError(f"no document with id {doc_id!r} in the catalog")
             for key in keys:
                 self.store.remove(key)
+            forget_chunks(self.store, metadata_store(self.store), keys)
             dropped.extend(keys)
         self.retriever.save()
         return tuple(dropped)
@@ -164,6 +173,8 @@ class _Run:
         self.invalidated: list[ChunkKey] = []
         self.batch: list[Document] = []
         self.pending: dict[ChunkKey, tuple[int, ...]] = {}
+        self.computed: dict[ChunkKey, tuple[int, ...]] = {}  # chunks whose KV this run computed
+        self.neighbour_variants = 0
         self.pending_tokens = 0
         self.since_save = 0
         # ONE bar (nested bars garble logs), drawn only on a terminal (disable=None: off when not a TTY)
@@ -205,6 +216,8 @@ class _Run:
             self.ing.store.remove(key)
             if self.pending.pop(key, None) is not None:
                 self.pending_tokens = sum(map(len, self.pending.values()))
+        if update.invalidated:
+            forget_chunks(self.ing.store, metadata_store(self.ing.store), update.invalidated)
         self.invalidated.extend(update.invalidated)
         self.bar.update(1)
         self._postfix()
@@ -243,8 +256,10 @@ class _Run:
             n += len(chunk_ids)
         t = time.perf_counter()
         kvs = precompute_many(self.ing.adapter, ids, self.ing.config.max_tokens_per_pass)
-        for key, kv in zip(keys, kvs):
+        for key, kv, chunk_ids in zip(keys, kvs, ids):
             self.ing.store.put(key, kv, durable=True)
+            if self.ing.config.neighbour_variants:
+                self.computed[key] = chunk_ids
         self.kv_seconds += time.perf_counter() - t
         self.counts["kv_computed"] += len(keys)
         self.counts["kv_tokens"] += n
@@ -252,6 +267,16 @@ class _Run:
         for key in keys:
             del self.pending[key]
         self.pending_tokens -= n
+
+    def store_neighbour_variants(self) -> None:
+        """With `neighbour_variants = k`: each chunk computed in this run, also after its k nearest chunks."""
+        cfg = self.ing.config
+        ing = self.ing
+        stored = store_neighbour_variants(
+            ing.adapter, ing.store, ing.retriever, self.computed, cfg.neighbour_variants, cfg.variant_limit
+        )
+        self.neighbour_variants += len(stored)
+        self.computed = {}
 
     def close(self) -> None:
         self.ing.retriever.save()  # also after an interruption: the catalog is already committed
@@ -263,5 +288,6 @@ class _Run:
             kv_seconds=self.kv_seconds,
             seconds=seconds,
             invalidated=tuple(self.invalidated),
+            neighbour_variants=self.neighbour_variants,
             errors=tuple(self.errors),
         )

@@ -78,7 +78,7 @@ class StorageSettings(_Section):
     # same URL shares chunk KV (RAGKV_STORAGE__REDIS_URL=redis://host:6379/0)
     codec_schedule: str | None = None  # a `ragkv calibrate` schedule file or folder; None: DATA_DIR/calibration
     redis_url: str | None = None
-    redis_codec: str = "cachegen"
+    redis_codec: str = "lz4"  # must pass the answer gate (`ragkv calibrate --gate`); cachegen/packed are opt-in
     redis_prefix: str = "ragkv"
     redis_capacity: ByteSize = ByteSize(64 << 30)  # this process's accounting; Redis maxmemory bounds the total
 

@@ -281,6 +281,7 @@ class Scheduler(ModelWorker):
         g.deliver(replace(answer, ttft_ms=max(ttft_ms, answer.ttft_ms), parts_ms=parts, decode_ms=(now - first) * 1e3))
         g.deliver(END)
         self._leave(g)
+        self.engine.after_answer(fusion)  # off the stream: it has ended
 
     def _fail(self, g: _Generation, err: BaseException) -> None:
         if g.stream is not None:

@@ -112,6 +112,10 @@ class MetadataStore(ABC):
     def count_reuses(self, keys: Sequence[ChunkKey]) -> None:
         """One more reuse for each of these variant keys (unknown keys are ignored)."""
 
+    @abstractmethod
+    def variants_involving(self, keys: Sequence[ChunkKey]) -> list[VariantRecord]:
+        """The records of variants whose base is one of `keys` or whose preceding chunks include one."""
+
     def close(self) -> None:
         """Release the database connections (none in memory)."""
 
@@ -156,6 +160,11 @@ class MemoryMetadata(MetadataStore):
             for k in keys:
                 if k in self._variants:
                     self._variants[k] = replace(self._variants[k], reuses=self._variants[k].reuses + 1)
+
+    def variants_involving(self, keys):
+        wanted = set(keys)
+        with self._lock:
+            return [r for r in self._variants.values() if r.base in wanted or wanted.intersection(r.preceding)]
 
 
 class SqlMetadata(MetadataStore):
@@ -226,6 +235,18 @@ class SqlMetadata(MetadataStore):
         if names:
             with self.engine.begin() as conn:
                 conn.execute(sa.update(VARIANTS).where(VARIANTS.c.key.in_(names)).values(reuses=VARIANTS.c.reuses + 1))
+
+    def variants_involving(self, keys):
+        names = [str(k) for k in keys]
+        if not names:
+            return []
+        # a JSON list holding "namespace/digest" contains it quoted (autoescape: `_` in a namespace is literal)
+        after = [VARIANTS.c.preceding.contains(f'"{n}"', autoescape=True) for n in names]
+        found = sa.or_(VARIANTS.c.base.in_(names), *after)
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(sa.select(VARIANTS).where(found)).mappings())
+        wanted = set(keys)
+        return [r for r in map(_variant_of, rows) if r.base in wanted or wanted.intersection(r.preceding)]
 
     def close(self) -> None:
         self.engine.dispose()

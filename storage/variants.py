@@ -6,6 +6,13 @@ the whole context, keys rotated at their positions there (`pos0` = the chunk's f
 re-rotates it like a base entry. The metadata store (`storage/metadata.py`) records which variants of a
 chunk exist: a `VariantRecord` per variant with its preceding keys, reuse count, bytes and compute saved.
 
+A variant's rows are exact for a prompt whose prefix (chat template + instruction: everything before
+the first chunk) is the one it was computed after, so with a `prefix` key (the prompt prefix's own
+key) the variant key is `variant_key(base, preceding, prefix)` = `base.variant((prefix, *preceding))`:
+the same chunks after another template are another variant, and a prompt's first chunk has one too
+(its base entry saw the attention sink alone). `choose_variants` accepts a record only when its key is
+the one the prompt's prefix gives.
+
 A chunk keeps at most `limit` variants. Beyond that the one of least utility goes,
 
     utility = reuses x compute_saved / bytes
@@ -59,18 +66,32 @@ def variants_to_evict(
     return candidates[:excess]
 
 
+def variant_key(base: ChunkKey, preceding: Sequence[ChunkKey], prefix: ChunkKey | None = None) -> ChunkKey:
+    """The store key of `base`'s KV computed after the prompt prefix `prefix` (None: not part of the key)
+    and the chunks `preceding`."""
+    return base.variant(((prefix,) if prefix is not None else ()) + tuple(preceding))
+
+
 def store_variant(
-    store, metadata, base: ChunkKey, preceding: Sequence[ChunkKey], kv: ChunkKV, limit: int, compute_saved: float
+    store,
+    metadata,
+    base: ChunkKey,
+    preceding: Sequence[ChunkKey],
+    kv: ChunkKV,
+    limit: int,
+    compute_saved: float,
+    prefix: ChunkKey | None = None,
 ) -> ChunkKey:
-    """Put the in-context KV of chunk `base` (computed after `preceding`, by a prefill of `compute_saved`
-    tokens) into the TieredStore `store` as a variant, record it in `metadata` (keeping the reuse count
-    of an earlier copy), and evict the chunk's variants beyond `limit` by utility (from the store and the
-    records). Records whose KV the store has evicted meanwhile are dropped first. Returns its key."""
-    if not preceding:
-        raise ValueError("a variant needs preceding chunks: with none, the KV is the base entry")
+    """Put the in-context KV of chunk `base` (computed after the prompt prefix `prefix` and `preceding`,
+    by a prefill of `compute_saved` tokens) into the TieredStore `store` as a variant, record it in
+    `metadata` (keeping the reuse count of an earlier copy), and evict the chunk's variants beyond
+    `limit` by utility (from the store and the records). Records whose KV the store has evicted
+    meanwhile are dropped first. Returns its key."""
+    if not preceding and prefix is None:
+        raise ValueError("a variant needs preceding chunks or a prefix: with neither, the KV is the base entry")
     if limit < 1:
         raise ValueError(f"a chunk keeps at least one variant when variants are stored, got limit {limit}")
-    key = base.variant(preceding)
+    key = variant_key(base, preceding, prefix)
     store.put(key, kv, cost=float(compute_saved), write_behind=True)
     records = metadata.variants_of([base])[0]
     earlier = next((r for r in records if r.key == key), None)
@@ -86,3 +107,15 @@ def store_variant(
         store.remove(r.key)
     metadata.drop_variants([r.key for r in gone + victims])
     return key
+
+
+def forget_chunks(store, metadata, keys: Sequence[ChunkKey]) -> list[ChunkKey]:
+    """A chunk of `keys` is gone (its document removed or replaced): drop every variant it is part of,
+    its own and those computed after it (their KV holds its content), from the TieredStore `store` and
+    the records, and the chunks' metadata. Returns the variant keys dropped."""
+    records = metadata.variants_involving(keys)
+    for r in records:
+        store.remove(r.key)
+    metadata.drop_variants([r.key for r in records])
+    metadata.delete(keys)
+    return [r.key for r in records]

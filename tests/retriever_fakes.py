@@ -7,6 +7,8 @@ import zlib
 
 import numpy as np
 
+from ragkv.storage.services import StoreServices
+
 
 def byte_tokenizer():
     """A fast byte-level tokenizer without merges: one token per UTF-8 byte, ids 0..255 (fits the tiny models)."""
@@ -64,12 +66,13 @@ def paragraphs(n: int, seed: int = 0) -> str:
 
 
 class DictStore:
-    """The store surface ingestion uses (lookup / put / get / remove), in a dict; `fail_after` puts raise."""
+    """The store surface ingestion uses (lookup / put / get / remove, services), in a dict; `fail_after` puts raise."""
 
     def __init__(self, fail_after: int | None = None) -> None:
         self.entries = {}
         self.fail_after = fail_after
         self.puts = 0
+        self.services = StoreServices([])  # chunk metadata and variant records, in memory (no tiers)
 
     def lookup(self, keys):
         return ["dict" if k in self.entries else None for k in keys]

@@ -191,5 +191,6 @@ def test_in_context_kv_is_reused_unchanged_at_ratio_zero(tiny_adapter):
 def test_eval_context_order_is_validated():
     from ragkv.eval.context import record_sample_context
 
-    with pytest.raises(ValueError, match="unknown context order 'sideways'; accepted: reversed, same, new-first, none"):
+    accepted = "accepted: reversed, same, new-first, served, none"
+    with pytest.raises(ValueError, match=f"unknown context order 'sideways'; {accepted}"):
         record_sample_context(None, "q?", [[3, 4]], "sideways")

@@ -14,11 +14,11 @@ from ragkv.blend.chunk_metadata import record_context
 from ragkv.blend.query_select import question_attention
 from ragkv.blend.variant_choice import choose_variants, overlap
 from ragkv.chunk_cache import ChunkKey, ChunkKV, precompute
-from ragkv.engine.context_pass import in_context_kv
+from ragkv.engine.context_pass import in_context_kv, prefix_key
 from ragkv.engine.full_prefill import full_prefill
 from ragkv.storage import DiskTier, MemoryTier, TieredStore, materialize
 from ragkv.storage.metadata import ChunkMetadata, MemoryMetadata, SqlMetadata, metadata_store
-from ragkv.storage.variants import VariantRecord, store_variant, variant_utility, variants_to_evict
+from ragkv.storage.variants import VariantRecord, store_variant, variant_key, variant_utility, variants_to_evict
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 QUESTION = "Where does the river bend?"
@@ -199,14 +199,18 @@ def test_engine_context_pass_stores_variants_that_a_recurring_prompt_reuses():
     engine = tiny_engine()
     report = engine.record_context(QUESTION, PASSAGES)
     keys = report.keys
-    assert report.variants == [keys[1].variant(keys[:1]), keys[2].variant(keys[:2])]
+    prefix = prefix_key(engine.model, engine.plan(QUESTION, engine.tokenize_chunks(PASSAGES)), "default")
+    # every chunk, the first too, as computed after the prompt prefix and the chunks before it
+    assert report.variants == [variant_key(k, keys[:i], prefix) for i, k in enumerate(keys)]
     assert len(report.metadata) == len(PASSAGES)
     meta = metadata_store(engine.store)
     run = engine.run(QUESTION, PASSAGES, strategy="cachecraft", recompute_ratio=0.15)
     used = [d for d in run.blend.chunk_decisions if d.used_variant]
     assert [d.source for d in used] == [str(k) for k in report.variants]
     assert all(d.recomputed == 0 and d.reason == "exact variant" for d in used)
-    assert [r.reuses for rs in meta.variants_of(keys[1:]) for r in rs] == [1, 1]  # counted after the run
+    assert [r.reuses for rs in meta.variants_of(keys) for r in rs] == [1, 1, 1]  # counted after the run
+    full = engine.run(QUESTION, PASSAGES, strategy="full")
+    torch.testing.assert_close(run.logits, full.logits, **TOL)  # exact everywhere: the full prefill's logits
     reordered = engine.run(QUESTION, PASSAGES[::-1], strategy="cachecraft", recompute_ratio=0.15)
     assert not any(d.used_variant for d in reordered.blend.chunk_decisions)  # other order: base entries
     # the same prompt with variants off: every chunk loads its base entry, and no variant is stored

@@ -42,7 +42,7 @@ def test_eval_counts_the_variants_cachecraft_used(variants):
     specs = [Spec("full"), Spec("cachecraft", 0.15)]
     rows = evaluate_sample(engine, sample, specs, max_new_tokens=2, context="same")
     craft = rows["cachecraft@0.15"]
-    assert craft["variants_used"] == (len(PASSAGES) - 1 if variants else 0)  # every chunk after the first
+    assert craft["variants_used"] == (len(PASSAGES) if variants else 0)  # every chunk, after the prompt prefix
     chunk_tokens = sum(len(c) for c in engine.tokenize_chunks(PASSAGES))
     assert craft["recomputed_chunk_tokens"] == pytest.approx(craft["recompute_fraction"] * chunk_tokens)
     assert rows["full"]["recomputed_chunk_tokens"] == chunk_tokens and rows["full"]["variants_used"] == 0

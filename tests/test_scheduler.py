@@ -65,14 +65,15 @@ async def _collect(events) -> list:
 async def _gated(worker: Scheduler, submit):
     """Hold the model thread, let `submit()` queue its work (a list of futures), then open the gate;
     returns submit's result once the gate's one step is over (the queued work has not started)."""
-    gate = threading.Event()
+    gate, holding = threading.Event(), threading.Event()
 
     def hold():  # one generic step that ends the task (a `call` would take a second step, after a decode step)
+        holding.set()
         gate.wait(10)
         yield from ()
 
     held = asyncio.ensure_future(_collect(worker.steps(hold, "gate")))
-    while worker.depth < 1:
+    while not holding.is_set():  # the model thread is inside the gate's step: nothing else runs meanwhile
         await asyncio.sleep(0.01)
     result = submit()
     for _ in range(1000):  # until all of them wait (or 10 s)

@@ -165,7 +165,7 @@ def test_serve_settings_put_the_redis_tier_after_ram_and_keep_the_disk_catalog_l
         load_settings(redis_url="redis://127.0.0.1:1/0", catalog_url=pg, data_dir=str(tmp_path))
     )
     storage = cfg.storage_config()
-    assert [(t.kind, t.codec) for t in storage.tiers] == [("cpu", "identity"), ("redis", "cachegen"), ("disk", "lz4")]
+    assert [(t.kind, t.codec) for t in storage.tiers] == [("cpu", "identity"), ("redis", "lz4"), ("disk", "lz4")]
     assert storage.catalog_url.startswith("sqlite:///") and cfg.catalog() == pg  # documents shared, disk local
     ram_only = {"storage.tiers": [{"kind": "cpu", "capacity": "2GiB"}]}
     memory = EngineConfig.from_settings(load_settings(redis_url="redis://127.0.0.1:1/0", **ram_only)).storage_config()
