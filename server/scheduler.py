@@ -50,6 +50,16 @@ def default_batch_tokens(device: str) -> int:
     return DEFAULT_BATCH_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
 
 
+DEFAULT_JOIN_TOKENS = {"cpu": 2048}  # of those, joining in one turn (CPU: 8 clients warm, p50 TTFT 2.2x lower)
+
+
+def default_join_tokens(device: str) -> int | None:
+    """How many prompt tokens join the batch in one turn on `device` when the settings give none: on the
+    CPU a burst fused in one packed pass makes each request wait for all of it (docs/BENCHMARKS.md);
+    None (the whole budget) elsewhere, not measured there."""
+    return DEFAULT_JOIN_TOKENS.get("cuda" if device.startswith("cuda") else "cpu")
+
+
 def request_tokens(request: FusionRequest) -> int:
     """What a request takes of the budget: its chunks' tokens, its question (a character per token at
     most, for byte-level tokenizers) and the rows it reserves to decode into."""
