@@ -35,6 +35,7 @@ from gpu_sources import bench_codecs, make_stores, parse_source  # benchmarks/ i
 from gpu_timing import HEADER, Timer, median_ms, peak_gb, print_row, rounded
 
 from ragkv.blend import LayerLoader, blend, make_plan, make_strategy
+from ragkv.blend.config import parse_strategy
 from ragkv.chunk_cache import precompute_many
 from ragkv.models import adapter_for
 from ragkv.models import attention as attention_kernels
@@ -185,8 +186,8 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
             for label in strategies:
                 if label == "hf":
                     continue
-                name, _, ratio = label.partition("@")
-                strategy = make_strategy(name, float(ratio or 0.0))
+                name, ratio = parse_strategy(label)
+                strategy = make_strategy(name, ratio or 0.0)
                 for source, max_chunks in sources if strategy.reuse != "none" else [("-", None)]:
                     if source != "-" and source != "gpu" and label not in source_strategies:
                         continue
@@ -338,8 +339,7 @@ def parse_args(argv: list[str] | None):
             args.attention = "blocks,dense,flex"
     for label in args.strategies.split(",") + args.source_strategies.split(","):
         if label != "hf":  # an unknown strategy fails here, naming the known ones, before any model work
-            name, _, ratio = label.partition("@")
-            make_strategy(name, float(ratio or 0.0))
+            parse_strategy(label)
     return args
 
 
