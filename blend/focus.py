@@ -76,8 +76,8 @@ class Focus(Strategy):
         cached = torch.zeros(plan.num_tokens, dtype=torch.bool)
         for start, kv in sources:
             cached[start : start + kv.num_tokens] = True
-        num_cached = int(cached.sum())
-        candidates = cached & ~plan.exact_mask()  # [N] rows whose cached KV may deviate
+        num_cached = int((cached & plan.chunk_mask()).sum())  # chunk rows loaded (a cached prefix is not)
+        candidates = plan.candidates(cached)  # [N] rows whose cached KV may deviate
         self._chosen = torch.zeros(plan.num_tokens, dtype=torch.bool)
         if self.ratio <= 0.0 or not bool(candidates.any()):
             self._count = 0

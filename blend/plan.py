@@ -56,6 +56,11 @@ class BlendPlan:
             mask[start:end] = True
         return mask
 
+    def candidates(self, cached: torch.Tensor) -> torch.Tensor:
+        """[N] bool: the `cached` [N] rows a strategy may recompute: chunk rows not marked exact (a cached
+        prompt prefix is exact too, and never a candidate)."""
+        return cached & self.chunk_mask() & ~self.exact_mask()
+
     def chunk_mask(self) -> torch.Tensor:
         """[N] bool: True on rows that belong to a chunk."""
         mask = torch.zeros(self.num_tokens, dtype=torch.bool)

@@ -60,11 +60,12 @@ class PromptState:
             target_rows.append(torch.arange(start, start + kv.num_tokens))  # [T]
             deltas.append(torch.full((kv.num_tokens,), start - kv.pos0))  # [T]
         self.spans = [(start, kv.num_tokens) for start, kv in sources]  # target rows per source, loader order
-        self.num_cached = sum(kv.num_tokens for _, kv in sources)
-        if int(self.cached.sum()) != self.num_cached:
+        if int(self.cached.sum()) != sum(kv.num_tokens for _, kv in sources):
             raise ValueError("cached sources must not overlap")
+        self.cached_chunks = self.cached & plan.chunk_mask()  # [N] host: a cached prompt prefix is not counted
+        self.num_cached = int(self.cached_chunks.sum())  # chunk rows loaded: what budgets and fractions count
         self.loader = None
-        if self.num_cached:
+        if sources:
             self.rows_dev = torch.cat(target_rows).to(dev)  # [Nc] target row of each loaded row, loader order
             rot_cos, rot_sin = rotation(torch.cat(deltas), model.inv_freq)  # [Nc, D] each
             self.rot_cos, self.rot_sin = rot_cos.to(dev), rot_sin.to(dev)
@@ -102,7 +103,7 @@ class PromptState:
         return self.model.embed(self.plan.input_ids.to(self.model.device)[self.active])
 
     def _set_active(self, active_host: torch.Tensor) -> None:
-        self.recomputing = int(self.cached[active_host].sum())  # cached rows among the active ones
+        self.recomputing = int(self.cached_chunks[active_host].sum())  # cached chunk rows among the active ones
         self.mask = _mask(active_host, self.num_tokens, self.model.device, self.attention_kind)  # once per set
 
     def load_layer(self, layer: int, clock) -> None:

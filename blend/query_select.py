@@ -79,8 +79,8 @@ def query_aware_tokens(
     cached = torch.zeros(plan.num_tokens, dtype=torch.bool)
     for start, kv in sources:
         cached[start : start + kv.num_tokens] = True
-    num_cached = int(cached.sum())
+    num_cached = int((cached & plan.chunk_mask()).sum())
     if ratio <= 0.0 or num_cached == 0:
         return torch.zeros(plan.num_tokens, dtype=torch.bool)
     score = question_attention(model, plan, sources, layers)
-    return top_rows(score, cached, budget(ratio, num_cached))
+    return top_rows(score, plan.candidates(cached), budget(ratio, num_cached))

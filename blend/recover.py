@@ -92,7 +92,8 @@ class Recovering(LayeredKV):
 def recovering(model, plan, sources):
     """`sources` (target start row, KV) with every source that can fail on read (not already in memory)
     wrapped in `Recovering`, its fallback the chunk's precompute from the plan's token ids, after the
-    plan's own prefix (exact for the first chunk, and KV that saw this prompt's instruction for the rest)."""
+    plan's own prefix (exact for the first chunk, and KV that saw this prompt's instruction for the rest);
+    a source at row 0 (the prompt prefix itself) from position 0."""
     prefix = list(plan.prefix_ids)
     out = []
     for start, kv in sources:
@@ -100,5 +101,6 @@ def recovering(model, plan, sources):
             out.append((start, kv))
             continue
         ids = plan.input_ids[start : start + kv.num_tokens].tolist()
-        out.append((start, Recovering(kv, lambda ids=ids: precompute(model, ids, prefix or None), model.inv_freq)))
+        lead = prefix if start else []  # the prompt prefix itself: from position 0
+        out.append((start, Recovering(kv, lambda ids=ids, lead=lead: precompute(model, ids, lead), model.inv_freq)))
     return out

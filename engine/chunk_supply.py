@@ -136,12 +136,6 @@ class ChunkSupply:
                 found[i] = self.compute([chunks[i]])[0]
         return recomputed
 
-    def cached_prefix(self, plan: BlendPlan, namespace: str) -> tuple[ChunkKey, LayeredKV | None]:
-        """Exact-prefix reuse: the key of the prompt's prefix (its template) and its cached KV (None: a miss)."""
-        ids = plan.input_ids[: plan.prefix_len].tolist()
-        key = ChunkKey.of(self.model.fingerprint + ":prefix", self.model.tokenizer_fingerprint, ids, namespace)
-        return key, self.store.get_layered(key)
-
     def compute_prefix(self, plan: BlendPlan, key: ChunkKey) -> LayeredKV:
         """The prefix's KV from position 0, stored under `key`."""
         kv = ChunkKV(self.model.forward_kv(plan.input_ids[: plan.prefix_len], torch.arange(plan.prefix_len)), pos0=0)

@@ -101,9 +101,12 @@ def choose_sources(engine, f: Fusion) -> None:
 def load(engine, f: Fusion) -> None:
     """Pin the entries and read them (file reads and checksums; layers decode lazily in the blend).
     An entry that vanished since lookup: a variant falls back to its base entry, a base entry is
-    recomputed. `prefix` reads (or computes) the prompt prefix's KV instead."""
+    recomputed. The prompt prefix's KV (template + instruction, exact: it always starts the prompt) is
+    read (or computed and stored) too, so its rows are loaded, not recomputed; `prefix` loads it alone."""
     keys = f.lookup.keys
     f._pins.enter_context(engine.store.pinned(keys + [v for v in f.loads if v not in keys]))
+    reuse_prefix = f.strategy.reuse in ("chunks", "prefix") and f.plan.chunk_spans and f.plan.prefix_len > 1
+    prefix = load_prefix(engine, f) if reuse_prefix else []  # without chunks the "prefix" is the whole prompt
     if keys:
         found = engine.store.get_layered_many(f.loads)
         f.watch.lap("load")
@@ -114,15 +117,24 @@ def load(engine, f: Fusion) -> None:
         if None in found:
             f.lookup.misses += engine.supply.recompute_vanished(keys, f.chunks, found)
             f.watch.lap("precompute")
-        f.sources = [(start, kv) for (start, _), kv in zip(f.plan.chunk_spans, found)]
-    elif f.strategy.reuse == "prefix" and f.plan.prefix_len > 1:
-        key, kv = engine.supply.cached_prefix(f.plan, f.request.namespace)
-        f.watch.lap("load")
-        if kv is None:
-            kv = engine.supply.compute_prefix(f.plan, key)
-            f.lookup.misses += 1
-            f.watch.lap("precompute")
-        f.sources = [(0, kv)]
+        f.sources = prefix + [(start, kv) for (start, _), kv in zip(f.plan.chunk_spans, found)]
+    else:
+        f.sources = prefix
+
+
+def load_prefix(engine, f: Fusion) -> list[tuple[int, LayeredKV]]:
+    """The prompt prefix's KV as a source at row 0 (pinned); computed and stored on a miss (a miss of
+    the request only for `prefix`, whose one entry it is: chunk strategies count chunks)."""
+    key = prefix_key(engine.model, f.plan, f.request.namespace)
+    f._pins.enter_context(engine.store.pinned([key]))
+    held = engine.store.lookup([key])[0] is not None  # a miss is not a chunk miss: not in the store's stats
+    kv = engine.store.get_layered(key) if held else None
+    f.watch.lap("load")
+    if kv is None:
+        kv = engine.supply.compute_prefix(f.plan, key)
+        f.lookup.misses += f.strategy.reuse == "prefix"
+        f.watch.lap("precompute")
+    return [(0, kv)]
 
 
 def fuse(engine, f: Fusion) -> None:

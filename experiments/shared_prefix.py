@@ -29,6 +29,7 @@ from ragkv.eval.metrics import agree_prefix, kl_per_position
 VARIANTS = (
     ("naive", "naive", 0.0, BlendConfig()),
     ("focus@0.15", "focus", 0.15, BlendConfig()),
+    ("focus@0.15-fixed", "focus", 0.15, BlendConfig(focus_mass=0.0)),
     ("focus@0.25", "focus", 0.25, BlendConfig()),
     ("cacheblend@0.15", "cacheblend", 0.15, BlendConfig()),
 )
@@ -51,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_sample_args(ap, limit=3)
     ap.add_argument("--out", default="shared_prefix.json")
+    ap.add_argument("--only", default="", help="comma-separated 'kind label' pairs to run (default: all)")
     args = ap.parse_args()
     engine, samples = engine_and_samples(args)
     rows, totals = [], {}
@@ -63,6 +65,8 @@ def main() -> None:
         row = {"id": sample.id}
         for kind, kind_plan, sources in kinds(engine, plan, chunks):
             for label, name, ratio, config in VARIANTS:
+                if args.only and f"{kind} {label}" not in args.only.split(","):
+                    continue
                 strategy = make_strategy(name, ratio, config)
                 result = blend(engine.model, kind_plan, strategy, sources, reserve=args.new_tokens + 1)
                 answer = list(engine.answer_ids(result, args.new_tokens))

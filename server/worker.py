@@ -214,35 +214,36 @@ class ModelWorker:
     def _run_step(self, task: Task) -> None:
         """One step of `task`, charged to its tenant; then it is requeued or its slot freed."""
         t0 = time.perf_counter()
-        done = self._step(task)
+        done, last = self._step(task)
         with self._cv:
             self._charge(task.tenant, time.perf_counter() - t0)
             if done:
                 self._release(task)
             else:
                 self._enqueue(task)  # behind this tenant's other work
+        if last is not None:  # the end (or the error) once its slot is free: the caller sees depth without it
+            task.deliver(last)
 
     def _charge(self, tenant: str, seconds: float) -> None:
         """Add model time to a tenant's clock (called with the lock held)."""
         self._used[tenant] = self._used.get(tenant, 0.0) + seconds
 
-    def _step(self, task: Task) -> bool:
-        """Run one step of `task`; True when it is finished (ended, failed or cancelled)."""
+    def _step(self, task: Task) -> tuple[bool, Any]:
+        """Run one step of `task`: (finished (ended, failed or cancelled), what to deliver once its slot is
+        free: END or the error; None when nothing)."""
         try:
             if task.cancelled.is_set():
                 if task.gen is not None:
                     task.gen.close()  # runs the generator's cleanup (e.g. an ingestion saves its index)
-                return True
+                return True, None
             if task.gen is None:
                 task.gen = iter(task.gen_fn())
             task.deliver(next(task.gen))
-            return False
+            return False, None
         except StopIteration:
-            task.deliver(END)
-            return True
+            return True, END
         except BaseException as err:  # noqa: BLE001 - handed to the awaiting side
-            task.deliver(err)
-            return True
+            return True, err
 
     def close(self, wait: bool = True) -> None:
         """Admit nothing more; with `wait`, return when every admitted request has finished."""

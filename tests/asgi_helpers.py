@@ -28,7 +28,9 @@ class TinyEngine(Engine):
             cfg = replace(self.config.retriever, namespace=ns, chunk_min_tokens=40, chunk_max_tokens=80)
             path = self.config.data_path(ns)
             path.mkdir(parents=True, exist_ok=True)
-            self._retrievers[ns] = Retriever.open(path, self.model, cfg, HashEmbedder(), self.config.catalog(ns))
+            self._retrievers[ns] = Retriever.open(
+                path, self.model, cfg, HashEmbedder(), self.config.catalog(ns), lead_in=self.lead_in
+            )
         return self._retrievers[ns]
 
 

@@ -103,3 +103,9 @@ def redis_skip_reason() -> str | None:
         return None
     except Exception as err:  # noqa: BLE001 - any failure means: skip
         return f"Redis at {url} not reachable: {type(err).__name__}: {err}"
+
+
+def payloads_of(root: Path, keys) -> list[Path]:
+    """The disk tier's payload files under `root` that hold `keys` (not the prompt prefix's or others'), sorted."""
+    digests = {k.digest for k in keys}
+    return sorted(p for p in Path(root).rglob("*.kv") if p.name.split(".")[0] in digests)

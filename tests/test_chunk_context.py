@@ -9,6 +9,7 @@ import torch
 from tiny_engine import PASSAGES, tiny_engine
 
 from ragkv.blend import BlendConfig, blend, make_strategy
+from ragkv.blend.prompt_state import PromptState
 from ragkv.chunk_cache import chunk_key, precompute, precompute_many
 from ragkv.engine.full_prefill import full_prefill
 from ragkv.engine.fusion import begin, choose_sources, look_up, resolve_chunks
@@ -92,3 +93,22 @@ def test_the_first_chunk_is_exact_only_when_its_entry_saw_this_prefix():
 def test_unknown_chunk_context_is_refused():
     with pytest.raises(ValueError, match="chunk_context"):
         tiny_engine(chunk_context="neighbours")
+
+
+def test_the_prompt_prefix_is_loaded_not_recomputed():
+    engine = tiny_engine()
+    fusion = engine.fuse(engine.request(QUESTION, PASSAGES, strategy="focus", recompute_ratio=0.5))
+    fusion.release()
+    plan, n = fusion.plan, fusion.plan.prefix_len
+    assert fusion.sources[0][0] == 0 and fusion.sources[0][1].num_tokens == n
+    assert fusion.run.misses == len(PASSAGES)  # chunks count; the prefix's entry is not a chunk
+    state = PromptState(engine.model, plan, make_strategy("focus", 0.5, BlendConfig()), fusion.sources)
+    assert int(state.active.min()) >= n  # no prefix row is computed, in any layer
+    assert state.num_cached == int(plan.chunk_mask().sum())  # budgets count chunk rows only
+    full = full_prefill(engine.model, plan)
+    for (kf, vf), (kb, vb) in zip(full.prompt_kv(), fusion.run.blend.prompt_kv()):
+        torch.testing.assert_close(kb[:, :, :n], kf[:, :, :n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(vb[:, :, :n], vf[:, :, :n], atol=1e-4, rtol=1e-4)
+    again = engine.run(QUESTION, PASSAGES, strategy="focus", recompute_ratio=0.5)
+    assert again.misses == 0
+    torch.testing.assert_close(again.logits, fusion.run.logits, atol=1e-5, rtol=1e-5)

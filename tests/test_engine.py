@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from storage_helpers import payloads_of
 from tiny_engine import PASSAGES, tiny_engine
 
 from ragkv.engine.decode import decode
@@ -110,7 +111,8 @@ def test_an_entry_that_vanished_after_lookup_is_recomputed(engine, monkeypatch):
 def test_a_corrupt_disk_entry_is_recomputed(tmp_path):
     engine = tiny_engine(TieredStore([DiskTier(tmp_path / "cache", catalog_url=f"sqlite:///{tmp_path}/c.sqlite")]))
     reference = engine.run(QUESTION, PASSAGES, strategy="naive")
-    payloads = sorted((tmp_path / "cache").rglob("*.kv"))  # payload files (not the writer locks)
+    keys = [engine.supply.key(c, "default") for c in engine.tokenize_chunks(PASSAGES)]
+    payloads = payloads_of(tmp_path / "cache", keys)  # the chunks' payload files (not the prefix's, nor locks)
     assert len(payloads) == len(PASSAGES)
     data = bytearray(payloads[0].read_bytes())
     data[-10] ^= 0xFF  # flip bits inside the KV bytes (the last layer): its CRC32 no longer matches
@@ -132,7 +134,8 @@ def test_a_damaged_layer_section_read_whole_is_a_miss_recomputed_before_the_blen
     disk = DiskTier(tmp_path / "cache", catalog_url=f"sqlite:///{tmp_path}/c.sqlite", layer_reads=False)
     engine = tiny_engine(TieredStore([disk]))
     reference = engine.run(QUESTION, PASSAGES, strategy="naive")
-    payload = sorted((tmp_path / "cache").rglob("*.kv"))[0]
+    keys = [engine.supply.key(c, "default") for c in engine.tokenize_chunks(PASSAGES)]
+    payload = payloads_of(tmp_path / "cache", keys)[0]
     data = bytearray(payload.read_bytes())
     data[-10] ^= 0xFF
     payload.write_bytes(bytes(data))

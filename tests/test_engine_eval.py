@@ -18,7 +18,8 @@ def test_evaluate_sample_reports_speedups_against_full_and_hf():
     assert list(rows) == ["full", "naive", "cacheblend@1"]
     full = rows["full"]
     assert full["kl_mean"] == 0.0 and full["top1_agreement"] == 1.0 and full["speedup_vs_full"] == 1.0
-    assert rows["cacheblend@1"]["kl_mean"] < 1e-8 and rows["cacheblend@1"]["top1_agreement"] == 1.0  # exact
+    # exact up to the prompt prefix's KV, loaded from the store in fp16
+    assert rows["cacheblend@1"]["kl_mean"] < 1e-6 and rows["cacheblend@1"]["top1_agreement"] == 1.0
     for label in ("full", "cacheblend@1"):  # the same greedy answer, token for token
         assert rows[label]["same_answer"] == 1.0 and rows[label]["agree_prefix"] == 1.0
         assert rows[label]["f1_vs_full"] == 1.0

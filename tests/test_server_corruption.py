@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from asgi_helpers import A, B, get, post, tiny_app
+from storage_helpers import payloads_of
 
 from ragkv.storage import DiskTier, TieredStore
 
@@ -19,7 +20,9 @@ def test_dropped_corrupt_entries_are_counted_per_tenant_and_in_metrics(tmp_path)
     body = "{" + Q + f', "documents": {json.dumps(DOCS)}}}'
     try:
         assert post(app, "/v1/chat/completions", body, A).status_code == 200
-        payloads = sorted((tmp_path / "cache").rglob("*.kv"))
+        engine = app.state.engine
+        keys = [engine.supply.key(c, "tenant-a") for c in engine.tokenize_chunks(DOCS)]
+        payloads = payloads_of(tmp_path / "cache", keys)  # the chunks' (not the prompt prefix's)
         assert len(payloads) == len(DOCS)
         for path in payloads[:3]:
             data = bytearray(path.read_bytes())
