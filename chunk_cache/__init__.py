@@ -1,10 +1,21 @@
 """What a cached chunk is: its key, its KV layout, and how it is precomputed.
 
-This folder imports nothing else of ragkv; every other folder builds on it.
+This folder imports nothing else of ragkv; every other folder builds on it. Names are exported
+lazily (lazy_exports.py): `ChunkKey` and `chunk_key` (key.py) import no torch, so the retriever's
+search path stays light; `ChunkKV`, `LayeredKV` and `precompute` load torch when first used.
 """
 
-from .key import ChunkKey
-from .kv import ChunkKV, LayeredKV
-from .precompute import KVModel, chunk_key, precompute, precompute_many
+from ..lazy_exports import lazy_exports
 
-__all__ = ["ChunkKey", "ChunkKV", "LayeredKV", "KVModel", "chunk_key", "precompute", "precompute_many"]
+lazy_exports(
+    __name__,
+    {
+        "ChunkKey": "key",
+        "chunk_key": "key",
+        "ChunkKV": "kv",
+        "LayeredKV": "kv",
+        "KVModel": "precompute",
+        "precompute": "precompute",
+        "precompute_many": "precompute",
+    },
+)

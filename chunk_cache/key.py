@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -73,3 +74,15 @@ class ChunkKey:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.digest}"
+
+
+class Fingerprinted(Protocol):
+    """What a chunk key is made of besides the ids: the model's and its tokenizer's fingerprints."""
+
+    fingerprint: str
+    tokenizer_fingerprint: str
+
+
+def chunk_key(model: Fingerprinted, token_ids: Sequence[int], namespace: str = "default") -> ChunkKey:
+    """The key `precompute` stores `token_ids` under for this model."""
+    return ChunkKey.of(model.fingerprint, model.tokenizer_fingerprint, token_ids, namespace)

@@ -13,7 +13,6 @@ from typing import Protocol
 
 import torch
 
-from .key import ChunkKey
 from .kv import ChunkKV
 
 
@@ -29,11 +28,6 @@ class KVModel(Protocol):
     ) -> torch.Tensor:
         """All layers' K/V of `ids` [T]: [2, L, T, H_kv, D]; `segments` [T] makes the mask block-diagonal."""
         ...
-
-
-def chunk_key(model: KVModel, token_ids: Sequence[int], namespace: str = "default") -> ChunkKey:
-    """The key `precompute` stores `token_ids` under for this model."""
-    return ChunkKey.of(model.fingerprint, model.tokenizer_fingerprint, token_ids, namespace)
 
 
 def precompute(model: KVModel, token_ids: Sequence[int]) -> ChunkKV:

@@ -17,7 +17,7 @@ from ..compression.layered import DTYPES
 from ..models import ModelAdapter, load_adapter
 from ..retriever import CatalogLink, Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
-from ..storage.config import build_store
+from ..storage.build import build_store
 from ..storage.health import degraded_warnings
 from .answer import Answer
 from .chunk_supply import ChunkSupply
