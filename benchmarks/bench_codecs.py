@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ragkv.chunk_cache import ChunkKV, precompute_many
+from ragkv.chunk_cache import ChunkKV
 from ragkv.compression import Codec, DecodePool, EncodedKV, codec_names, get_codec
 from ragkv.eval.datasets import FORMATS
 
@@ -150,7 +150,6 @@ def blend_fidelity(
 ) -> dict[str, float]:
     """kl_mean / top1_agreement of cacheblend@ratio with every chunk's KV stored through `codec`, against
     the full prefill of the same prompt (teacher-forced on its greedy answer, as `ragkv eval` does)."""
-    from ragkv.chunk_cache import chunk_key
     from ragkv.eval.metrics import kl_per_position, top1_agreement
     from ragkv.storage import MemoryTier, TieredStore
 
@@ -159,7 +158,7 @@ def blend_fidelity(
     for sample, sample_kvs, (forced, ref_logits) in zip(samples, kvs, references):
         chunks = engine.tokenize_chunks(sample.chunks)
         for ids, kv in zip(chunks, sample_kvs):
-            engine.store.put(chunk_key(engine.model, ids, engine.config.namespace), kv)
+            engine.store.put(engine.supply.key(ids, engine.config.namespace), kv)
         run = engine.run(sample.question, chunks=chunks, strategy="cacheblend", recompute_ratio=ratio, reserve=16)
         logits = engine.teacher_forced_logits(run.blend, forced)  # [P, vocab]
         kls.append(float(kl_per_position(ref_logits, logits).mean()))
@@ -193,8 +192,7 @@ def run(args: argparse.Namespace) -> int:
     chunk_ids = [engine.tokenize_chunks(s.chunks) for s in samples]
     t0 = time.perf_counter()
     kvs = [
-        [kv.to(dtype=torch.float16) for kv in precompute_many(engine.model, ids, max_tokens_per_pass=2048)]
-        for ids in chunk_ids
+        [kv.to(dtype=torch.float16) for kv in engine.supply.compute(ids, max_tokens_per_pass=2048)] for ids in chunk_ids
     ]
     flat = [kv for sample_kvs in kvs for kv in sample_kvs]
     print(

@@ -122,7 +122,10 @@ class CacheCraft(Strategy):
         metas = [m if m is not None and m.num_tokens == n else None for m, n in zip(metas, lengths)]
         ov = [c.overlap if c is not None else (1.0 if i == 0 else 0.0) for i, c in enumerate(choices)]
         scale = [1.0 - o if c is not None and c.is_variant else 1.0 for c, o in zip(choices, ov)]
-        reasons = ["exact variant" if c is not None and c.exact else "" for c in choices]
+        reasons = [
+            "exact variant" if c is not None and c.exact else "exact" if i in plan.exact_chunks else ""
+            for i, c in enumerate(choices)
+        ]
         attention = None
         focus = self.config.craft_focus > 0.0
         if self.ratio > 0 and (focus or self.config.select == "query" or any(m is None for m in metas)):

@@ -8,7 +8,8 @@ each chunk's last tokens (the tokens just before a separator, which the next chu
 first). The budget is the request's ratio, or with `focus_mass > 0` adaptive: the fewest tokens whose
 question-attention mass reaches `focus_mass`, between `focus_floor` and the request's ratio (the cap).
 The ratio used is reported as the blend's `recompute_fraction` (every chosen token is computed in every
-layer when there is no check layer).
+layer when there is no check layer). Rows of the plan's `exact_chunks` are never candidates: the budget
+(a share of all cached rows) goes to the chunks whose KV did not see this prompt.
 """
 
 from __future__ import annotations
@@ -76,25 +77,26 @@ class Focus(Strategy):
         for start, kv in sources:
             cached[start : start + kv.num_tokens] = True
         num_cached = int(cached.sum())
+        candidates = cached & ~plan.exact_mask()  # [N] rows whose cached KV may deviate
         self._chosen = torch.zeros(plan.num_tokens, dtype=torch.bool)
-        if self.ratio <= 0.0 or num_cached == 0:
+        if self.ratio <= 0.0 or not bool(candidates.any()):
             self._count = 0
             return
         score = question_attention(model, plan, sources, self.config.scout_layers)  # [N], 0 off chunks
         cap = budget(self.ratio, num_cached)
         if self.config.focus_mass > 0.0:
             floor = min(cap, budget(self.config.focus_floor, num_cached))
-            count = mass_budget(score, cached, self.config.focus_mass, floor, cap)
+            count = mass_budget(score, candidates, self.config.focus_mass, floor, cap)
         else:
-            count = cap
-        tails = chunk_tails(plan.chunk_spans, plan.num_tokens, self.config.focus_tail) & cached
+            count = min(cap, int(candidates.sum()))
+        tails = chunk_tails(plan.chunk_spans, plan.num_tokens, self.config.focus_tail) & candidates
         count = max(0, count - int(tails.sum()))
         if self.dual:
             self._attention, self._count = score, count
             self._chosen = tails
             return
-        chosen = top_rows(score, cached & ~tails, self._pre_widen(count)) | tails
-        self._chosen = widen(chosen, cached, self.config.focus_radius)
+        chosen = top_rows(score, candidates & ~tails, self._pre_widen(count)) | tails
+        self._chosen = widen(chosen, candidates, self.config.focus_radius)
 
     def _pre_widen(self, count: int) -> int:
         """Tokens to pick before widening, so that about `count` remain after it."""

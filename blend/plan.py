@@ -8,7 +8,7 @@ chunks' fixed token ids, never by re-tokenizing the joined text. Target position
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,6 +19,9 @@ class BlendPlan:
 
     input_ids: torch.Tensor  # [N] long
     chunk_spans: tuple[tuple[int, int], ...]  # [start, end) of each chunk, in prompt order
+    # chunks whose cached KV is exactly this prompt's rows (computed after this very prefix, at this very
+    # position: the first chunk, when chunk KV is computed after the template's prefix): never recomputed
+    exact_chunks: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -32,6 +35,26 @@ class BlendPlan:
     def prefix_len(self) -> int:
         """Tokens before the first chunk (the whole prompt if there is none)."""
         return self.chunk_spans[0][0] if self.chunk_spans else self.num_tokens
+
+    @property
+    def prefix_ids(self) -> tuple[int, ...]:
+        """The token ids before the first chunk."""
+        return tuple(self.input_ids[: self.prefix_len].tolist())
+
+    def with_exact(self, chunks: Sequence[int]) -> BlendPlan:
+        """This plan with `chunks` (indices) marked as holding exact cached KV."""
+        for i in chunks:
+            if not 0 <= i < len(self.chunk_spans):
+                raise ValueError(f"no chunk {i} in a plan of {len(self.chunk_spans)} chunks")
+        return replace(self, exact_chunks=tuple(sorted(set(chunks))))
+
+    def exact_mask(self) -> torch.Tensor:
+        """[N] bool: True on rows of the `exact_chunks`."""
+        mask = torch.zeros(self.num_tokens, dtype=torch.bool)
+        for i in self.exact_chunks:
+            start, end = self.chunk_spans[i]
+            mask[start:end] = True
+        return mask
 
     def chunk_mask(self) -> torch.Tensor:
         """[N] bool: True on rows that belong to a chunk."""

@@ -91,12 +91,14 @@ class Recovering(LayeredKV):
 
 def recovering(model, plan, sources):
     """`sources` (target start row, KV) with every source that can fail on read (not already in memory)
-    wrapped in `Recovering`, its fallback the chunk's precompute from the plan's token ids."""
+    wrapped in `Recovering`, its fallback the chunk's precompute from the plan's token ids, after the
+    plan's own prefix (exact for the first chunk, and KV that saw this prompt's instruction for the rest)."""
+    prefix = list(plan.prefix_ids)
     out = []
     for start, kv in sources:
         if kv.stored() is not None or isinstance(kv, Recovering):  # resident: nothing to fail on read
             out.append((start, kv))
             continue
         ids = plan.input_ids[start : start + kv.num_tokens].tolist()
-        out.append((start, Recovering(kv, lambda ids=ids: precompute(model, ids), model.inv_freq)))
+        out.append((start, Recovering(kv, lambda ids=ids: precompute(model, ids, prefix or None), model.inv_freq)))
     return out

@@ -146,6 +146,7 @@ class Epic(Strategy):
 
     def initial_tokens(self, plan, cached):
         active = ~cached
-        for start, end in plan.chunk_spans:
-            active[start : start + math.ceil(self.ratio * (end - start) - 1e-9)] = True
+        for i, (start, end) in enumerate(plan.chunk_spans):
+            if i not in plan.exact_chunks:
+                active[start : start + math.ceil(self.ratio * (end - start) - 1e-9)] = True
         return active

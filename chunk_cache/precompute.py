@@ -1,9 +1,12 @@
 """Precompute a chunk's KV once: one chunk at a time, or many packed into one forward pass.
 
-Every chunk is computed after the model's attention-sink context (`model.sink_ids`, e.g. BOS) so
-that its first token is not itself treated as a sink; the sink rows are dropped and the chunk's
-keys start at `pos0 = len(sink_ids)`. Prepacking puts several `[sink + chunk]` sequences in one pass
-with a block-diagonal causal mask and positions restarting per sequence; it equals one-by-one.
+Every chunk is computed after a lead-in, so that its first token is not itself treated as a sink: by
+default the model's attention-sink context (`model.sink_ids`, e.g. BOS); with `lead_in` a prompt
+template's fixed prefix (chat template + instruction, the shared prefix of APE), so that the cached KV
+already "knows" it is a passage of such a prompt. The lead-in rows are dropped and the chunk's keys start
+at `pos0 = len(lead_in)`. A lead-in other than the sink is part of the chunk's key (`chunk_key`, key.py).
+Prepacking puts several `[lead-in + chunk]` sequences in one pass with a block-diagonal causal mask and
+positions restarting per sequence; it equals one-by-one.
 """
 
 from __future__ import annotations
@@ -30,28 +33,34 @@ class KVModel(Protocol):
         ...
 
 
-def precompute(model: KVModel, token_ids: Sequence[int]) -> ChunkKV:
-    """KV of one chunk, computed after the sink context."""
-    return precompute_many(model, [token_ids], max_tokens_per_pass=0)[0]
+def precompute(model: KVModel, token_ids: Sequence[int], lead_in: Sequence[int] | None = None) -> ChunkKV:
+    """KV of one chunk, computed after `lead_in` (None: the model's sink)."""
+    return precompute_many(model, [token_ids], max_tokens_per_pass=0, lead_in=lead_in)[0]
 
 
-def precompute_many(model: KVModel, chunks: Sequence[Sequence[int]], max_tokens_per_pass: int = 4096) -> list[ChunkKV]:
-    """KV of many chunks, packed greedily into passes of at most `max_tokens_per_pass` tokens.
+def precompute_many(
+    model: KVModel,
+    chunks: Sequence[Sequence[int]],
+    max_tokens_per_pass: int = 4096,
+    lead_in: Sequence[int] | None = None,
+) -> list[ChunkKV]:
+    """KV of many chunks, each computed after `lead_in` (None: the model's sink), packed greedily into
+    passes of at most `max_tokens_per_pass` tokens (lead-ins included).
 
     A chunk longer than the budget gets a pass of its own; `max_tokens_per_pass=0` means one
     chunk per pass (no packing).
     """
-    sink = list(model.sink_ids)
+    lead = [int(t) for t in (model.sink_ids if lead_in is None else lead_in)]
     out: list[ChunkKV | None] = [None] * len(chunks)
-    for batch in _packs([len(sink) + len(c) for c in chunks], max_tokens_per_pass):
-        seqs = [sink + [int(t) for t in chunks[i]] for i in batch]
+    for batch in _packs([len(lead) + len(c) for c in chunks], max_tokens_per_pass):
+        seqs = [lead + [int(t) for t in chunks[i]] for i in batch]
         ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)  # [T]
         positions = torch.cat([torch.arange(len(s)) for s in seqs])  # [T], restarting per chunk
         segments = torch.cat([torch.full((len(s),), n) for n, s in enumerate(seqs)])  # [T]
         kv = model.forward_kv(ids, positions, segments if len(seqs) > 1 else None)  # [2, L, T, H, D]
         start = 0
         for i, s in zip(batch, seqs):
-            out[i] = ChunkKV(kv[:, :, start + len(sink) : start + len(s)].clone(), pos0=len(sink))
+            out[i] = ChunkKV(kv[:, :, start + len(lead) : start + len(s)].clone(), pos0=len(lead))
             start += len(s)
     assert all(o is not None for o in out), "every chunk must be packed exactly once"
     return out  # type: ignore[return-value]

@@ -1,6 +1,10 @@
 """ChunkSupply: chunk KV for the Engine's stages: keys, which tier holds each, and the misses computed
 (packed several per pass) once across the sidecars sharing a Redis tier.
 
+Chunk KV is computed after the supply's `lead_in` (the prompt template's fixed prefix by default, else
+the model's attention sink: `chunk_context`), and keyed by it (`chunk_key`): KV that already saw the
+prompt's instruction, and for the first chunk of a prompt exactly the full prefill's rows.
+
 Computed KV goes to the first tier at once and is copied to the disk tier off the request path
 (write-behind). An entry that vanished or failed its checksum between lookup and read is recomputed
 through the same compute-once path, so two sidecars that lose one entry at once compute it once.
@@ -52,10 +56,22 @@ class Lookup:
 class ChunkSupply:
     """Looks chunks up in the store and computes the misses."""
 
-    def __init__(self, model: ModelAdapter, store: TieredStore, prepack_tokens: int) -> None:
+    def __init__(
+        self, model: ModelAdapter, store: TieredStore, prepack_tokens: int, lead_in: tuple[int, ...] | None = None
+    ) -> None:
         self.model = model
         self.store = store
         self.prepack_tokens = prepack_tokens
+        self.lead_in = lead_in  # what chunk KV is computed after (None: the model's sink)
+
+    def key(self, chunk: Sequence[int], namespace: str) -> ChunkKey:
+        """The store key of `chunk` (token ids) computed after this supply's lead-in."""
+        return chunk_key(self.model, chunk, namespace, self.lead_in)
+
+    def compute(self, chunks: Sequence[Sequence[int]], max_tokens_per_pass: int | None = None) -> list[ChunkKV]:
+        """The KV of `chunks` after this supply's lead-in, packed into passes (not stored)."""
+        budget = self.prepack_tokens if max_tokens_per_pass is None else max_tokens_per_pass
+        return precompute_many(self.model, chunks, budget, self.lead_in)
 
     def lookup(self, chunks: Sequence[Sequence[int]], namespace: str) -> Lookup:
         """Keys and tiers of `chunks` (no I/O, no precompute); the store's stats count the misses."""
@@ -64,7 +80,7 @@ class ChunkSupply:
     def lookup_many(self, prompts: Sequence[tuple[Sequence[Sequence[int]], str]]) -> list[Lookup]:
         """`lookup` of several prompts (chunks, namespace) with one store lookup: a chunk that an earlier
         prompt of the batch misses is `pending` in the later ones, not missed twice."""
-        found = [Lookup(keys=[chunk_key(self.model, c, ns) for c in chunks]) for chunks, ns in prompts]
+        found = [Lookup(keys=[self.key(c, ns) for c in chunks]) for chunks, ns in prompts]
         tiers = iter(self.store.lookup([k for f in found for k in f.keys]))
         earlier: set[ChunkKey] = set()
         for f, (chunks, _) in zip(found, prompts):
@@ -96,8 +112,7 @@ class ChunkSupply:
         the disk tier; returns the keys another sidecar computed meanwhile -> their tier."""
         if not missing:
             return {}
-        compute = lambda c: precompute_many(self.model, c, self.prepack_tokens)  # noqa: E731
-        return compute_once(self.store, missing, compute, write_behind=True)
+        return compute_once(self.store, missing, self.compute, write_behind=True)
 
     def ensure(self, chunks: Sequence[Sequence[int]], namespace: str) -> Lookup:
         """Look `chunks` up and compute the misses."""
@@ -118,7 +133,7 @@ class ChunkSupply:
                 found[i] = self.store.get_layered(keys[i])
                 recomputed += keys[i] not in shared
             if found[i] is None:  # not even the first tier kept it (too small, or gone again): use it unstored
-                found[i] = precompute_many(self.model, [chunks[i]])[0]
+                found[i] = self.compute([chunks[i]])[0]
         return recomputed
 
     def cached_prefix(self, plan: BlendPlan, namespace: str) -> tuple[ChunkKey, LayeredKV | None]:

@@ -15,6 +15,8 @@ from ..retriever import RetrieverConfig
 from ..storage.config import StorageConfig, TierConfig
 from .settings import DEFAULT_DATA_DIR, Settings, load_settings
 
+CHUNK_CONTEXTS = ("prefix", "sink")  # what chunk KV is computed after (`EngineConfig.chunk_context`)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -28,6 +30,7 @@ class EngineConfig:
     namespace: str = "default"
     max_new_tokens: int = 32
     prepack_tokens: int = 4096  # precompute packs several chunks per pass up to this many tokens
+    chunk_context: str = "prefix"  # chunk KV computed after the template's prefix ("prefix") or the sink ("sink")
     batch_tokens: int | None = None  # prompt tokens fused in one batch (None: the device's default)
     batch_kv_bytes: int | None = None  # K/V buffer bytes of one batch (None: the device's default)
     blend: BlendConfig = field(default_factory=BlendConfig)
@@ -87,6 +90,7 @@ class EngineConfig:
             namespace=settings.namespace,
             max_new_tokens=settings.max_new_tokens,
             prepack_tokens=settings.prepack_tokens,
+            chunk_context=settings.chunk_context,
             batch_tokens=settings.batch_tokens,
             batch_kv_bytes=None if settings.batch_kv_bytes is None else int(settings.batch_kv_bytes),
             catalog_url=settings.catalog_url,

@@ -20,7 +20,7 @@ from ..storage.build import build_store
 from ..storage.health import degraded_warnings
 from .answer import Answer
 from .chunk_supply import ChunkSupply
-from .config import EngineConfig
+from .config import CHUNK_CONTEXTS, EngineConfig
 from .context_pass import ContextPassReport, context_pass
 from .decode import decode
 from .fusion import STAGES, Fusion, begin
@@ -43,14 +43,16 @@ class Engine:
         template: PromptTemplate = PromptTemplate(),
         embedder=None,
     ) -> None:
+        if config.chunk_context not in CHUNK_CONTEXTS:
+            raise ValueError(f"unknown chunk_context {config.chunk_context!r}; accepted: {', '.join(CHUNK_CONTEXTS)}")
         self.model = model
         self.store = store
         self.config = config
-        self.template = template
         self.embedder = embedder  # the retriever's Embedder; None: the configured HF encoder
         self.supply = ChunkSupply(model, store, config.prepack_tokens)  # lookups and precomputes
         self._retrievers: dict[str, Retriever] = {}
         self.catalog_links: dict[str, CatalogLink] = {}  # outage state per network catalog URL (PostgreSQL)
+        self.template = template  # sets the lead-in chunk KV is computed after (`chunk_context`)
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, config: EngineConfig | None = None, **overrides) -> Engine:
@@ -64,12 +66,38 @@ class Engine:
     def tokenizer(self):
         return self.model.tokenizer
 
+    @property
+    def template(self) -> PromptTemplate:
+        """The prompt template; setting it moves the lead-in chunk KV is computed after (and keyed by)."""
+        return self._template
+
+    @template.setter
+    def template(self, template: PromptTemplate) -> None:
+        self._template = template
+        self.supply.lead_in = self.lead_in_for(template)
+        for retriever in self._retrievers.values():
+            retriever.lead_in = self.supply.lead_in
+
+    def lead_in_for(self, template: PromptTemplate) -> tuple[int, ...] | None:
+        """What chunk KV is computed after under `template`: its fixed prefix (chat template and
+        instruction, the same for every question; `chunk_context = "prefix"`), or None: the sink."""
+        if self.config.chunk_context == "sink" or self.tokenizer is None:
+            return None
+        return tuple(template.render(self.tokenizer, "")[0]) or None
+
+    @property
+    def lead_in(self) -> tuple[int, ...] | None:
+        """The lead-in of this engine's chunk KV now (None: the model's sink)."""
+        return self.supply.lead_in
+
     # -- documents and retrieval (the catalog + faiss index of a namespace, opened on first use) ---
     def retriever(self, namespace: str | None = None) -> Retriever:
         """The document catalog and index of `namespace` (each tenant has its own)."""
         ns = namespace or self.config.namespace
         if ns not in self._retrievers:  # CatalogUnavailable while a network catalog is unreachable: opened later
-            self._retrievers[ns] = open_retriever(self.config, self.model, ns, self.embedder, self.catalog_links)
+            self._retrievers[ns] = open_retriever(
+                self.config, self.model, ns, self.embedder, self.catalog_links, lead_in=self.lead_in
+            )
         return self._retrievers[ns]
 
     def catalog_warnings(self, since: float | None = None) -> list[str]:
@@ -120,8 +148,11 @@ class Engine:
 
     # -- the query path: a FusionRequest through the stages ---------------------------------------
     def plan(self, question: str, chunks: Sequence[Sequence[int]]) -> BlendPlan:
+        """The prompt's layout; when chunk KV is computed after exactly this prompt's prefix (the lead-in),
+        the first chunk's KV (`supply.compute`, or its stored entry) is the full prefill's: marked exact."""
         prefix, query, sep = self.template.render(self.tokenizer, question)
-        return make_plan(prefix, chunks, query, sep)
+        plan = make_plan(prefix, chunks, query, sep)
+        return plan.with_exact([0]) if chunks and self.lead_in == plan.prefix_ids else plan
 
     def request(self, question: str | FusionRequest, documents: Sequence[str] | None = None, **options):
         """A `FusionRequest` with every default resolved from the configuration (options: `chunks`,

@@ -89,10 +89,13 @@ def look_up(engine, f: Fusion) -> None:
 
 def choose_sources(engine, f: Fusion) -> None:
     """The entry each chunk loads: the strategy decides (its base entry, or a KV variant computed after
-    this prompt's prefix, `prefix_key`)."""
+    this prompt's prefix, `prefix_key`). The plan's exact first chunk (`Engine.plan`) stays exact only if
+    it loads its base entry."""
     if f.lookup.keys:
         f.prefix = prefix_key(engine.model, f.plan, f.request.namespace)
         f.loads = f.strategy.choose_sources(f.lookup.keys, engine.store, f.prefix)
+        if f.plan.exact_chunks and f.loads[0] != f.lookup.keys[0]:
+            f.plan = f.plan.with_exact([])
 
 
 def load(engine, f: Fusion) -> None:

@@ -255,7 +255,7 @@ class _Run:
             ids.append(chunk_ids)
             n += len(chunk_ids)
         t = time.perf_counter()
-        kvs = precompute_many(self.ing.adapter, ids, self.ing.config.max_tokens_per_pass)
+        kvs = precompute_many(self.ing.adapter, ids, self.ing.config.max_tokens_per_pass, self.ing.retriever.lead_in)
         for key, kv, chunk_ids in zip(keys, kvs, ids):
             self.ing.store.put(key, kv, durable=True)
             if self.ing.config.neighbour_variants:

@@ -6,9 +6,9 @@ preceding chunks (`storage/variants.py`), bounded like every variant by `blend.c
 chunk and the utility eviction.
 
 What is stored must be exact, because an exact variant is reused with no recompute. A blend's own rows
-are not: its reused rows are the base entry's (computed after the attention sink alone), and even its
-recomputed rows attended, at every layer above 0, to those approximate rows. So the blend's buffers
-are never stored. The rows stored are those of a prefill of the prompt by the model's own forward
+are not: its reused rows are the base entry's (computed after the lead-in alone, without the chunks
+before it), and even its recomputed rows attended, at every layer above 0, to those approximate rows.
+So the blend's buffers are never stored. The rows stored are those of a prefill of the prompt by the model's own forward
 (`full_prefill`): free when the request itself ran `full`, else a completion run after the request
 has answered (off its TTFT), as `blend.craft_serve` says:
 

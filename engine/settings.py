@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     catalog_url: str | None = None  # one SQLAlchemy database for store + documents; None: SQLite in data_dir
     max_new_tokens: int = Field(32, ge=1)
     prepack_tokens: int = Field(4096, ge=1)  # precompute packs several chunks per pass up to this many tokens
+    # what chunk KV is computed after: "prefix", the prompt template's fixed prefix (chat template +
+    # instruction; keyed by it), or "sink", the model's attention sink alone (engine/chunk_supply.py)
+    chunk_context: Literal["prefix", "sink"] = "prefix"
     # requests fused together (engine/batch_budget.py): their prompt tokens and their K/V buffer bytes at most
     # this much (None: per device, 16384 tokens / 1GiB on CPU, 65536 tokens / a quarter of the GPU's memory)
     batch_tokens: int | None = Field(None, ge=1)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..blend import blend, make_strategy
-from ..chunk_cache import ChunkKV, precompute_many
+from ..chunk_cache import ChunkKV
 from ..compression import Codec
 from ..compression.packed import PackedCodec, PackedConfig
 from ..compression.schedule import CodecSchedule
@@ -51,7 +51,7 @@ class CalibrationPrompt:
         `max_tokens`), their fp16 KV, and the full prefill's answer and logits."""
         chunks = truncate_chunks(engine.tokenize_chunks(sample.chunks), max_tokens, chunk_tokens)
         plan = engine.plan(sample.question, chunks)
-        kvs = [ChunkKV(kv.kv.half(), kv.pos0) for kv in precompute_many(engine.model, chunks)]
+        kvs = [ChunkKV(kv.kv.half(), kv.pos0) for kv in engine.supply.compute(chunks)]
         full = blend(engine.model, plan, make_strategy("full"), [], reserve=TEACHER_TOKENS)
         answer = list(engine.answer_ids(full, TEACHER_TOKENS))
         forced = torch.tensor(answer or [int(full.logits.argmax())])

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..chunk_cache import ChunkKV, chunk_key, precompute_many
+from ..chunk_cache import ChunkKV
 from ..compression import Codec, get_codec
 from ..engine.engine import Engine
 from ..storage import MemoryTier, TieredStore
@@ -140,7 +140,7 @@ def answer_from(
     """`prompt` answered by `engine` (a `codec_engine`) with `kvs` put into its store first."""
     chunks = [list(c) for c in prompt.chunks]
     for chunk, kv in zip(chunks, kvs):
-        engine.store.put(chunk_key(engine.model, chunk, engine.config.namespace), kv)
+        engine.store.put(engine.supply.key(chunk, engine.config.namespace), kv)
     values = sum(kv.kv.numel() for kv in kvs)
     bits = 8 * engine.store.tiers[0].nbytes / max(values, 1)
     run = engine.run(
@@ -175,7 +175,7 @@ def run_gate(
         full_answer = list(engine.answer_ids(full.blend, TEACHER_TOKENS))
         forced = torch.tensor(full_answer or [int(full.logits.argmax())])
         reference_logits = engine.teacher_forced_logits(full.blend, forced)
-        kvs = [ChunkKV(kv.kv.half(), kv.pos0) for kv in precompute_many(engine.model, chunks)]
+        kvs = [ChunkKV(kv.kv.half(), kv.pos0) for kv in engine.supply.compute(chunks)]
         args = (forced, reference_logits, new_tokens, strategy, ratio)
         base = answer_from(codec_engine(engine, "identity"), prompt, kvs, *args)
         for label, codec in resolved.items():

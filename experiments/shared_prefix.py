@@ -1,5 +1,7 @@
 """APE-style shared prefix, training-free: each chunk's KV computed after the prompt's fixed prefix (chat
-template + instruction, the same for every question of a template) instead of after the sink alone.
+template + instruction, the same for every question of a template) instead of after the sink alone
+(`chunk_context = "prefix"`, the default since this experiment), with and without the first chunk marked
+exact (its KV is then the full prefill's rows: the budget goes to the other chunks).
 
 Per sample, both kinds of chunk KV (fp32, computed here, not read from the store) are fused with the same
 strategies; same_answer / agree_prefix over the full prefill's greedy answer (`--new-tokens`, 24) and
@@ -20,27 +22,29 @@ import torch
 from answer_turns import add_sample_args, engine_and_samples, reference
 
 from ragkv.blend import BlendConfig, blend, make_strategy
-from ragkv.chunk_cache import ChunkKV, precompute_many
+from ragkv.chunk_cache import precompute_many
 from ragkv.engine.engine import Engine
 from ragkv.eval.metrics import agree_prefix, kl_per_position
 
 VARIANTS = (
     ("naive", "naive", 0.0, BlendConfig()),
-    ("focus@0.15 fixed", "focus", 0.15, BlendConfig(focus_mass=0.0)),
-    ("focus@0.15 adaptive", "focus", 0.15, BlendConfig()),
+    ("focus@0.15", "focus", 0.15, BlendConfig()),
+    ("focus@0.25", "focus", 0.25, BlendConfig()),
     ("cacheblend@0.15", "cacheblend", 0.15, BlendConfig()),
 )
 
 
-def after_prefix(engine: Engine, plan, chunks) -> list[tuple[int, ChunkKV]]:
-    """Each chunk's KV computed after the plan's prefix rows (pos0 = the prefix length)."""
-    prefix = plan.input_ids[: plan.prefix_len].tolist()
-    out = []
-    for (start, _), chunk in zip(plan.chunk_spans, chunks):
-        ids = torch.tensor(prefix + list(chunk))
-        kv = engine.model.forward_kv(ids, torch.arange(len(ids)))
-        out.append((start, ChunkKV(kv[:, :, len(prefix) :].clone(), pos0=len(prefix))))
-    return out
+def kinds(engine: Engine, plan, chunks):
+    """(label, plan, sources): chunk KV after the sink; after the prompt's prefix (the engine's lead-in,
+    `chunk_context = "prefix"`) with the first chunk marked exact as `Engine.plan` does, and without."""
+    spans = [s for s, _ in plan.chunk_spans]
+    sink = list(zip(spans, precompute_many(engine.model, chunks)))
+    lead = list(zip(spans, precompute_many(engine.model, chunks, lead_in=plan.prefix_ids)))
+    return (
+        ("sink", plan.with_exact([]), sink),
+        ("prefix", plan.with_exact([]), lead),
+        ("prefix+exact", plan.with_exact([0]), lead),
+    )
 
 
 def main() -> None:
@@ -56,13 +60,11 @@ def main() -> None:
         key = hashlib.sha1(json.dumps([plan.input_ids.tolist(), args.new_tokens]).encode()).hexdigest()[:16]
         ref = reference(engine, plan, args.new_tokens, args.cache, key)
         forced = torch.tensor(ref["answer"])
-        sink = [(s, kv) for (s, _), kv in zip(plan.chunk_spans, precompute_many(engine.model, chunks))]
         row = {"id": sample.id}
-        for kind, sources in (("sink", sink), ("prefix", after_prefix(engine, plan, chunks))):
+        for kind, kind_plan, sources in kinds(engine, plan, chunks):
             for label, name, ratio, config in VARIANTS:
-                result = blend(
-                    engine.model, plan, make_strategy(name, ratio, config), sources, reserve=args.new_tokens + 1
-                )
+                strategy = make_strategy(name, ratio, config)
+                result = blend(engine.model, kind_plan, strategy, sources, reserve=args.new_tokens + 1)
                 answer = list(engine.answer_ids(result, args.new_tokens))
                 logits = engine.teacher_forced_logits(result, forced)
                 m = {

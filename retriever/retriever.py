@@ -86,9 +86,11 @@ class Retriever:
         index_path: str | Path,
         config: RetrieverConfig | None = None,
         journal: DocumentJournal | None = None,
+        lead_in: tuple[int, ...] | None = None,
     ) -> None:
         self.config = config or RetrieverConfig()
         self.journal = journal
+        self.lead_in = lead_in  # what the chunks' KV is computed after (keys depend on it; None: the sink)
         self.model = model
         self.catalog = catalog
         self.embedder = embedder
@@ -109,6 +111,7 @@ class Retriever:
         embedder: Embedder | None = None,
         catalog_url: str | None = None,
         link: CatalogLink | None = None,
+        lead_in: tuple[int, ...] | None = None,
     ) -> Retriever:
         """The retriever of `data_dir`: catalog `catalog.sqlite` (or `catalog_url`), index `index/chunks.faiss`.
         With `link` (a network database), the catalog's calls go through it: CatalogUnavailable while the
@@ -121,17 +124,18 @@ class Retriever:
         if embedder is None:  # loaded only once the catalog opened (an outage retries without loading it)
             embedder = HFEmbedder(config.embedder_path, config.embed_batch_size, config.embed_max_length)
         if link is None:
-            return cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config, journal)
+            return cls(model, catalog, embedder, data_dir / "index" / "chunks.faiss", config, journal, lead_in)
         guarded = GuardedCatalog(catalog, link)
+        index = data_dir / "index" / "chunks.faiss"
         try:
-            return link.run(lambda: cls(model, guarded, embedder, data_dir / "index" / "chunks.faiss", config))
+            return link.run(lambda: cls(model, guarded, embedder, index, config, lead_in=lead_in))
         except CatalogUnavailable:
             catalog.close()  # opened on a later call, with a pool of its own
             raise
 
     def key(self, token_ids: Sequence[int]) -> ChunkKey:
-        """The store key of a chunk's ids (same as `chunk_key(model, ids, namespace)`)."""
-        return chunk_key(self.model, token_ids, self.config.namespace)  # type: ignore[arg-type]
+        """The store key of a chunk's ids (same as `chunk_key(model, ids, namespace, lead_in)`)."""
+        return chunk_key(self.model, token_ids, self.config.namespace, self.lead_in)  # type: ignore[arg-type]
 
     # -- writes ----------------------------------------------------------------------------------
     def add_document(self, doc_id: str, text: str, metadata: dict | None = None, source: str = "") -> DocumentUpdate:

@@ -8,7 +8,6 @@ import torch
 from tiny_engine import PASSAGES, tiny_engine
 
 from ragkv.blend import BlendConfig
-from ragkv.chunk_cache import chunk_key
 from ragkv.engine.prompt import PromptTemplate
 from ragkv.eval.datasets import Sample
 from ragkv.eval.runner import Spec, evaluate_sample
@@ -27,7 +26,7 @@ def _variant_count(engine) -> int:
 
 
 def _keys(engine):
-    return [chunk_key(engine.model, c, engine.config.namespace) for c in engine.tokenize_chunks(PASSAGES)]
+    return [engine.supply.key(c, engine.config.namespace) for c in engine.tokenize_chunks(PASSAGES)]
 
 
 def test_a_recurring_prompt_is_reused_exactly_from_its_third_occurrence():
