@@ -33,7 +33,7 @@ class NumpyBertEmbedder:
         self.tokenizer.enable_truncation(max_length)  # as HFEmbedder's tokenizer call (truncation=True)
         self.tokenizer.no_padding()  # batches are padded here, with the attention mask
         weights = load_file(folder / "model.safetensors")
-        self.w = {k.removeprefix("bert."): v.astype(np.float32) for k, v in weights.items()}
+        self.w = {k.removeprefix("bert."): v.astype(np.float32, copy=False) for k, v in weights.items()}
         self.dim = int(self.config["hidden_size"])
         self.name = name
         self.batch_size = batch_size
