@@ -179,7 +179,8 @@ def _references(engine, samples: Sequence) -> list[tuple[torch.Tensor, torch.Ten
 def run(args: argparse.Namespace) -> int:
     from ragkv.engine.engine import Engine
     from ragkv.eval.datasets import load_samples
-    from ragkv.storage.config import StorageConfig, TierConfig, default_decode_workers
+    from ragkv.storage.build import default_decode_workers
+    from ragkv.storage.config import StorageConfig, TierConfig
 
     names = [n.strip() for n in args.codecs.split(",") if n.strip()]
     codecs = {n: get_codec(n) for n in names}  # unknown names fail here, before any model work

@@ -1,32 +1,30 @@
-"""The fusion: prompt plan, RoPE re-rotation, token selection, strategies and the one layer loop."""
+"""The fusion: prompt plan, RoPE re-rotation, token selection, strategies and the one layer loop.
 
-from .cache import kv_tensor, to_dynamic_cache
-from .config import STRATEGIES, BlendConfig
-from .extend import extend, extend_many
-from .loader import LayerLoader
-from .loop import BlendResult, blend, blend_many
-from .plan import BlendPlan, make_plan
-from .prompt_state import PromptState
-from .registry import make_strategy
-from .rerotate import rerotate, rotation
-from .strategies import Strategy
+Names are exported lazily (lazy_exports.py): config.py (BlendConfig, the strategy names and parsers)
+imports no torch, so the settings tree reads it without loading the fusion.
+"""
 
-__all__ = [
-    "BlendConfig",
-    "STRATEGIES",
-    "BlendPlan",
-    "make_plan",
-    "BlendResult",
-    "blend",
-    "blend_many",
-    "PromptState",
-    "LayerLoader",
-    "Strategy",
-    "make_strategy",
-    "extend",
-    "extend_many",
-    "rerotate",
-    "rotation",
-    "to_dynamic_cache",
-    "kv_tensor",
-]
+from ..lazy_exports import lazy_exports
+
+lazy_exports(
+    __name__,
+    {
+        "BlendConfig": "config",
+        "STRATEGIES": "config",
+        "BlendPlan": "plan",
+        "make_plan": "plan",
+        "BlendResult": "loop",
+        "blend": "loop",
+        "blend_many": "loop",
+        "PromptState": "prompt_state",
+        "LayerLoader": "loader",
+        "Strategy": "strategies",
+        "make_strategy": "registry",
+        "extend": "extend",
+        "extend_many": "extend",
+        "rerotate": "rerotate",
+        "rotation": "rerotate",
+        "to_dynamic_cache": "cache",
+        "kv_tensor": "cache",
+    },
+)

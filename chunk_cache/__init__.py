@@ -1,19 +1,22 @@
 """What a cached chunk is: its key, its KV layout, and how it is precomputed.
 
-This folder imports nothing else of ragkv; every other folder builds on it.
+This folder imports nothing else of ragkv; every other folder builds on it. Names are exported
+lazily (lazy_exports.py): `ChunkKey`, `chunk_key` and `lead_in_fingerprint` (key.py) import no torch, so the retriever's
+search path stays light; `ChunkKV`, `LayeredKV` and `precompute` load torch when first used.
 """
 
-from .key import ChunkKey
-from .kv import ChunkKV, LayeredKV
-from .precompute import KVModel, chunk_key, lead_in_fingerprint, precompute, precompute_many
+from ..lazy_exports import lazy_exports
 
-__all__ = [
-    "ChunkKey",
-    "ChunkKV",
-    "LayeredKV",
-    "KVModel",
-    "chunk_key",
-    "lead_in_fingerprint",
-    "precompute",
-    "precompute_many",
-]
+lazy_exports(
+    __name__,
+    {
+        "ChunkKey": "key",
+        "chunk_key": "key",
+        "lead_in_fingerprint": "key",
+        "ChunkKV": "kv",
+        "LayeredKV": "kv",
+        "KVModel": "precompute",
+        "precompute": "precompute",
+        "precompute_many": "precompute",
+    },
+)

@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -73,3 +74,29 @@ class ChunkKey:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.digest}"
+
+
+class Fingerprinted(Protocol):
+    """What a chunk key is made of besides the ids: the model's and its tokenizer's fingerprints, and the
+    model's sink (the default lead-in)."""
+
+    fingerprint: str
+    tokenizer_fingerprint: str
+    sink_ids: tuple[int, ...]
+
+
+def chunk_key(
+    model: Fingerprinted, token_ids: Sequence[int], namespace: str = "default", lead_in: Sequence[int] | None = None
+) -> ChunkKey:
+    """The key `precompute` stores `token_ids` under for this model, computed after `lead_in` (None:
+    the model's sink; the sink's keys are those of every earlier version)."""
+    return ChunkKey.of(lead_in_fingerprint(model, lead_in), model.tokenizer_fingerprint, token_ids, namespace)
+
+
+def lead_in_fingerprint(model: Fingerprinted, lead_in: Sequence[int] | None) -> str:
+    """The model fingerprint a chunk key hashes: the model's own after its sink, else extended by a
+    digest of the lead-in's token ids (chunk KV computed after another prefix is another entry)."""
+    if lead_in is None or tuple(int(t) for t in lead_in) == tuple(model.sink_ids):
+        return model.fingerprint
+    digest = hashlib.sha256(np.asarray(list(lead_in), dtype=np.int64).tobytes()).hexdigest()[:32]
+    return f"{model.fingerprint}:after:{digest}"

@@ -4,21 +4,18 @@ Every chunk is computed after a lead-in, so that its first token is not itself t
 default the model's attention-sink context (`model.sink_ids`, e.g. BOS); with `lead_in` a prompt
 template's fixed prefix (chat template + instruction, the shared prefix of APE), so that the cached KV
 already "knows" it is a passage of such a prompt. The lead-in rows are dropped and the chunk's keys start
-at `pos0 = len(lead_in)`. A lead-in other than the sink is part of the chunk's key (`chunk_key`).
+at `pos0 = len(lead_in)`. A lead-in other than the sink is part of the chunk's key (`chunk_key`, key.py).
 Prepacking puts several `[lead-in + chunk]` sequences in one pass with a block-diagonal causal mask and
 positions restarting per sequence; it equals one-by-one.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
 import torch
 
-from .key import ChunkKey
 from .kv import ChunkKV
 
 
@@ -34,23 +31,6 @@ class KVModel(Protocol):
     ) -> torch.Tensor:
         """All layers' K/V of `ids` [T]: [2, L, T, H_kv, D]; `segments` [T] makes the mask block-diagonal."""
         ...
-
-
-def chunk_key(
-    model: KVModel, token_ids: Sequence[int], namespace: str = "default", lead_in: Sequence[int] | None = None
-) -> ChunkKey:
-    """The key `precompute` stores `token_ids` under for this model, computed after `lead_in` (None:
-    the model's sink; the sink's keys are those of every earlier version)."""
-    return ChunkKey.of(lead_in_fingerprint(model, lead_in), model.tokenizer_fingerprint, token_ids, namespace)
-
-
-def lead_in_fingerprint(model: KVModel, lead_in: Sequence[int] | None) -> str:
-    """The model fingerprint a chunk key hashes: the model's own after its sink, else extended by a
-    digest of the lead-in's token ids (chunk KV computed after another prefix is another entry)."""
-    if lead_in is None or tuple(int(t) for t in lead_in) == tuple(model.sink_ids):
-        return model.fingerprint
-    digest = hashlib.sha256(np.asarray(list(lead_in), dtype=np.int64).tobytes()).hexdigest()[:32]
-    return f"{model.fingerprint}:after:{digest}"
 
 
 def precompute(model: KVModel, token_ids: Sequence[int], lead_in: Sequence[int] | None = None) -> ChunkKV:

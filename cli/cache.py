@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         stats = RagkvClient(args.server, api_key=args.api_key).cache_stats()
         print(json.dumps(stats, indent=2) if args.json else _table(stats["store"]))
         return 0
-    from ..storage.config import build_store
+    from ..storage.build import build_store
 
     config = engine_config(settings_of(args))  # the store only: no model is loaded
     read_only = args.action == "stats" or args.dry_run  # then the disk tier's opening check only counts

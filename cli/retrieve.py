@@ -1,4 +1,8 @@
-"""`ragkv retrieve "question" -k 10 [--json]`: the chunks of the ingested corpus most similar to a question."""
+"""`ragkv retrieve "question" -k 10 [--json]`: the chunks of the ingested corpus most similar to a question.
+
+A search needs no LLM (the hits' keys are the catalog's), so no model is loaded and no torch imported:
+the question is embedded by the configured encoder, in numpy for a BERT one (the default).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import argparse
 import json
 import sys
 
-from .ingest import add_retriever_args, open_engine
+from .ingest import add_retriever_args
+from .options import engine_config, settings_of
+from .preflight import check_data_dir
 
 
 def register(subparsers) -> None:
@@ -19,13 +25,20 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = open_engine(args, quiet=args.json)
-    hits = engine.retrieve(args.question, args.k)
-    data_dir = engine.config.data_path()
-    engine.close()
+    from ..engine.retrieval import open_retriever  # here, as every command's own imports: `ragkv --help` stays light
+    from ..retriever.embedder import search_embedder
+
+    settings = settings_of(args)
+    check_data_dir(settings.data_dir)
+    config = engine_config(settings)
+    retriever = open_retriever(config, None, embedder=search_embedder(config.retriever))  # search only: no model
+    try:
+        hits = retriever.search(args.question, args.k)
+    finally:
+        retriever.close()
     if not hits:  # on stderr, so that --json output stays parseable
         print(
-            f"warning: no chunks retrieved: the corpus in {data_dir} (namespace {engine.config.namespace}) "
+            f"warning: no chunks retrieved: the corpus in {config.data_path()} (namespace {config.namespace}) "
             "is empty; ingest documents first (ragkv ingest PATH...)",
             file=sys.stderr,
         )

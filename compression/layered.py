@@ -18,8 +18,9 @@ import torch
 
 from ..chunk_cache import ChunkKV
 from .codec import Codec, EncodedKV
+from .names import DTYPE_NAMES
 
-DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 _META_KEYS = ("shape", "dtype", "pos0", "offsets", "crc", "params")
 
 

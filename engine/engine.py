@@ -7,7 +7,6 @@ load -> fuse) to its first-token logits, then decodes: `run(...)` returns the fu
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 import torch
 
@@ -17,7 +16,7 @@ from ..compression.layered import DTYPES
 from ..models import ModelAdapter, load_adapter
 from ..retriever import CatalogLink, Document, RetrievedChunk, Retriever
 from ..storage import TieredStore
-from ..storage.config import build_store
+from ..storage.build import build_store
 from ..storage.health import degraded_warnings
 from .answer import Answer
 from .chunk_supply import ChunkSupply
@@ -28,6 +27,7 @@ from .fusion import STAGES, Fusion, begin
 from .ingest import IngestConfig, Ingester, IngestReport
 from .prompt import PromptTemplate
 from .request import FusionRequest
+from .retrieval import open_retriever
 from .run_result import RunResult
 from .serving_variants import store_after_answer
 
@@ -94,15 +94,10 @@ class Engine:
     def retriever(self, namespace: str | None = None) -> Retriever:
         """The document catalog and index of `namespace` (each tenant has its own)."""
         ns = namespace or self.config.namespace
-        if ns not in self._retrievers:
-            cfg = replace(self.config.retriever, namespace=ns)
-            path = self.config.data_path(ns)
-            path.mkdir(parents=True, exist_ok=True)
-            url = self.config.catalog(ns)
-            link = None if url.startswith("sqlite") else self.catalog_links.setdefault(url, CatalogLink(url))
-            self._retrievers[ns] = Retriever.open(
-                path, self.model, cfg, embedder=self.embedder, catalog_url=url, link=link, lead_in=self.lead_in
-            )  # CatalogUnavailable while a network catalog is unreachable: opened on a later call
+        if ns not in self._retrievers:  # CatalogUnavailable while a network catalog is unreachable: opened later
+            self._retrievers[ns] = open_retriever(
+                self.config, self.model, ns, self.embedder, self.catalog_links, lead_in=self.lead_in
+            )
         return self._retrievers[ns]
 
     def catalog_warnings(self, since: float | None = None) -> list[str]:

@@ -4,6 +4,10 @@
 `Retriever.open(data_dir, model)` opens (or creates) the catalog and index of a data directory for
 one model's tokenizer; `add_document` chunks, embeds and indexes a text; `remove_document` drops it
 and names the chunk keys whose KV is now invalid; `search(query, k)` returns `RetrievedChunk`s.
+A search needs no model: hits carry the keys the catalog stored at ingest, and the question is
+embedded by the embedder alone. `Retriever.open(data_dir, None, embedder=search_embedder(config))`
+opens a search-only retriever (`ragkv retrieve`: no LLM, no torch); it checks the catalog's embedder,
+not its model, and refuses to add documents (their keys need the model's fingerprint).
 
 The catalog is the truth and may be shared by several processes (a server and `ragkv ingest` on one
 data dir): the in-memory index records the namespace generation it reflects, follows its own writes
@@ -76,7 +80,7 @@ class Retriever:
 
     def __init__(
         self,
-        model: TokenizedModel,
+        model: TokenizedModel | None,
         catalog: Catalog,
         embedder: Embedder,
         index_path: str | Path,
@@ -90,19 +94,19 @@ class Retriever:
         self.model = model
         self.catalog = catalog
         self.embedder = embedder
-        self.chunker = Chunker(model.tokenizer, self.config)
+        self.chunker = Chunker(model.tokenizer, self.config) if model is not None else None  # None: search only
         self.index_path = Path(index_path)
-        catalog.bind(
-            tokenizer=model.tokenizer_fingerprint, model=model.fingerprint, embedder=f"{embedder.name}/{embedder.dim}"
-        )
+        models = {} if model is None else dict(tokenizer=model.tokenizer_fingerprint, model=model.fingerprint)
+        catalog.bind(**models, embedder=f"{embedder.name}/{embedder.dim}")
         self.index = self._load_or_rebuild()
-        self.recovered = self._recover()  # documents rebuilt from the journal into an empty catalog
+        # documents rebuilt from the journal into an empty catalog (a search-only retriever leaves it to the next)
+        self.recovered = self._recover() if model is not None else 0
 
     @classmethod
     def open(
         cls,
         data_dir: str | Path,
-        model: TokenizedModel,
+        model: TokenizedModel | None,
         config: RetrieverConfig | None = None,
         embedder: Embedder | None = None,
         catalog_url: str | None = None,
@@ -152,6 +156,8 @@ class Retriever:
         return results
 
     def _add_documents(self, docs: Sequence[Document]) -> list[DocumentUpdate | ValueError]:
+        if self.chunker is None:
+            raise ValueError("this retriever was opened for search only (no model): open it with the model to add")
         results: list[DocumentUpdate | ValueError | None] = [None] * len(docs)
         staged = []
         for n, d in enumerate(docs):

@@ -2,41 +2,38 @@
 
 Read path for the Engine: `lookup(keys)` -> `with pinned(keys):` -> `get_layered(key, device)` and
 `.layer(l)` per layer -> (unpin promotes lower-tier hits). Write path: `put(key, kv)` after precompute.
+
+Names are exported lazily (lazy_exports.py): config.py (StorageConfig, TierConfig), policy.py, schema.py
+and sql.py import no torch, so the settings tree and the document catalog load without the tiers.
 """
 
-from .config import StorageConfig, TierConfig, build_store
-from .disk import CheckReport, DiskTier
-from .layered import EncodedLayers, ResidentKV, materialize
-from .memory import MemoryTier
-from .policy import POLICIES, CostAwarePolicy, LRUPolicy, Policy, UtilityPolicy, make_policy
-from .redis_link import RedisLink
-from .redis_tier import RedisTier
-from .stats import StoreStats, TierStats
-from .tier import EntryInfo, Tier, TierWriteError
-from .tiered import TieredStore
+from ..lazy_exports import lazy_exports
 
-__all__ = [
-    "Tier",
-    "EntryInfo",
-    "TierWriteError",
-    "MemoryTier",
-    "DiskTier",
-    "RedisTier",
-    "RedisLink",
-    "CheckReport",
-    "TieredStore",
-    "StoreStats",
-    "TierStats",
-    "StorageConfig",
-    "TierConfig",
-    "build_store",
-    "Policy",
-    "LRUPolicy",
-    "CostAwarePolicy",
-    "UtilityPolicy",
-    "POLICIES",
-    "make_policy",
-    "EncodedLayers",
-    "ResidentKV",
-    "materialize",
-]
+lazy_exports(
+    __name__,
+    {
+        "Tier": "tier",
+        "EntryInfo": "entry",
+        "TierWriteError": "tier",
+        "MemoryTier": "memory",
+        "DiskTier": "disk",
+        "RedisTier": "redis_tier",
+        "RedisLink": "redis_link",
+        "CheckReport": "disk",
+        "TieredStore": "tiered",
+        "StoreStats": "stats",
+        "TierStats": "stats",
+        "StorageConfig": "config",
+        "TierConfig": "config",
+        "build_store": "build",
+        "Policy": "policy",
+        "LRUPolicy": "policy",
+        "CostAwarePolicy": "policy",
+        "UtilityPolicy": "policy",
+        "POLICIES": "policy",
+        "make_policy": "policy",
+        "EncodedLayers": "layered",
+        "ResidentKV": "layered",
+        "materialize": "layered",
+    },
+)

@@ -1,24 +1,18 @@
 """StorageConfig: which tiers, their budgets and codecs, where the disk tier lives, which policy, and
 how many worker processes decode CPU-bound codecs (cachegen: see compression/pool.py).
 
-The settings tree (engine/settings.py) composes it; `build_store(config)` turns it into a TieredStore.
-Capacities are bytes (the settings tree, engine/settings.py, reads "4GiB" with pydantic's ByteSize).
+The settings tree (engine/settings.py) composes it; `build_store(config)` (storage/build.py) turns it
+into a TieredStore. Capacities are bytes (the settings tree, engine/settings.py, reads "4GiB" with
+pydantic's ByteSize). This module imports no torch: `ragkv config` checks a configuration with it
+(names from compression/names.py and storage/policy.py) without loading a tier or a codec.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-from ..compression import DecodePool, get_codec
-from ..compression.layered import DTYPES
-from ..compression.schedule import codec_with_schedule, find_schedule
-from .disk import DiskTier
-from .memory import MemoryTier
+from ..compression.names import DTYPE_NAMES, parse_codec_name
 from .policy import POLICIES
-from .redis_tier import RedisTier
-from .tier import Tier
-from .tiered import TieredStore
 
 KINDS = ("gpu", "cpu", "disk", "redis")
 
@@ -44,7 +38,7 @@ class TierConfig:
             raise ValueError("a redis tier needs url='redis://host:port/db'")
         if self.capacity_bytes <= 0:
             raise ValueError(f"tier {self.kind!r}: capacity_bytes must be > 0, got {self.capacity_bytes}")
-        get_codec(self.codec)  # an unknown codec name fails here, with the list of known ones
+        parse_codec_name(self.codec)  # an unknown codec name fails here, with the list of known ones
 
 
 @dataclass(frozen=True)
@@ -66,8 +60,8 @@ class StorageConfig:
     def __post_init__(self) -> None:
         if not self.tiers:
             raise ValueError("StorageConfig needs at least one tier")
-        if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
-            raise ValueError(f"unknown kv_dtype {self.kv_dtype!r}; accepted: {', '.join(DTYPES)} or None")
+        if self.kv_dtype is not None and self.kv_dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown kv_dtype {self.kv_dtype!r}; accepted: {', '.join(DTYPE_NAMES)} or None")
         if self.decode_workers is not None and self.decode_workers < 0:
             raise ValueError(
                 f"decode_workers must be >= 0 (0: decode inline) or None (one per core), got {self.decode_workers}"
@@ -77,65 +71,3 @@ class StorageConfig:
         disks = [i for i, t in enumerate(self.tiers) if t.kind == "disk"]
         if len(disks) > 1 or (disks and disks[0] != len(self.tiers) - 1):
             raise ValueError("StorageConfig: at most one disk tier, and it must be the last (slowest)")
-
-
-def build_tier(
-    cfg: TierConfig, storage: StorageConfig, decode_pool: DecodePool | None = None, model_fingerprint: str | None = None
-) -> Tier:
-    """The tier described by `cfg` (its CPU-bound decoding done by `decode_pool` when given); a codec a
-    calibrated schedule covers takes the schedule's bits for `model_fingerprint`, else its defaults."""
-    name = cfg.name or cfg.kind
-    dtype = DTYPES[storage.kv_dtype] if storage.kv_dtype else None
-    codec = codec_with_schedule(cfg.codec, find_schedule(storage.codec_schedule, model_fingerprint))
-    if cfg.kind == "disk":
-        return DiskTier(
-            storage.disk_dir,
-            cfg.capacity_bytes,
-            codec,
-            storage.catalog_url,
-            name=name,
-            dtype=dtype,
-            decode_pool=decode_pool,
-            repair=storage.repair_on_open,
-        )
-    if cfg.kind == "redis":
-        return RedisTier(
-            cfg.url,
-            cfg.capacity_bytes,
-            codec,
-            name=name,
-            prefix=cfg.prefix,
-            ttl_s=cfg.ttl_s,
-            dtype=dtype,
-            decode_pool=decode_pool,
-        )
-    device = "cuda" if cfg.kind == "gpu" else "cpu"
-    return MemoryTier(cfg.capacity_bytes, device=device, codec=codec, name=name, dtype=dtype, decode_pool=decode_pool)
-
-
-def default_decode_workers() -> int:
-    """One decode process per core this process may run on; none on a single core (nothing to gain)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores if cores > 1 else 0
-
-
-def decode_workers(config: StorageConfig) -> int:
-    """Worker processes the store starts: none unless a tier's codec decodes CPU-bound (cachegen);
-    then `config.decode_workers`, by default `default_decode_workers()`."""
-    if not any(get_codec(t.codec).parallel_decode for t in config.tiers):
-        return 0
-    return default_decode_workers() if config.decode_workers is None else config.decode_workers
-
-
-def build_store(config: StorageConfig, model_fingerprint: str | None = None) -> TieredStore:
-    """A TieredStore over the configured tiers (a disk tier reconciles its catalog on the way); with
-    `config.codec_schedule`, the schedule calibrated for `model_fingerprint` sets the codec's bits."""
-    workers = decode_workers(config)
-    pool = DecodePool(workers) if workers else None
-    try:
-        tiers = [build_tier(t, config, pool, model_fingerprint) for t in config.tiers]
-    except BaseException:
-        if pool is not None:
-            pool.close()
-        raise
-    return TieredStore(tiers, policy=config.policy, promote=config.promote, decode_pool=pool)

@@ -11,7 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
-from .tier import EntryInfo
+from .entry import EntryInfo
 
 
 class Policy(ABC):

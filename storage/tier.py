@@ -8,29 +8,16 @@ never an exception; a write that cannot be done raises `TierWriteError` and keep
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 
 from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV
 from ..compression import Codec, get_codec
+from .entry import EntryInfo
 
 
 class TierWriteError(RuntimeError):
     """A tier could not store an entry (full disk, unwritable directory, catalog down)."""
-
-
-@dataclass
-class EntryInfo:
-    """What a tier knows about one entry without reading it; the eviction policy's input."""
-
-    key: ChunkKey
-    nbytes: int  # bytes the entry takes in this tier
-    num_tokens: int
-    cost: float  # recompute cost (defaults to num_tokens)
-    hits: int = 0  # reuse frequency
-    last_access: int = 0  # logical clock of the store
-    priority: float = 0.0  # the policy's score (lowest is evicted first)
 
 
 def resolve_codec(codec: str | Codec) -> Codec:

@@ -10,7 +10,8 @@ from tiny_engine import PASSAGES, tiny_engine
 from ragkv.compression.schedule import CodecSchedule, schedule_path
 from ragkv.eval.calibration import CalibrationPrompt, calibrate, evaluate_codecs
 from ragkv.eval.datasets import Sample
-from ragkv.storage.config import StorageConfig, TierConfig, build_store
+from ragkv.storage.build import build_store
+from ragkv.storage.config import StorageConfig, TierConfig
 
 
 def _samples():

@@ -13,7 +13,8 @@ from ragkv.compression import Lz4Codec, get_codec
 from ragkv.compression.packed import PackedCodec, PackedConfig
 from ragkv.compression.schedule import CodecSchedule, codec_with_schedule, find_schedule, schedule_path
 from ragkv.eval.calibration import allocate_bits, band_layers, schedule_for_budget
-from ragkv.storage.config import StorageConfig, TierConfig, build_store
+from ragkv.storage.build import build_store
+from ragkv.storage.config import StorageConfig, TierConfig
 
 SENSITIVITY = {"K": [0.02, 0.01, 0.3, 0.001], "V": [0.004, 0.002, 0.05, -0.001]}
 

@@ -10,6 +10,7 @@ import torch
 
 from ragkv.chunk_cache import ChunkKV
 from ragkv.compression import CODECS, CodecError, EncodedKV, codec_names, get_codec
+from ragkv.compression.names import CODEC_NAMES
 
 ALL = codec_names()
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -132,6 +133,9 @@ def test_registry_names_and_errors():
     with pytest.raises(ValueError, match="only 'lz4\\+NAME'"):
         get_codec("int8+cachegen")
     assert all(name in CODECS for name in ("identity", "lz4", "int8", "cachegen"))
+    # names.py (what a configuration is checked against, without torch) names exactly the registry's codecs
+    assert set(CODECS) == set(CODEC_NAMES) - ({"fp8"} if not hasattr(torch, "float8_e4m3fn") else set())
+    assert [get_codec(name).name for name in ALL] == ALL  # every accepted name builds its codec
 
 
 def test_lz4_refuses_entries_of_another_inner_codec():

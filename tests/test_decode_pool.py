@@ -114,7 +114,8 @@ def test_close_is_idempotent_and_refuses_new_work():
 
 def test_store_lends_its_pool_to_the_tiers_and_closes_it(tmp_path):
     from ragkv.storage import materialize
-    from ragkv.storage.config import StorageConfig, TierConfig, build_store, decode_workers
+    from ragkv.storage.build import build_store, decode_workers
+    from ragkv.storage.config import StorageConfig, TierConfig
 
     assert decode_workers(StorageConfig(tiers=(TierConfig("cpu", 1 << 30),))) == 0  # identity: nothing to gain
     cfg = StorageConfig(

@@ -82,6 +82,6 @@ def test_a_moved_data_dir_opens_its_index_and_hits_its_disk_cache(saved, tmp_pat
 
 
 def _store(config: EngineConfig):
-    from ragkv.storage.config import build_store
+    from ragkv.storage.build import build_store
 
     return build_store(config.storage_config())

@@ -104,6 +104,31 @@ def test_catalog_refuses_other_tokenizer(tmp_path, model):
         _open(tmp_path, other)
 
 
+def test_a_search_only_retriever_needs_no_model(tmp_path, model):
+    """`ragkv retrieve` opens the retriever with no model: the hits and their keys are the catalog's, the
+    embedder is still checked, documents cannot be added, and a journal is left for the next full open."""
+    full = _open(tmp_path, model)
+    full.add_document("cats", "Cats purr and sleep in the sun. A cat chases mice at night.")
+    full.add_document("ships", "Ships sail across the ocean. The harbour is full of boats and sailors.")
+    expected = full.search("which animal purrs", k=2)
+    full.close()
+    journal = (tmp_path / "documents.journal.jsonl").read_text()
+
+    search_only = Retriever.open(tmp_path, None, CFG, HashEmbedder())
+    assert search_only.search("which animal purrs", k=2) == expected  # same hits, same keys, no model
+    with pytest.raises(ValueError, match="search only"):
+        search_only.add_document("birds", "Birds sing.")
+    search_only.close()
+    with pytest.raises(ValueError, match="embedder"):  # a question embedded by another encoder would not match
+        Retriever.open(tmp_path, None, CFG, SimpleNamespace(name="other", dim=64, embed=None))
+
+    for suffix in ("", "-wal", "-shm"):  # a catalog moved aside: only a retriever with the model rebuilds it
+        (tmp_path / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+    assert Retriever.open(tmp_path, None, CFG, HashEmbedder()).recovered == 0
+    assert (tmp_path / "documents.journal.jsonl").read_text() == journal  # untouched, not compacted away
+    assert _open(tmp_path, model).recovered == 2
+
+
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_index_kinds(tmp_path, kind):
     rng = np.random.default_rng(0)

@@ -51,7 +51,7 @@ def test_query_with_doc_and_file(smollm2, tmp_path, monkeypatch, capsys):
 def test_cache_stats_and_gc(tmp_path, capsys):
     from ragkv.chunk_cache import ChunkKey, ChunkKV
     from ragkv.engine.config import EngineConfig
-    from ragkv.storage.config import build_store
+    from ragkv.storage.build import build_store
 
     store = build_store(EngineConfig(data_dir=str(tmp_path)).storage_config())
     for ns in ("tenant-a", "tenant-b"):
@@ -75,7 +75,7 @@ def test_ingested_kv_outlives_the_process(smollm2, tmp_path):
     from ragkv.engine.config import EngineConfig
     from ragkv.engine.engine import Engine
     from ragkv.retriever import Document
-    from ragkv.storage.config import build_store
+    from ragkv.storage.build import build_store
 
     cfg = EngineConfig(data_dir=str(tmp_path))
     engine = Engine(smollm2, build_store(cfg.storage_config()), cfg)

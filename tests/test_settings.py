@@ -206,7 +206,7 @@ def test_json_config_file(clean_env, tmp_path):
 def test_a_packed_tier_takes_the_models_calibrated_schedule_from_the_data_dir(clean_env, tmp_path):
     from ragkv.compression.packed import PackedConfig
     from ragkv.compression.schedule import CodecSchedule, schedule_path
-    from ragkv.storage.config import build_store
+    from ragkv.storage.build import build_store
 
     schedule = CodecSchedule("model-A", (2, 5, 3), (2, 4, 2), 2.5, value_group=(0, 1))
     schedule.save(schedule_path(tmp_path / "calibration", "model-A"))  # where `ragkv calibrate` writes it

@@ -193,7 +193,7 @@ def test_dropping_a_corrupt_row_deletes_only_its_own_file(tmp_path):
 def test_cache_stats_and_gc_dry_run_change_nothing(tmp_path, capsys):
     from ragkv.cli.main import main
     from ragkv.engine.config import EngineConfig
-    from ragkv.storage.config import build_store
+    from ragkv.storage.build import build_store
 
     store = build_store(EngineConfig(data_dir=str(tmp_path)).storage_config())
     store.tiers[-1].put(key(0), chunk(0))

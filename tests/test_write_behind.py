@@ -6,7 +6,8 @@ from __future__ import annotations
 from storage_helpers import chunk, key, same
 
 from ragkv.engine.config import EngineConfig
-from ragkv.storage.config import StorageConfig, TierConfig, build_store
+from ragkv.storage.build import build_store
+from ragkv.storage.config import StorageConfig, TierConfig
 
 
 def _config(tmp_path) -> StorageConfig:
