@@ -57,22 +57,30 @@ def scout(
 def scout_many(model: ModelAdapter, jobs: Sequence[ScoutJob], layers: Sequence[int]) -> None:
     """Each job's scout (`scout`) over the same `layers`, in one pass per layer: the active rows of all
     jobs packed for q/k/v, the output projection and the MLP; each job's observations are what its
-    scout alone sees, up to the rounding of the packed matrix products."""
+    scout alone sees, up to the rounding of the packed matrix products. Jobs whose prompts open with the
+    same fresh prefix (the template before the first chunk: it attends only to itself, so its rows are
+    the same in every such prompt) compute it once: the first of them does, the others copy its K/V
+    and queries."""
     if not layers or min(layers) < 0 or max(layers) >= model.num_layers:
         raise ValueError(f"scout layers must lie within 0..{model.num_layers - 1}, got {tuple(layers)}")
     prompts = [_Prompt(model, job) for job in jobs]
-    sizes = [p.rows.numel() for p in prompts]
+    leaders: dict[tuple[int, ...], _Prompt] = {}
+    for p in prompts:
+        prefix = p.fresh_prefix()
+        if prefix and leaders.setdefault(prefix, p) is not p:
+            p.follow(leaders[prefix], len(prefix))
+    sizes = [p.own.numel() for p in prompts]
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    h = _cat([p.embed() for p in prompts])  # [sum S, hidden]
+    h = _cat([p.embed() for p in prompts])  # [sum S, hidden]: each prompt's own rows
     cos, sin = _cat([p.cos for p in prompts]), _cat([p.sin for p in prompts])  # [sum S, D]
     last = max(layers)
     for layer in range(last + 1):
         q, k, v = model.qkv(layer, h, cos, sin)  # [sum S, H_q, D], [sum S, H_kv, D] x2
         outs = []
-        for p, a, b in zip(prompts, bounds, bounds[1:]):
-            p.load_layer(layer, k[a:b], v[a:b])
+        for p, a, b in zip(prompts, bounds, bounds[1:]):  # a leader comes before the prompts that follow it
+            p.load_layer(layer, q[a:b], k[a:b], v[a:b])
             if layer in layers:
-                p.job.observe(layer, p.rows, q[a:b], p.k_buf[0])
+                p.job.observe(layer, p.rows, p.q, p.k_buf[0])
             if layer < last:
                 outs.append(model.attention(q[a:b], p.k_buf, p.v_buf, p.mask))
         if layer < last:
@@ -80,39 +88,67 @@ def scout_many(model: ModelAdapter, jobs: Sequence[ScoutJob], layers: Sequence[i
 
 
 class _Prompt:
-    """One job's side of `scout_many`: its rows, rotations, mask and K/V buffers (reused layer after layer)."""
+    """One job's side of `scout_many`: its rows, rotations, mask and K/V buffers (reused layer after
+    layer); `own` rows are computed in the packed pass, the first `shared` ones copied from a leader."""
 
     def __init__(self, model: ModelAdapter, job: ScoutJob) -> None:
         plan, n, dev, dtype = job.plan, job.plan.num_tokens, model.device, model.dtype
         self.model, self.job = model, job
         self.sources = recovering(model, plan, job.sources)  # a stored layer found damaged here: recomputed
-        cached = torch.zeros(n, dtype=torch.bool)
+        self.cached = torch.zeros(n, dtype=torch.bool)
         for start, kv in self.sources:
-            cached[start : start + kv.num_tokens] = True
-        if bool((~cached & ~job.active).any()):
+            self.cached[start : start + kv.num_tokens] = True
+        if bool((~self.cached & ~job.active).any()):
             raise ValueError("every row not loaded from cache must be active in the scout pass")
         self.rows = job.active.nonzero().flatten().to(dev)  # [S]
-        positions = plan.positions.to(dev)
-        self.cos, self.sin = model.rope(positions[self.rows])  # [S, D]
-        kind = "dense" if dev.type == "cuda" else "blocks"
-        self.mask = None if self.rows.numel() == n else query_mask(positions[self.rows], n, dev, kind)  # once
+        self.leader: _Prompt | None = None
+        self.shared = 0
+        self._own(self.rows)
         rot = [rotation(torch.full((kv.num_tokens,), start - kv.pos0), model.inv_freq) for start, kv in self.sources]
         self.rot = [(c.to(dev), s.to(dev)) for c, s in rot]
         self.k_buf = torch.empty(1, model.num_kv_heads, n, model.head_dim, dtype=dtype, device=dev)  # [1, H, N, D]
         self.v_buf = torch.empty_like(self.k_buf)
+        self.q: torch.Tensor | None = None  # this layer's queries of all its rows [S, H_q, D]
+
+    def _own(self, own: torch.Tensor) -> None:
+        """The rows this prompt computes itself: their RoPE and their mask (built once)."""
+        model, n, dev = self.model, self.job.plan.num_tokens, self.model.device
+        self.own = own
+        positions = self.job.plan.positions.to(dev)[own]
+        self.cos, self.sin = model.rope(positions)  # [S_own, D]
+        kind = "dense" if dev.type == "cuda" else "blocks"
+        self.mask = None if own.numel() == n else query_mask(positions, n, dev, kind)
+
+    def fresh_prefix(self) -> tuple[int, ...]:
+        """The prompt's ids before its first chunk when they are all fresh and active and not the whole
+        prompt (what another prompt opening the same way computes identically); else ()."""
+        p = self.job.plan.prefix_len
+        if not 0 < p < self.job.plan.num_tokens or bool(self.cached[:p].any()) or not bool(self.job.active[:p].all()):
+            return ()
+        return tuple(self.job.plan.input_ids[:p].tolist())
+
+    def follow(self, leader: _Prompt, shared: int) -> None:
+        """Take the first `shared` rows (its fresh prefix) from `leader` instead of computing them."""
+        self.leader, self.shared = leader, shared
+        self._own(self.rows[shared:])
 
     def embed(self) -> torch.Tensor:
-        return self.model.embed(self.job.plan.input_ids.to(self.model.device)[self.rows])  # [S, hidden]
+        return self.model.embed(self.job.plan.input_ids.to(self.model.device)[self.own])  # [S_own, hidden]
 
-    def load_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """This layer's buffers: the cached rows re-rotated to their target rows, the fresh k, v [S, H_kv, D]."""
-        dev, dtype = self.model.device, self.model.dtype
-        for (start, kv), (c, s) in zip(self.sources, self.rot):
+    def load_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """This layer's buffers: the cached rows re-rotated to their target rows, the leader's prefix
+        rows, the own rows' fresh q, k, v ([S_own, H, D])."""
+        dev, dtype, s = self.model.device, self.model.dtype, self.shared
+        for (start, kv), (c, sin) in zip(self.sources, self.rot):
             part = kv.layer(layer).to(device=dev, dtype=dtype)  # [2, T, H, D]
-            self.k_buf[0, :, start : start + kv.num_tokens] = rerotate(part[0], c, s).transpose(0, 1)
+            self.k_buf[0, :, start : start + kv.num_tokens] = rerotate(part[0], c, sin).transpose(0, 1)
             self.v_buf[0, :, start : start + kv.num_tokens] = part[1].transpose(0, 1)
-        self.k_buf[0][:, self.rows] = k.transpose(0, 1)
-        self.v_buf[0][:, self.rows] = v.transpose(0, 1)
+        if self.leader is not None:
+            self.k_buf[0, :, :s] = self.leader.k_buf[0, :, :s]
+            self.v_buf[0, :, :s] = self.leader.v_buf[0, :, :s]
+        self.k_buf[0][:, self.own] = k.transpose(0, 1)
+        self.v_buf[0][:, self.own] = v.transpose(0, 1)
+        self.q = q if self.leader is None else torch.cat([self.leader.q[:s], q])
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

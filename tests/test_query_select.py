@@ -59,17 +59,23 @@ def test_scout_measures_the_questions_true_attention(tiny_adapter, layers):
     assert float(score[~plan.chunk_mask()].abs().sum()) == 0.0  # only chunk rows are ranked
 
 
-def test_packed_scouts_of_different_prompts_each_measure_their_own_attention(tiny_adapter):
+def test_packed_scouts_of_different_prompts_each_measure_their_own_attention(tiny_adapter, monkeypatch):
     layers = (1, 2)
     prompts, references = [], []
-    for seed, keep in ((2, 3), (3, 1), (4, 2)):  # different lengths, chunks and questions
-        full, chunks = _prompt(seed)
-        plan = make_plan(full.input_ids[: full.chunk_spans[0][0]].tolist(), chunks[:keep], [7, 9, 11, 13 + seed], [5])
+    opening = _prompt(2)[0].input_ids[:6].tolist()  # the first two prompts open alike: computed once
+    for seed, keep, prefix in ((2, 3, opening), (3, 1, opening), (4, 2, [1, 9, 8, 7])):
+        _, chunks = _prompt(seed)  # different lengths, chunks and questions
+        plan = make_plan(prefix, chunks[:keep], [7, 9, 11, 13 + seed], [5])
         kv, attentions, _ = _full_prefill(tiny_adapter, plan)
         prompts.append((plan, _in_context_sources(plan, kv)))
         references.append(_reference_score(plan, attentions, layers))
     no_chunks = make_plan([1, 4, 6], [], [7, 8])  # nothing to rank: zeros, and no scout row of its own
+    packed, qkv = [], tiny_adapter.qkv
+    monkeypatch.setattr(tiny_adapter, "qkv", lambda layer, h, *a: packed.append(h.shape[0]) or qkv(layer, h, *a))
     scores = question_attention_many(tiny_adapter, prompts + [(no_chunks, [])], layers)
+    fresh = sum(plan.num_tokens - int(plan.chunk_mask().sum()) for plan, _ in prompts)
+    assert packed == [fresh - len(opening)] * 3  # one pass per layer up to the last observed one
+    monkeypatch.setattr(tiny_adapter, "qkv", qkv)
     assert len({plan.num_tokens for plan, _ in prompts}) == 3
     for score, reference, (plan, sources) in zip(scores, references, prompts):
         torch.testing.assert_close(score, reference, atol=1e-5, rtol=1e-4)
