@@ -21,6 +21,7 @@ from ..chunk_cache import LayeredKV
 from ..models import ModelAdapter, synchronize
 from .plan import BlendPlan
 from .prompt_state import PromptState
+from .shared_prefix import share_prefixes
 from .strategies import Strategy
 
 
@@ -68,11 +69,14 @@ def blend_many(
     """Fuse several prompts (each a `PromptState`: its plan, strategy, sources and reserve) in one pass
     per layer: the active rows of every prompt packed into one matrix for the q/k/v projections, the
     output projection, the MLP and the LM head; each prompt's check layers narrow its own rows, and its
-    queries attend over its own K/V buffers with its own mask. Each result is what `blend` gives that
-    prompt alone, up to the rounding of the packed matrix products; `seconds` are the pass's (shared)."""
+    queries attend over its own K/V buffers with its own mask. Prompts opening with the same fresh rows
+    (the template before the first chunk) compute them once (blend/shared_prefix.py). Each result is
+    what `blend` gives that prompt alone, up to the rounding of the packed matrix products; `seconds`
+    are the pass's (shared)."""
     t_start = time.perf_counter() if started is None else started
     dev = model.device
     clock = _Clock(dev)
+    share_prefixes(states)  # prompts opening alike compute their fresh opening rows once
     sizes = [s.size for s in states]
     h = _cat([s.embed() for s in states])  # [sum S, hidden]
     cos, sin = _cat([s.cos_a for s in states]), _cat([s.sin_a for s in states])  # [sum S, D]

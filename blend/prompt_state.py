@@ -22,6 +22,7 @@ from .plan import BlendPlan
 from .recover import Recovering, recovering
 from .rerotate import rerotate, rotation
 from .select import kv_deviation, query_attention
+from .shared_prefix import fresh_prefix
 from .strategies import Strategy
 
 
@@ -79,6 +80,8 @@ class PromptState:
         cos, sin = model.rope(torch.arange(n, device=dev))  # [N, D]
         self.cos_a, self.sin_a = cos[self.active], sin[self.active]  # [S, D]: the loop gathers them once
         self.check_layers = strategy.check_layers()
+        self.leader: PromptState | None = None  # the prompt whose K/V of the shared prefix rows this one copies
+        self.shared = 0
         self._set_active(active_host)
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer K, V [1, H_kv, N + reserve, D]
         self.recomputed = 0  # cached rows recomputed, summed over layers
@@ -94,16 +97,34 @@ class PromptState:
 
     @property
     def size(self) -> int:
-        """S: the active rows now."""
-        return int(self.active.shape[0])
+        """S: the active rows the loop computes now (a follower's own ones: not its shared prefix)."""
+        return int(self.own.shape[0])
 
     def embed(self) -> torch.Tensor:
         """Hidden states [S, hidden] of the initial active rows."""
-        return self.model.embed(self.plan.input_ids.to(self.model.device)[self.active])
+        return self.model.embed(self.plan.input_ids.to(self.model.device)[self.own])
 
     def _set_active(self, active_host: torch.Tensor) -> None:
+        self.own = self.active  # the rows the loop computes for this prompt (all active, unless it follows)
         self.recomputing = int(self.cached[active_host].sum())  # cached rows among the active ones
         self.mask = _mask(active_host, self.num_tokens, self.model.device, self.attention_kind)  # once per set
+
+    def fresh_prefix(self) -> tuple[int, ...]:
+        """The ids of its fresh opening rows, which a packed pass may compute once for every prompt that
+        opens alike (blend/shared_prefix.py); () for a prompt that narrows its rows at check layers."""
+        if self.check_layers:
+            return ()
+        active = torch.zeros(self.num_tokens, dtype=torch.bool)
+        active[self.active.cpu()] = True
+        return fresh_prefix(self.plan, self.cached, active)
+
+    def follow(self, leader: PromptState, shared: int) -> None:
+        """Copy the first `shared` rows' K/V from `leader` (written before this prompt's, each layer)
+        and compute only the other active rows."""
+        self.leader, self.shared = leader, shared
+        self.own = self.active[shared:]
+        self.cos_a, self.sin_a = self.cos_a[shared:], self.sin_a[shared:]
+        self.mask = _mask(self.own.cpu(), self.num_tokens, self.model.device, self.attention_kind)
 
     def load_layer(self, layer: int, clock) -> None:
         """This layer's K/V buffers, the cached rows written in with keys re-rotated to their target
@@ -148,9 +169,13 @@ class PromptState:
         return kept
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Fresh K/V [S, H_kv, D] of the active tokens overwrite their rows of this layer's buffers."""
-        self.k_buf.index_copy_(1, self.active, k.transpose(0, 1))
-        self.v_buf.index_copy_(1, self.active, v.transpose(0, 1))
+        """Fresh K/V [S, H_kv, D] of the active tokens overwrite their rows of this layer's buffers (a
+        follower's shared rows: the leader's)."""
+        if self.leader is not None:
+            self.k_buf[:, : self.shared] = self.leader.k_buf[:, : self.shared]
+            self.v_buf[:, : self.shared] = self.leader.v_buf[:, : self.shared]
+        self.k_buf.index_copy_(1, self.own, k.transpose(0, 1))
+        self.v_buf.index_copy_(1, self.own, v.transpose(0, 1))
         self.recomputed += self.recomputing
 
     def attention(self, q: torch.Tensor) -> torch.Tensor:

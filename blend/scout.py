@@ -23,6 +23,7 @@ from ..models.attention import query_mask
 from .plan import BlendPlan
 from .recover import recovering
 from .rerotate import rerotate, rotation
+from .shared_prefix import fresh_prefix, share_prefixes
 
 # observe(layer, rows [S] sorted prompt rows, q [S, H_q, D], keys [H_kv, N, D]) at each observed layer
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -58,17 +59,12 @@ def scout_many(model: ModelAdapter, jobs: Sequence[ScoutJob], layers: Sequence[i
     """Each job's scout (`scout`) over the same `layers`, in one pass per layer: the active rows of all
     jobs packed for q/k/v, the output projection and the MLP; each job's observations are what its
     scout alone sees, up to the rounding of the packed matrix products. Jobs whose prompts open with the
-    same fresh prefix (the template before the first chunk: it attends only to itself, so its rows are
-    the same in every such prompt) compute it once: the first of them does, the others copy its K/V
-    and queries."""
+    same fresh prefix compute it once (blend/shared_prefix.py): the first of them does, the others
+    copy its K/V and queries."""
     if not layers or min(layers) < 0 or max(layers) >= model.num_layers:
         raise ValueError(f"scout layers must lie within 0..{model.num_layers - 1}, got {tuple(layers)}")
     prompts = [_Prompt(model, job) for job in jobs]
-    leaders: dict[tuple[int, ...], _Prompt] = {}
-    for p in prompts:
-        prefix = p.fresh_prefix()
-        if prefix and leaders.setdefault(prefix, p) is not p:
-            p.follow(leaders[prefix], len(prefix))
+    share_prefixes(prompts)
     sizes = [p.own.numel() for p in prompts]
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     h = _cat([p.embed() for p in prompts])  # [sum S, hidden]: each prompt's own rows
@@ -120,12 +116,7 @@ class _Prompt:
         self.mask = None if own.numel() == n else query_mask(positions, n, dev, kind)
 
     def fresh_prefix(self) -> tuple[int, ...]:
-        """The prompt's ids before its first chunk when they are all fresh and active and not the whole
-        prompt (what another prompt opening the same way computes identically); else ()."""
-        p = self.job.plan.prefix_len
-        if not 0 < p < self.job.plan.num_tokens or bool(self.cached[:p].any()) or not bool(self.job.active[:p].all()):
-            return ()
-        return tuple(self.job.plan.input_ids[:p].tolist())
+        return fresh_prefix(self.job.plan, self.cached, self.job.active)
 
     def follow(self, leader: _Prompt, shared: int) -> None:
         """Take the first `shared` rows (its fresh prefix) from `leader` instead of computing them."""

@@ -123,6 +123,20 @@ def test_the_scout_passes_of_a_batch_run_packed_in_one_pass(monkeypatch):
     assert [f.strategy.scouted is not None for f in fusions] == [True, False, True, True, False, False]
 
 
+def test_requests_opening_alike_compute_their_fresh_opening_rows_once(monkeypatch):
+    engine = tiny_engine()
+    requests = _requests(engine, "naive") + _requests(engine, "cacheblend")[:1]  # cacheblend narrows: not shared
+    _warm(engine, requests)
+    seen, real = [], batch_module.blend_many
+    monkeypatch.setattr(batch_module, "blend_many", lambda model, states: seen.append(states) or real(model, states))
+    _same_as_alone(engine, requests)
+    (states,) = seen
+    prefix = states[0].plan.prefix_len
+    assert prefix > 1 and states[0].leader is None and states[4].leader is None
+    assert all(s.leader is states[0] and s.shared == prefix for s in states[1:4])
+    assert all(s.size == int((~s.cached).sum()) - prefix for s in states[1:4])  # naive: fresh rows but the opening
+
+
 def test_cold_batch_computes_a_shared_chunk_once_and_counts_it_as_alone():
     alone, together = tiny_engine(), tiny_engine()
     requests = _requests(alone, "naive")[:2] + [alone.request("Again?", PASSAGES[:2], strategy="naive")]
