@@ -294,6 +294,16 @@ def bench_precompute(args, model, device: torch.device, rows: list) -> None:
         )
 
 
+def dry_run_defaults(parser: argparse.ArgumentParser, args, values: dict) -> dict:
+    """Set each of `values` on `args` where its flag was left at its default (explicit flags still win);
+    returns the parser's defaults."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for key, value in values.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+    return defaults
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="ragkv bench gpu", description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, tiny prompts, one repeat")
@@ -331,10 +341,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--out", default="gpu-out/bench_gpu.json")
     args = p.parse_args(argv)
     if args.dry_run:
-        defaults = {a.dest: a.default for a in p._actions}
-        for key, value in DRY_RUN.items():
-            if getattr(args, key) == defaults[key]:  # explicit flags still win
-                setattr(args, key, value)
+        defaults = dry_run_defaults(p, args, DRY_RUN)
         if args.attention == defaults["attention"]:
             args.attention = "blocks,dense,flex"
     for label in args.strategies.split(",") + args.source_strategies.split(","):

@@ -31,7 +31,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from bench_gpu import SHAPES, build_model  # benchmarks/ is on sys.path
+from bench_gpu import SHAPES, build_model, dry_run_defaults  # benchmarks/ is on sys.path
 
 from ragkv.engine.batch import fuse_many, start_stream, step_many
 from ragkv.engine.config import EngineConfig
@@ -208,10 +208,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--out", default="gpu-out/bench_gpu_load.json")
     args = p.parse_args(argv)
     if args.dry_run:
-        defaults = {a.dest: a.default for a in p._actions}
-        for key, value in DRY_RUN.items():
-            if getattr(args, key) == defaults[key]:  # explicit flags still win
-                setattr(args, key, value)
+        dry_run_defaults(p, args, DRY_RUN)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
