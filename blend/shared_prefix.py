@@ -33,7 +33,10 @@ def fresh_prefix(plan: BlendPlan, cached: torch.Tensor, active: torch.Tensor) ->
 
 
 def share_prefixes(prompts: Sequence[SharesPrefix]) -> None:
-    """Each prompt opening like an earlier one follows the first of them (its leader)."""
+    """Each prompt opening like an earlier one follows the first of them (its leader); one prompt alone
+    is left as it is (no host read-back of its rows)."""
+    if len(prompts) < 2:
+        return
     leaders: dict[tuple[int, ...], SharesPrefix] = {}
     for p in prompts:
         prefix = p.fresh_prefix()
