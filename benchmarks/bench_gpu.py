@@ -304,13 +304,18 @@ def dry_run_defaults(parser: argparse.ArgumentParser, args, values: dict) -> dic
     return defaults
 
 
-def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(prog="ragkv bench gpu", description=__doc__.split("\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, tiny prompts, one repeat")
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model's flags (what `build_model` takes): --shape, --layers, --device, --dtype."""
     p.add_argument("--shape", default="llama-3.1-8b", help=f"model shape: {', '.join(SHAPES)}")
     p.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the shape's)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="ragkv bench gpu", description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, tiny prompts, one repeat")
+    add_model_args(p)
     p.add_argument("--chunks", default="10,20,40", help="chunks per prompt, comma-separated")
     p.add_argument("--chunk-tokens", type=int, default=512)
     p.add_argument("--query-tokens", type=int, default=32)

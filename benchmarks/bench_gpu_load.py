@@ -31,7 +31,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from bench_gpu import SHAPES, build_model, dry_run_defaults  # benchmarks/ is on sys.path
+from bench_gpu import add_model_args, build_model, dry_run_defaults  # benchmarks/ is on sys.path
 
 from ragkv.engine.batch import fuse_many, start_stream, step_many
 from ragkv.engine.config import EngineConfig
@@ -194,10 +194,7 @@ def run(args) -> dict:
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python benchmarks/bench_gpu_load.py", description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, 3 short requests, one repeat")
-    p.add_argument("--shape", default="llama-3.1-8b", help=f"model shape: {', '.join(SHAPES)}")
-    p.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the shape's)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_model_args(p)
     p.add_argument("--requests", type=int, default=8, help="concurrent requests (default 8)")
     p.add_argument("--chunks", type=int, default=10, help="chunks per request (default 10)")
     p.add_argument("--chunk-tokens", type=int, default=512)
