@@ -294,13 +294,28 @@ def bench_precompute(args, model, device: torch.device, rows: list) -> None:
         )
 
 
-def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(prog="ragkv bench gpu", description=__doc__.split("\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, tiny prompts, one repeat")
+def dry_run_defaults(parser: argparse.ArgumentParser, args, values: dict) -> dict:
+    """Set each of `values` on `args` where its flag was left at its default (explicit flags still win);
+    returns the parser's defaults."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for key, value in values.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+    return defaults
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model's flags (what `build_model` takes): --shape, --layers, --device, --dtype."""
     p.add_argument("--shape", default="llama-3.1-8b", help=f"model shape: {', '.join(SHAPES)}")
     p.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the shape's)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="ragkv bench gpu", description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, tiny prompts, one repeat")
+    add_model_args(p)
     p.add_argument("--chunks", default="10,20,40", help="chunks per prompt, comma-separated")
     p.add_argument("--chunk-tokens", type=int, default=512)
     p.add_argument("--query-tokens", type=int, default=32)
@@ -331,10 +346,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--out", default="gpu-out/bench_gpu.json")
     args = p.parse_args(argv)
     if args.dry_run:
-        defaults = {a.dest: a.default for a in p._actions}
-        for key, value in DRY_RUN.items():
-            if getattr(args, key) == defaults[key]:  # explicit flags still win
-                setattr(args, key, value)
+        defaults = dry_run_defaults(p, args, DRY_RUN)
         if args.attention == defaults["attention"]:
             args.attention = "blocks,dense,flex"
     for label in args.strategies.split(",") + args.source_strategies.split(","):

@@ -19,7 +19,7 @@ import math
 import torch
 
 from .config import BlendConfig
-from .query_select import question_attention, top_rows
+from .query_select import top_rows
 from .select import budget, keep_top
 from .strategies import Strategy
 
@@ -72,6 +72,9 @@ class Focus(Strategy):
     def dual(self) -> bool:
         return self.config.focus_deviation > 0.0
 
+    def wants_scout(self, plan, sources):
+        return self.ratio > 0.0 and any(kv.num_tokens for _, kv in sources)
+
     def prepare(self, model, plan, sources):
         cached = torch.zeros(plan.num_tokens, dtype=torch.bool)
         for start, kv in sources:
@@ -82,7 +85,7 @@ class Focus(Strategy):
         if self.ratio <= 0.0 or not bool(candidates.any()):
             self._count = 0
             return
-        score = question_attention(model, plan, sources, self.config.scout_layers)  # [N], 0 off chunks
+        score = self.question_attention(model, plan, sources)  # [N], 0 off chunks (scouted in a batch or here)
         cap = budget(self.ratio, num_cached)
         if self.config.focus_mass > 0.0:
             floor = min(cap, budget(self.config.focus_floor, num_cached))

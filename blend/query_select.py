@@ -19,7 +19,7 @@ import torch
 from ..chunk_cache import LayeredKV
 from ..models import ModelAdapter
 from .plan import BlendPlan
-from .scout import attention_rows, scout
+from .scout import ScoutJob, attention_rows, scout_many
 from .select import budget
 
 
@@ -37,15 +37,36 @@ def question_attention(
     """[N] fp32 on CPU: the question's attention to each prompt row, averaged over `layers` after
     normalising each layer's mass over the chunk rows (0 outside chunks). Layers past the model's depth
     are dropped (none left: its last layer)."""
+    return question_attention_many(model, [(plan, sources)], layers)[0]
+
+
+def question_attention_many(
+    model: ModelAdapter,
+    prompts: Sequence[tuple[BlendPlan, Sequence[tuple[int, LayeredKV]]]],
+    layers: Sequence[int],
+) -> list[torch.Tensor]:
+    """`question_attention` of each (plan, sources), their scout passes packed into one (`scout_many`)."""
     layers = [layer for layer in layers if layer < model.num_layers] or [model.num_layers - 1]
-    chunk = plan.chunk_mask()
-    if not bool(chunk.any()):
-        return torch.zeros(plan.num_tokens)
+    totals = [torch.zeros(plan.num_tokens) for plan, _ in prompts]
+    jobs = []
+    for (plan, sources), total in zip(prompts, totals):
+        if bool(plan.chunk_mask().any()):
+            jobs.append(ScoutJob(plan, sources, ~_cached(plan, sources), _observer(model, plan, total)))
+    if jobs:
+        scout_many(model, jobs, layers)
+    return [total / len(layers) for total in totals]
+
+
+def _cached(plan: BlendPlan, sources) -> torch.Tensor:
     cached = torch.zeros(plan.num_tokens, dtype=torch.bool)
     for start, kv in sources:
         cached[start : start + kv.num_tokens] = True
-    q_start = query_rows_start(plan)
-    total = torch.zeros(plan.num_tokens)
+    return cached
+
+
+def _observer(model: ModelAdapter, plan: BlendPlan, total: torch.Tensor):
+    """Adds each observed layer's question attention, normalised over the chunk rows, to `total` [N]."""
+    chunk, q_start = plan.chunk_mask(), query_rows_start(plan)
 
     def observe(layer, rows, q, keys):
         is_query = rows >= q_start
@@ -53,8 +74,7 @@ def question_attention(
         mass = mass * chunk
         total.add_(mass / mass.sum().clamp_min(1e-12))
 
-    scout(model, plan, sources, ~cached, layers, observe)
-    return total / len(layers)
+    return observe
 
 
 def top_rows(score: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
@@ -73,14 +93,15 @@ def query_aware_tokens(
     sources: Sequence[tuple[int, LayeredKV]],
     ratio: float,
     layers: Sequence[int],
+    score: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[N] bool: the chunk rows to recompute from layer 0 — `ratio` of the cached rows, those the
-    question attends to most in a scout pass over `layers`."""
-    cached = torch.zeros(plan.num_tokens, dtype=torch.bool)
-    for start, kv in sources:
-        cached[start : start + kv.num_tokens] = True
+    question attends to most in a scout pass over `layers` (or by `score` [N], that pass's result
+    computed already)."""
+    cached = _cached(plan, sources)
     num_cached = int((cached & plan.chunk_mask()).sum())
     if ratio <= 0.0 or num_cached == 0:
         return torch.zeros(plan.num_tokens, dtype=torch.bool)
-    score = question_attention(model, plan, sources, layers)
+    if score is None:
+        score = question_attention(model, plan, sources, layers)
     return top_rows(score, plan.candidates(cached), budget(ratio, num_cached))

@@ -1,26 +1,42 @@
-"""A short pass over the first layers of a fused prompt, run before the blend to learn where attention goes.
+"""A short pass over the first layers of fused prompts, run before the blend to learn where attention goes.
 
 `scout` computes the `active` rows (at least every fresh row) over the cached rows of the first
 layers, exactly as the blend loop would with that active set, and hands each observed layer's fresh
 queries and full keys to a callback. With only the fresh rows active (the question, template and
 separators: ~1-2% of a RAG prompt) it costs a few hundredths of a naive blend; with every row active
 it is the first layers of a full prefill (the "context pass" behind chunk metadata).
+`scout_many` runs several prompts' scouts in one pass per layer, as `blend_many` does the blend: their
+active rows packed for the projections and the MLP, each prompt attending over its own K/V buffers
+with its own mask; `scout` is the one-prompt case.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..chunk_cache import LayeredKV
 from ..models import ModelAdapter
+from ..models.attention import query_mask
 from .plan import BlendPlan
 from .recover import recovering
 from .rerotate import rerotate, rotation
 
 # observe(layer, rows [S] sorted prompt rows, q [S, H_q, D], keys [H_kv, N, D]) at each observed layer
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class ScoutJob:
+    """One prompt's scout: its plan, cached `sources` (target start row, KV), `active` [N] bool rows
+    and the callback that observes them."""
+
+    plan: BlendPlan
+    sources: Sequence[tuple[int, LayeredKV]]
+    active: torch.Tensor
+    observe: Observer
 
 
 @torch.inference_mode()
@@ -34,36 +50,76 @@ def scout(
 ) -> None:
     """Run layers 0..max(`layers`) for the `active` [N] bool rows over the cached `sources` (target
     start row, KV); call `observe` at each of `layers` before that layer's attention."""
-    n, dev, dtype = plan.num_tokens, model.device, model.dtype
-    sources = recovering(model, plan, sources)  # a stored layer found damaged here: that chunk is recomputed
+    scout_many(model, [ScoutJob(plan, sources, active, observe)], layers)
+
+
+@torch.inference_mode()
+def scout_many(model: ModelAdapter, jobs: Sequence[ScoutJob], layers: Sequence[int]) -> None:
+    """Each job's scout (`scout`) over the same `layers`, in one pass per layer: the active rows of all
+    jobs packed for q/k/v, the output projection and the MLP; each job's observations are what its
+    scout alone sees, up to the rounding of the packed matrix products."""
     if not layers or min(layers) < 0 or max(layers) >= model.num_layers:
         raise ValueError(f"scout layers must lie within 0..{model.num_layers - 1}, got {tuple(layers)}")
-    cached = torch.zeros(n, dtype=torch.bool)
-    for start, kv in sources:
-        cached[start : start + kv.num_tokens] = True
-    if bool((~cached & ~active).any()):
-        raise ValueError("every row not loaded from cache must be active in the scout pass")
-    rows = active.nonzero().flatten().to(dev)  # [S]
-    positions = plan.positions.to(dev)
-    cos, sin = model.rope(positions[rows])  # [S, D]
-    rot = [rotation(torch.full((kv.num_tokens,), start - kv.pos0), model.inv_freq) for start, kv in sources]
-    h = model.embed(plan.input_ids.to(dev)[rows])  # [S, hidden]
+    prompts = [_Prompt(model, job) for job in jobs]
+    sizes = [p.rows.numel() for p in prompts]
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    h = _cat([p.embed() for p in prompts])  # [sum S, hidden]
+    cos, sin = _cat([p.cos for p in prompts]), _cat([p.sin for p in prompts])  # [sum S, D]
     last = max(layers)
-    k_buf = torch.empty(1, model.num_kv_heads, n, model.head_dim, dtype=dtype, device=dev)  # [1, H, N, D]
-    v_buf = torch.empty_like(k_buf)  # both reused layer after layer
-    rot = [(c.to(dev), s.to(dev)) for c, s in rot]
     for layer in range(last + 1):
-        for (start, kv), (c, s) in zip(sources, rot):
-            part = kv.layer(layer).to(device=dev, dtype=dtype)  # [2, T, H, D]
-            k_buf[0, :, start : start + kv.num_tokens] = rerotate(part[0], c, s).transpose(0, 1)
-            v_buf[0, :, start : start + kv.num_tokens] = part[1].transpose(0, 1)
-        q, k, v = model.qkv(layer, h, cos, sin)  # [S, H_q, D], [S, H_kv, D] x2
-        k_buf[0][:, rows] = k.transpose(0, 1)
-        v_buf[0][:, rows] = v.transpose(0, 1)
-        if layer in layers:
-            observe(layer, rows, q, k_buf[0])
+        q, k, v = model.qkv(layer, h, cos, sin)  # [sum S, H_q, D], [sum S, H_kv, D] x2
+        outs = []
+        for p, a, b in zip(prompts, bounds, bounds[1:]):
+            p.load_layer(layer, q[a:b], k[a:b], v[a:b])
+            if layer in layers:
+                p.job.observe(layer, p.rows, p.q, p.k_buf[0])
+            if layer < last:
+                outs.append(model.attention(q[a:b], p.k_buf, p.v_buf, p.mask))
         if layer < last:
-            h = model.attend(layer, h, q, k_buf, v_buf, None if rows.numel() == n else positions[rows])
+            h = model.after_attention(layer, h, _cat(outs))
+
+
+class _Prompt:
+    """One job's side of `scout_many`: its rows, rotations, mask and K/V buffers (reused layer after layer)."""
+
+    def __init__(self, model: ModelAdapter, job: ScoutJob) -> None:
+        plan, n, dev, dtype = job.plan, job.plan.num_tokens, model.device, model.dtype
+        self.model, self.job = model, job
+        self.sources = recovering(model, plan, job.sources)  # a stored layer found damaged here: recomputed
+        self.cached = torch.zeros(n, dtype=torch.bool)
+        for start, kv in self.sources:
+            self.cached[start : start + kv.num_tokens] = True
+        if bool((~self.cached & ~job.active).any()):
+            raise ValueError("every row not loaded from cache must be active in the scout pass")
+        self.rows = job.active.nonzero().flatten().to(dev)  # [S]
+        positions = plan.positions.to(dev)[self.rows]
+        self.cos, self.sin = model.rope(positions)  # [S, D]
+        kind = "dense" if dev.type == "cuda" else "blocks"
+        self.mask = None if self.rows.numel() == n else query_mask(positions, n, dev, kind)  # built once
+        rot = [rotation(torch.full((kv.num_tokens,), start - kv.pos0), model.inv_freq) for start, kv in self.sources]
+        self.rot = [(c.to(dev), s.to(dev)) for c, s in rot]
+        self.k_buf = torch.empty(1, model.num_kv_heads, n, model.head_dim, dtype=dtype, device=dev)  # [1, H, N, D]
+        self.v_buf = torch.empty_like(self.k_buf)
+        self.q: torch.Tensor | None = None  # this layer's queries of all its rows [S, H_q, D]
+
+    def embed(self) -> torch.Tensor:
+        return self.model.embed(self.job.plan.input_ids.to(self.model.device)[self.rows])  # [S, hidden]
+
+    def load_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """This layer's buffers: the cached rows re-rotated to their target rows, the active rows' fresh
+        q, k, v ([S, H, D])."""
+        dev, dtype = self.model.device, self.model.dtype
+        for (start, kv), (c, sin) in zip(self.sources, self.rot):
+            part = kv.layer(layer).to(device=dev, dtype=dtype)  # [2, T, H, D]
+            self.k_buf[0, :, start : start + kv.num_tokens] = rerotate(part[0], c, sin).transpose(0, 1)
+            self.v_buf[0, :, start : start + kv.num_tokens] = part[1].transpose(0, 1)
+        self.k_buf[0][:, self.rows] = k.transpose(0, 1)
+        self.v_buf[0][:, self.rows] = v.transpose(0, 1)
+        self.q = q
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def attention_rows(q: torch.Tensor, keys: torch.Tensor, query_rows: torch.Tensor, scale: float) -> torch.Tensor:

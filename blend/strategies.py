@@ -18,7 +18,7 @@ import torch
 
 from .config import SELECTIVE, BlendConfig, strategy_label, validate
 from .plan import BlendPlan
-from .query_select import query_aware_tokens
+from .query_select import query_aware_tokens, question_attention
 from .select import budget, keep_top
 
 
@@ -27,6 +27,7 @@ class Strategy(ABC):
 
     name: str
     reuse: str = "chunks"  # which cached KV the engine loads: "none", "prefix" or "chunks"
+    scouted: torch.Tensor | None = None  # [N] the question's attention, scouted with other requests' (a batch)
 
     def __init__(self, ratio: float = 0.0, config: BlendConfig = BlendConfig()) -> None:
         validate(self.name, ratio)
@@ -36,6 +37,18 @@ class Strategy(ABC):
     def prepare(self, model, plan: BlendPlan, sources) -> None:
         """Called by the blend loop before `initial_tokens`, with the model and the cached `sources`
         (target start row, LayeredKV): strategies that choose tokens before layer 0 do it here."""
+
+    def wants_scout(self, plan: BlendPlan, sources) -> bool:
+        """Whether `prepare` ranks this prompt's tokens by the question's attention (a scout pass), so
+        that a batch may scout it together with other requests' and set `scouted` first."""
+        return False
+
+    def question_attention(self, model, plan: BlendPlan, sources) -> torch.Tensor:
+        """[N] the question's attention to each row (blend/query_select.py): `scouted` when a batch set
+        it, else this prompt's own scout pass over `config.scout_layers`."""
+        if self.scouted is not None:
+            return self.scouted
+        return question_attention(model, plan, sources, self.config.scout_layers)
 
     def choose_sources(self, keys: list, store, prefix=None) -> list:
         """The store entry each chunk loads (`keys`: the chunks' base keys in plan order; `prefix`: the
@@ -115,9 +128,12 @@ class CacheBlend(Strategy):
         super().__init__(ratio, config)
         self._chosen: torch.Tensor | None = None  # [N] rows chosen before layer 0 (select="query")
 
+    def wants_scout(self, plan, sources):
+        return self.config.select == "query" and self.ratio > 0.0 and any(kv.num_tokens for _, kv in sources)
+
     def prepare(self, model, plan, sources):
         if self.config.select == "query" and self.ratio > 0.0:
-            self._chosen = query_aware_tokens(model, plan, sources, self.ratio, self.config.scout_layers)
+            self._chosen = query_aware_tokens(model, plan, sources, self.ratio, self.config.scout_layers, self.scouted)
 
     def initial_tokens(self, plan, cached):
         if self.ratio == 0.0:  # nothing to recompute: exactly naive, no full layers

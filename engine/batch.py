@@ -8,8 +8,10 @@ two requests miss computed once), then, batch by batch within the `BatchBudget`,
 entries are loaded and the requests fused in one pass per layer (`blend.blend_many`: their active rows
 packed for the projections and MLP, each with its own masks, positions, check layers and K/V buffers).
 `full` requests run the model's own forward, each alone (what `engine.fuse` runs); every other
-strategy (prefix, naive, epic, cacheblend, cachecraft, +query) is packed. A request over the budget on
-its own is fused alone.
+strategy (prefix, naive, epic, cacheblend, cachecraft, +query) is packed. Before the packed pass, the
+scout passes of the requests whose strategy ranks tokens by the question's attention (focus, the
+default, and cacheblend+query) are packed the same way (`scout_together`). A request over the budget
+on its own is fused alone.
 
 `start_stream(fusion)` turns a fusion into a `TokenStream`, and `step_many(engine, streams)` moves every
 unfinished stream one token forward: it picks each stream's next token from its logits (greedy or
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..blend import PromptState, blend_many, extend_many
+from ..blend.query_select import question_attention_many
 from .batch_budget import BatchBudget, size_of, split
 from .fusion import Fusion, begin, choose_sources, fuse, load, record, resolve_chunks
 from .request import FusionRequest
@@ -80,9 +83,29 @@ def _fuse_group(engine, batch: _Batch, group: list[int]) -> None:
     batch.each(group, lambda f: (choose_sources(engine, f), load(engine, f)))
     alone = [i for i in batch.live(group) if batch.fusions[i].strategy.reuse == "none"]
     batch.each(alone, lambda f: fuse(engine, f))
-    states = batch.each([i for i in batch.live(group) if i not in alone], lambda f: _state(engine, f))
+    rest = [i for i in batch.live(group) if i not in alone]
+    scouting = [i for i in rest if _wants_scout(batch.fusions[i])]
+    batch.together(scouting, lambda fs: scout_together(engine.model, fs))
+    states = batch.each(rest, lambda f: _state(engine, f))
     packed = batch.live(states)
     batch.together(packed, lambda fs: _record_all(fs, blend_many(engine.model, [states[i] for i in packed])))
+
+
+def scout_together(model, fusions: Sequence[Fusion]) -> None:
+    """The question's attention for each request whose strategy ranks tokens by it (focus,
+    cacheblend+query), their scout passes packed (`question_attention_many`, one pass per layer for
+    those with the same scout layers); each strategy reads its `scouted` in `prepare`."""
+    by_layers: dict[tuple[int, ...], list[Fusion]] = {}
+    for f in fusions:
+        by_layers.setdefault(tuple(f.strategy.config.scout_layers), []).append(f)
+    for layers, group in by_layers.items():
+        scores = question_attention_many(model, [(f.plan, f.sources) for f in group], layers)
+        for f, score in zip(group, scores):
+            f.strategy.scouted = score
+
+
+def _wants_scout(f: Fusion) -> bool:
+    return f.strategy.wants_scout(f.plan, f.sources)
 
 
 def _state(engine, f: Fusion) -> PromptState:

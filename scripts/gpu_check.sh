@@ -4,7 +4,7 @@
 # .whl/), then run the steps below, each under its own time limit, everything under $OUT (default
 # ./gpu-out): env.txt, STEP.txt per step, the JSON each writes, and summary.json (every step's rc and
 # seconds). A step that fails or times out does not stop the others.
-# Budget: about 8 minutes of device time (the limits below add up to 480 s). FlexAttention compiles once
+# Budget: about 8.5 minutes of device time (the limits below add up to 510 s). FlexAttention compiles once
 # per bucket of shapes (models/attention.py), in the bench's warm-up runs: the first rows of each size pay it.
 #   bash scripts/gpu_check.sh                      # on the GPU machine
 #   bash scripts/gpu_check.sh --dry-run            # on CPU: same steps, tiny shapes, no wheel install
@@ -34,12 +34,13 @@ T0=$(date +%s)
 
 # name and time limit (s) of every step, in order
 STEPS=(
-  "pytest_gpu 100"   # CPU-vs-CUDA parity of every strategy, family, tier and mask kind (tests/test_gpu.py)
-  "kernels 70"       # every Triton kernel against its torch reference, compiled (interpreted in the dry run)
+  "pytest_gpu 85"    # CPU-vs-CUDA parity of every strategy, family, tier and mask kind (tests/test_gpu.py)
+  "kernels 60"       # every Triton kernel against its torch reference, compiled (interpreted in the dry run)
   "encode 40"        # packed encode GB/s: fused vs the reference, same bytes (benchmarks/gpu_encode.py)
-  "bench 190"        # TTFT table, codec GB/s, precompute (benchmarks/bench_gpu.py)
+  "bench 150"        # TTFT table, codec GB/s, precompute (benchmarks/bench_gpu.py; JSON kept row by row)
+  "load 75"          # 8 x 5K-token requests: the default strategy batched vs batched full prefill (bench_gpu_load.py)
   "handoff_tests 30" # the fused-KV hand-off's CUDA cases (tests/test_gpu_handoff.py)
-  "handoff 80"      # producer -> connector hand-off per path, blend + hand-off vs HF (benchmarks/bench_handoff.py)
+  "handoff 70"       # producer -> connector hand-off per path, blend + hand-off vs HF (benchmarks/bench_handoff.py)
 )
 
 # CMD=(the command of step $1): one branch per step
@@ -58,6 +59,8 @@ step_command() {
     bench) CMD=("$PY" benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json")
       if [ "$DRY" = 1 ]; then CMD+=(--dry-run); fi
       CMD+=("${BENCH_ARGS[@]}") ;;
+    load) CMD=("$PY" benchmarks/bench_gpu_load.py --out "$OUT/bench_gpu_load.json")
+      if [ "$DRY" = 1 ]; then CMD+=(--dry-run); fi ;;
     handoff_tests) CMD=("$PY" -m pytest -m gpu tests/test_gpu_handoff.py -q -p no:cacheprovider) ;;
     handoff) CMD=("$PY" benchmarks/bench_handoff.py --out "$OUT/bench_handoff.json")
       if [ "$DRY" = 1 ]; then CMD+=(--dry-run); fi ;;

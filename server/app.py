@@ -25,7 +25,7 @@ from .disconnect import cancel_on_disconnect
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .openapi import describe
-from .scheduler import Scheduler, default_batch_tokens, default_join_tokens
+from .scheduler import Scheduler, default_join_tokens
 from .schemas import DocumentsRequest, RetrieveRequest, shown
 from .settings import ServerSettings
 from .tenant_stats import TenantCounters, tenant_store_stats
@@ -66,7 +66,6 @@ def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
     app.state.worker = Scheduler(
         engine,
         settings.queue_size,
-        settings.batch_tokens or default_batch_tokens(settings.device),
         batched=settings.scheduler == "batch",
         join_tokens=settings.join_tokens or default_join_tokens(settings.device),
         init=init,

@@ -24,12 +24,15 @@ class ServedEngine(Protocol):
 @runtime_checkable
 class BatchingEngine(ServedEngine, Protocol):
     """An engine the scheduler can batch (engine/batch.py): fuse a request to its first-token logits,
-    its model and EOS ids for the decode steps, its tokenizer for the text, and the final `Answer`.
+    its model and EOS ids for the decode steps, its tokenizer for the text, its configuration and
+    prompt template for the batch budget, and the final `Answer`.
     A stand-in without these is served one request at a time."""
 
     model: Any
     tokenizer: Any
     eos_ids: set[int]
+    config: Any  # EngineConfig: the batch budget and, with `template`, each request's size (engine/batch_budget.py)
+    template: Any
 
     def fuse(self, request: FusionRequest) -> Any: ...
 

@@ -5,12 +5,15 @@ takes generations: `generate(prepare, tenant)` admits a request like any other w
 429) and yields its text pieces, then its `Answer`. Each turn of the model thread:
 
 1. **join**: waiting generations join the running batch in fair order (round-robin over tenants,
-   the tenant that used the least model time first) while the batch's token budget allows; their
-   requests are built (`prepare`, on this thread) and fused together (`engine.batch.fuse_many`).
+   the tenant that used the least model time first) while the engine's `BatchBudget` allows
+   (engine/batch_budget.py, the one size estimate: the joining requests' prompt tokens fused in one
+   pass, and their K/V buffers next to those the running streams hold); their requests are built
+   (`prepare`, on this thread) and fused together (`engine.batch.fuse_many`, within the same budget).
    A request larger than the budget joins only an empty batch and runs alone; a request that does
-   not fit waits at the head (the ones behind it do not overtake it). At most `join_tokens` join in
-   one turn (setting `server.join_tokens`; default: the whole budget), so a burst can be fused in
-   several groups between decode steps instead of one long pass before anyone's first token.
+   not fit waits at the head (the ones behind it do not overtake it). At most `join_tokens` prompt
+   tokens join in one turn (setting `server.join_tokens`; default: 2048 on CPU, the budget's tokens
+   elsewhere), so a burst can be fused in several groups between decode steps instead of one long
+   pass before anyone's first token.
 2. **decode**: one `step_many` over every running stream: each gets its next token, its text piece
    (detokenized incrementally, as `Engine.answer_events` does) goes to its client, its first token
    releases its fusion (the store's deferred upkeep); a finished stream gets its `Answer` and leaves.
@@ -38,19 +41,12 @@ from typing import Any
 
 from ..engine.answer import Answer
 from ..engine.batch import fuse_many, start_stream, step_many
+from ..engine.batch_budget import BatchBudget, RequestSize, estimate, within
 from ..engine.request import FusionRequest
 from .engine_port import BatchingEngine, ServedEngine
 from .worker import BURST_S, END, ModelWorker, Task
 
-DEFAULT_BATCH_TOKENS = {"cpu": 16384, "cuda": 65536}  # prompt + decode rows of one batch, by device kind
-
-
-def default_batch_tokens(device: str) -> int:
-    """The batch token budget for `device` (cpu, cuda or cuda:N) when the settings give none."""
-    return DEFAULT_BATCH_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
-
-
-DEFAULT_JOIN_TOKENS = {"cpu": 2048}  # of those, joining in one turn (CPU: 8 clients warm, p50 TTFT 2.2x lower)
+DEFAULT_JOIN_TOKENS = {"cpu": 2048}  # prompt tokens joining in one turn (CPU: 8 clients warm, p50 TTFT 2.2x lower)
 
 
 def default_join_tokens(device: str) -> int | None:
@@ -60,12 +56,6 @@ def default_join_tokens(device: str) -> int | None:
     return DEFAULT_JOIN_TOKENS.get("cuda" if device.startswith("cuda") else "cpu")
 
 
-def request_tokens(request: FusionRequest) -> int:
-    """What a request takes of the budget: its chunks' tokens, its question (a character per token at
-    most, for byte-level tokenizers) and the rows it reserves to decode into."""
-    return sum(len(c) for c in request.chunks or ()) + len(request.question) + request.reserve
-
-
 class _Generation(Task):
     """One generation: waiting (its request built on first look), then a stream of the running batch."""
 
@@ -73,7 +63,7 @@ class _Generation(Task):
         super().__init__(tenant, None, deliver)  # type: ignore[arg-type]
         self.prepare = prepare
         self.request: FusionRequest | None = None
-        self.size = 0  # request_tokens(request)
+        self.size = RequestSize(0, 0)  # batch_budget.estimate(engine, request)
         self.stream = None  # engine.batch.TokenStream while running
         self.joined = 0.0  # perf_counter when it joined the batch
         self.first: float | None = None  # perf_counter when its first token went out
@@ -88,7 +78,7 @@ class Scheduler(ModelWorker):
         self,
         engine: ServedEngine,
         queue_size: int,
-        budget_tokens: int,
+        budget: BatchBudget | None = None,
         batched: bool = True,
         join_tokens: int | None = None,
         init: Callable[[], None] | None = None,
@@ -96,9 +86,9 @@ class Scheduler(ModelWorker):
         burst_s: float = BURST_S,
     ) -> None:
         self.engine = engine
-        self.budget_tokens = budget_tokens
-        self.join_tokens = join_tokens or budget_tokens  # fused in one turn (a burst joins over several turns)
         self.batched = batched and isinstance(engine, BatchingEngine)
+        self.budget = budget or (BatchBudget.of(engine) if self.batched else None)  # the engine's by default
+        self.join_tokens = join_tokens or (self.budget.tokens if self.budget else 0)  # a burst joins over turns
         self._waiting: dict[str, deque[_Generation]] = {}  # tenant -> generations not yet in the batch
         self._running: list[_Generation] = []  # the batch (only the model thread touches it)
         super().__init__(queue_size, init=init, per_tenant=per_tenant, burst_s=burst_s)
@@ -175,23 +165,23 @@ class Scheduler(ModelWorker):
             return True
 
     def _choose_joining(self) -> list[_Generation]:
-        """The waiting generations that join the batch now, in fair order, within the token budget."""
+        """The waiting generations that join the batch now, in fair order, within the budget: their
+        prompt tokens in one pass, their K/V buffers next to those the running streams hold."""
         with self._cv:
             candidates = self._fair_order()
-        used, joining = sum(g.size for g in self._running), 0
+        held = sum(g.stream.kv_bytes for g in self._running)
         chosen: list[_Generation] = []
         for g in candidates:
             if g.request is None and not self._prepare(g):
                 continue
+            sizes = [c.size for c in chosen] + [g.size]
             alone = not self._running and not chosen
-            if not alone and used + g.size > self.budget_tokens:
+            if not alone and not within(sizes, self.budget, held):
                 break  # it waits at the head for room; the ones behind it do not overtake it
-            if chosen and joining + g.size > self.join_tokens:
+            if chosen and sum(s.tokens for s in sizes) > self.join_tokens:
                 break  # the rest of a burst joins in the next turns, between decode steps
-            joining += g.size
             chosen.append(g)
-            used += g.size
-            if g.size > self.budget_tokens:
+            if not within([g.size], self.budget):
                 break  # oversized: runs alone
         with self._cv:
             return [g for g in chosen if self._unwait(g)]  # a client gone meanwhile: already released
@@ -201,7 +191,7 @@ class Scheduler(ModelWorker):
         t0 = time.perf_counter()
         try:
             g.request = g.prepare()
-            g.size = request_tokens(g.request)
+            g.size = estimate(self.engine, g.request)
             return True
         except Exception as err:  # noqa: BLE001 - handed to the awaiting side (a 4xx or 5xx there)
             with self._cv:
@@ -233,7 +223,7 @@ class Scheduler(ModelWorker):
         """Each joining request's Fusion (None for one that failed: its client gets the error). When the
         group fails, each is fused alone so that one bad request fails alone."""
         try:
-            return fuse_many(self.engine, [g.request for g in joining])
+            return fuse_many(self.engine, [g.request for g in joining], budget=self.budget)
         except Exception as err:  # noqa: BLE001
             if len(joining) == 1:
                 self._fail(joining[0], err)
@@ -241,7 +231,7 @@ class Scheduler(ModelWorker):
         fusions = []
         for g in joining:
             try:
-                fusions.append(fuse_many(self.engine, [g.request])[0])
+                fusions.append(fuse_many(self.engine, [g.request], budget=self.budget)[0])
             except Exception as err:  # noqa: BLE001
                 self._fail(g, err)
                 fusions.append(None)

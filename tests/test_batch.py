@@ -20,7 +20,7 @@ MORE = [
     "You will be asked a question after reading several passages, so read the maple road notes and the "
     "quartz road notes with care before you answer.",
 ]
-STRATEGIES = ["naive", "cacheblend", "epic", "cacheblend+query", "cachecraft", "prefix", "full"]
+STRATEGIES = ["naive", "cacheblend", "epic", "cacheblend+query", "cachecraft", "prefix", "full", "focus"]
 
 
 def _requests(engine, strategy, max_new_tokens=4):
@@ -80,7 +80,7 @@ def test_a_batch_of_different_lengths_gives_each_request_what_it_gets_alone(stra
     assert len({engine.plan(r.question, engine.tokenize_chunks(r.documents)).num_tokens for r in requests}) == 4
     _warm(engine, requests)
     fusions, expected = _same_as_alone(engine, requests)
-    if strategy in ("cacheblend", "epic", "cacheblend+query", "cachecraft"):  # the ratios differ per request
+    if strategy in ("cacheblend", "epic", "cacheblend+query", "cachecraft", "focus"):  # ratios differ per request
         assert len({round(run.blend.recompute_fraction, 6) for run, _ in expected}) > 1
     if strategy == "cachecraft":  # the metadata (and in-context variants) was used, not the fallback
         assert any(d.used_variant for f in fusions for d in f.run.blend.chunk_decisions)
@@ -98,6 +98,29 @@ def test_mixed_strategies_with_their_own_check_layers_in_one_batch():
     ]
     _warm(engine, requests)
     _same_as_alone(engine, requests)
+
+
+def test_the_scout_passes_of_a_batch_run_packed_in_one_pass(monkeypatch):
+    engine = tiny_engine()
+    base = _requests(engine, "focus")
+    requests = [
+        base[0],
+        engine.request(base[1].question, base[1].documents, strategy="naive", max_new_tokens=4),
+        base[2],
+        engine.request(base[3].question, base[3].documents, strategy="cacheblend+query", recompute_ratio=0.3),
+        engine.request(QUESTION, PASSAGES[:2], strategy="full", max_new_tokens=2),
+        engine.request(QUESTION, PASSAGES[1:], strategy="focus", recompute_ratio=0.0),  # nothing to rank: no scout
+    ]
+    _warm(engine, requests)
+    scouted, real = [], batch_module.question_attention_many
+    monkeypatch.setattr(
+        batch_module,
+        "question_attention_many",
+        lambda model, prompts, layers: scouted.append(len(prompts)) or real(model, prompts, layers),
+    )
+    fusions, _ = _same_as_alone(engine, requests)  # alone, each scouts itself (no spy on that path)
+    assert scouted == [3]  # the two focus requests and cacheblend+query, in one packed scout
+    assert [f.strategy.scouted is not None for f in fusions] == [True, False, True, True, False, False]
 
 
 def test_cold_batch_computes_a_shared_chunk_once_and_counts_it_as_alone():

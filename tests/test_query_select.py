@@ -1,11 +1,12 @@
-"""Query-aware selection (cacheblend+query): the scout pass measures the question's true attention, the
-chosen tokens are its top ones, the budget is respected, and ratio 1 is the full prefill."""
+"""Query-aware selection (cacheblend+query): the scout pass measures the question's true attention (alone
+or packed with other prompts' scouts), the chosen tokens are its top ones, the budget is respected, and
+ratio 1 is the full prefill."""
 
 import pytest
 import torch
 
 from ragkv.blend import BlendConfig, blend, make_plan, make_strategy
-from ragkv.blend.query_select import query_rows_start, question_attention, top_rows
+from ragkv.blend.query_select import query_rows_start, question_attention, question_attention_many, top_rows
 from ragkv.blend.select import budget
 from ragkv.chunk_cache import ChunkKV, precompute
 
@@ -56,6 +57,30 @@ def test_scout_measures_the_questions_true_attention(tiny_adapter, layers):
     score = question_attention(tiny_adapter, plan, _in_context_sources(plan, kv), layers)
     torch.testing.assert_close(score, _reference_score(plan, attentions, layers), atol=1e-5, rtol=1e-4)
     assert float(score[~plan.chunk_mask()].abs().sum()) == 0.0  # only chunk rows are ranked
+
+
+def test_packed_scouts_of_different_prompts_each_measure_their_own_attention(tiny_adapter, monkeypatch):
+    layers = (1, 2)
+    prompts, references = [], []
+    opening = _prompt(2)[0].input_ids[:6].tolist()
+    for seed, keep, prefix in ((2, 3, opening), (3, 1, opening), (4, 2, [1, 9, 8, 7])):
+        _, chunks = _prompt(seed)  # different lengths, chunks and questions
+        plan = make_plan(prefix, chunks[:keep], [7, 9, 11, 13 + seed], [5])
+        kv, attentions, _ = _full_prefill(tiny_adapter, plan)
+        prompts.append((plan, _in_context_sources(plan, kv)))
+        references.append(_reference_score(plan, attentions, layers))
+    no_chunks = make_plan([1, 4, 6], [], [7, 8])  # nothing to rank: zeros, and no scout row of its own
+    packed, qkv = [], tiny_adapter.qkv
+    monkeypatch.setattr(tiny_adapter, "qkv", lambda layer, h, *a: packed.append(h.shape[0]) or qkv(layer, h, *a))
+    scores = question_attention_many(tiny_adapter, prompts + [(no_chunks, [])], layers)
+    fresh = sum(plan.num_tokens - int(plan.chunk_mask().sum()) for plan, _ in prompts)
+    assert packed == [fresh] * 3  # every prompt's fresh rows in one pass per layer, up to the last observed one
+    monkeypatch.setattr(tiny_adapter, "qkv", qkv)
+    assert len({plan.num_tokens for plan, _ in prompts}) == 3
+    for score, reference, (plan, sources) in zip(scores, references, prompts):
+        torch.testing.assert_close(score, reference, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(score, question_attention(tiny_adapter, plan, sources, layers), **TOL)
+    assert scores[-1].shape == (no_chunks.num_tokens,) and float(scores[-1].abs().sum()) == 0.0
 
 
 def test_query_aware_choice_is_the_top_attended_chunk_tokens(tiny_adapter):

@@ -15,7 +15,10 @@ from tiny_engine import PASSAGES, tiny_engine
 
 import ragkv.server.scheduler as scheduler_module
 from ragkv.engine.answer import Answer
-from ragkv.server.scheduler import Scheduler, request_tokens
+from ragkv.engine.batch_budget import BatchBudget, estimate
+from ragkv.server.scheduler import Scheduler
+
+ROOMY = BatchBudget(tokens=10_000, kv_bytes=1 << 40)
 
 QUESTIONS = ["Where does the river bend?", "What lines the quartz road?", "What is delta?", "Name a letter."]
 
@@ -31,9 +34,9 @@ def batches(monkeypatch):
     seen = {"fused": [], "stepped": []}
     fuse_many, step_many = scheduler_module.fuse_many, scheduler_module.step_many
 
-    def fuse(engine, requests):
+    def fuse(engine, requests, **options):
         seen["fused"].append([r.question for r in requests])
-        return fuse_many(engine, requests)
+        return fuse_many(engine, requests, **options)
 
     def step(engine, streams):
         seen["stepped"].append([s.request.question for s in streams])
@@ -90,7 +93,7 @@ def test_a_batch_of_different_requests_gives_each_its_answer_alone(engine, batch
     expected = [_alone(engine, r) for r in requests]
 
     async def main():
-        w = Scheduler(engine, queue_size=8, budget_tokens=10_000)
+        w = Scheduler(engine, queue_size=8, budget=ROOMY)
         tasks = await _gated(
             w,
             lambda: [
@@ -124,7 +127,7 @@ def test_a_client_that_leaves_takes_only_its_own_request_out_of_the_batch(engine
         return out
 
     async def main():
-        w = Scheduler(engine, queue_size=8, budget_tokens=10_000)
+        w = Scheduler(engine, queue_size=8, budget=ROOMY)
         scheduler_module.step_many = held_step
         try:
             tasks = await _gated(
@@ -153,10 +156,11 @@ def test_a_client_that_leaves_takes_only_its_own_request_out_of_the_batch(engine
 def test_a_tight_budget_admits_the_quiet_tenant_before_the_flooding_ones_backlog(engine, batches):
     flood = [_request(engine, 0, max_new_tokens=2) for _ in range(3)]
     quiet = engine.request("Quiet tenant asks?", chunks=engine.tokenize_chunks(PASSAGES[:1]), max_new_tokens=2)
-    budget = max(request_tokens(r) for r in [*flood, quiet])  # room for one request at a time
+    kv = max(estimate(engine, r).kv_bytes for r in [*flood, quiet])  # K/V room for one request at a time
+    budget = BatchBudget(tokens=10_000, kv_bytes=kv)  # (the token budget would let all four join at once)
 
     async def main():
-        w = Scheduler(engine, queue_size=8, budget_tokens=budget)
+        w = Scheduler(engine, queue_size=8, budget=budget)
 
         def submit():
             tasks = [asyncio.ensure_future(_collect(w.generate(lambda r=r: r, "flood"))) for r in flood]
@@ -169,17 +173,19 @@ def test_a_tight_budget_admits_the_quiet_tenant_before_the_flooding_ones_backlog
     asyncio.run(main())
     order = [group[0] for group in batches["fused"]]
     assert all(len(group) == 1 for group in batches["fused"]) and len(order) == 4
+    assert all(len(s) == 1 for s in batches["stepped"])  # the running stream's K/V buffers count: none joins it
     assert order.index(quiet.question) <= 1  # not behind the flood's whole backlog
 
 
 def test_a_request_over_the_budget_runs_alone_and_is_not_overtaken(engine, batches):
     small = [_request(engine, 1, max_new_tokens=3), _request(engine, 3, max_new_tokens=3)]
-    big = engine.request("A big one?", chunks=engine.tokenize_chunks(PASSAGES * 3), max_new_tokens=3)
-    budget = request_tokens(small[0]) + request_tokens(small[1])  # both small ones fit, the big one alone does not
-    assert request_tokens(big) > budget
+    big = engine.request("A big one?", chunks=engine.tokenize_chunks(PASSAGES * 5), max_new_tokens=3)
+    sizes = [estimate(engine, r) for r in small]
+    budget = BatchBudget(sum(s.tokens for s in sizes), sum(s.kv_bytes for s in sizes))  # both small ones fit
+    assert estimate(engine, big).tokens > budget.tokens  # the big one alone does not
 
     async def main():
-        w = Scheduler(engine, queue_size=8, budget_tokens=budget)
+        w = Scheduler(engine, queue_size=8, budget=budget)
         order = [small[0], big, small[1]]
         tasks = await _gated(w, lambda: [asyncio.ensure_future(_collect(w.generate(lambda r=r: r))) for r in order])
         results = await asyncio.gather(*tasks)
@@ -234,8 +240,8 @@ def test_a_burst_joins_over_several_turns_within_join_tokens(engine, batches):
     expected = [_alone(engine, r) for r in requests]
 
     async def main():
-        join = max(request_tokens(r) for r in requests)  # one request joins per turn
-        w = Scheduler(engine, queue_size=8, budget_tokens=10_000, join_tokens=join)
+        join = max(estimate(engine, r).tokens for r in requests)  # one request joins per turn
+        w = Scheduler(engine, queue_size=8, budget=ROOMY, join_tokens=join)
         tasks = await _gated(w, lambda: [asyncio.ensure_future(_collect(w.generate(lambda r=r: r))) for r in requests])
         results = await asyncio.gather(*tasks)
         w.close()
