@@ -5,7 +5,8 @@ Read path for the Engine: `lookup(keys)` -> `with pinned(keys):` -> `get_layered
 """
 
 from .config import StorageConfig, TierConfig, build_store
-from .disk import CheckReport, DiskTier
+from .disk import DiskTier
+from .disk_check import CheckReport
 from .layered import EncodedLayers, ResidentKV, materialize
 from .memory import MemoryTier
 from .policy import POLICIES, CostAwarePolicy, LRUPolicy, Policy, UtilityPolicy, make_policy
