@@ -176,9 +176,11 @@ class PackedCodec(LayeredCodec):
     @property
     def rel_error(self) -> float:
         """Stated bound on ||x - x'|| / ||x|| for Gaussian-like groups (range <= 6 std, no clipping
-        chosen): rounding noise step / sqrt(12) with step = range / (2**b - 1), at the fewest bits."""
+        chosen): rounding noise step / sqrt(12) with step = range / (2**b - 1), at the fewest bits (format 2:
+        the fewest whole bits of a band's mean width, at least 1; its channels split those bits by equal step,
+        which is no worse in total squared error than equal widths where the groups are alike)."""
         bits = min(min(self.config.key_bits), min(self.config.value_bits))
-        return 6.0 / ((1 << bits) - 1) / math.sqrt(12.0)
+        return 6.0 / ((1 << max(1, math.floor(bits))) - 1) / math.sqrt(12.0)
 
     def params(self) -> dict[str, Any]:
         return self.config.params()
