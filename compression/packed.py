@@ -15,9 +15,12 @@ no data-dependent control flow. Section of one layer (all offsets 4-byte aligned
     K: lo fp16 [S_k] | step fp16 [S_k] | planes uint8 [b_k, ceil(T*C / 8)] | pad to 4
     V: the same with S_v, b_v
 
-`PackedLayout` (compression/packed_layout.py, with `PackedConfig`) computes the offsets from the shape
-and params alone, so a device decoder needs no host read of the section. The format version is
-`params["format"]`; a reader refuses a version it does not know.
+That is format 1. Format 2, what the writer writes, gives each channel its own width within the layer's
+bits (a wide channel more, by equal step: compression/packed_widths.py) and stores the codes as one bit
+stream with an int16 table of where each channel's code starts (layout: compression/packed_layout.py).
+`PackedLayout` computes the offsets from the shape and params alone, for both, so a device decoder needs
+no host read of the section. The format version is `params["format"]`; a reader decodes 1 and 2 and
+refuses a version it does not know.
 """
 
 from __future__ import annotations
@@ -161,8 +164,9 @@ def stored_widths(prefix: np.ndarray, code_bits: int) -> np.ndarray:
 
 
 class PackedCodec(LayeredCodec):
-    """Bit-plane packed K/V codes with one fp16 (lo, step) grid per scale group; decodes on any device
-    (`device_layer`: the Triton kernel on CUDA, torch elsewhere), bit-identically."""
+    """Packed K/V codes (format 2: per-channel widths; format 1: bit planes) with one fp16 (lo, step) grid per
+    scale group; decodes on any device (`device_layer`: the Triton kernel on CUDA, torch elsewhere),
+    bit-identically."""
 
     name = "packed"
     lossless = False
