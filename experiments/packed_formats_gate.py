@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from codec_heldout import ISSUE12_25
+from codec_heldout import ISSUE12_25, unruns
 
 from ragkv.compression.packed import PackedCodec, PackedConfig
 from ragkv.engine.engine import Engine
@@ -25,6 +25,10 @@ CODECS = {
     "packed K3 V2, format 2 (the default)": PackedCodec(PackedConfig()),
     "packed calibrated @2.5 (issue 12's bits), format 1": PackedCodec(PackedConfig(*ISSUE12_25, format=1)),
     "packed calibrated @2.5 (issue 12's bits), format 2": PackedCodec(PackedConfig(*ISSUE12_25)),
+    # issue 24's: format-2 probes on MuSiQue 1-3, quarter bits (docs/bench/codec_heldout_format2_calibrated.json)
+    "packed calibrated @2.5, format 2 (its own calibration)": PackedCodec(
+        PackedConfig(unruns("2,2.75,2.5x4,2x6,2.5x6,3x6,2x6"), unruns("2,4.5,3x10,2x18"))
+    ),
 }
 
 
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--max-chunks", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=24, help="greedy answer tokens compared")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--codecs", default=";".join(CODECS), help="';'-separated names of CODECS (default: all)")
     ap.add_argument("--out", default="packed_formats_gate.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -46,7 +51,8 @@ def main() -> None:
         GatePrompt(s.id, s.question, tuple(tuple(c) for c in engine.tokenize_chunks(s.chunks)))
         for s in samples[: args.limit]
     ]
-    verdicts = run_gate(engine, prompts, CODECS, None, None, args.tokens, print)
+    codecs = {name: CODECS[name] for name in args.codecs.split(";") if name}
+    verdicts = run_gate(engine, prompts, codecs, None, None, args.tokens, print)
     print(gate_table(verdicts, f"\n{Path(args.data).name} (n={len(prompts)})"), flush=True)
     Path(args.out).write_text(json.dumps([v.row() for v in verdicts], indent=1))
 
