@@ -31,64 +31,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gpu_model import SHAPES, build_model
+from gpu_precompute import bench_precompute
 from gpu_sources import bench_codecs, make_stores, parse_source  # benchmarks/ is on sys.path
 from gpu_timing import HEADER, Timer, median_ms, peak_gb, print_row, rounded
 
 from ragkv.blend import LayerLoader, blend, make_plan, make_strategy
 from ragkv.blend.config import parse_strategy
 from ragkv.chunk_cache import precompute_many
-from ragkv.models import adapter_for
 from ragkv.models import attention as attention_kernels
 
-SHAPES = {
-    "llama-3.1-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-    "llama-3.2-1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        max_position_embeddings=131072,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    ),
-}
 DRY_RUN = dict(
     shape="tiny",
     device="cpu",
@@ -101,30 +53,6 @@ DRY_RUN = dict(
     precompute_tokens="8,16",
     precompute_chunks=4,
 )
-
-
-def build_model(shape: str, device: str, dtype: torch.dtype, layers: int | None = None):
-    """A random-init LlamaForCausalLM of `shape`, built directly on `device` in `dtype` (no weights read)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; accepted: {', '.join(SHAPES)}")
-    fields = dict(SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    if layers:
-        fields["num_hidden_layers"] = layers
-    config = LlamaConfig(**fields)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(saved)
-    return adapter_for(
-        model.to(device, dtype).eval(), sink_ids=(1,)
-    )  # .to: a no-op unless the default dtype was ignored
 
 
 def compute_limit(plan, result, num_layers: int) -> float:
@@ -264,34 +192,6 @@ def _blend_row(args, model, device, timer, plan, kvs, strategy, source, attentio
         recompute_fraction=round(result.recompute_fraction, 4),
         limit_x=compute_limit(plan, result, model.num_layers),
     )
-
-
-def bench_precompute(args, model, device: torch.device, rows: list) -> None:
-    """Prepacked (one pass, variable-length attention per chunk) vs one chunk per pass."""
-    timer = Timer(device)
-    g = torch.Generator().manual_seed(2)
-    for length in map(int, args.precompute_tokens.split(",")):
-        chunks = [
-            torch.randint(3, model.config.vocab_size, (length,), generator=g).tolist()
-            for _ in range(args.precompute_chunks)
-        ]
-        budget = args.precompute_chunks * (length + len(model.sink_ids))
-        repeats, warmup = min(3, args.repeats), min(1, args.warmup)
-        one, _ = median_ms(timer, lambda: precompute_many(model, chunks, 0), repeats, warmup)
-        packed, _ = median_ms(timer, lambda: precompute_many(model, chunks, budget), repeats, warmup)
-        row = dict(
-            chunk_tokens=length,
-            chunks=len(chunks),
-            one_by_one_ms=round(one, 2),
-            prepacked_ms=round(packed, 2),
-            x_one_by_one=round(one / packed, 2),
-        )
-        rows.append(row)
-        print(
-            f"precompute {len(chunks)} x {length} tokens: one-by-one {one:.1f} ms, prepacked {packed:.1f} ms "
-            f"({row['x_one_by_one']}x)",
-            flush=True,
-        )
 
 
 def dry_run_defaults(parser: argparse.ArgumentParser, args, values: dict) -> dict:

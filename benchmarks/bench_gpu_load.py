@@ -31,7 +31,8 @@ import zlib
 from pathlib import Path
 
 import torch
-from bench_gpu import add_model_args, build_model, dry_run_defaults  # benchmarks/ is on sys.path
+from bench_gpu import add_model_args, dry_run_defaults  # benchmarks/ is on sys.path
+from gpu_model import build_model
 
 from ragkv.engine.batch import fuse_many, start_stream, step_many
 from ragkv.engine.config import EngineConfig

@@ -1,7 +1,7 @@
 """Hand-off benchmark: ragkv's fused KV handed to an inference server's process on the same GPU, without vLLM.
 
 Two processes on one GPU. The producer (this process) builds a random-init Llama-3.1-8B-shaped model
-(bench_gpu.build_model, bf16), fuses prompts of 10 chunks (~5K/10K/20K tokens) with cacheblend@0.15
+(gpu_model.build_model, bf16), fuses prompts of 10 chunks (~5K/10K/20K tokens) with cacheblend@0.15
 and publishes each fused prompt with `FusedKVStore.publish` along one hand-off path (cuda_ipc, shm,
 file). The consumer (a spawned process) runs the connector's real load path
 (`FusedPromptMatcher.load_one`: find the record, map or read the KV, write every layer's rows into a
@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from bench_gpu import build_model  # benchmarks/ is on sys.path
+from gpu_model import build_model  # benchmarks/ is on sys.path
 
 from ragkv.adapters.vllm_loader import FusedPromptMatcher, LoadSpec
 from ragkv.blend import blend, make_plan, make_strategy

@@ -43,9 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-bits", type=int, default=2, help="bits each band is probed at (default 2)")
     p.add_argument(
         "--min-bits",
-        type=int,
+        type=float,
         default=2,
         help="fewest bits any band gets (default 2: bands harmless at 2 bits were not at 1, docs/BENCHMARKS.md)",
+    )
+    p.add_argument(
+        "--quantum",
+        type=float,
+        default=None,
+        help="bits per band in steps of this (default 0.25 with per-channel grids: packed format 2's fractional "
+        "mean widths; 1 otherwise)",
     )
     p.add_argument("--ratio", type=float, default=0.15, help="cacheblend recompute ratio (default 0.15)")
     p.add_argument("--model", default="smollm2", help="model alias, local path or cached HF id")
@@ -132,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if args.budget <= args.min_bits:
         raise ValueError(f"--budget {args.budget} leaves nothing above --min-bits {args.min_bits}")
     groups = (parse_group(args.key_group), parse_group(args.value_group))
+    per_channel = groups == ((0, 1), (0, 1))
+    quantum = args.quantum or (0.25 if per_channel else 1.0)
+    if quantum != 1 and not per_channel:
+        raise ValueError(f"--quantum {quantum:g}: fractional bits need per-channel grids (0x1, packed format 2)")
     bands = parse_bands(args.bands)
     curve = [float(b) for b in args.curve.split(",") if b.strip()]
     if curve and min(curve) <= args.min_bits:
@@ -146,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(args.model, storage=StorageConfig(tiers=(TierConfig("cpu", 1 << 30),)))
     prompts = [CalibrationPrompt.of(engine, s, args.max_tokens, args.chunk_tokens) for s in samples[: args.limit]]
     schedule = calibrate(
-        engine, prompts, args.budget, bands, args.probe_bits, args.min_bits, args.ratio, print, *groups
+        engine, prompts, args.budget, bands, args.probe_bits, args.min_bits, args.ratio, print, *groups, quantum
     )
     out = Path(args.out) if args.out else schedule_path(Path(config.data_dir) / "calibration", engine.model.fingerprint)
     schedule.save(out)

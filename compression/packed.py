@@ -15,9 +15,12 @@ no data-dependent control flow. Section of one layer (all offsets 4-byte aligned
     K: lo fp16 [S_k] | step fp16 [S_k] | planes uint8 [b_k, ceil(T*C / 8)] | pad to 4
     V: the same with S_v, b_v
 
-`PackedLayout` (compression/packed_layout.py, with `PackedConfig`) computes the offsets from the shape
-and params alone, so a device decoder needs no host read of the section. The format version is
-`params["format"]`; a reader refuses a version it does not know.
+That is format 1. Format 2, what the writer writes, gives each channel its own width within the layer's
+bits (a wide channel more, by equal step: compression/packed_widths.py) and stores the codes as one bit
+stream with an int16 table of where each channel's code starts (layout: compression/packed_layout.py).
+`PackedLayout` computes the offsets from the shape and params alone, for both, so a device decoder needs
+no host read of the section. The format version is `params["format"]`; a reader decodes 1 and 2 and
+refuses a version it does not know.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .codec import EncodedKV
 from .layered import CodecError, LayeredCodec, LayerTask
 from .packed_encode import encode_layers
 from .packed_layout import FORMAT, MAX_BITS, PackedConfig, PackedLayout, PartLayout
+from .packed_widths import channel_widths, pack_stream, prefix_of, unpack_stream
 from .quant import check_finite
 
 __all__ = ["FORMAT", "MAX_BITS", "PackedCodec", "PackedConfig", "PackedLayout", "PartLayout"]
@@ -50,19 +54,21 @@ def scale_index(part: PartLayout, tokens: int, channels: int) -> torch.Tensor:
     return t * part.groups_per_row + c  # [T, C]
 
 
-def fit_grid(x: torch.Tensor, group: torch.Tensor, scales: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, step) fp16 [S] for values `x` [N] (float64) in groups `group` [N]: per group, the grid of
-    2**bits levels over a clipped range (each side of the mean shrunk by one of `_CLIPS`) with
-    the least squared error."""
-    levels = (1 << bits) - 1
+def fit_grid(
+    x: torch.Tensor, group: torch.Tensor, scales: int, bits: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, step) fp16 [S] for values `x` [N] (float64) in groups `group` [N] of `bits` wide codes (one width,
+    or one per group [S]): per group, the grid of 2**bits levels over a clipped range (each side of the
+    mean shrunk by one of `_CLIPS`) with the least squared error. A 0-bit group is its mean (step 0)."""
     like = dict(dtype=x.dtype, device=x.device)
+    levels = ((1 << torch.as_tensor(bits, device=x.device)) - 1).to(x.dtype).expand(scales)  # [S]
     lo_x = torch.full((scales,), math.inf, **like).scatter_reduce(0, group, x, "amin")
     hi_x = torch.full((scales,), -math.inf, **like).scatter_reduce(0, group, x, "amax")
     mean = torch.zeros(scales, **like).scatter_reduce(0, group, x, "mean", include_self=False)
     best = None
     for clip in _CLIPS:  # each side pulled toward the group's mean, so one outlier does not stretch the grid
         lo_c, hi_c = mean - clip * (mean - lo_x), mean + clip * (hi_x - mean)
-        step = ((hi_c - lo_c) / levels).clamp_min(2.0**-24).half()  # [S]: fp16, what the decoder reads
+        step = ((hi_c - lo_c) / levels.clamp_min(1)).clamp_min(2.0**-24).half()  # [S]: fp16, what the decoder reads
         lo = lo_c.half()
         err = (_dequant(_codes(x, group, lo, step, levels), group, lo, step) - x).pow(2)
         sse = torch.zeros(scales, **like).index_add_(0, group, err)  # [S]
@@ -71,11 +77,17 @@ def fit_grid(x: torch.Tensor, group: torch.Tensor, scales: int, bits: int) -> tu
         else:
             take = sse < best[0]
             best = (torch.where(take, sse, best[0]), torch.where(take, lo, best[1]), torch.where(take, step, best[2]))
-    return best[1], best[2]
+    flat = levels == 0
+    return torch.where(flat, mean.half(), best[1]), torch.where(flat, torch.zeros_like(best[2]), best[2])
 
 
-def _codes(x: torch.Tensor, group: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
-    return torch.round((x - lo.double()[group]) / step.double()[group]).clamp(0, levels)  # [N] float64
+def _codes(
+    x: torch.Tensor, group: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels: float | torch.Tensor
+) -> torch.Tensor:
+    """round((x - lo) / step) clamped to 0..levels ([N] float64); `levels` one number or one per group [S]."""
+    top = levels[group] if isinstance(levels, torch.Tensor) else torch.tensor(float(levels), dtype=x.dtype)
+    step = step.double().masked_fill(step == 0, 1.0)  # a 0-bit group: code 0 whatever the step
+    return torch.minimum(torch.round((x - lo.double()[group]) / step[group]).clamp_min(0), top)
 
 
 def _dequant(code: torch.Tensor, group: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -125,9 +137,36 @@ def _check_section(section_len: int, layout: PackedLayout) -> None:
         raise ValueError(f"packed section is {section_len} bytes; its layout needs {layout.nbytes}")
 
 
+def _encode_part_v2(x: torch.Tensor, part: PartLayout, out: bytearray) -> None:
+    """Format 2, one part [T, C] (float64) into its bytes of `out`: widths by equal step, per-channel grids
+    of those widths, the prefix table and the code stream (the reference; packed_encode.py is the fast one)."""
+    t, c = x.shape
+    widths = channel_widths(x.amax(dim=0) - x.amin(dim=0), [part.code_bits])  # [C]
+    group = scale_index(part, t, c).reshape(-1).to(x.device)  # [T*C]: the channel
+    values = x.reshape(-1)
+    lo, step = fit_grid(values, group, part.scales, widths)
+    codes = _codes(values, group, lo, step, ((1 << widths) - 1).double()).to(torch.uint8).view(t, c)
+    out[part.lo : part.step] = lo.view(torch.uint8).cpu().numpy().tobytes()
+    out[part.step : part.prefix] = step.view(torch.uint8).cpu().numpy().tobytes()
+    out[part.prefix : part.prefix + 2 * (c + 1)] = prefix_of(widths).to(torch.int16).cpu().numpy().tobytes()
+    stream = pack_stream(codes, widths).cpu().numpy().tobytes()
+    out[part.planes : part.planes + len(stream)] = stream
+
+
+def stored_widths(prefix: np.ndarray, code_bits: int) -> np.ndarray:
+    """Channel widths int64 [C] of a stored prefix table (uint8 bytes of int16 [C + 1]); a table that is not
+    one (not from 0 to B, a width outside 0..8) raises CodecError."""
+    table = prefix.view(np.int16).astype(np.int64)
+    widths = np.diff(table)
+    if table[0] != 0 or table[-1] != code_bits or widths.min() < 0 or widths.max() > MAX_BITS:
+        raise CodecError(f"packed format 2 section: its channel widths do not add up to {code_bits} bits per token")
+    return widths
+
+
 class PackedCodec(LayeredCodec):
-    """Bit-plane packed K/V codes with one fp16 (lo, step) grid per scale group; decodes on any device
-    (`device_layer`: the Triton kernel on CUDA, torch elsewhere), bit-identically."""
+    """Packed K/V codes (format 2: per-channel widths; format 1: bit planes) with one fp16 (lo, step) grid per
+    scale group; decodes on any device (`device_layer`: the Triton kernel on CUDA, torch elsewhere),
+    bit-identically."""
 
     name = "packed"
     lossless = False
@@ -141,9 +180,11 @@ class PackedCodec(LayeredCodec):
     @property
     def rel_error(self) -> float:
         """Stated bound on ||x - x'|| / ||x|| for Gaussian-like groups (range <= 6 std, no clipping
-        chosen): rounding noise step / sqrt(12) with step = range / (2**b - 1), at the fewest bits."""
+        chosen): rounding noise step / sqrt(12) with step = range / (2**b - 1), at the fewest bits (format 2:
+        the fewest whole bits of a band's mean width, at least 1; its channels split those bits by equal step,
+        which is no worse in total squared error than equal widths where the groups are alike)."""
         bits = min(min(self.config.key_bits), min(self.config.value_bits))
-        return 6.0 / ((1 << bits) - 1) / math.sqrt(12.0)
+        return 6.0 / ((1 << max(1, math.floor(bits))) - 1) / math.sqrt(12.0)
 
     def params(self) -> dict[str, Any]:
         return self.config.params()
@@ -172,6 +213,9 @@ class PackedCodec(LayeredCodec):
         layout = PackedLayout.of(self.config, t, c, layer, num_layers)
         out = bytearray(layout.nbytes)
         for kv, part in enumerate(layout.parts):
+            if layout.format == 2:
+                _encode_part_v2(x[kv], part, out)
+                continue
             group = scale_index(part, t, c).reshape(-1).to(x.device)  # [T*C]
             values = x[kv].reshape(-1)  # [T*C]
             lo, step = fit_grid(values, group, part.scales, part.bits)
@@ -192,9 +236,13 @@ class PackedCodec(LayeredCodec):
         out = torch.empty((2, t, c), dtype=torch.float32)  # [2, T, C]
         for kv, part in enumerate(layout.parts):
             lo = torch.from_numpy(buf[part.lo : part.step].copy()).view(torch.float16)  # [S]
-            step = torch.from_numpy(buf[part.step : part.planes].copy()).view(torch.float16)  # [S]
-            planes = buf[part.planes : part.planes + part.bits * layout.plane_bytes].reshape(part.bits, -1)
-            codes = torch.from_numpy(unpack_planes(planes, part.bits, t * c)).view(t, c)  # [T, C] uint8
+            step = torch.from_numpy(buf[part.step : part.step + 2 * part.scales].copy()).view(torch.float16)  # [S]
+            if layout.format == 2:
+                widths = stored_widths(buf[part.prefix : part.prefix + 2 * (c + 1)], part.code_bits)  # [C]
+                codes = torch.from_numpy(unpack_stream(buf[part.planes : part.end], widths, t))  # [T, C] uint8
+            else:
+                planes = buf[part.planes : part.planes + part.bits * layout.plane_bytes].reshape(part.bits, -1)
+                codes = torch.from_numpy(unpack_planes(planes, part.bits, t * c)).view(t, c)  # [T, C] uint8
             out[kv] = dequant_part(codes, lo, step, part)
         return out.view(2, t, h, d).to(device)
 
@@ -280,7 +328,11 @@ def decode_packed_torch(section: torch.Tensor, layout: PackedLayout, out: torch.
     flat = out.view(2, n)
     for kv, part in enumerate(layout.parts):
         lo = section[part.lo : part.step].view(torch.float16)  # [S]
-        step = section[part.step : part.planes].view(torch.float16)  # [S]
+        step = section[part.step : part.step + 2 * part.scales].view(torch.float16)  # [S]
+        if layout.format == 2:
+            codes = _stream_codes_torch(section, part, t, c)  # [T, C]
+            flat[kv] = (lo.float() + codes.float() * step.float()).view(n).to(out.dtype)
+            continue
         planes = section[part.planes : part.planes + part.bits * layout.plane_bytes].view(part.bits, -1)
         codes = torch.zeros(layout.plane_bytes * 8, dtype=torch.uint8, device=dev)
         for j in range(part.bits):
@@ -288,3 +340,19 @@ def decode_packed_torch(section: torch.Tensor, layout: PackedLayout, out: torch.
             codes |= bits.reshape(-1) << j
         flat[kv] = dequant_part(codes[:n].view(t, c), lo, step, part).view(n).to(out.dtype)
     return out
+
+
+def _stream_codes_torch(section: torch.Tensor, part: PartLayout, t: int, c: int) -> torch.Tensor:
+    """Format 2 codes int32 [T, C] of one part, read as the Triton kernel reads them: the two bytes each code
+    starts in, shifted and masked; the prefix table clamped into the part (a damaged table cannot read out
+    of it)."""
+    total = part.code_bits
+    prefix = section[part.prefix : part.prefix + 2 * (c + 1)].view(torch.int16).to(torch.int64)  # [C + 1]
+    first = prefix[:-1].clamp(0, total)  # [C]
+    width = (prefix[1:].clamp(max=total) - first).clamp(0, MAX_BITS)
+    at = torch.arange(t, device=section.device)[:, None] * total + first  # [T, C] bit address
+    at = torch.where(width > 0, at, 0)  # a 0-bit channel reads nothing past the stream
+    stream = section[part.planes : part.end].to(torch.int32)
+    byte = at >> 3
+    pair = stream[byte] | (stream[byte + 1] << 8)
+    return (pair >> (at & 7)) & ((1 << width) - 1)

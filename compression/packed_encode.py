@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .packed_layout import PackedLayout
+from .packed_widths import channel_widths, pack_stream, prefix_of
 
 
 def _tiled(x: torch.Tensor, gt: int, gc: int, fill: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -55,16 +56,14 @@ def _codes(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels: torch.
 
 
 def fit_part(
-    x: torch.Tensor, bits: list[int], gt: int, gc: int, clips: Sequence[float]
+    x: torch.Tensor, widths: torch.Tensor, gt: int, gc: int, clips: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grids and codes of one part of every layer: `x` [L, T, C] (any float dtype), `bits` per layer, the
-    grids clipped by each of `clips` tried in order.
-    Returns lo, step fp16 [L, S] and codes uint8 [L, T, C], as `packed.fit_grid` + `_codes` would give."""
+    """Grids and codes of one part of every layer: `x` [L, T, C] (any float dtype), `widths` int64 [L, S]
+    (each scale group's code width, 0..8), the grids clipped by each of `clips` tried in order.
+    Returns lo, step fp16 [L, S], codes uint8 [L, T, C] (as `packed.fit_grid` + `_codes` would give)."""
     n_layers, t, c = x.shape
-    dev = x.device
     xf = x.float()
-    levels64 = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float64, device=dev).view(n_layers, 1)
-    levels32 = levels64.float().view(n_layers, 1, 1, 1, 1)
+    levels64 = ((1 << widths) - 1).double()  # [L, S]
     lo_view, real = _tiled(xf, gt, gc, math.inf)
     hi_view = _tiled(xf, gt, gc, -math.inf)[0]
     lo_x = lo_view.amin(dim=(2, 4)).reshape(n_layers, -1).double()  # [L, S]
@@ -74,10 +73,11 @@ def fit_part(
     count = float(gt * gc) if real is None else _groups(real.double()).reshape(1, -1)
     mean = _groups(x64).reshape(n_layers, -1) / count  # [L, S] float64
     shape = (n_layers, x_tiled.shape[1], 1, x_tiled.shape[3], 1)
+    levels32 = levels64.float().view(shape)
     best_sse = best_lo = best_step = None
     for clip in clips:  # the reference's arithmetic, in float64 on [L, S]
         lo_c, hi_c = mean - clip * (mean - lo_x), mean + clip * (hi_x - mean)
-        step = ((hi_c - lo_c) / levels64).clamp_min(2.0**-24).half()  # [L, S]
+        step = ((hi_c - lo_c) / levels64.clamp_min(1)).clamp_min(2.0**-24).half()  # [L, S]
         lo = lo_c.half()
         lo32, step32 = lo.float().view(shape), step.float().view(shape)
         codes = _codes(x_tiled, lo32, step32, levels32)
@@ -91,8 +91,11 @@ def fit_part(
             take = sse < best_sse  # strictly: the earlier clip wins a tie, as in the reference
             best_sse = torch.where(take, sse, best_sse)
             best_lo, best_step = torch.where(take, lo, best_lo), torch.where(take, step, best_step)
+    flat = levels64 == 0  # 0-bit groups: their mean, step 0 (code 0)
+    best_lo = torch.where(flat, mean.half(), best_lo)
+    best_step = torch.where(flat, torch.zeros_like(best_step), best_step)
     lo32, step32 = best_lo.float().view(shape), best_step.float().view(shape)
-    codes = _codes(x_tiled, lo32, step32, levels32).to(torch.uint8)
+    codes = _codes(x_tiled, lo32, step32.masked_fill(step32 == 0, 1.0), levels32).to(torch.uint8)
     codes = codes.reshape(n_layers, x_tiled.shape[1] * gt, -1)[:, :t, :c]  # [L, T, C]
     return best_lo, best_step, codes
 
@@ -108,14 +111,17 @@ def planes_of(codes: torch.Tensor, max_bits: int) -> torch.Tensor:
 
 def encode_layers(kv: torch.Tensor, layouts: Sequence[PackedLayout], clips: Sequence[float]) -> list[bytes]:
     """Each layer's section (the reference encoder's bytes) of `kv` [2, L, T, H, D] (finite, |x| <= 65504)
-    laid out as `layouts` (one per layer, sharing the groups' geometry)."""
+    laid out as `layouts` (one per layer, sharing the groups' geometry and format)."""
     _, n_layers, t = kv.shape[:3]
     x = kv.reshape(2, n_layers, t, -1)  # [2, L, T, C]
+    if layouts[0].format == 2:
+        return _encode_layers_v2(x, layouts, clips)
     host = []
     for part in range(2):
         bits = [layout.parts[part].bits for layout in layouts]
         geometry = layouts[0].parts[part]
-        lo, step, codes = fit_part(x[part], bits, geometry.group_tokens, geometry.group_channels, clips)
+        widths = torch.tensor(bits, device=x.device).view(n_layers, 1).expand(n_layers, geometry.scales)
+        lo, step, codes = fit_part(x[part], widths, geometry.group_tokens, geometry.group_channels, clips)
         planes = planes_of(codes.reshape(n_layers, -1), max(bits))  # [B, L, plane_bytes]
         host.append((lo.cpu().numpy(), step.cpu().numpy(), planes.cpu().numpy()))
     sections = []
@@ -129,3 +135,25 @@ def encode_layers(kv: torch.Tensor, layouts: Sequence[PackedLayout], clips: Sequ
             ).tobytes()
         sections.append(bytes(out))
     return sections
+
+
+def _encode_layers_v2(x: torch.Tensor, layouts: Sequence[PackedLayout], clips: Sequence[float]) -> list[bytes]:
+    """Format 2 of `x` [2, L, T, C]: per part, every layer's channel widths (equal step, packed_widths.py) and
+    grids in one pass, then each layer's stream."""
+    n_layers, t, c = x.shape[1:]
+    sections = [bytearray(layout.nbytes) for layout in layouts]
+    for kv in range(2):
+        xf = x[kv].float()
+        spread = xf.amax(dim=1).double() - xf.amin(dim=1).double()  # [L, C]
+        widths = channel_widths(spread, [layout.parts[kv].code_bits for layout in layouts])  # [L, C]
+        lo, step, codes = fit_part(x[kv], widths, t, 1, clips)
+        prefix = prefix_of(widths).to(torch.int16)  # [L, C + 1]
+        host = lo.cpu().numpy(), step.cpu().numpy(), prefix.cpu().numpy()
+        for layer, (out, layout) in enumerate(zip(sections, layouts)):
+            part = layout.parts[kv]
+            stream = pack_stream(codes[layer], widths[layer]).cpu().numpy().tobytes()
+            out[part.lo : part.step] = host[0][layer].tobytes()
+            out[part.step : part.prefix] = host[1][layer].tobytes()
+            out[part.prefix : part.prefix + 2 * (c + 1)] = host[2][layer].tobytes()
+            out[part.planes : part.planes + len(stream)] = stream
+    return [bytes(s) for s in sections]

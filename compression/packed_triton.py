@@ -24,6 +24,7 @@ if HAS_TRITON:
     def _decode_block(
         src,
         src16,
+        src_i16,
         out_at,
         e,
         live,
@@ -36,21 +37,37 @@ if HAS_TRITON:
         planes_at,
         plane_bytes,
         channels,
+        prefix_at,
+        code_bits,
         MAX_B: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         OUT_BF16: tl.constexpr,
+        V2: tl.constexpr,
     ):
-        """Elements `e` (with `live` lanes) of one part: one bit of each of its planes makes the code, the
-        scale group's fp16 (lo, step) the value `lo + code * step` (fp32), stored at `out_at + e`."""
-        byte = e // 8
-        shift = (e % 8).to(tl.int32)
-        code = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
-        for j in tl.static_range(MAX_B):
-            wanted = live & (tl.full([BLOCK_SIZE], j, tl.int32) < bits)  # planes past this part's bits: no load
-            plane = tl.load(src + planes_at + j * plane_bytes + byte, mask=wanted, other=0)
-            code = code | (((plane.to(tl.int32) >> shift) & 1) << j)
+        """Elements `e` (with `live` lanes) of one part, stored at `out_at + e` as `lo + code * step` (fp32)
+        with the scale group's fp16 (lo, step). Format 1: one bit of each of the part's planes makes the code;
+        format 2 (`V2`): the code is read from the two bytes of the stream it starts in, at bit
+        t * code_bits + prefix[c], prefix[c + 1] - prefix[c] bits wide (the table clamped into the part)."""
         t = e // channels
         c = e % channels
+        if V2:
+            first = tl.load(src_i16 + prefix_at + c, mask=live, other=0).to(tl.int64)
+            after = tl.load(src_i16 + prefix_at + c + 1, mask=live, other=0).to(tl.int64)
+            first = tl.minimum(tl.maximum(first, 0), code_bits)
+            width = tl.minimum(tl.maximum(tl.minimum(after, code_bits) - first, 0), MAX_B)
+            at = tl.where(width > 0, t.to(tl.int64) * code_bits + first, 0)  # a 0-bit channel: nothing past the stream
+            byte = planes_at + (at >> 3)
+            pair = tl.load(src + byte, mask=live, other=0).to(tl.int32)
+            pair = pair | (tl.load(src + byte + 1, mask=live, other=0).to(tl.int32) << 8)
+            code = (pair >> (at & 7).to(tl.int32)) & ((1 << width.to(tl.int32)) - 1)
+        else:
+            byte = e // 8
+            shift = (e % 8).to(tl.int32)
+            code = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
+            for j in tl.static_range(MAX_B):
+                wanted = live & (tl.full([BLOCK_SIZE], j, tl.int32) < bits)  # planes past this part's bits: no load
+                plane = tl.load(src + planes_at + j * plane_bytes + byte, mask=wanted, other=0)
+                code = code | (((plane.to(tl.int32) >> shift) & 1) << j)
         group = (t // gt) * per_row + c // gc
         lo = tl.load(src16 + lo_at + group, mask=live, other=0.0).to(tl.float32)
         step = tl.load(src16 + step_at + group, mask=live, other=0.0).to(tl.float32)
@@ -63,6 +80,7 @@ if HAS_TRITON:
     def _packed_layer_kernel(
         src,  # uint8 [section bytes]
         src16,  # the same bytes as fp16 (the section's length is a multiple of 4)
+        src_i16,  # and as int16 (format 2's prefix tables)
         out,  # [2, T * C] output dtype
         n,  # T * C
         channels,
@@ -81,9 +99,14 @@ if HAS_TRITON:
         v_lo,
         v_step,
         v_planes,
+        k_prefix,
+        v_prefix,
+        k_code_bits,
+        v_code_bits,
         MAX_B: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         OUT_BF16: tl.constexpr,
+        V2: tl.constexpr,
     ):
         kv = tl.program_id(1)
         is_v = kv.to(tl.int32)
@@ -94,11 +117,14 @@ if HAS_TRITON:
         lo_at = (k_lo + is_v * (v_lo - k_lo)) // 2  # in fp16 elements
         step_at = (k_step + is_v * (v_step - k_step)) // 2
         planes_at = k_planes + is_v * (v_planes - k_planes)
+        prefix_at = (k_prefix + is_v * (v_prefix - k_prefix)) // 2  # in int16 elements
+        code_bits = k_code_bits + is_v * (v_code_bits - k_code_bits)
 
         e = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         _decode_block(
             src,
             src16,
+            src_i16,
             out + kv * n,
             e,
             e < n,
@@ -111,9 +137,12 @@ if HAS_TRITON:
             planes_at,
             plane_bytes,
             channels,
+            prefix_at,
+            code_bits,
             MAX_B,
             BLOCK_SIZE,
             OUT_BF16,
+            V2,
         )
 
 
@@ -130,6 +159,7 @@ def decode_packed_triton(section: torch.Tensor, layout: PackedLayout, out: torch
     _packed_layer_kernel[grid](
         section,
         section.view(torch.float16),
+        section.view(torch.int16),
         out.view(torch.int16) if bf16 else out,
         n,
         layout.channels,
@@ -148,17 +178,23 @@ def decode_packed_triton(section: torch.Tensor, layout: PackedLayout, out: torch
         v.lo,
         v.step,
         v.planes,
+        k.prefix,
+        v.prefix,
+        k.code_bits,
+        v.code_bits,
         MAX_B=MAX_BITS,
         BLOCK_SIZE=block,
         OUT_BF16=bf16,
+        V2=layout.format == 2,
     )
     return out
 
 
 # -- several entries of one layer in one launch ------------------------------------------------------------
 # Per entry j, `meta[j]` (int64) holds: section offset in `src`, T*C, plane bytes, first output row, then per
-# part (K, V): tokens per group, lo / step / planes byte offsets within the section.
-META_FIELDS = 12
+# part (K, V): tokens per group, lo / step / planes byte offsets within the section, then (format 2) the
+# prefix tables' byte offsets (-1 in format 1).
+META_FIELDS = 14
 
 if HAS_TRITON:
 
@@ -166,6 +202,7 @@ if HAS_TRITON:
     def _packed_rows_kernel(
         src,  # uint8: every entry's section, each at a 16-byte aligned offset
         src16,  # the same bytes as fp16
+        src_i16,  # and as int16
         out,  # [2, N_rows * C] output dtype: the loader's rows of this layer
         meta,  # int64 [J, META_FIELDS]
         rows_total,  # N_rows * C
@@ -176,12 +213,15 @@ if HAS_TRITON:
         v_gc,
         k_per_row,
         v_per_row,
+        k_code_bits,
+        v_code_bits,
         MAX_B: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         OUT_BF16: tl.constexpr,
+        V2: tl.constexpr,
     ):
         kv = tl.program_id(1)
-        m = meta + tl.program_id(2) * 12
+        m = meta + tl.program_id(2) * 14
         is_v = kv.to(tl.int32)
         base = tl.load(m)
         n = tl.load(m + 1)
@@ -191,6 +231,8 @@ if HAS_TRITON:
         lo_at = (base + tl.load(m + 6 + kv)) // 2  # in fp16 elements
         step_at = (base + tl.load(m + 8 + kv)) // 2
         planes_at = base + tl.load(m + 10 + kv)
+        prefix_at = (base + tl.load(m + 12 + kv)) // 2  # in int16 elements
+        code_bits = k_code_bits + is_v * (v_code_bits - k_code_bits)
         bits = k_bits + is_v * (v_bits - k_bits)
         gc = k_gc + is_v * (v_gc - k_gc)
         per_row = k_per_row + is_v * (v_per_row - k_per_row)
@@ -199,6 +241,7 @@ if HAS_TRITON:
         _decode_block(
             src,
             src16,
+            src_i16,
             out + kv * rows_total + row0 * channels,
             e,
             e < n,
@@ -211,9 +254,12 @@ if HAS_TRITON:
             planes_at,
             plane_bytes,
             channels,
+            prefix_at,
+            code_bits,
             MAX_B,
             BLOCK_SIZE,
             OUT_BF16,
+            V2,
         )
 
 
@@ -225,7 +271,7 @@ def packed_rows_meta(layouts: list[PackedLayout], offsets: list[int], rows: list
         k, v = layout.parts
         table.append(
             [at, layout.tokens * layout.channels, layout.plane_bytes, row, k.group_tokens, v.group_tokens]
-            + [k.lo, v.lo, k.step, v.step, k.planes, v.planes]
+            + [k.lo, v.lo, k.step, v.step, k.planes, v.planes, k.prefix, v.prefix]
         )
     return table
 
@@ -247,6 +293,7 @@ def decode_packed_rows_triton(
     _packed_rows_kernel[grid](
         src,
         src.view(torch.float16),
+        src.view(torch.int16),
         out.view(torch.int16) if bf16 else out,
         meta,
         out.shape[1] * channels,
@@ -257,8 +304,11 @@ def decode_packed_rows_triton(
         v.group_channels,
         k.groups_per_row,
         v.groups_per_row,
+        k.code_bits,
+        v.code_bits,
         MAX_B=MAX_BITS,
         BLOCK_SIZE=block,
         OUT_BF16=bf16,
+        V2=layouts[0].format == 2,
     )
     return out

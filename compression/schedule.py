@@ -19,6 +19,7 @@ from typing import Any
 from .codec import Codec
 from .lz4codec import Lz4Codec
 from .packed import PackedCodec, PackedConfig
+from .packed_layout import format_for
 from .registry import get_codec
 
 SCHEDULE_VERSION = 1
@@ -31,8 +32,8 @@ class CodecSchedule:
     per scale group, as `PackedConfig`) they were calibrated with; with what it was measured on."""
 
     model_fingerprint: str
-    key_bits: tuple[int, ...]
-    value_bits: tuple[int, ...]
+    key_bits: tuple[float, ...]  # whole bits, or fractional mean widths (packed format 2)
+    value_bits: tuple[float, ...]
     budget_bits: float  # the bits/value budget it was picked for (codes + grids)
     measured: dict[str, Any] = field(default_factory=dict)  # sensitivity, prompts, ... (informational)
     key_group: tuple[int, int] = (0, 1)  # schedules saved before the geometry was stored: per channel
@@ -43,7 +44,7 @@ class CodecSchedule:
 
     def packed_config(self) -> PackedConfig:
         groups = (tuple(self.key_group), tuple(self.value_group))
-        return PackedConfig(tuple(self.key_bits), tuple(self.value_bits), *groups)
+        return PackedConfig(tuple(self.key_bits), tuple(self.value_bits), *groups, format_for(*groups))
 
     def to_json(self) -> str:
         return json.dumps(
@@ -85,13 +86,18 @@ class CodecSchedule:
             raise ValueError(f"{path}: codec schedule lacks {', '.join(missing)}")
         return cls(
             str(raw["model_fingerprint"]),
-            tuple(int(b) for b in raw["key_bits"]),
-            tuple(int(b) for b in raw["value_bits"]),
+            tuple(_width(b) for b in raw["key_bits"]),
+            tuple(_width(b) for b in raw["value_bits"]),
             float(raw["budget_bits"]),
             dict(raw.get("measured", {})),
             tuple(int(g) for g in raw.get("key_group", (0, 1))),
             tuple(int(g) for g in raw.get("value_group", (0, 1))),
         )
+
+
+def _width(b: Any) -> float:
+    """A band's bits as stored: whole bits stay ints (format 1 takes only those), fractions floats."""
+    return int(b) if float(b).is_integer() else float(b)
 
 
 def schedule_path(directory: str | Path, fingerprint: str) -> Path:

@@ -26,6 +26,7 @@ from ..blend import blend, make_strategy
 from ..chunk_cache import ChunkKV
 from ..compression import Codec
 from ..compression.packed import PackedCodec, PackedConfig
+from ..compression.packed_layout import format_for
 from ..compression.schedule import CodecSchedule
 from .metrics import TEACHER_TOKENS, kl_per_position, top1_agreement
 
@@ -87,13 +88,17 @@ class CalibrationPrompt:
             self.uncompressed[ratio] = self.fidelity(self.kvs, ratio)
         return self.uncompressed[ratio]
 
-    def grid_bits(self, key_group: tuple[int, int] = (0, 1), value_group: tuple[int, int] = (0, 1)) -> float:
-        """Bits/value the `packed` grids (one fp16 pair per scale group) cost on this prompt's chunks."""
+    def grid_bits(
+        self, key_group: tuple[int, int] = (0, 1), value_group: tuple[int, int] = (0, 1), format: int | None = None
+    ) -> float:
+        """Bits/value the `packed` grids (one fp16 pair per scale group) cost on this prompt's chunks, with
+        format 2's channel table (int16 per channel) and spare byte (format: the writer's for the geometry)."""
+        format = format or format_for(key_group, value_group)
         bits = values = 0
         for kv in self.kvs:
             t, c = kv.num_tokens, kv.kv.shape[-2] * kv.kv.shape[-1]
             for gt, gc in (key_group, value_group):
-                bits += GRID_BITS * -(-t // (gt or t)) * -(-c // gc)
+                bits += GRID_BITS * -(-t // (gt or t)) * -(-c // gc) + (16 * (c + 1) + 8 if format == 2 else 0)
             values += 2 * t * c
         return bits / values
 
@@ -161,7 +166,9 @@ def measure_sensitivity(
     """Mean excess kl_mean over uncompressed per band for K ("K") and V ("V") quantized alone at
     `probe_bits` (on the grids' geometry the codec will use), and the uncompressed kl_mean
     ("uncompressed": [mean])."""
-    codec = PackedCodec(PackedConfig((probe_bits,), (probe_bits,), key_group, value_group))
+    codec = PackedCodec(
+        PackedConfig((probe_bits,), (probe_bits,), key_group, value_group, format_for(key_group, value_group))
+    )
     count = band_count(bands)
     excess = {"K": [0.0] * count, "V": [0.0] * count}
     base_mean = 0.0
@@ -189,47 +196,62 @@ def allocate_bits(
     sensitivity: dict[str, list[float]],
     code_bits: float,
     probe_bits: int = 2,
-    min_bits: int = 1,
+    min_bits: float = 1,
     max_bits: int = 8,
     weights: Sequence[float] | None = None,
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    quantum: float = 1.0,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(key_bits, value_bits) per band with mean code bits <= `code_bits` (K and V weigh alike, a band
-    by its `weights` entry, e.g. its number of layers; equal by default), bits given greedily where
-    the modelled excess kl falls most per bit spent (negative measured excess counts as none)."""
+    by its `weights` entry, e.g. its number of layers; equal by default), bits given `quantum` at a time
+    (1: whole bits, as ints; 0.25: packed format 2's fractional mean widths) where the modelled excess kl
+    falls most per bit spent (negative measured excess counts as none)."""
     bands = len(sensitivity["K"])
     if len(sensitivity["V"]) != bands:
         raise ValueError("sensitivity needs as many V bands as K bands")
     if code_bits < min_bits:
         raise ValueError(f"a budget of {code_bits:.3f} code bits/value is below min_bits = {min_bits}")
+    if not 0 < quantum <= 1:
+        raise ValueError(f"quantum must be in (0, 1] bits, got {quantum}")
     weights = [1.0] * bands if weights is None else [float(w) for w in weights]
     if len(weights) != bands or min(weights) <= 0:
         raise ValueError(f"weights must be {bands} positive numbers, got {weights}")
     slots = [("K", b) for b in range(bands)] + [("V", b) for b in range(bands)]
-    bits = {s: min_bits for s in slots}
+    steps = {s: 0 for s in slots}  # quanta given above min_bits
     spare = code_bits * 2 * sum(weights) - min_bits * 2 * sum(weights) + 1e-9  # weighted bits left to give
 
-    def modelled(slot, b: int) -> float:
-        return max(sensitivity[slot[0]][slot[1]], 0.0) * 4.0 ** (probe_bits - b)
+    def modelled(slot, n: int) -> float:
+        return max(sensitivity[slot[0]][slot[1]], 0.0) * 4.0 ** (probe_bits - min_bits - n * quantum)
 
     def gain(slot) -> tuple:
-        drop = modelled(slot, bits[slot]) - modelled(slot, bits[slot] + 1)
+        drop = modelled(slot, steps[slot]) - modelled(slot, steps[slot] + 1)
         return drop / weights[slot[1]], slot[0] == "K", -slot[1]
 
+    def fits(slot) -> bool:
+        return min_bits + (steps[slot] + 1) * quantum <= max_bits + 1e-9 and weights[slot[1]] * quantum <= spare
+
     while True:
-        open_slots = [s for s in slots if bits[s] < max_bits and weights[s[1]] <= spare]
+        open_slots = [s for s in slots if fits(s)]
         if not open_slots:
             break
         best = max(open_slots, key=gain)
-        bits[best] += 1
-        spare -= weights[best[1]]
-    return tuple(bits[("K", b)] for b in range(bands)), tuple(bits[("V", b)] for b in range(bands))
+        steps[best] += 1
+        spare -= weights[best[1]] * quantum
+
+    def bits(slot) -> float:
+        value = min_bits + steps[slot] * quantum
+        return int(round(value)) if quantum == 1 and float(min_bits).is_integer() else round(value, 6)
+
+    return tuple(bits(("K", b)) for b in range(bands)), tuple(bits(("V", b)) for b in range(bands))
 
 
 def grid_bits(
-    prompts: Sequence[CalibrationPrompt], key_group: tuple[int, int] = (0, 1), value_group: tuple[int, int] = (0, 1)
+    prompts: Sequence[CalibrationPrompt],
+    key_group: tuple[int, int] = (0, 1),
+    value_group: tuple[int, int] = (0, 1),
+    format: int | None = None,
 ) -> float:
     """Bits/value the grids cost on these prompts' chunks (one fp16 pair per scale group, K and V)."""
-    return sum(p.grid_bits(key_group, value_group) for p in prompts) / len(prompts)
+    return sum(p.grid_bits(key_group, value_group, format) for p in prompts) / len(prompts)
 
 
 def calibrate(
@@ -243,9 +265,10 @@ def calibrate(
     progress: Callable[[str], None] | None = None,
     key_group: tuple[int, int] = (0, 1),
     value_group: tuple[int, int] = (0, 1),
+    quantum: float = 1.0,
 ) -> CodecSchedule:
     """The `packed` schedule for `engine`'s model at <= `budget_bits` bits/value (codes + grids), for
-    grids of the given geometry."""
+    grids of the given geometry, bits per band in steps of `quantum` (fractional: packed format 2)."""
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     sensitivity = measure_sensitivity(prompts, bands, probe_bits, ratio, progress, key_group, value_group)
@@ -258,7 +281,8 @@ def calibrate(
         "num_layers": prompts[0].kvs[0].num_layers,
         "key_group": list(key_group),
         "value_group": list(value_group),
-        "grid_bits": grid_bits(prompts, key_group, value_group),
+        "grid_bits": grid_bits(prompts, key_group, value_group, format_for(key_group, value_group)),
+        "quantum": quantum,
         "prompts": [p.sample_id for p in prompts],
     }
     return schedule_for_budget(engine.model.fingerprint, measured, budget_bits)
@@ -273,7 +297,12 @@ def schedule_for_budget(fingerprint: str, measured: dict, budget_bits: float) ->
         num_layers = measured["num_layers"]
         weights = [len(band_layers(b, bands, num_layers)) for b in range(len(bands))]
     key_bits, value_bits = allocate_bits(
-        measured["sensitivity_excess_kl"], code_bits, measured["probe_bits"], measured["min_bits"], weights=weights
+        measured["sensitivity_excess_kl"],
+        code_bits,
+        measured["probe_bits"],
+        measured["min_bits"],
+        weights=weights,
+        quantum=measured.get("quantum", 1.0),
     )
     if weights is not None:
         key_bits, value_bits = (per_layer_bits(b, bands, measured["num_layers"]) for b in (key_bits, value_bits))

@@ -30,6 +30,7 @@ import torch
 from ragkv.chunk_cache import ChunkKV
 from ragkv.compression.cachegen import CacheGenCodec, CacheGenConfig
 from ragkv.compression.packed import PackedCodec, PackedConfig
+from ragkv.compression.packed_layout import format_for
 from ragkv.engine.engine import Engine
 from ragkv.eval.calibration import CalibrationPrompt, measure_sensitivity, schedule_for_budget
 from ragkv.eval.datasets import load_samples
@@ -42,8 +43,23 @@ HELD_OUT = (
 )
 
 
-def packed(key_bits, value_bits, key_group=(0, 1), value_group=(0, 1)):
-    return lambda: PackedCodec(PackedConfig(tuple(key_bits), tuple(value_bits), tuple(key_group), tuple(value_group)))
+def packed(key_bits, value_bits, key_group=(0, 1), value_group=(0, 1), format=None):
+    """A `packed` variant; format 2 (per-channel widths) where the grids are per channel, unless `format`."""
+    groups = (tuple(key_group), tuple(value_group))
+    version = format or format_for(*groups)
+    return lambda: PackedCodec(PackedConfig(tuple(key_bits), tuple(value_bits), *groups, version))
+
+
+def unruns(text: str) -> tuple[int, ...]:
+    """'2,3,2x16' -> (2, 3, 2, 2, ...): per-layer bits written as runs (the inverse of `runs`)."""
+    out = []
+    for item in text.split(","):
+        value, _, count = item.partition("x")
+        out += [float(value) if "." in value else int(value)] * int(count or 1)
+    return tuple(out)
+
+
+ISSUE12_25 = unruns("2,3,2x16,4x6,2x6"), unruns("2,5,3x10,2x18")  # calibrated @2.5 of issue 12 (format 1)
 
 
 VARIANTS = {
@@ -62,6 +78,10 @@ VARIANTS = {
     "packed K2 V2, K per 64 tokens, V per token and head (1x64)": packed((2,), (2,), (64, 1), (1, 64)),
     "packed K3 V2, K per 128 tokens": packed((3,), (2,), key_group=(128, 1)),
     "packed K2 V2, K per 128 tokens, V per token (1x192)": packed((2,), (2,), (128, 1), (1, 192)),
+    "packed K2 V2 format 1": packed((2,), (2,), format=1),
+    "packed K3 V2 format 1": packed((3,), (2,), format=1),
+    "issue 12 calibrated @2.5, format 1": packed(*ISSUE12_25, format=1),
+    "issue 12 calibrated @2.5, format 2 (same mean bits per layer, per-channel widths)": packed(*ISSUE12_25),
 }
 DEFAULT_VARIANTS = ("cachegen default", "cachegen bins x2", "packed K2 V2", "packed K3 V2 (defaults)")
 
@@ -145,10 +165,20 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=600, help="tokens kept per chunk")
     ap.add_argument("--bands", default="0,1,2,6,12,18,24", help="N equal bands, or each band's first layer")
     ap.add_argument("--probe-bits", type=int, default=2)
-    ap.add_argument("--min-bits", type=int, default=1)
+    ap.add_argument("--min-bits", type=float, default=1)
     ap.add_argument("--budgets", default="2.0,2.5,3.0", help="calibrated: BUDGET or BUDGET/MIN_BITS, ('' none)")
     ap.add_argument("--key-group", default="0x1", help="calibrated schedules' K grid geometry TOKENSxCHANNELS")
     ap.add_argument("--value-group", default="0x1", help="calibrated schedules' V grid geometry TOKENSxCHANNELS")
+    ap.add_argument(
+        "--format", type=int, default=None, help="calibrated schedules' packed format (default: 2 if per channel)"
+    )
+    ap.add_argument(
+        "--quantum", default="1", help="calibrated bits per band in steps of these (',': one schedule each)"
+    )
+    ap.add_argument(
+        "--sensitivity",
+        help="a JSON with the measured sensitivity (e.g. docs/bench/codec_heldout.json): no calibration blends",
+    )
     ap.add_argument("--variants", default=";".join(DEFAULT_VARIANTS), help="';'-separated VARIANTS ('' for none)")
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--threads", type=int, default=2)
@@ -168,7 +198,9 @@ def main() -> None:
     measured = None
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if budgets:
-        calibration = load_prompts(engine, calibration_specs, args.max_tokens, args.chunk_tokens, cache)
+        calibration = []  # with --sensitivity, the prompts it names were measured before
+        if not args.sensitivity:
+            calibration = load_prompts(engine, calibration_specs, args.max_tokens, args.chunk_tokens, cache)
         overlap = {p.file.name for p in calibration} & {p.file.name for p in held_out}  # dataset, record, cut
         if overlap:
             raise SystemExit(f"held-out prompts {sorted(overlap)} are also calibration prompts")
@@ -176,7 +208,10 @@ def main() -> None:
         key = f"{calibration_specs}|{args.max_tokens}|{args.chunk_tokens}|{args.bands}|{args.probe_bits}|{args.ratio}"
         key += f"|{groups}"
         file = cache / f"sensitivity_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-        if file.exists():
+        if args.sensitivity:
+            measured = json.loads(Path(args.sensitivity).read_text())
+            measured = measured.get("sensitivity", measured)
+        elif file.exists():
             measured = json.loads(file.read_text())
         else:
             for prompt in calibration:
@@ -189,15 +224,18 @@ def main() -> None:
             measured["prompts"] = [p.sample_id for p in calibration]
             file.write_text(json.dumps(measured))
         print("sensitivity (excess kl_mean at probe bits):", json.dumps(measured["sensitivity_excess_kl"]))
-        grid_bits = held_out[0].grid_bits(*groups)  # the grids' bits/value on typical chunks
+        version = args.format or format_for(*groups)
+        grid_bits = statistics.fmean(p.grid_bits(*groups, version) for p in held_out)  # the chunk shapes' overhead
         for spec in budgets:  # BUDGET or BUDGET/MIN_BITS
             budget, _, min_bits = spec.partition("/")
-            budget, min_bits = float(budget), int(min_bits or args.min_bits)
-            schedule = schedule_for_budget("-", {**measured, "grid_bits": grid_bits, "min_bits": min_bits}, budget)
-            floor = f" (min {min_bits} bits)" if min_bits != args.min_bits else ""
-            bits = f"K({runs(schedule.key_bits)}) V({runs(schedule.value_bits)})"
-            name = f"packed calibrated @{budget:g}{floor} {bits}"
-            codecs[name] = packed(schedule.key_bits, schedule.value_bits, *groups)
+            budget, min_bits = float(budget), float(min_bits or args.min_bits)
+            for quantum in (float(q) for q in args.quantum.split(",")):
+                settings = {"grid_bits": grid_bits, "min_bits": min_bits, "quantum": quantum}
+                schedule = schedule_for_budget("-", {**measured, **settings}, budget)
+                floor = f" (min {min_bits:g} bits)" if min_bits != args.min_bits else ""
+                bits = f"K({runs(schedule.key_bits)}) V({runs(schedule.value_bits)})"
+                name = f"packed calibrated @{budget:g}{floor} format {version}, steps of {quantum:g} bit {bits}"
+                codecs[name] = packed(schedule.key_bits, schedule.value_bits, *groups, version)
     rows = [json.loads(line) for line in Path(args.previous).read_text().splitlines()] if args.previous else []
     done = {(r["id"], r["tokens"]) for r in rows}
     for prompt in held_out:

@@ -19,7 +19,7 @@ lazy_exports(
         "DiskTier": "disk",
         "RedisTier": "redis_tier",
         "RedisLink": "redis_link",
-        "CheckReport": "disk",
+        "CheckReport": "disk_check",
         "TieredStore": "tiered",
         "StoreStats": "stats",
         "TierStats": "stats",

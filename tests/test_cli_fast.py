@@ -94,3 +94,8 @@ def test_doc_that_looks_like_a_file_gets_a_hint(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(stop))
     assert main(["query", "where?", "--doc", str(f)]) == 2
     assert f"warning: --doc takes a document's text; '{f}' looks like a file: use --file {f}" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_fractional_bits_on_grids_that_are_not_per_channel(no_model, capsys):
+    code = main(["calibrate", "--quantum", "0.25", "--key-group", "64x1"])
+    assert code == 2 and "fractional bits need per-channel grids" in capsys.readouterr().err

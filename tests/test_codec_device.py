@@ -18,7 +18,14 @@ if not torch.cuda.is_available():  # before the kernel module is first imported:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE_CODECS = ("packed", "int8", "fp8", "cachegen", "identity", "lz4+packed")
-MIXED = PackedConfig(key_bits=(4, 3, 2), value_bits=(2, 1, 3), key_group=(16, 1), value_group=(1, 8))
+MIXED = PackedConfig(key_bits=(4, 3, 2), value_bits=(2, 1, 3), key_group=(16, 1), value_group=(1, 8), format=1)
+FRACTIONAL = PackedConfig(key_bits=(4.5, 3, 0.25), value_bits=(2, 1.5, 8))  # format 2: mean widths per band
+CONFIGS = {
+    "default": PackedConfig(),
+    "mixed-format1": MIXED,
+    "format1": PackedConfig(format=1),
+    "fractional": FRACTIONAL,
+}
 
 
 def _layers(codec, enc, dtype):
@@ -62,7 +69,7 @@ def test_corrupt_entry_fails_before_any_bytes_move():
         codec.layer_task(EncodedKV(enc.codec, bytes(flipped), enc.meta), 0)  # the loader's first step
 
 
-@pytest.mark.parametrize("config", [PackedConfig(), MIXED], ids=["default", "mixed"])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize(
     "shape",
     [(2, 3, 29, 2, 8), (2, 1, 96, 3, 64), (2, 1, 1, 1, 3)],  # odd, SmolLM2's heads, one value per plane byte
@@ -84,7 +91,7 @@ def test_triton_kernel_equals_torch_decoder(config, shape):
             assert torch.equal(out.cpu(), codec.decode_layer(enc, layer, dtype=dtype)), f"layer {layer} {dtype}"
 
 
-@pytest.mark.parametrize("config", [PackedConfig(), MIXED], ids=["default", "mixed"])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_one_launch_for_many_entries_equals_the_torch_decoder(config):
     """`decode_packed_rows_triton`: entries of different token counts, one launch, each decoded into its
     rows of one [2, N, H, D] output, bit-identical to decoding them one by one."""
@@ -123,14 +130,15 @@ def test_triton_kernel_on_model_kv():
 
     kv = precompute(adapter_for(tiny_model("qwen3"), sink_ids=(1,)), list(range(3, 80)))  # q/k-normed keys
     kv = ChunkKV(kv.kv.half(), kv.pos0)
-    codec = PackedCodec(MIXED)
-    enc = codec.encode(kv)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels need device tensors
-    for layer, task, section in _layers(codec, enc, torch.float16):
-        t, h, d = task.shape
-        out = torch.empty((2, t, h, d), dtype=torch.float16, device=device)
-        decode_packed_triton(section.to(device), PackedLayout.of(MIXED, t, h * d, layer, kv.num_layers), out)
-        assert torch.equal(out.cpu(), codec.decode_layer(enc, layer)), f"layer {layer}"
+    for config in (MIXED, FRACTIONAL):
+        codec = PackedCodec(config)
+        enc = codec.encode(kv)
+        for layer, task, section in _layers(codec, enc, torch.float16):
+            t, h, d = task.shape
+            out = torch.empty((2, t, h, d), dtype=torch.float16, device=device)
+            decode_packed_triton(section.to(device), PackedLayout.of(config, t, h * d, layer, kv.num_layers), out)
+            assert torch.equal(out.cpu(), codec.decode_layer(enc, layer)), f"layer {layer} format {config.format}"
 
 
 @pytest.mark.parametrize("name", ("packed", "int8", "cachegen"))

@@ -73,6 +73,27 @@ def test_bad_schedule_files_are_named(tmp_path):
         CodecSchedule.load(tmp_path / "missing.json")
 
 
+def test_fractional_allocation_steps_by_the_quantum_and_schedules_keep_it():
+    key_bits, value_bits = allocate_bits(SENSITIVITY, code_bits=2.5, probe_bits=2, min_bits=1.5, quantum=0.25)
+    assert sum(key_bits) + sum(value_bits) == pytest.approx(20)  # 2.5 bits x 8 slots, in quarter bits
+    assert all((4 * b).is_integer() and b >= 1.5 for b in key_bits + value_bits)
+    assert key_bits[2] == max(key_bits) and value_bits[3] == 1.5
+    measured = {"sensitivity_excess_kl": SENSITIVITY, "probe_bits": 2, "min_bits": 2, "grid_bits": 0.1, "quantum": 0.25}
+    schedule = schedule_for_budget("model-A", measured, 2.6)
+    assert any(not float(b).is_integer() for b in schedule.key_bits + schedule.value_bits)
+    assert schedule.packed_config().format == 2
+    with pytest.raises(ValueError, match="quantum"):
+        allocate_bits(SENSITIVITY, code_bits=2.5, quantum=0)
+
+
+def test_schedules_with_fractional_bits_round_trip(tmp_path):
+    measured = {"sensitivity_excess_kl": SENSITIVITY, "probe_bits": 2, "min_bits": 2, "grid_bits": 0.1, "quantum": 0.25}
+    schedule = schedule_for_budget("model-A", measured, 2.6)
+    loaded = CodecSchedule.load(schedule.save(tmp_path / "s.json"))
+    assert loaded.key_bits == schedule.key_bits and loaded.value_bits == schedule.value_bits
+    assert codec_with_schedule("packed", loaded).config == schedule.packed_config()
+
+
 def test_codec_with_schedule_only_changes_packed():
     schedule = _schedule()
     packed = codec_with_schedule("packed", schedule)
@@ -122,7 +143,8 @@ def test_schedule_keeps_its_grid_geometry_and_older_files_load_per_channel(tmp_p
     }
     schedule = schedule_for_budget("model-A", measured, 2.5)
     loaded = CodecSchedule.load(schedule.save(tmp_path / "s.json"))
-    assert loaded.packed_config() == PackedConfig(schedule.key_bits, schedule.value_bits, (64, 1), (1, 16))
+    groups = (64, 1), (1, 16)  # not per channel: format 1's geometry
+    assert loaded.packed_config() == PackedConfig(schedule.key_bits, schedule.value_bits, *groups, format=1)
     assert codec_with_schedule("packed", loaded).config.value_group == (1, 16)
     raw = json.loads((tmp_path / "s.json").read_text())
     del raw["key_group"], raw["value_group"]  # a schedule written before the geometry was stored
@@ -136,7 +158,8 @@ def test_grid_bits_count_one_fp16_pair_per_scale_group():
 
     prompt = CalibrationPrompt(None, "s", None, [make_kv(shape=(2, 3, 64, 2, 8))], None, None)
     assert prompt.num_tokens == 64
-    assert prompt.grid_bits() == pytest.approx(32 / 64)  # per channel over 64 tokens, K and V alike
+    assert prompt.grid_bits(format=1) == pytest.approx(32 / 64)  # per channel over 64 tokens, K and V alike
+    assert prompt.grid_bits() == pytest.approx((32 * 16 + 16 * 17 + 8) / (64 * 16))  # format 2: + int16 [C + 1]
     assert prompt.grid_bits((0, 1), (1, 16)) == pytest.approx((32 / 64 + 32 / 16) / 2)  # V per token (16 channels)
     assert prompt.grid_bits((32, 1), (0, 1)) == pytest.approx((32 / 32 + 32 / 64) / 2)
     chunks = [list(range(10)), list(range(5)), list(range(7))]

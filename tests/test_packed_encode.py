@@ -1,5 +1,6 @@
 """The fused packed encoder (`compression/packed_encode.py`) writes the reference encoder's bytes, on random
-and model KV, fp16 and bf16, every group geometry (tiling or not) and mixed bits per band."""
+and model KV, fp16 and bf16, both formats: format 1 with every group geometry (tiling or not) and mixed bits
+per band, format 2 with whole and fractional mean widths."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from ragkv.compression.packed import PackedCodec, PackedConfig
 
 CONFIGS = {
     "default": PackedConfig(),
-    "mixed": PackedConfig(key_bits=(4, 3, 2), value_bits=(2, 1, 3), key_group=(16, 1), value_group=(1, 8)),
-    "ragged": PackedConfig(key_bits=(8, 1), value_bits=(5,), key_group=(7, 3), value_group=(0, 5)),
+    "fractional": PackedConfig(key_bits=(4.5, 3, 0.25), value_bits=(2, 1.75, 8)),
+    "format1": PackedConfig(format=1),
+    "mixed": PackedConfig(key_bits=(4, 3, 2), value_bits=(2, 1, 3), key_group=(16, 1), value_group=(1, 8), format=1),
+    "ragged": PackedConfig(key_bits=(8, 1), value_bits=(5,), key_group=(7, 3), value_group=(0, 5), format=1),
 }
 
 
