@@ -36,7 +36,7 @@ class BlendConfig:
     # focus (blend/focus.py): adaptive budget when focus_mass > 0 (question-attention mass to cover, between
     # focus_floor and the request's ratio), neighbours widened, last tokens of each chunk, dual-stage weight
     focus_mass: float = 0.7
-    focus_floor: float = 0.05
+    focus_floor: float = 0.1  # 0.05 stopped at 7-9% on 10-passage prompts, where 15% answered better
     focus_radius: int = 0
     focus_tail: int = 0
     focus_deviation: float = 0.0
