@@ -55,7 +55,7 @@ def engine(smollm2):
 
 @pytest.fixture(scope="module")
 def rows(engine):
-    specs = [Spec("full"), Spec("naive"), Spec("cacheblend", 0.15), Spec("cacheblend", 0.5)]
+    specs = [Spec("full"), Spec("naive"), Spec("cacheblend", 0.15), Spec("cacheblend", 0.5), Spec("focus", 0.15)]
     return [evaluate_sample(engine, s, specs, max_new_tokens=16) for s in _samples()]
 
 
@@ -76,10 +76,15 @@ def test_recomputing_more_tokens_moves_closer_to_full_prefill(rows):
     assert _mean(rows, "cacheblend@0.15", "top1_agreement") >= 0.8
 
 
-def test_cacheblend_kl_is_at_most_a_third_of_naive(rows):
-    naive, blended = _mean(rows, "naive"), _mean(rows, "cacheblend@0.15")
-    print(f"kl_mean naive {naive:.4f} cacheblend@0.15 {blended:.4f} ratio {blended / naive:.3f}")
-    assert blended <= naive / 3, f"cacheblend@0.15 kl_mean {blended:.4f} vs naive {naive:.4f}"
+def test_recomputing_15_percent_cuts_naives_kl(rows):
+    # chunk KV computed after the template's prefix already brings naive close (kl 0.195 here, 0.504 when
+    # computed after the sink alone), so 15% of recompute cuts a smaller remainder: measured 0.58x
+    # (cacheblend) and 0.42x (focus, the default) of naive's kl on these four questions
+    naive, blended, focus = _mean(rows, "naive"), _mean(rows, "cacheblend@0.15"), _mean(rows, "focus@0.15")
+    print(f"kl_mean naive {naive:.4f} cacheblend@0.15 {blended:.4f} focus@0.15 {focus:.4f}")
+    assert blended <= naive * 2 / 3, f"cacheblend@0.15 kl_mean {blended:.4f} vs naive {naive:.4f}"
+    assert focus <= naive / 2, f"focus@0.15 kl_mean {focus:.4f} vs naive {naive:.4f}"
+    assert _mean(rows, "focus@0.15", "top1_agreement") >= 0.95
 
 
 def test_second_request_hits_the_chunk_cache(engine):
