@@ -105,7 +105,7 @@ def load(engine, f: Fusion) -> None:
     read (or computed and stored) too, so its rows are loaded, not recomputed; `prefix` loads it alone."""
     keys = f.lookup.keys
     f._pins.enter_context(engine.store.pinned(keys + [v for v in f.loads if v not in keys]))
-    reuse_prefix = f.strategy.reuse in ("chunks", "prefix") and f.plan.chunk_spans and f.plan.prefix_len > 1
+    reuse_prefix = f.strategy.reuse in ("chunks", "prefix") and bool(f.plan.chunk_spans) and f.plan.prefix_len > 1
     prefix = load_prefix(engine, f) if reuse_prefix else []  # without chunks the "prefix" is the whole prompt
     if keys:
         found = engine.store.get_layered_many(f.loads)
