@@ -31,6 +31,7 @@ VARIANTS = (
     ("focus@0.15", "focus", 0.15, BlendConfig()),
     ("focus@0.15-fixed", "focus", 0.15, BlendConfig(focus_mass=0.0)),
     ("focus@0.25", "focus", 0.25, BlendConfig()),
+    ("focus@0.3-mass0.9", "focus", 0.3, BlendConfig(focus_mass=0.9)),
     ("cacheblend@0.15", "cacheblend", 0.15, BlendConfig()),
 )
 
