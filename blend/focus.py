@@ -76,9 +76,7 @@ class Focus(Strategy):
         return self.ratio > 0.0 and any(kv.num_tokens for _, kv in sources)
 
     def prepare(self, model, plan, sources):
-        cached = torch.zeros(plan.num_tokens, dtype=torch.bool)
-        for start, kv in sources:
-            cached[start : start + kv.num_tokens] = True
+        cached = plan.source_mask(sources)
         num_cached = int((cached & plan.chunk_mask()).sum())  # chunk rows loaded (a cached prefix is not)
         candidates = plan.candidates(cached)  # [N] rows whose cached KV may deviate
         self._chosen = torch.zeros(plan.num_tokens, dtype=torch.bool)

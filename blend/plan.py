@@ -56,6 +56,13 @@ class BlendPlan:
             mask[start:end] = True
         return mask
 
+    def source_mask(self, sources) -> torch.Tensor:
+        """[N] bool: the rows the cached `sources` (target start row, KV) fill."""
+        mask = torch.zeros(self.num_tokens, dtype=torch.bool)
+        for start, kv in sources:
+            mask[start : start + kv.num_tokens] = True
+        return mask
+
     def candidates(self, cached: torch.Tensor) -> torch.Tensor:
         """[N] bool: the `cached` [N] rows a strategy may recompute: chunk rows not marked exact (a cached
         prompt prefix is exact too, and never a candidate)."""

@@ -51,17 +51,10 @@ def question_attention_many(
     jobs = []
     for (plan, sources), total in zip(prompts, totals):
         if bool(plan.chunk_mask().any()):
-            jobs.append(ScoutJob(plan, sources, ~_cached(plan, sources), _observer(model, plan, total)))
+            jobs.append(ScoutJob(plan, sources, ~plan.source_mask(sources), _observer(model, plan, total)))
     if jobs:
         scout_many(model, jobs, layers)
     return [total / len(layers) for total in totals]
-
-
-def _cached(plan: BlendPlan, sources) -> torch.Tensor:
-    cached = torch.zeros(plan.num_tokens, dtype=torch.bool)
-    for start, kv in sources:
-        cached[start : start + kv.num_tokens] = True
-    return cached
 
 
 def _observer(model: ModelAdapter, plan: BlendPlan, total: torch.Tensor):
@@ -98,7 +91,7 @@ def query_aware_tokens(
     """[N] bool: the chunk rows to recompute from layer 0 — `ratio` of the cached rows, those the
     question attends to most in a scout pass over `layers` (or by `score` [N], that pass's result
     computed already)."""
-    cached = _cached(plan, sources)
+    cached = plan.source_mask(sources)
     num_cached = int((cached & plan.chunk_mask()).sum())
     if ratio <= 0.0 or num_cached == 0:
         return torch.zeros(plan.num_tokens, dtype=torch.bool)

@@ -86,9 +86,7 @@ class _Prompt:
         plan, n, dev, dtype = job.plan, job.plan.num_tokens, model.device, model.dtype
         self.model, self.job = model, job
         self.sources = recovering(model, plan, job.sources)  # a stored layer found damaged here: recomputed
-        self.cached = torch.zeros(n, dtype=torch.bool)
-        for start, kv in self.sources:
-            self.cached[start : start + kv.num_tokens] = True
+        self.cached = plan.source_mask(self.sources)  # [N]
         if bool((~self.cached & ~job.active).any()):
             raise ValueError("every row not loaded from cache must be active in the scout pass")
         self.rows = job.active.nonzero().flatten().to(dev)  # [S]
