@@ -34,7 +34,7 @@ class Fusion:
     plan: BlendPlan | None = None
     lookup: Lookup = field(default_factory=Lookup)
     loads: list[ChunkKey] = field(default_factory=list)  # the entry each chunk loads: base key or a variant's
-    prefix: ChunkKey | None = None  # the key of the prompt's prefix (what KV variants are computed after)
+    prefix: ChunkKey | None = None  # the prompt prefix's key: its own KV entry, what KV variants are computed after
     sources: list[tuple[int, LayeredKV]] = field(default_factory=list)  # (target start row, cached KV)
     run: RunResult | None = None
     upkeep_ms: float | None = None  # set by release()
@@ -89,10 +89,11 @@ def look_up(engine, f: Fusion) -> None:
 
 def choose_sources(engine, f: Fusion) -> None:
     """The entry each chunk loads: the strategy decides (its base entry, or a KV variant computed after
-    this prompt's prefix, `prefix_key`). The plan's exact first chunk (`Engine.plan`) stays exact only if
-    it loads its base entry."""
-    if f.lookup.keys:
+    this prompt's prefix, `prefix_key`, the key `load` reads the prefix's own KV under). The plan's exact
+    first chunk (`Engine.plan`) stays exact only if it loads its base entry."""
+    if f.plan.chunk_spans:
         f.prefix = prefix_key(engine.model, f.plan, f.request.namespace)
+    if f.lookup.keys:
         f.loads = f.strategy.choose_sources(f.lookup.keys, engine.store, f.prefix)
         if f.plan.exact_chunks and f.loads[0] != f.lookup.keys[0]:
             f.plan = f.plan.with_exact([])
@@ -125,7 +126,7 @@ def load(engine, f: Fusion) -> None:
 def load_prefix(engine, f: Fusion) -> list[tuple[int, LayeredKV]]:
     """The prompt prefix's KV as a source at row 0 (pinned); computed and stored on a miss (a miss of
     the request only for `prefix`, whose one entry it is: chunk strategies count chunks)."""
-    key = prefix_key(engine.model, f.plan, f.request.namespace)
+    key = f.prefix  # set by choose_sources for every plan with chunks
     f._pins.enter_context(engine.store.pinned([key]))
     held = engine.store.lookup([key])[0] is not None  # a miss is not a chunk miss: not in the store's stats
     kv = engine.store.get_layered(key) if held else None
