@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from gpu_model import SHAPES, build_model
+from gpu_model import SHAPES, build_model, require_device
 from gpu_precompute import bench_precompute
 from gpu_sources import bench_codecs, make_stores, parse_source  # benchmarks/ is on sys.path
 from gpu_timing import HEADER, Timer, median_ms, peak_gb, print_row, rounded
@@ -257,9 +257,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available: run on a GPU machine, or pass --dry-run (CPU, tiny shapes)")
+    device = require_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if device.type != "cuda":  # FlexAttention's eager reference is what the CPU runs, on purpose

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from bench_gpu import add_model_args, dry_run_defaults  # benchmarks/ is on sys.path
-from gpu_model import build_model
+from gpu_model import build_model, require_device
 
 from ragkv.engine.batch import fuse_many, start_stream, step_many
 from ragkv.engine.config import EngineConfig
@@ -213,9 +213,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available: run on a GPU machine, or pass --dry-run (CPU, tiny shapes)")
-    if args.device.startswith("cuda"):
+    if require_device(args.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     report = run(args)
     return 0 if report["same_first_token"] == report["requests"] else 1

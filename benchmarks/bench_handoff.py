@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from gpu_model import build_model  # benchmarks/ is on sys.path
+from gpu_model import build_model, require_device  # benchmarks/ is on sys.path
 
 from ragkv.adapters.vllm_loader import FusedPromptMatcher, LoadSpec
 from ragkv.blend import blend, make_plan, make_strategy
@@ -225,9 +225,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available: run on a GPU machine, or pass --dry-run (CPU, tiny shapes)")
+    device = require_device(args.device)
     t0 = time.perf_counter()
     model = build_model(args.shape, args.device, getattr(torch, args.dtype))
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -58,6 +58,14 @@ SHAPES = {
 }
 
 
+def require_device(name: str) -> torch.device:
+    """`name` as a torch.device; exits with one line saying what to do when it is CUDA and none is here."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: run on a GPU machine, or pass --dry-run (CPU, tiny shapes)")
+    return device
+
+
 def build_model(shape: str, device: str, dtype: torch.dtype, layers: int | None = None):
     """A random-init LlamaForCausalLM of `shape`, built directly on `device` in `dtype` (no weights read)."""
     from transformers import LlamaConfig, LlamaForCausalLM
