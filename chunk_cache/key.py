@@ -93,6 +93,19 @@ def chunk_key(
     return ChunkKey.of(lead_in_fingerprint(model, lead_in), model.tokenizer_fingerprint, token_ids, namespace)
 
 
+@dataclass
+class LeadIn:
+    """What chunk KV is computed after, and so keyed by: `ids`, the prompt template's fixed prefix, or
+    None (the model's sink). One object is shared by everything that keys or computes chunks (the
+    engine's chunk supply and its retrievers), so moving it (a new template) moves them all at once."""
+
+    ids: tuple[int, ...] | None = None
+
+    def key(self, model: Fingerprinted, token_ids: Sequence[int], namespace: str = "default") -> ChunkKey:
+        """The store key of `token_ids` computed after this lead-in."""
+        return chunk_key(model, token_ids, namespace, self.ids)
+
+
 def lead_in_fingerprint(model: Fingerprinted, lead_in: Sequence[int] | None) -> str:
     """The model fingerprint a chunk key hashes: the model's own after its sink, else extended by a
     digest of the lead-in's token ids (chunk KV computed after another prefix is another entry)."""

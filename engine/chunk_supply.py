@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..blend import BlendPlan
-from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, chunk_key, precompute_many
+from ..chunk_cache import ChunkKey, ChunkKV, LayeredKV, LeadIn, precompute_many
 from ..models import ModelAdapter
 from ..storage import TieredStore
 from ..storage.lease import compute_once
@@ -57,21 +57,21 @@ class ChunkSupply:
     """Looks chunks up in the store and computes the misses."""
 
     def __init__(
-        self, model: ModelAdapter, store: TieredStore, prepack_tokens: int, lead_in: tuple[int, ...] | None = None
+        self, model: ModelAdapter, store: TieredStore, prepack_tokens: int, lead_in: LeadIn | None = None
     ) -> None:
         self.model = model
         self.store = store
         self.prepack_tokens = prepack_tokens
-        self.lead_in = lead_in  # what chunk KV is computed after (None: the model's sink)
+        self.lead_in = lead_in or LeadIn()  # what chunk KV is computed after (shared with the retrievers)
 
     def key(self, chunk: Sequence[int], namespace: str) -> ChunkKey:
         """The store key of `chunk` (token ids) computed after this supply's lead-in."""
-        return chunk_key(self.model, chunk, namespace, self.lead_in)
+        return self.lead_in.key(self.model, chunk, namespace)
 
     def compute(self, chunks: Sequence[Sequence[int]], max_tokens_per_pass: int | None = None) -> list[ChunkKV]:
         """The KV of `chunks` after this supply's lead-in, packed into passes (not stored)."""
         budget = self.prepack_tokens if max_tokens_per_pass is None else max_tokens_per_pass
-        return precompute_many(self.model, chunks, budget, self.lead_in)
+        return precompute_many(self.model, chunks, budget, self.lead_in.ids)
 
     def lookup(self, chunks: Sequence[Sequence[int]], namespace: str) -> Lookup:
         """Keys and tiers of `chunks` (no I/O, no precompute); the store's stats count the misses."""

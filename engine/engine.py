@@ -74,9 +74,7 @@ class Engine:
     @template.setter
     def template(self, template: PromptTemplate) -> None:
         self._template = template
-        self.supply.lead_in = self.lead_in_for(template)
-        for retriever in self._retrievers.values():
-            retriever.lead_in = self.supply.lead_in
+        self.supply.lead_in.ids = self.lead_in_for(template)  # the retrievers share this LeadIn
 
     def lead_in_for(self, template: PromptTemplate) -> tuple[int, ...] | None:
         """What chunk KV is computed after under `template`: its fixed prefix (chat template and
@@ -88,7 +86,7 @@ class Engine:
     @property
     def lead_in(self) -> tuple[int, ...] | None:
         """The lead-in of this engine's chunk KV now (None: the model's sink)."""
-        return self.supply.lead_in
+        return self.supply.lead_in.ids
 
     # -- documents and retrieval (the catalog + faiss index of a namespace, opened on first use) ---
     def retriever(self, namespace: str | None = None) -> Retriever:
@@ -96,7 +94,7 @@ class Engine:
         ns = namespace or self.config.namespace
         if ns not in self._retrievers:  # CatalogUnavailable while a network catalog is unreachable: opened later
             self._retrievers[ns] = open_retriever(
-                self.config, self.model, ns, self.embedder, self.catalog_links, lead_in=self.lead_in
+                self.config, self.model, ns, self.embedder, self.catalog_links, lead_in=self.supply.lead_in
             )
         return self._retrievers[ns]
 

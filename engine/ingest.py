@@ -255,7 +255,8 @@ class _Run:
             ids.append(chunk_ids)
             n += len(chunk_ids)
         t = time.perf_counter()
-        kvs = precompute_many(self.ing.adapter, ids, self.ing.config.max_tokens_per_pass, self.ing.retriever.lead_in)
+        lead_in = self.ing.retriever.lead_in.ids
+        kvs = precompute_many(self.ing.adapter, ids, self.ing.config.max_tokens_per_pass, lead_in)
         for key, kv, chunk_ids in zip(keys, kvs, ids):
             self.ing.store.put(key, kv, durable=True)
             if self.ing.config.neighbour_variants:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..chunk_cache import LeadIn
 from ..retriever import CatalogLink, Retriever
 from ..retriever.embedder import Embedder
 from ..retriever.retriever import TokenizedModel
@@ -21,12 +22,13 @@ def open_retriever(
     namespace: str | None = None,
     embedder: Embedder | None = None,
     links: dict[str, CatalogLink] | None = None,
-    lead_in: tuple[int, ...] | None = None,
+    lead_in: LeadIn | None = None,
 ) -> Retriever:
     """`namespace`'s Retriever (default: the config's), its folder created if missing; a network catalog's
     calls go through its CatalogLink in `links` (one per URL, added when missing). `embedder` None: the
-    configured HF encoder; `lead_in`: what its chunks' KV is computed after (their keys depend on it; None:
-    the sink). CatalogUnavailable while a network catalog is unreachable."""
+    configured HF encoder; `lead_in`: what its chunks' KV is computed after (their keys depend on it; the
+    engine passes its chunk supply's, so both move together; None: the sink). CatalogUnavailable while a
+    network catalog is unreachable."""
     ns = namespace or config.namespace
     path = config.data_path(ns)
     path.mkdir(parents=True, exist_ok=True)

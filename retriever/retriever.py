@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..chunk_cache import ChunkKey, chunk_key
+from ..chunk_cache import ChunkKey, LeadIn
 from .catalog import Catalog, NewChunk
 from .catalog_link import CatalogLink, CatalogUnavailable, GuardedCatalog
 from .chunker import Chunker
@@ -86,11 +86,11 @@ class Retriever:
         index_path: str | Path,
         config: RetrieverConfig | None = None,
         journal: DocumentJournal | None = None,
-        lead_in: tuple[int, ...] | None = None,
+        lead_in: LeadIn | None = None,
     ) -> None:
         self.config = config or RetrieverConfig()
         self.journal = journal
-        self.lead_in = lead_in  # what the chunks' KV is computed after (keys depend on it; None: the sink)
+        self.lead_in = lead_in or LeadIn()  # what the chunks' KV is computed after (their keys depend on it)
         self.model = model
         self.catalog = catalog
         self.embedder = embedder
@@ -111,7 +111,7 @@ class Retriever:
         embedder: Embedder | None = None,
         catalog_url: str | None = None,
         link: CatalogLink | None = None,
-        lead_in: tuple[int, ...] | None = None,
+        lead_in: LeadIn | None = None,
     ) -> Retriever:
         """The retriever of `data_dir`: catalog `catalog.sqlite` (or `catalog_url`), index `index/chunks.faiss`.
         With `link` (a network database), the catalog's calls go through it: CatalogUnavailable while the
@@ -134,8 +134,8 @@ class Retriever:
             raise
 
     def key(self, token_ids: Sequence[int]) -> ChunkKey:
-        """The store key of a chunk's ids (same as `chunk_key(model, ids, namespace, lead_in)`)."""
-        return chunk_key(self.model, token_ids, self.config.namespace, self.lead_in)  # type: ignore[arg-type]
+        """The store key of a chunk's ids (the engine's chunk supply keys them alike: one `LeadIn`)."""
+        return self.lead_in.key(self.model, token_ids, self.config.namespace)  # type: ignore[arg-type]
 
     # -- writes ----------------------------------------------------------------------------------
     def add_document(self, doc_id: str, text: str, metadata: dict | None = None, source: str = "") -> DocumentUpdate:

@@ -29,7 +29,7 @@ class TinyEngine(Engine):
             path = self.config.data_path(ns)
             path.mkdir(parents=True, exist_ok=True)
             self._retrievers[ns] = Retriever.open(
-                path, self.model, cfg, HashEmbedder(), self.config.catalog(ns), lead_in=self.lead_in
+                path, self.model, cfg, HashEmbedder(), self.config.catalog(ns), lead_in=self.supply.lead_in
             )
         return self._retrievers[ns]
 
