@@ -41,6 +41,9 @@ class BlendConfig:
     focus_tail: int = 0
     focus_deviation: float = 0.0
     craft_serve: str = "recurring"  # cachecraft requests store exact variants: off | recurring (2nd time) | always
+    # greedy answers: a step whose top-1 minus top-2 logit is under this is decided on exact KV (one full
+    # prefill, then exact to the end; engine/answer_guard.py); 0 = off
+    answer_guard: float = 0.0
 
     def __post_init__(self) -> None:
         validate(self.strategy, self.recompute_ratio)
@@ -74,6 +77,8 @@ class BlendConfig:
             raise ValueError(f"focus_radius and focus_tail must be >= 0, got {self.focus_radius}, {self.focus_tail}")
         if not (0.0 <= self.focus_deviation <= 1.0):
             raise ValueError(f"focus_deviation must lie within [0, 1], got {self.focus_deviation}")
+        if self.answer_guard < 0.0:
+            raise ValueError(f"answer_guard is a logit margin >= 0 (0 = off), got {self.answer_guard}")
         if self.craft_serve not in CRAFT_SERVE:
             raise ValueError(f"unknown craft_serve {self.craft_serve!r}; accepted: {', '.join(CRAFT_SERVE)}")
         if self.deviation not in DEVIATIONS:

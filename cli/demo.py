@@ -3,8 +3,9 @@
 its chunks and is answered with a full prefill and with blended reuse, each timed three times (median,
 after a warm-up). The table puts TTFT and speedup beside the agreement with the full prefill: the
 same first token (top-1), the KL divergence of the first-token distributions, the same greedy answer,
-the share of the full prefill's answer repeated before the first difference, and the share of chunk
-tokens the strategy recomputed (an adaptive budget picks it per question).
+the share of the full prefill's answer repeated before the first difference, the share of chunk
+tokens the strategy recomputed (an adaptive budget picks it per question), and `exact`: the answer
+step from which the answer guard decided on exact KV after a near-tie (`-`: none).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             same=full.token_ids == fused.token_ids,
             agree=agree_prefix(full.token_ids, fused.token_ids),
             recomputed=fused.recompute_fraction,
+            exact_from=fused.exact_from,  # the answer guard's near-tie: exact KV from this step on (None: none)
         )
         row["speedup"] = row["full_ms"] / row["fused_ms"]
         rows.append(row)
@@ -152,13 +154,14 @@ def table(rows: list[dict], label: str) -> str:
     """The per-question table and its summary line (median speedup and KL, agreement counts)."""
     head = (
         f"{'question':15s} {'prompt':>6s} {'full ms':>8s} {label + ' ms':>19s} {'speedup':>7s} "
-        f"{'top-1':>5s} {'KL':>7s} {'recomp':>6s} {'agree':>5s}  same answer"
+        f"{'top-1':>5s} {'KL':>7s} {'recomp':>6s} {'exact':>5s} {'agree':>5s}  same answer"
     )
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(
             f"{r['id']:15s} {r['prompt_tokens']:6d} {r['full_ms']:8.0f} {r['fused_ms']:19.0f} {r['speedup']:6.2f}x "
-            f"{'yes' if r['top1'] else 'no':>5s} {r['kl']:7.3f} {r['recomputed']:6.2f} {r['agree']:5.2f}  "
+            f"{'yes' if r['top1'] else 'no':>5s} {r['kl']:7.3f} {r['recomputed']:6.2f} "
+            f"{'-' if r.get('exact_from') is None else r['exact_from']:>5} {r['agree']:5.2f}  "
             f"{'yes' if r['same'] else 'no'}"
         )
     n = len(rows)
@@ -168,6 +171,7 @@ def table(rows: list[dict], label: str) -> str:
         f"{statistics.median(r['fused_ms'] for r in rows):19.0f} "
         f"{statistics.median(r['speedup'] for r in rows):6.2f}x {sum(r['top1'] for r in rows):>3d}/{n} "
         f"{statistics.median(r['kl'] for r in rows):7.3f} {statistics.fmean(r['recomputed'] for r in rows):6.2f} "
+        f"{sum(r.get('exact_from') is not None for r in rows):>3d}/{n} "
         f"{statistics.fmean(r['agree'] for r in rows):5.2f}  {sum(r['same'] for r in rows)}/{n}"
     )
     return "\n".join(out)

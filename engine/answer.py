@@ -23,6 +23,7 @@ class Answer:
     upkeep_ms: float = 0.0  # store upkeep the request deferred (promotions), run after the first token
     warnings: list[str] = field(default_factory=list)  # e.g. a shared cache tier was unreachable (degraded)
     first_logits: object = None  # torch.Tensor [vocab]; kept out of to_dict()
+    exact_from: int | None = None  # the answer guard's near-tie: the step from which exact KV decided (None: none)
 
     def to_dict(self) -> dict:
         d = asdict(self)

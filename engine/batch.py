@@ -16,7 +16,8 @@ on its own is fused alone.
 `start_stream(fusion)` turns a fusion into a `TokenStream`, and `step_many(engine, streams)` moves every
 unfinished stream one token forward: it picks each stream's next token from its logits (greedy or
 sampled, the stream's own temperature), then computes the next logits of the streams that go on in one
-pass per layer (`blend.extend_many`).
+pass per layer (`blend.extend_many`). A greedy stream with an answer guard (answer_guard.py) that meets
+a near-tie goes on from exact KV, computed for it alone before its token is picked.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..blend import PromptState, blend_many, extend_many
+from ..blend import BlendResult, PromptState, blend_many, extend_many
 from ..blend.query_select import question_attention_many
+from .answer_guard import AnswerGuard
 from .batch_budget import BatchBudget, size_of, split
 from .fusion import Fusion, begin, choose_sources, fuse, load, record, resolve_chunks
 from .request import FusionRequest
@@ -161,10 +163,17 @@ class TokenStream:
     logits: torch.Tensor  # [vocab] for the next token
     tokens: list[int] = field(default_factory=list)  # picked so far (EOS included if it came)
     done: bool = False
+    guard: AnswerGuard | None = None  # greedy near-ties decided on exact KV (None: unguarded)
+    exact: BlendResult | None = None  # the exact KV the guard moved the stream onto (None: still fused)
 
     @property
     def request(self) -> FusionRequest:
         return self.fusion.request
+
+    @property
+    def result(self) -> BlendResult:
+        """The KV the stream decodes from: the fused prompt's, or the guard's exact KV once it switched."""
+        return self.exact if self.exact is not None else self.fusion.run.blend
 
     @property
     def next_row(self) -> int:
@@ -173,19 +182,24 @@ class TokenStream:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of the stream's K/V buffers (held until the stream is dropped)."""
-        return sum(k.nbytes + v.nbytes for k, v in self.fusion.run.blend.buffers)
+        """Bytes of the stream's K/V buffers (held until the stream is dropped; the fused and the exact
+        ones once the guard switched)."""
+        held = [self.fusion.run.blend] + ([self.exact] if self.exact is not None else [])
+        return sum(k.nbytes + v.nbytes for result in held for k, v in result.buffers)
 
 
-def start_stream(fusion: Fusion) -> TokenStream:
-    return TokenStream(fusion, fusion.run.logits, done=fusion.request.max_new_tokens == 0)
+def start_stream(fusion: Fusion, guard: AnswerGuard | None = None) -> TokenStream:
+    return TokenStream(fusion, fusion.run.logits, done=fusion.request.max_new_tokens == 0, guard=guard)
 
 
 def pick(stream: TokenStream) -> int:
-    """The next token from the stream's logits: greedy, or sampled at its temperature."""
+    """The next token from the stream's logits: greedy (on exact KV from a guarded near-tie on), or
+    sampled at its temperature."""
     t = stream.request.temperature
     if t > 0.0:
         return int(torch.multinomial(torch.softmax(stream.logits.float() / t, dim=-1), 1))
+    if stream.guard is not None and (exact := stream.guard.check(stream.logits, stream.tokens)) is not None:
+        stream.exact, stream.logits = exact, exact.logits
     return int(stream.logits.argmax())
 
 
@@ -207,7 +221,7 @@ def step_many(engine, streams: Sequence[TokenStream]) -> list[int | None]:
     if going:
         dev = engine.model.device
         ids = [torch.tensor([s.tokens[-1]], device=dev) for s in going]
-        logits = extend_many(engine.model, [s.fusion.run.blend for s in going], ids, [s.next_row for s in going])
+        logits = extend_many(engine.model, [s.result for s in going], ids, [s.next_row for s in going])
         for s, out in zip(going, logits):
             s.logits = out[0]
     return picked

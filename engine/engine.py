@@ -19,6 +19,7 @@ from ..storage import TieredStore
 from ..storage.build import build_store
 from ..storage.health import degraded_warnings
 from .answer import Answer
+from .answer_guard import AnswerGuard, guard_for
 from .chunk_supply import ChunkSupply
 from .config import CHUNK_CONTEXTS, EngineConfig
 from .context_pass import ContextPassReport, context_pass
@@ -204,14 +205,25 @@ class Engine:
         ids = (self.tokenizer.eos_token_id, getattr(self.model.config, "eos_token_id", None))
         return {i for i in ids if isinstance(i, int)}
 
-    def answer_ids(self, result: BlendResult, max_new_tokens: int, temperature: float = 0.0) -> Iterator[int]:
+    def answer_ids(
+        self, result: BlendResult, max_new_tokens: int, temperature: float = 0.0, guard: AnswerGuard | None = None
+    ) -> Iterator[int]:
         """The answer's token ids after the blend's prompt (greedy, or sampled), EOS excluded: the one
-        decode loop of the engine."""
+        decode loop of the engine. `guard` (see `answer_guard`): near-ties decided on exact KV."""
         eos = self.eos_ids
-        for token in decode(self.model, result, eos, max_new_tokens=max_new_tokens, temperature=temperature):
+        steps = decode(self.model, result, eos, max_new_tokens=max_new_tokens, temperature=temperature, guard=guard)
+        for token in steps:
             if token in eos:
                 return
             yield token
+
+    def answer_guard(self, run: RunResult) -> AnswerGuard | None:
+        """The guard of `run`'s greedy answer (`blend.answer_guard`, a logit margin; answer_guard.py), or
+        None where there is nothing to guard (off, sampling, an exact strategy)."""
+        request = run.request
+        strategy = request.strategy if request is not None else self.config.blend.strategy
+        temperature = request.temperature if request is not None else 0.0
+        return guard_for(self.model, run.plan, run.blend, strategy, temperature, self.config.blend.answer_guard)
 
     def prepare(self, question: str | FusionRequest, documents: Sequence[str] | None = None, **options):
         """(DynamicCache of all but the last prompt token, input_ids [1, N]) for `model.generate`."""
@@ -235,10 +247,11 @@ class Engine:
         """Fuse `request` and decode it: text pieces as they form, then the `Answer`. The request's
         store upkeep runs as soon as the first token is out."""
         fusion = self.fuse(request)
+        guard = self.answer_guard(fusion.run)
         tokens: list[int] = []
         text = ""
         try:
-            for token in self.answer_ids(fusion.run.blend, request.max_new_tokens, request.temperature):
+            for token in self.answer_ids(fusion.run.blend, request.max_new_tokens, request.temperature, guard):
                 tokens.append(token)
                 full = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 piece, text = full[len(text) :], full
@@ -247,7 +260,7 @@ class Engine:
                 fusion.release()  # after the first token: the store's deferred upkeep (once)
         finally:
             fusion.release()
-        yield self.answer(fusion, tokens, text)
+        yield self.answer(fusion, tokens, text, guard)
         self.after_answer(fusion)
 
     def after_answer(self, fusion: Fusion) -> None:
@@ -255,25 +268,28 @@ class Engine:
         recurring prompt, `blend.craft_serve`); the sidecar's scheduler calls it too."""
         store_after_answer(self, fusion)
 
-    def answer(self, fusion: Fusion, tokens: list[int], text: str) -> Answer:
-        """The `Answer` of a decoded fusion: its answer tokens (EOS excluded), their text, the timings."""
+    def answer(self, fusion: Fusion, tokens: list[int], text: str, guard: AnswerGuard | None = None) -> Answer:
+        """The `Answer` of a decoded fusion: its answer tokens (EOS excluded), their text, the timings
+        (with the answer guard's exact prefill in the TTFT when the first step was a near-tie)."""
         run, watch = fusion.run, fusion.watch
         watch.lap("decode")
+        guard_ms = guard.first_token_ms if guard is not None else 0.0
         return Answer(
             text=text.strip(),
             token_ids=tokens,
             strategy=run.request.strategy,
             recompute_ratio=run.request.recompute_ratio,
-            ttft_ms=run.ttft_ms,
-            parts_ms=run.parts_ms,
+            ttft_ms=run.ttft_ms + guard_ms,
+            parts_ms={**run.parts_ms, "guard": guard_ms},
             recompute_fraction=run.blend.recompute_fraction,
             prompt_tokens=run.prompt_tokens,
             hits=run.hits,
             misses=run.misses,
-            decode_ms=watch.elapsed_ms() - run.ttft_ms,
+            decode_ms=watch.elapsed_ms() - run.ttft_ms - guard_ms,
             upkeep_ms=fusion.upkeep_ms,
             warnings=degraded_warnings(self.store, since=watch.started) + self.catalog_warnings(since=watch.started),
             first_logits=run.logits,
+            exact_from=guard.switched_at if guard is not None else None,
         )
 
 

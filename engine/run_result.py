@@ -19,6 +19,7 @@ PARTS = (
     "recompute",  # the layers' fresh q/k/v and attention of the computed tokens (all of them for `full`)
     "first_token",  # final norm and LM head of the last prompt token
     "other",  # the rest of the TTFT: plan checks, embeddings, RoPE tables, buffer setup, Python overhead
+    "guard",  # the answer guard's exact prefill when the first token was a near-tie (answer_guard.py; else 0)
     "batch",  # the sidecar's scheduler: the share spent on the other requests fused in the same batch (0 alone)
 )
 

@@ -10,6 +10,9 @@ COLUMNS = (
     "same_answer",
     "agree_prefix",
     "f1_vs_full",
+    "same_answer_unguarded",
+    "agree_prefix_unguarded",
+    "exact_switch",
     "f1",
     "rouge_l",
     "kl_first_token",
@@ -85,7 +88,8 @@ def curve_points(results: dict[str, dict]) -> dict[str, list[tuple[float, dict]]
 
 
 def plot_curve(results: dict[str, dict], path: str | Path, title: str = "") -> None:
-    """Answer agreement (same answer, agreeing prefix), top-1 and KL against the recompute ratio."""
+    """Answer agreement (same answer, agreeing prefix), top-1 and KL against the recompute ratio; the
+    agreement of the fused KV's own answer (no answer guard) dashed where it differs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +100,11 @@ def plot_curve(results: dict[str, dict], path: str | Path, title: str = "") -> N
     naive = next((r for r in results.values() if r["strategy"] == "naive"), None)
     for ax, (metric, name) in zip(axes.flat, CURVE_METRICS):
         for strategy, points in lines.items():
-            ax.plot([p[0] for p in points], [p[1][metric] for p in points], marker="o", label=strategy)
+            xs = [p[0] for p in points]
+            (line,) = ax.plot(xs, [p[1][metric] for p in points], marker="o", label=strategy)
+            raw = [p[1].get(f"{metric}_unguarded", p[1][metric]) for p in points]
+            if raw != [p[1][metric] for p in points]:
+                ax.plot(xs, raw, marker=".", linestyle="--", color=line.get_color(), label=f"{strategy}, unguarded")
         if naive is not None:
             ax.axhline(naive[metric], color="grey", linestyle=":", label="naive")
         ax.set_title(name, fontsize=10)

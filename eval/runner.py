@@ -2,7 +2,10 @@
 same prompt in the same run (TTFT ratios, KL / top-1 teacher-forced on full's answer, F1, ROUGE-L),
 and against the model's own transformers forward on the same token ids (`hf`, the honest baseline).
 Answer-level fidelity: `same_answer` (the greedy answer is full's, token for token), `agree_prefix`
-(share of full's answer repeated before the first difference) and `f1_vs_full`."""
+(share of full's answer repeated before the first difference) and `f1_vs_full`, of the answer a user
+reads: with the engine's answer guard (`blend.answer_guard`: near-ties decided on exact KV; its
+prefill counted in the TTFT when the first step was the tie). `*_unguarded` are the fused KV's own
+answer's (the selection's quality), `exact_switch` the share of answers the guard moved to exact KV."""
 
 from __future__ import annotations
 
@@ -78,7 +81,12 @@ def evaluate_sample(
         )
         n = run.prompt_tokens
         chunk_tokens = sum(end - start for start, end in run.plan.chunk_spans)  # rows a layer may recompute
-        answer_ids = list(engine.answer_ids(run.blend, max_new_tokens))
+        guard = engine.answer_guard(run)
+        answer_ids = list(engine.answer_ids(run.blend, max_new_tokens, guard=guard))
+        switched = guard is not None and guard.switched_at is not None
+        fused_ids = list(engine.answer_ids(run.blend, max_new_tokens)) if switched else answer_ids
+        guard_first_ms = guard.first_token_ms if guard is not None else 0.0  # its prefill before the first token
+        ttft_ms = run.ttft_ms + guard_first_ms
         text = engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
         if reference is None:
             hf_ms = hf_ttft_ms(engine, sample.question, chunks)  # right after full: same machine state
@@ -93,9 +101,14 @@ def evaluate_sample(
             "same_answer": float(same_answer(ref_ids, answer_ids)),
             "agree_prefix": agree_prefix(ref_ids, answer_ids),
             "f1_vs_full": f1(text, [ref_text]) if ref_text else float(text == ref_text),
-            "ttft_ms": run.ttft_ms,
+            "same_answer_unguarded": float(same_answer(ref_ids, fused_ids)),
+            "agree_prefix_unguarded": agree_prefix(ref_ids, fused_ids),
+            "exact_switch": float(switched),
+            "exact_from": guard.switched_at if switched else None,
+            "guard_ms": guard.switch_ms if switched else 0.0,
+            "ttft_ms": ttft_ms,
             "hf_ttft_ms": hf_ms,
-            "parts_ms": run.parts_ms,
+            "parts_ms": {**run.parts_ms, "guard": guard_first_ms},
             "recompute_fraction": run.blend.recompute_fraction,
             "f1": f1(text, sample.answers),
             "rouge_l": rouge_l(text, sample.answers),
@@ -123,6 +136,10 @@ def summarize(per_sample: Sequence[dict[str, dict]]) -> dict[str, dict]:
         "same_answer",
         "agree_prefix",
         "f1_vs_full",
+        "same_answer_unguarded",
+        "agree_prefix_unguarded",
+        "exact_switch",
+        "guard_ms",
         "f1",
         "rouge_l",
         "kl_first_token",

@@ -25,7 +25,7 @@ class ServedEngine(Protocol):
 class BatchingEngine(ServedEngine, Protocol):
     """An engine the scheduler can batch (engine/batch.py): fuse a request to its first-token logits,
     its model and EOS ids for the decode steps, its tokenizer for the text, its configuration and
-    prompt template for the batch budget, and the final `Answer`.
+    prompt template for the batch budget, a fused prompt's answer guard, and the final `Answer`.
     A stand-in without these is served one request at a time."""
 
     model: Any
@@ -36,6 +36,8 @@ class BatchingEngine(ServedEngine, Protocol):
 
     def fuse(self, request: FusionRequest) -> Any: ...
 
-    def answer(self, fusion: Any, tokens: list[int], text: str) -> Answer: ...
+    def answer_guard(self, run: Any) -> Any: ...
+
+    def answer(self, fusion: Any, tokens: list[int], text: str, guard: Any = None) -> Answer: ...
 
     def after_answer(self, fusion: Any) -> None: ...

@@ -213,7 +213,7 @@ class Scheduler(ModelWorker):
         for g, fusion in zip(joining, self._fuse(joining)):
             if fusion is None:
                 continue
-            g.stream = start_stream(fusion)
+            g.stream = start_stream(fusion, self.engine.answer_guard(fusion.run))
             self._running.append(g)
         self._charge_evenly(joining, time.perf_counter() - t0)
         for g in [g for g in joining if g.stream is not None and g.stream.done]:  # max_new_tokens 0
@@ -273,7 +273,7 @@ class Scheduler(ModelWorker):
         """The stream is done: its Answer (TTFT from joining the batch), then the end; it leaves."""
         fusion = g.stream.fusion
         fusion.release()
-        answer = self.engine.answer(fusion, g.answer_tokens, g.text)
+        answer = self.engine.answer(fusion, g.answer_tokens, g.text, g.stream.guard)
         now = time.perf_counter()
         first = g.first or now
         ttft_ms = (first - g.joined) * 1e3

@@ -47,3 +47,17 @@ def test_eval_counts_the_variants_cachecraft_used(variants):
     chunk_tokens = sum(len(c) for c in engine.tokenize_chunks(PASSAGES))
     assert craft["recomputed_chunk_tokens"] == pytest.approx(craft["recompute_fraction"] * chunk_tokens)
     assert rows["full"]["recomputed_chunk_tokens"] == chunk_tokens and rows["full"]["variants_used"] == 0
+
+
+def test_the_eval_reports_the_guarded_answer_and_the_fused_kv_s_own():
+    from ragkv.blend import BlendConfig
+
+    engine = tiny_engine(blend=BlendConfig(answer_guard=1e9))  # every step a near-tie: exact from step 0
+    sample = Sample("s1", "Where does the river bend?", tuple(PASSAGES), ("the stone bridge",))
+    rows = evaluate_sample(engine, sample, [Spec("full"), Spec("naive")], max_new_tokens=8)
+    naive, full = rows["naive"], rows["full"]
+    assert naive["same_answer"] == 1.0 and naive["exact_switch"] == 1.0 and naive["exact_from"] == 0
+    assert naive["same_answer_unguarded"] == 0.0  # the tiny model's naive fusion answers otherwise
+    assert full["exact_switch"] == 0.0 and full["guard_ms"] == 0.0
+    assert naive["parts_ms"]["guard"] == naive["guard_ms"] > 0
+    assert sum(naive["parts_ms"].values()) == pytest.approx(naive["ttft_ms"], rel=0.05)

@@ -89,6 +89,10 @@ def test_specs_and_summary_table():
         "same_answer": 1.0,
         "agree_prefix": 1.0,
         "f1_vs_full": 1.0,
+        "same_answer_unguarded": 0.0,
+        "agree_prefix_unguarded": 0.5,
+        "exact_switch": 1.0,
+        "guard_ms": 5.0,
         "ttft_ms": 10.0,
         "speedup_vs_full": 2.0,
         "speedup_vs_hf": 1.5,
@@ -111,6 +115,7 @@ def test_specs_and_summary_table():
     assert summary["naive"]["speedup_vs_hf"] == 1.0 and summary["naive"]["hf_ttft_ms_median"] == 15.0
     assert "| naive |" in markdown_table(summary)
     assert summary["naive"]["same_answer"] == 1.0 and summary["naive"]["strategy"] == "naive"
+    assert summary["naive"]["same_answer_unguarded"] == 0.0 and summary["naive"]["exact_switch"] == 1.0
 
 
 def test_one_strategy_parser_and_label_for_the_blend_the_eval_and_the_trace():

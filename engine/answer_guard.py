@@ -1,0 +1,89 @@
+"""The answer guard: a greedy token that a fused prompt decides by a near-tie is decided on exact KV.
+
+A fused prompt's next-token logits are close to the full prefill's (kl ~0.01-0.04 at 10-15% recompute),
+not equal, so its greedy answer leaves the full prefill's only at a step where the top two tokens are
+nearly tied: on the 10 demo questions every answer that turned did so at a step whose blended margin
+(top-1 minus top-2 logit) was below 0.2, or after one that was (docs/BENCHMARKS.md, "The answer guard").
+A budget cannot buy those steps back (30% recompute answered like 15%); exact KV can.
+
+So, for greedy decoding: when a step's margin on the fused KV falls below `blend.answer_guard`, before
+its token is picked the answer moves onto exact KV (`exact_kv`: the model's own forward over the prompt,
+then the answer's tokens so far in one pass) and decodes the rest from there, with no further check
+(the KV is now the full prefill's). The answer then equals the full prefill's unless the fused one had
+already left it at a clear margin. Cost: one full prefill for the answers that meet a near-tie (before
+the first token when the first step is the tie: the `guard` part of the TTFT). Sampling is not guarded,
+and neither are exact strategies (`full`, `prefix`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..blend import BlendPlan, BlendResult, extend
+from ..models import ModelAdapter, synchronize
+from .full_prefill import full_prefill
+
+EXACT_STRATEGIES = ("full", "prefix")  # every prompt row computed in context: nothing to guard
+
+
+def margin(logits: torch.Tensor) -> float:
+    """Top-1 minus top-2 logit of a next-token distribution [vocab]: how clearly greedy decides."""
+    top = logits.float().topk(2).values
+    return float(top[0] - top[1])
+
+
+@torch.inference_mode()
+def exact_kv(model: ModelAdapter, plan: BlendPlan, tokens: Sequence[int], capacity: int) -> BlendResult:
+    """The prompt's exact KV (the model's own forward) with the answer's `tokens` after it, in buffers of
+    `capacity` rows; its `logits` are for the token after them. `num_tokens` stays the prompt's N, so
+    the answer's rows are where a decode loop over the fused prompt put them."""
+    exact = full_prefill(model, plan, reserve=capacity - plan.num_tokens)
+    if not tokens:
+        return exact
+    ids = torch.tensor(list(tokens), device=model.device)
+    return replace(exact, logits=extend(model, exact, ids, plan.num_tokens)[-1])
+
+
+@dataclass
+class AnswerGuard:
+    """One answer's guard: `check` each greedy step's logits; at the first near-tie it returns the exact
+    KV to go on with (once per answer)."""
+
+    threshold: float  # logit margin under which a step is a near-tie
+    exact: Callable[[Sequence[int]], BlendResult]  # the exact KV after the prompt and these answer tokens
+    switched_at: int | None = None  # the answer step decided on exact KV first (None: not switched)
+    switch_ms: float = 0.0  # the exact prefill's wall time
+
+    def check(self, logits: torch.Tensor, tokens: Sequence[int]) -> BlendResult | None:
+        """Exact KV to decode the step after `tokens` from when `logits` [vocab] are a near-tie and the
+        answer is still on fused KV; None otherwise."""
+        if self.switched_at is not None or margin(logits) >= self.threshold:
+            return None
+        t0 = time.perf_counter()
+        exact = self.exact(tokens)
+        synchronize(exact.logits.device)
+        self.switch_ms = (time.perf_counter() - t0) * 1e3
+        self.switched_at = len(tokens)
+        return exact
+
+    @property
+    def first_token_ms(self) -> float:
+        """What the guard added to the time to first token (its prefill when the first step was the tie)."""
+        return self.switch_ms if self.switched_at == 0 else 0.0
+
+
+def guard_for(
+    model: ModelAdapter, plan: BlendPlan, result: BlendResult, strategy: str, temperature: float, threshold: float
+) -> AnswerGuard | None:
+    """The guard of one fused answer, or None where there is nothing to guard: threshold 0, sampling, an
+    exact strategy, or a prompt beyond the model's exact attention span (no full prefill there)."""
+    if threshold <= 0.0 or temperature > 0.0 or strategy in EXACT_STRATEGIES or result.recompute_fraction >= 1.0:
+        return None
+    if model.max_context is not None and plan.num_tokens > model.max_context:
+        return None
+    capacity = result.buffers[0][0].shape[2]
+    return AnswerGuard(threshold, lambda tokens: exact_kv(model, plan, tokens, capacity))
