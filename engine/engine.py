@@ -218,12 +218,11 @@ class Engine:
             yield token
 
     def answer_guard(self, run: RunResult) -> AnswerGuard | None:
-        """The guard of `run`'s greedy answer (`blend.answer_guard`, a logit margin; answer_guard.py), or
-        None where there is nothing to guard (off, sampling, an exact strategy)."""
-        request = run.request
-        strategy = request.strategy if request is not None else self.config.blend.strategy
-        temperature = request.temperature if request is not None else 0.0
-        return guard_for(self.model, run.plan, run.blend, strategy, temperature, self.config.blend.answer_guard)
+        """The guard of `run`'s greedy answer (the request's `answer_guard`, a logit margin, by default
+        `blend.answer_guard`; answer_guard.py), or None where there is nothing to guard (off, sampling,
+        an exact strategy)."""
+        request = run.request or FusionRequest.build(self.config, "")
+        return guard_for(self.model, run.plan, run.blend, request.strategy, request.temperature, request.answer_guard)
 
     def prepare(self, question: str | FusionRequest, documents: Sequence[str] | None = None, **options):
         """(DynamicCache of all but the last prompt token, input_ids [1, N]) for `model.generate`."""

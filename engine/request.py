@@ -32,6 +32,7 @@ class FusionRequest:
     max_new_tokens: int = 32
     reserve: int = 32  # K/V rows kept after the prompt to decode into (0: fuse only, e.g. proxy mode)
     temperature: float = 0.0
+    answer_guard: float = 0.0  # greedy near-ties under this logit margin decided on exact KV (0: off)
 
     def __post_init__(self) -> None:
         validate(self.strategy, self.recompute_ratio)
@@ -41,11 +42,13 @@ class FusionRequest:
             raise ValueError(f"max_new_tokens and reserve must be >= 0, got {self.max_new_tokens}, {self.reserve}")
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.answer_guard >= 0.0 and math.isfinite(self.answer_guard)):
+            raise ValueError(f"answer_guard is a logit margin, a finite number >= 0 (0 = off), got {self.answer_guard}")
 
     @classmethod
     def build(cls, config, question: str, documents: Sequence[str] | None = None, **options) -> FusionRequest:
         """A request with every option not given (or given as None) taken from `config` (an
-        EngineConfig): strategy and ratio from `config.blend`, namespace, max_new_tokens; `reserve`
+        EngineConfig): strategy, ratio and answer guard from `config.blend`, namespace, max_new_tokens; `reserve`
         defaults to max_new_tokens. Unknown options raise a TypeError naming the accepted ones."""
         unknown = sorted(set(options) - OPTIONS)
         if unknown:
@@ -64,6 +67,7 @@ class FusionRequest:
             max_new_tokens=max_new,
             reserve=given.get("reserve", max_new),
             temperature=float(given.get("temperature", 0.0)),
+            answer_guard=float(given.get("answer_guard", config.blend.answer_guard)),
         )
 
     @property

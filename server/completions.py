@@ -41,6 +41,7 @@ class Job:
     retrieve_k: int
     strategy: str | None
     ratio: float | None
+    answer_guard: float | None  # None: the server's blend.answer_guard
     max_new_tokens: int
     temperature: float
     namespace: str
@@ -85,6 +86,7 @@ class Job:
             chunks=self.resolve_chunks(engine, documents),
             strategy=self.strategy,
             recompute_ratio=self.ratio,
+            answer_guard=self.answer_guard,
             max_new_tokens=self.max_new_tokens,
             namespace=self.namespace,
             temperature=self.temperature,
@@ -145,6 +147,7 @@ def make_job(req: ChatRequest | CompletionRequest, question: str, namespace: str
         retrieve_k=k,
         strategy=blend.strategy if blend else None,
         ratio=blend.recompute_ratio if blend else None,
+        answer_guard=blend.answer_guard if blend else None,
         max_new_tokens=max_tokens,
         temperature=req.temperature or 0.0,
         namespace=namespace,
