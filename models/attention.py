@@ -223,9 +223,10 @@ class Segments:
         self.cu_seq = torch.tensor(edges, dtype=torch.int32, device=device)  # [num_seq + 1]
         key_edges = [0, *(past + e - s for s, e in self.spans)]
         self.cu_seq_k = torch.tensor(key_edges, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-        past_rows = torch.arange(past)  # every span's keys: the past, then its own rows (past + s .. past + e)
-        rows = [torch.cat([past_rows, torch.arange(past + s, past + e)]) for s, e in self.spans]
-        self.key_rows = torch.cat(rows).to(device) if past else None  # [num_seq * past + T]
+        self.key_rows = None  # with a past, each span's keys for varlen: the past's rows, then its own
+        if past:
+            rows = [torch.cat([torch.arange(past), torch.arange(past + s, past + e)]) for s, e in self.spans]
+            self.key_rows = torch.cat(rows).to(device)  # [num_seq * past + T]
         self._masks: dict[int, torch.Tensor] = {}  # span length -> [len, past + len], built in the first layer
 
     @classmethod
