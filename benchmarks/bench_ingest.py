@@ -3,8 +3,10 @@
 Modes: `one-by-one` (max_tokens_per_pass=0) and `packed-varlen` (prepacked, one causal attention
 per chunk: what `ModelAdapter.forward_kv` does). The earlier `packed-mask` mode (one attention over
 the pass with a block-diagonal mask) was retired with its code; its figures stay in BENCHMARKS.md.
-Modes are interleaved and repeated; the table shows the median tokens/s.
-`python benchmarks/bench_ingest.py --chunk-tokens 64,256 --out results.json`
+Modes are interleaved and repeated; the table shows the median tokens/s (chunk tokens: the lead-in is
+not counted). `--lead-in template` computes every chunk after the default prompt template's fixed prefix,
+as ingestion does by default (`chunk_context = "prefix"`); `sink` after the model's sink alone.
+`python benchmarks/bench_ingest.py --chunk-tokens 64,256 --lead-in template --out results.json`
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ragkv.chunk_cache import precompute_many
+from ragkv.engine.prompt import PromptTemplate
 from ragkv.models import load_adapter
 
 
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pass-tokens", type=int, default=2048, help="prepacking budget per forward pass")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="one-by-one,packed-varlen", help="comma-separated: one-by-one, packed-varlen")
+    p.add_argument("--lead-in", default="sink", choices=("sink", "template"), help="what chunks are computed after")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="results-ingest-throughput.json")
     args = p.parse_args(argv)
@@ -43,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in ("one-by-one", "packed-varlen")]
     if unknown:
         p.error(f"unknown mode(s) {', '.join(unknown)}; accepted: one-by-one, packed-varlen")
+    lead_in = PromptTemplate().render(adapter.tokenizer, "")[0] if args.lead_in == "template" else None
     vocab = adapter.config.vocab_size
     g = torch.Generator().manual_seed(0)
     rows = []
     print(
         f"{args.model} on {args.device} ({torch.get_num_threads()} threads), pass budget {args.pass_tokens} tokens, "
-        f"median of {args.repeats}",
+        f"median of {args.repeats}, after the {args.lead_in} ({len(lead_in or adapter.sink_ids)} tokens)",
         flush=True,
     )
     print(f"{'chunk tok':>9} {'chunks':>6} {'mode':<14} {'tok/s':>8} {'best':>8} {'x one-by-one':>12}", flush=True)
@@ -58,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         n_tok = sum(map(len, chunks))
         runs = {
-            "one-by-one": lambda: precompute_many(adapter, chunks, max_tokens_per_pass=0),
-            "packed-varlen": lambda: precompute_many(adapter, chunks, max_tokens_per_pass=args.pass_tokens),
+            "one-by-one": lambda: precompute_many(adapter, chunks, 0, lead_in),
+            "packed-varlen": lambda: precompute_many(adapter, chunks, args.pass_tokens, lead_in),
         }
-        precompute_many(adapter, chunks[:2], max_tokens_per_pass=args.pass_tokens)  # warm-up
+        precompute_many(adapter, chunks[:2], args.pass_tokens, lead_in)  # warm-up
         times: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode in modes:  # interleaved, so a burst of load on the shared machine hits every mode
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         device=args.device,
         threads=torch.get_num_threads(),
+        lead_in=args.lead_in,
+        lead_in_tokens=len(lead_in or adapter.sink_ids),
         pass_tokens=args.pass_tokens,
         machine=platform.processor() or platform.machine(),
         rows=rows,

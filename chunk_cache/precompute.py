@@ -5,8 +5,10 @@ default the model's attention-sink context (`model.sink_ids`, e.g. BOS); with `l
 template's fixed prefix (chat template + instruction, the shared prefix of APE), so that the cached KV
 already "knows" it is a passage of such a prompt. The lead-in rows are dropped and the chunk's keys start
 at `pos0 = len(lead_in)`. A lead-in other than the sink is part of the chunk's key (`chunk_key`, key.py).
-Prepacking puts several `[lead-in + chunk]` sequences in one pass with a block-diagonal causal mask and
-positions restarting per sequence; it equals one-by-one.
+The lead-in's KV is computed once per call (one forward over the lead-in) and every chunk's pass attends
+to it as a shared past, so a chunk costs its own tokens only; it equals computing `[lead-in + chunk]` in
+one sequence. Prepacking puts several chunks in one pass, each attending to the lead-in and causally to
+itself only (block-diagonal), positions continuing from the lead-in's length; it equals one-by-one.
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ class KVModel(Protocol):
     sink_ids: tuple[int, ...]
 
     def forward_kv(
-        self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        segments: torch.Tensor | None = None,
+        past: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """All layers' K/V of `ids` [T]: [2, L, T, H_kv, D]; `segments` [T] makes the mask block-diagonal."""
+        """All layers' K/V of `ids` [T]: [2, L, T, H_kv, D]; `segments` [T] makes the mask block-diagonal;
+        `past` [2, L, P, H_kv, D] (a lead-in's `forward_kv`) is a prefix every segment attends to in full."""
         ...
 
 
@@ -45,22 +52,24 @@ def precompute_many(
     lead_in: Sequence[int] | None = None,
 ) -> list[ChunkKV]:
     """KV of many chunks, each computed after `lead_in` (None: the model's sink), packed greedily into
-    passes of at most `max_tokens_per_pass` tokens (lead-ins included).
+    passes of at most `max_tokens_per_pass` chunk tokens. The lead-in's KV is computed once, up front.
 
     A chunk longer than the budget gets a pass of its own; `max_tokens_per_pass=0` means one
     chunk per pass (no packing).
     """
     lead = [int(t) for t in (model.sink_ids if lead_in is None else lead_in)]
+    p = len(lead)
+    past = model.forward_kv(torch.tensor(lead, dtype=torch.long), torch.arange(p)) if p else None  # [2, L, P, H, D]
     out: list[ChunkKV | None] = [None] * len(chunks)
-    for batch in _packs([len(lead) + len(c) for c in chunks], max_tokens_per_pass):
-        seqs = [lead + [int(t) for t in chunks[i]] for i in batch]
+    for batch in _packs([len(c) for c in chunks], max_tokens_per_pass):
+        seqs = [[int(t) for t in chunks[i]] for i in batch]
         ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)  # [T]
-        positions = torch.cat([torch.arange(len(s)) for s in seqs])  # [T], restarting per chunk
+        positions = torch.cat([torch.arange(p, p + len(s)) for s in seqs])  # [T], after the lead-in per chunk
         segments = torch.cat([torch.full((len(s),), n) for n, s in enumerate(seqs)])  # [T]
-        kv = model.forward_kv(ids, positions, segments if len(seqs) > 1 else None)  # [2, L, T, H, D]
+        kv = model.forward_kv(ids, positions, segments if len(seqs) > 1 else None, past)  # [2, L, T, H, D]
         start = 0
         for i, s in zip(batch, seqs):
-            out[i] = ChunkKV(kv[:, :, start + len(lead) : start + len(s)].clone(), pos0=len(lead))
+            out[i] = ChunkKV(kv[:, :, start : start + len(s)].clone(), pos0=p)
             start += len(s)
     assert all(o is not None for o in out), "every chunk must be packed exactly once"
     return out  # type: ignore[return-value]

@@ -7,8 +7,8 @@ result: `BlockedMask` (queries split into up to 8 blocks, each reading keys only
 position: little masked-out work on CPU, but one SDPA call per block), `DenseMask` (one SDPA call
 with one boolean mask [T, N]) and `FlexMask` (FlexAttention with a block mask: skips fully masked
 key blocks; compiled on CUDA, eager reference on CPU). `Segments` packs independent causal
-sequences side by side (prepacked precompute): one variable-length flash call on CUDA in fp16/bf16,
-one SDPA call per sequence elsewhere.
+sequences side by side (prepacked precompute), each optionally after a shared past (the lead-in,
+computed once): one variable-length flash call on CUDA in fp16/bf16, one SDPA call per sequence elsewhere.
 """
 
 from __future__ import annotations
@@ -210,34 +210,51 @@ VARLEN_FAILURE: str | None = None  # why variable-length attention failed in thi
 
 
 class Segments:
-    """Independent causal sequences packed side by side: [start, end) spans of one packed pass."""
+    """Independent causal sequences packed side by side: [start, end) spans of one packed pass, each
+    optionally after a shared past of `past` keys (a prompt template's lead-in computed once): query i of
+    a span then sees every past key and its own span's keys up to i, and `attend` takes keys and values
+    [1, H_kv, past + T, D] (the past's rows first, then the packed tokens')."""
 
-    def __init__(self, spans: Sequence[tuple[int, int]], device: torch.device) -> None:
+    def __init__(self, spans: Sequence[tuple[int, int]], device: torch.device, past: int = 0) -> None:
         self.spans = list(spans)
+        self.past = past
         self.max_len = max(e - s for s, e in self.spans)
         edges = [self.spans[0][0], *(e for _, e in self.spans)]
         self.cu_seq = torch.tensor(edges, dtype=torch.int32, device=device)  # [num_seq + 1]
+        key_edges = [0, *(past + e - s for s, e in self.spans)]
+        self.cu_seq_k = torch.tensor(key_edges, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+        self.key_rows = None  # with a past, each span's keys for varlen: the past's rows, then its own
+        if past:
+            rows = [torch.cat([torch.arange(past), torch.arange(past + s, past + e)]) for s, e in self.spans]
+            self.key_rows = torch.cat(rows).to(device)  # [num_seq * past + T]
+        self._masks: dict[int, torch.Tensor] = {}  # span length -> [len, past + len], built in the first layer
 
     @classmethod
-    def from_ids(cls, segments: torch.Tensor, device: torch.device) -> Segments:
+    def from_ids(cls, segments: torch.Tensor, device: torch.device, past: int = 0) -> Segments:
         """From per-token segment ids [T] (contiguous runs)."""
         change = (segments[1:] != segments[:-1]).nonzero().flatten() + 1  # segment boundaries
         edges = [0, *change.tolist(), segments.shape[0]]
-        return cls(list(zip(edges[:-1], edges[1:])), device)
+        return cls(list(zip(edges[:-1], edges[1:])), device, past)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [1, H_q, T, D] over k, v [1, H_kv, T, D] of the same packed tokens -> [1, H_q, T, D]."""
+        """q [1, H_q, T, D] over k, v [1, H_kv, past + T, D] (the past, then the same packed tokens) ->
+        [1, H_q, T, D]."""
         global VARLEN_FAILURE
         if varlen_available(q) and VARLEN_FAILURE is None:
             from torch.nn.attention.varlen import varlen_attn
 
-            qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D]
-            cu, m = self.cu_seq, self.max_len
+            qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D], keys [past + T, H, D]
+            if self.key_rows is not None:  # each span's keys: the past repeated, then its own rows
+                kt, vt = kt.index_select(0, self.key_rows), vt.index_select(0, self.key_rows)
             try:
                 if kt.shape[1] != qt.shape[1]:  # GQA by repeating K/V heads (torch 2.11's varlen has no enable_gqa)
                     groups = qt.shape[1] // kt.shape[1]
                     kt, vt = kt.repeat_interleave(groups, dim=1), vt.repeat_interleave(groups, dim=1)
-                out = varlen_attn(qt, kt, vt, cu, cu, m, m, scale=scale, window_size=(-1, 0))
+                # flash's causal window is aligned bottom-right: a span's query i sees keys 0 .. past + i
+                m = self.max_len
+                out = varlen_attn(
+                    qt, kt, vt, self.cu_seq, self.cu_seq_k, m, m + self.past, scale=scale, window_size=(-1, 0)
+                )
                 return out.transpose(0, 1)[None]  # [1, H_q, T, D]
             except Exception as exc:  # no flash kernel for this card or build: report once, loop instead
                 VARLEN_FAILURE = f"{type(exc).__name__}: {exc}"
@@ -245,7 +262,21 @@ class Segments:
                     f"variable-length attention failed ({VARLEN_FAILURE}); packed passes attend per sequence",
                     stacklevel=3,
                 )
-        return torch.cat([sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], scale) for s, e in self.spans], dim=2)
+        p = self.past
+        if not p:
+            return torch.cat([sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], scale) for s, e in self.spans], dim=2)
+        out = []
+        for s, e in self.spans:
+            keys, values = (torch.cat([x[:, :, :p], x[:, :, p + s : p + e]], dim=2) for x in (k, v))
+            out.append(sdpa(q[:, :, s:e], keys, values, scale, self._mask(e - s, q.device)))
+        return torch.cat(out, dim=2)
+
+    def _mask(self, length: int, device: torch.device) -> torch.Tensor:
+        """[length, past + length]: query i sees every past key and its span's keys 0..i."""
+        if length not in self._masks:
+            keys = torch.arange(self.past + length, device=device)
+            self._masks[length] = keys[None, :] <= torch.arange(length, device=device)[:, None] + self.past
+        return self._masks[length]
 
 
 def varlen_available(q: torch.Tensor) -> bool:

@@ -146,17 +146,31 @@ class ModelAdapter(ABC):
     # -- whole passes ---------------------------------------------------------------------------
     @torch.inference_mode()
     def forward_kv(
-        self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        segments: torch.Tensor | None = None,
+        past: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Every layer's K/V of `ids` [T]: [2, L, T, H_kv, D]. `segments` [T] (contiguous ids) packs
-        independent sequences: each attends only within itself."""
+        independent sequences: each attends only within itself. `past` [2, L, P, H_kv, D] (this model's
+        `forward_kv` of a lead-in) is a shared prefix every sequence also attends to in full, as if each
+        were computed after it (`positions` then continue from P); only the new tokens' K/V come back."""
         t = ids.shape[0]
-        spans = Segments.from_ids(segments.cpu(), self.device) if segments is not None else None  # built once
+        p = 0 if past is None else past.shape[2]
+        past = None if past is None else past.to(device=self.device, dtype=self.dtype)  # no copy when already so
+        spans = None  # built once for all layers
+        if segments is not None:
+            spans = Segments.from_ids(segments.cpu(), self.device, past=p)
+        elif p:
+            spans = Segments([(0, t)], self.device, past=p)
         kv = torch.empty(2, self.num_layers, t, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
         h = self.embed(ids)  # [T, hidden]
         cos, sin = self.rope(positions)
         for layer in range(self.num_layers):
             q, k, v = self.qkv(layer, h, cos, sin)
             kv[0, layer], kv[1, layer] = k, v
+            if p:  # the past's rows first: [P + T, H_kv, D]
+                k, v = torch.cat([past[0, layer], k]), torch.cat([past[1, layer], v])
             h = self.attend(layer, h, q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], segments=spans)
         return kv

@@ -238,6 +238,22 @@ def test_prepacked_varlen_precompute_on_cuda_equals_one_by_one():
         assert _rel(b.kv, a.kv) < 2e-2  # bf16: a different kernel, not a different result
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_precompute_after_a_shared_lead_in_on_cuda_equals_one_sequence(dtype):
+    """The lead-in computed once and attended to as a shared past (varlen in bf16: flash's causal window
+    aligned bottom-right; per-span SDPA with a mask in fp32) equals `[lead-in + chunk]` in one pass."""
+    adapter = adapter_for(tiny_model("llama").to("cuda", dtype), sink_ids=(1,))
+    g = torch.Generator().manual_seed(8)
+    lead = [1] + torch.randint(3, 256, (70,), generator=g).tolist()
+    chunks = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 64, 1, 200, 33)]
+    for budget in (0, 256):
+        for chunk, kv in zip(chunks, precompute_many(adapter, chunks, budget, lead_in=lead)):
+            ids = torch.tensor(lead + chunk)
+            whole = adapter.forward_kv(ids, torch.arange(len(ids)))[:, :, len(lead) :]
+            assert _rel(kv.kv, whole) < (2e-2 if dtype == torch.bfloat16 else REL), (budget, len(chunk))
+    assert attention.VARLEN_FAILURE is None
+
+
 def test_flex_mask_equals_dense_mask_at_8b_head_shapes():
     from ragkv.models.attention import query_mask
 
