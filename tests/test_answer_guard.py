@@ -121,3 +121,26 @@ def test_batched_streams_are_guarded_each_on_its_own():
     got = [[t for t in s.tokens if t not in engine.eos_ids] for s in streams]
     assert got == want
     assert all(s.guard.switched_at == 0 and s.kv_bytes == 2 * b for s, b in zip(streams, fused_bytes))
+
+
+def test_a_request_sets_its_own_guard_and_the_sidecar_checks_it(tmp_path):
+    import json
+
+    from asgi_helpers import post, tiny_app
+
+    engine = _engine(ALWAYS)
+    chunks = engine.tokenize_chunks(PASSAGES)
+    assert engine.generate(QUESTION, chunks=chunks, answer_guard=0.0).exact_from is None  # off for this request
+    with pytest.raises(ValueError, match="answer_guard"):
+        engine.request(QUESTION, chunks=chunks, answer_guard=-1.0)
+    app = tiny_app(tmp_path)
+    try:
+        body = {"messages": [{"role": "user", "content": QUESTION}], "documents": PASSAGES, "max_tokens": 4}
+        r = post(app, "/v1/chat/completions", json.dumps({**body, "blend": {"answer_guard": -0.5}}))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "blend.answer_guard", r.text
+        r = post(app, "/v1/chat/completions", json.dumps({**body, "blend": {"answer_guard": 1000}}))
+        assert r.status_code == 200 and r.json()["ragkv"]["exact_from"] == 0, r.text
+        r = post(app, "/v1/chat/completions", json.dumps({**body, "blend": {"answer_guard": 0}}))
+        assert r.status_code == 200 and r.json()["ragkv"]["exact_from"] is None, r.text
+    finally:
+        app.state.worker.close()
