@@ -2,7 +2,8 @@
 through `RagkvConnector` (start vLLM with benchmarks/vllm_e2e.sh, which then runs this script).
 
 Per RAG prompt (question + K chunks of a MuSiQue sample, chunks already cached in ragkv's store):
-1. ragkv's own answer: `Engine.generate` (fusion + ragkv's decode), the first `--max-tokens` greedy ids;
+1. ragkv's own answer: `Engine.generate` (fusion + ragkv's decode), the first `--max-tokens` greedy ids,
+   with the answer guard off: vLLM decodes the fused KV as it is, so the two must agree token for token;
 2. vLLM + ragkv: a streamed chat request to the proxy (the app of `ragkv serve --upstream`, served by
    uvicorn in this process over the same Engine, so the chunk KV is computed once); TTFT is measured
    by the client to the first streamed text; vLLM's `prompt_tokens_by_source` metric says how many
@@ -139,7 +140,8 @@ def main() -> None:
         chunk_ids = engine.tokenize_chunks(docs)
         engine.ensure_cached(chunk_ids)  # the chunks are cached before anything is timed
         ids = engine.plan(s.question, chunk_ids).input_ids.tolist()
-        own = engine.generate(s.question, docs, max_new_tokens=args.max_tokens)
+        # no answer guard: vLLM decodes the handed-over fused KV unguarded, so compare with the same KV
+        own = engine.generate(s.question, docs, max_new_tokens=args.max_tokens, answer_guard=0.0)
 
         before = vllm_sources(args.vllm)
         chat = {"messages": [{"role": "user", "content": s.question}], "documents": docs}
