@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "e.g. 0,0.05,0.1,0.15,0.25,0.5,1.0 for the budget curve (--curve)",
     )
     p.add_argument("--limit", type=int, default=20, help="number of samples (default 20)")
+    p.add_argument(
+        "--offset", type=int, default=0, help="skip this many samples first (a long run in parts; default 0)"
+    )
     p.add_argument("--max-chunks", type=int, default=None, help="keep at most this many passages per sample")
     p.add_argument(
         "--max-new-tokens",
@@ -108,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     names = args.strategies or f"full,naive,cacheblend,{settings.blend.strategy}"
     specs = parse_specs(list(dict.fromkeys(s.strip() for s in names.split(",") if s.strip())), ratios)
-    samples = load_samples(args.data, args.format, args.limit, args.max_chunks)
+    if args.offset < 0:
+        raise ValueError(f"--offset must be >= 0, got {args.offset}")
+    samples = load_samples(args.data, args.format, args.offset + args.limit, args.max_chunks)[args.offset :]
     if not samples:
         raise ValueError(f"no usable samples in {args.data} (format {args.format})")
     engine = Engine.from_pretrained(
@@ -133,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": str(args.data),
         "format": args.format,
         "n": len(samples),
+        "offset": args.offset,
         "device": settings.device
         if settings.device != "cpu"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
