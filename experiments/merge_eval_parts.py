@@ -23,8 +23,12 @@ def main() -> None:
     args = ap.parse_args()
     reports = sorted((json.loads(p.read_text()) for p in args.parts), key=lambda r: r.get("offset", 0))
     first = reports[0]
+
+    def shape(r: dict) -> tuple:
+        return r["dataset"], r["format"], list(r["results"])
+
     for r in reports[1:]:
-        if (r["dataset"], r["format"], list(r["results"])) != (first["dataset"], first["format"], list(first["results"])):
+        if shape(r) != shape(first):
             raise SystemExit("the parts are not of one data set with the same strategies")
     samples = [row for r in reports for row in r["samples"]]
     merged = {**first, "n": len(samples), "offset": first.get("offset", 0), "results": summarize(samples)}
@@ -33,7 +37,8 @@ def main() -> None:
     args.out.write_text(json.dumps(merged, indent=1))
     print(markdown_table(merged["results"]))
     if args.curve:
-        plot_curve(merged["results"], args.curve, f"{first['model']} on {Path(first['dataset']).name} (n={len(samples)})")
+        title = f"{first['model']} on {Path(first['dataset']).name} (n={len(samples)})"
+        plot_curve(merged["results"], args.curve, title)
 
 
 if __name__ == "__main__":
