@@ -1,11 +1,11 @@
 """The answer guard: a greedy token that a fused prompt decides by a near-tie is decided on exact KV.
 
 A fused prompt's next-token logits are close to the full prefill's (kl ~0.01-0.04 at 10-15% recompute),
-not equal, so its greedy answer leaves the full prefill's where the top two tokens are nearly tied: of
-the 11 answers that turned on 10 demo and 10 MuSiQue questions, 10 turned at a step where the blended
-or the full prefill's margin (top-1 minus top-2 logit) was under 0.26, and the 11th after an earlier
-blended step at 0.09 (docs/BENCHMARKS.md, "The answer guard"). A budget cannot buy those steps back
-(30% recompute answered like 15%); exact KV can.
+not equal, so its greedy answer mostly leaves the full prefill's where the top two tokens are nearly
+tied: of the 14 answers that turned on 10 demo and 13 MuSiQue questions, 12 turned at a step where the
+blended or the full prefill's margin (top-1 minus top-2 logit) was under 0.26, one after an earlier
+blended step at 0.09, one at clear margins on both sides (docs/BENCHMARKS.md, "The answer guard"). A
+budget cannot buy the near-ties back (30% recompute answered like 15%); exact KV can.
 
 So, for greedy decoding: when a step's margin on the fused KV falls below `blend.answer_guard`, before
 its token is picked the answer moves onto exact KV (`exact_kv`: the model's own forward over the prompt,
