@@ -127,7 +127,7 @@ class BlendOptions(_Strict):
         None, allow_inf_nan=False, strict=True, json_schema_extra={"minimum": 0.0, "maximum": 1.0}
     )
     # greedy near-ties (top-1 minus top-2 logit under this) decided on exact KV: one full prefill; 0 = off
-    answer_guard: float | None = Field(None, ge=0.0, le=1e6, allow_inf_nan=False)
+    answer_guard: float | None = Field(None, ge=0.0, le=1e6, allow_inf_nan=False, strict=True)
 
     @model_validator(mode="after")
     def _check(self) -> BlendOptions:

@@ -136,8 +136,9 @@ def test_a_request_sets_its_own_guard_and_the_sidecar_checks_it(tmp_path):
     app = tiny_app(tmp_path)
     try:
         body = {"messages": [{"role": "user", "content": QUESTION}], "documents": PASSAGES, "max_tokens": 4}
-        r = post(app, "/v1/chat/completions", json.dumps({**body, "blend": {"answer_guard": -0.5}}))
-        assert r.status_code == 400 and r.json()["error"]["param"] == "blend.answer_guard", r.text
+        for bad in (-0.5, "0.1"):  # negative, or a number in a string: refused, naming the field
+            r = post(app, "/v1/chat/completions", json.dumps({**body, "blend": {"answer_guard": bad}}))
+            assert r.status_code == 400 and r.json()["error"]["param"] == "blend.answer_guard", r.text
         r = post(app, "/v1/chat/completions", json.dumps({**body, "blend": {"answer_guard": 1000}}))
         assert r.status_code == 200 and r.json()["ragkv"]["exact_from"] == 0, r.text
         r = post(app, "/v1/chat/completions", json.dumps({**body, "blend": {"answer_guard": 0}}))
