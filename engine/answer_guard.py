@@ -18,6 +18,7 @@ and neither are exact strategies (`full`, `prefix`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from ..blend import BlendPlan, BlendResult, extend
 from ..models import ModelAdapter, synchronize
 from .full_prefill import full_prefill
 
+logger = logging.getLogger(__name__)
 EXACT_STRATEGIES = ("full", "prefix")  # every prompt row computed in context: nothing to guard
 
 
@@ -58,15 +60,22 @@ class AnswerGuard:
     exact: Callable[[Sequence[int]], BlendResult]  # the exact KV after the prompt and these answer tokens
     switched_at: int | None = None  # the answer step decided on exact KV first (None: not switched)
     switch_ms: float = 0.0  # the exact prefill's wall time
+    failure: str | None = None  # why the exact prefill failed (e.g. out of memory): the answer stays fused
 
     def check(self, logits: torch.Tensor, tokens: Sequence[int]) -> BlendResult | None:
         """Exact KV to decode the step after `tokens` from when `logits` [vocab] are a near-tie and the
-        answer is still on fused KV; None otherwise."""
-        if self.switched_at is not None or margin(logits) >= self.threshold:
+        answer is still on fused KV; None otherwise. A failed exact prefill (out of memory, say) leaves
+        the answer on its fused KV, unguarded from then on, rather than failing it (`failure` says why)."""
+        if self.switched_at is not None or self.failure is not None or margin(logits) >= self.threshold:
             return None
         t0 = time.perf_counter()
-        exact = self.exact(tokens)
-        synchronize(exact.logits.device)
+        try:
+            exact = self.exact(tokens)
+            synchronize(exact.logits.device)
+        except (RuntimeError, ValueError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+            self.failure = f"the answer guard's exact prefill failed ({type(exc).__name__}: {exc}); decoded on fused KV"
+            logger.warning(self.failure)
+            return None
         self.switch_ms = (time.perf_counter() - t0) * 1e3
         self.switched_at = len(tokens)
         return exact

@@ -286,7 +286,9 @@ class Engine:
             misses=run.misses,
             decode_ms=watch.elapsed_ms() - run.ttft_ms - guard_ms,
             upkeep_ms=fusion.upkeep_ms,
-            warnings=degraded_warnings(self.store, since=watch.started) + self.catalog_warnings(since=watch.started),
+            warnings=degraded_warnings(self.store, since=watch.started)
+            + self.catalog_warnings(since=watch.started)
+            + ([guard.failure] if guard is not None and guard.failure else []),
             first_logits=run.logits,
             exact_from=guard.switched_at if guard is not None else None,
         )

@@ -145,3 +145,18 @@ def test_a_request_sets_its_own_guard_and_the_sidecar_checks_it(tmp_path):
         assert r.status_code == 200 and r.json()["ragkv"]["exact_from"] is None, r.text
     finally:
         app.state.worker.close()
+
+
+def test_a_failed_exact_prefill_leaves_the_answer_fused_and_says_so(monkeypatch):
+    from ragkv.engine import answer_guard
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(answer_guard, "full_prefill", out_of_memory)
+    engine = _engine(ALWAYS)
+    chunks = engine.tokenize_chunks(PASSAGES)
+    _, run = _fused(engine)
+    answer = engine.generate(QUESTION, chunks=chunks)
+    assert answer.exact_from is None and answer.token_ids == list(engine.answer_ids(run.blend, NEW))
+    assert any("exact prefill failed" in w and "out of memory" in w for w in answer.warnings)
