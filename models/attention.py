@@ -272,10 +272,11 @@ class Segments:
         return torch.cat(out, dim=2)
 
     def _mask(self, length: int, device: torch.device) -> torch.Tensor:
-        """[length, past + length]: query i sees every past key and its span's keys 0..i."""
+        """[length, past + length]: query i (at position past + i) sees every past key and its span's
+        keys 0..i: `DenseMask`'s mask over those positions."""
         if length not in self._masks:
-            keys = torch.arange(self.past + length, device=device)
-            self._masks[length] = keys[None, :] <= torch.arange(length, device=device)[:, None] + self.past
+            positions = torch.arange(self.past, self.past + length, device=device)
+            self._masks[length] = DenseMask(positions, self.past + length, device).mask
         return self._masks[length]
 
 
