@@ -20,6 +20,15 @@ from .sql import sql_engine
 from .tier import EntryInfo
 
 log = logging.getLogger(__name__)
+# what a damaged SQLite file raises: a database error, or text that is no longer UTF-8 (garbage bytes in a
+# page that a pragma or a query reads back as a string; sqlite3 raises that unwrapped)
+DAMAGE_ERRORS = (sa.exc.DatabaseError, UnicodeDecodeError)
+
+
+def damage_reason(err: BaseException) -> object:
+    """What to quote of a damage error: the driver's own error where SQLAlchemy wrapped one."""
+    return getattr(err, "orig", None) or err
+
 
 _META = sa.MetaData()
 CHUNKS = sa.Table(
@@ -69,9 +78,9 @@ class Catalog:
                     verdict = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
                 if verdict != ["ok"]:
                     raise CatalogDamaged(self.damaged("; ".join(map(str, verdict[:3]))))
-        except sa.exc.DatabaseError as err:
+        except DAMAGE_ERRORS as err:
             self.engine.dispose()
-            raise CatalogDamaged(self.damaged(err.orig or err)) from None
+            raise CatalogDamaged(self.damaged(damage_reason(err))) from None
         except CatalogDamaged:
             self.engine.dispose()
             raise
@@ -103,8 +112,8 @@ class Catalog:
                         out.append(_row(r))
                     except (ValueError, TypeError, KeyError) as err:
                         log.warning("catalog %s: skipping an unreadable row (%s)", self.url, err)
-        except sa.exc.DatabaseError as err:
-            raise CatalogDamaged(self.damaged(err.orig or err)) from None
+        except DAMAGE_ERRORS as err:
+            raise CatalogDamaged(self.damaged(damage_reason(err))) from None
         return out
 
     def row(self, key: ChunkKey) -> CatalogRow | None:

@@ -12,10 +12,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from ..chunk_cache import ChunkKey
-from .catalog import CatalogDamaged, CatalogRow
+from .catalog import DAMAGE_ERRORS, CatalogDamaged, CatalogRow, damage_reason
 from .files import file_mtime, file_size, lock_held, unlink_if_present
 from .payload import CorruptPayload, read_any_payload
 from .tier import EntryInfo
@@ -48,8 +46,8 @@ class DiskReconcile:
         `repair=False` changes nothing and reports what a repair would do."""
         try:
             return self._check(repair, adopt_any_age)
-        except sa.exc.DatabaseError as err:
-            raise CatalogDamaged(self.catalog.damaged(err.orig or err)) from None
+        except DAMAGE_ERRORS as err:
+            raise CatalogDamaged(self.catalog.damaged(damage_reason(err))) from None
 
     def _check(self, repair: bool, adopt_any_age: bool) -> CheckReport:
         with self._lock:

@@ -69,3 +69,16 @@ def test_the_journal_is_compacted_to_the_live_documents(tmp_path):
     r = _open(tmp_path)  # opening compacts it: one line per live document
     r.close()
     assert len(journal.read_text().splitlines()) == 1
+
+
+def test_a_catalog_whose_text_is_no_longer_utf8_is_damaged_not_a_crash(tmp_path, monkeypatch):
+    """Random bytes in a page can make SQLite hand back text that is not UTF-8; sqlite3 raises that as a
+    bare UnicodeDecodeError (seen from a pragma at connect): it is damage, with the healing message."""
+    from ragkv.storage import catalog as catalog_module
+
+    def garbage(*_args, **_kwargs):
+        raise UnicodeDecodeError("utf-8", b"\xc3\x28", 0, 1, "invalid continuation byte")
+
+    monkeypatch.setattr(catalog_module, "create_tables", garbage)
+    with pytest.raises(CatalogDamaged, match="documents.journal.jsonl"):
+        catalog_module.Catalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}", "disk")
