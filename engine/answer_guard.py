@@ -90,8 +90,12 @@ def guard_for(
     model: ModelAdapter, plan: BlendPlan, result: BlendResult, strategy: str, temperature: float, threshold: float
 ) -> AnswerGuard | None:
     """The guard of one fused answer, or None where there is nothing to guard: threshold 0, sampling, an
-    exact strategy, or a prompt beyond the model's exact attention span (no full prefill there)."""
+    exact strategy, a fusion whose every chunk was exact already (one retrieved chunk computed after this
+    prompt's prefix: its KV is the full prefill's, a switch would buy nothing), or a prompt beyond the
+    model's exact attention span (no full prefill there)."""
     if threshold <= 0.0 or temperature > 0.0 or strategy in EXACT_STRATEGIES or result.recompute_fraction >= 1.0:
+        return None
+    if len(plan.exact_chunks) == len(plan.chunk_spans):
         return None
     if model.max_context is not None and plan.num_tokens > model.max_context:
         return None

@@ -87,6 +87,21 @@ def test_no_guard_when_off_sampled_or_exact():
     assert engine.answer_guard(sampled) is None
 
 
+def test_no_guard_when_every_chunk_was_exact_already():
+    """One chunk computed after this prompt's own prefix: its KV is the full prefill's, so the fused
+    answer is the full prefill's and a switch would pay a prefill for nothing."""
+    engine = _engine(ALWAYS)
+    one = engine.tokenize_chunks(PASSAGES[:1])
+    engine.ensure_cached(one)
+    run = engine.run(QUESTION, chunks=one, reserve=NEW + 1)
+    assert run.plan.exact_chunks == (0,)
+    assert engine.answer_guard(run) is None
+    full = engine.run(QUESTION, chunks=one, strategy="full", reserve=NEW + 1)
+    assert list(engine.answer_ids(run.blend, NEW)) == list(engine.answer_ids(full.blend, NEW))
+    _, two = _fused(engine)  # two chunks, the second's KV computed apart: guarded
+    assert len(two.plan.chunk_spans) > 1 and engine.answer_guard(two) is not None
+
+
 def test_an_unmet_threshold_leaves_the_fused_answer_alone():
     engine = _engine(1e-12)
     _, run = _fused(engine)
