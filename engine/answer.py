@@ -24,6 +24,7 @@ class Answer:
     warnings: list[str] = field(default_factory=list)  # e.g. a shared cache tier was unreachable (degraded)
     first_logits: object = None  # torch.Tensor [vocab]; kept out of to_dict()
     exact_from: int | None = None  # the answer guard's near-tie: the step from which exact KV decided (None: none)
+    taken_back_from: int | None = None  # read whole: tokens from this step on were taken back, redone on exact KV
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -193,13 +193,15 @@ def start_stream(fusion: Fusion, guard: AnswerGuard | None = None) -> TokenStrea
 
 
 def pick(stream: TokenStream) -> int:
-    """The next token from the stream's logits: greedy (on exact KV from a guarded near-tie on), or
-    sampled at its temperature."""
+    """The next token from the stream's logits: greedy (on exact KV from a guarded near-tie on; a
+    request read whole may have tokens taken back there, `stream.tokens` shortened), or sampled at its
+    temperature."""
     t = stream.request.temperature
     if t > 0.0:
         return int(torch.multinomial(torch.softmax(stream.logits.float() / t, dim=-1), 1))
-    if stream.guard is not None and (exact := stream.guard.check(stream.logits, stream.tokens)) is not None:
-        stream.exact, stream.logits = exact, exact.logits
+    if stream.guard is not None and (switch := stream.guard.check(stream.logits, stream.tokens)) is not None:
+        stream.exact, stream.logits = switch.result, switch.result.logits
+        del stream.tokens[switch.keep :]  # a request read whole: tokens off the exact path are taken back
     return int(stream.logits.argmax())
 
 

@@ -7,6 +7,7 @@ load -> fuse) to its first-token logits, then decodes: `run(...)` returns the fu
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -23,7 +24,7 @@ from .answer_guard import AnswerGuard, guard_for
 from .chunk_supply import ChunkSupply
 from .config import CHUNK_CONTEXTS, EngineConfig
 from .context_pass import ContextPassReport, context_pass
-from .decode import decode
+from .decode import TakeBack, decode
 from .fusion import STAGES, Fusion, begin
 from .ingest import IngestConfig, Ingester, IngestReport
 from .prompt import PromptTemplate
@@ -207,9 +208,11 @@ class Engine:
 
     def answer_ids(
         self, result: BlendResult, max_new_tokens: int, temperature: float = 0.0, guard: AnswerGuard | None = None
-    ) -> Iterator[int]:
+    ) -> Iterator[int | TakeBack]:
         """The answer's token ids after the blend's prompt (greedy, or sampled), EOS excluded: the one
-        decode loop of the engine. `guard` (see `answer_guard`): near-ties decided on exact KV."""
+        decode loop of the engine. `guard` (see `answer_guard`): near-ties decided on exact KV; a guard
+        that may take tokens back (a request read whole) yields a `TakeBack` when it does (`read_whole`
+        applies it)."""
         eos = self.eos_ids
         steps = decode(self.model, result, eos, max_new_tokens=max_new_tokens, temperature=temperature, guard=guard)
         for token in steps:
@@ -222,7 +225,15 @@ class Engine:
         `blend.answer_guard`; answer_guard.py), or None where there is nothing to guard (off, sampling,
         an exact strategy)."""
         request = run.request or FusionRequest.build(self.config, "")
-        return guard_for(self.model, run.plan, run.blend, request.strategy, request.temperature, request.answer_guard)
+        return guard_for(
+            self.model,
+            run.plan,
+            run.blend,
+            request.strategy,
+            request.temperature,
+            request.answer_guard,
+            take_back=not request.stream,
+        )
 
     def prepare(self, question: str | FusionRequest, documents: Sequence[str] | None = None, **options):
         """(DynamicCache of all but the last prompt token, input_ids [1, N]) for `model.generate`."""
@@ -236,7 +247,11 @@ class Engine:
         """Answer `question` over `documents` (texts), `chunks=` (token ids) or the `k` retrieved chunks
         (options: see `request`): an `Answer`, or with `stream=True` an iterator of text pieces whose
         last item is the `Answer`."""
-        events = self.answer_events(self.request(question, documents, **options))
+        if isinstance(question, FusionRequest):
+            request = replace(self.request(question, documents, **options), stream=stream)
+        else:
+            request = self.request(question, documents, **{"stream": stream, **options})
+        events = self.answer_events(request)
         if stream:
             return events
         *_, answer = events
@@ -251,6 +266,10 @@ class Engine:
         text = ""
         try:
             for token in self.answer_ids(fusion.run.blend, request.max_new_tokens, request.temperature, guard):
+                if isinstance(token, TakeBack):  # a request read whole: its pieces so far are not its answer
+                    del tokens[token.keep :]
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    continue
                 tokens.append(token)
                 full = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 piece, text = full[len(text) :], full
@@ -288,9 +307,10 @@ class Engine:
             upkeep_ms=fusion.upkeep_ms,
             warnings=degraded_warnings(self.store, since=watch.started)
             + self.catalog_warnings(since=watch.started)
-            + ([guard.failure] if guard is not None and guard.failure else []),
+            + ([guard.warning] if guard is not None and guard.warning else []),
             first_logits=run.logits,
             exact_from=guard.switched_at if guard is not None else None,
+            taken_back_from=guard.taken_back if guard is not None else None,
         )
 
 

@@ -33,6 +33,9 @@ class FusionRequest:
     reserve: int = 32  # K/V rows kept after the prompt to decode into (0: fuse only, e.g. proxy mode)
     temperature: float = 0.0
     answer_guard: float = 0.0  # greedy near-ties under this logit margin decided on exact KV (0: off)
+    # its tokens reach the reader as they are decoded (True), or the answer is read whole at its end (False:
+    # the guard may take back tokens the fused KV decided off the exact path, engine/answer_guard.py)
+    stream: bool = False
 
     def __post_init__(self) -> None:
         validate(self.strategy, self.recompute_ratio)
@@ -68,6 +71,7 @@ class FusionRequest:
             reserve=given.get("reserve", max_new),
             temperature=float(given.get("temperature", 0.0)),
             answer_guard=float(given.get("answer_guard", config.blend.answer_guard)),
+            stream=bool(given.get("stream", False)),
         )
 
     @property

@@ -10,9 +10,11 @@ COLUMNS = (
     "same_answer",
     "agree_prefix",
     "f1_vs_full",
+    "same_answer_streamed",
     "same_answer_unguarded",
     "agree_prefix_unguarded",
     "exact_switch",
+    "taken_back",
     "f1",
     "rouge_l",
     "kl_first_token",
@@ -39,7 +41,9 @@ def markdown_table(results: dict[str, dict]) -> str:
     lines = ["| strategy | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for label, row in results.items():
         cells = [
-            f"{row[c]:.0f}"
+            "-"
+            if c not in row
+            else f"{row[c]:.0f}"
             if c in ("ttft_ms_median", "recomputed_chunk_tokens")
             else f"{row[c]:.4f}"
             if c.startswith("kl")

@@ -4,8 +4,11 @@ and against the model's own transformers forward on the same token ids (`hf`, th
 Answer-level fidelity: `same_answer` (the greedy answer is full's, token for token), `agree_prefix`
 (share of full's answer repeated before the first difference) and `f1_vs_full`, of the answer a user
 reads: with the engine's answer guard (`blend.answer_guard`: near-ties decided on exact KV; its
-prefill counted in the TTFT when the first step was the tie). `*_unguarded` are the fused KV's own
-answer's (the selection's quality), `exact_switch` the share of answers the guard moved to exact KV."""
+prefill counted in the TTFT when the first step was the tie), read whole (tokens the fused KV had
+decided off the exact path before a switch are taken back, as `Engine.generate()` does). `*_streamed`
+are what a streaming reader gets (no take-back), `*_unguarded` the fused KV's own answer's (the
+selection's quality); `exact_switch` the share of answers the guard moved to exact KV, `taken_back` the
+share that took tokens back."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..blend.config import RATIO_FREE, split_name, strategy_label
+from ..engine.decode import read_whole
 from ..engine.engine import Engine
 from ..engine.stopwatch import Stopwatch
 from .context import record_sample_context
@@ -82,9 +86,13 @@ def evaluate_sample(
         n = run.prompt_tokens
         chunk_tokens = sum(end - start for start, end in run.plan.chunk_spans)  # rows a layer may recompute
         guard = engine.answer_guard(run)
-        answer_ids = list(engine.answer_ids(run.blend, max_new_tokens, guard=guard))
+        answer_ids = read_whole(engine.answer_ids(run.blend, max_new_tokens, guard=guard))
         switched = guard is not None and guard.switched_at is not None
         fused_ids = list(engine.answer_ids(run.blend, max_new_tokens)) if switched else answer_ids
+        left_at = guard.left_at if switched else None
+        # a streamed answer keeps the fused tokens up to the switch: it is the fused one up to and with its
+        # first token off the exact path (`left_at`), which decides both metrics
+        streamed_ids = answer_ids if left_at is None else fused_ids[: left_at + 1]
         guard_first_ms = guard.first_token_ms if guard is not None else 0.0  # its prefill before the first token
         ttft_ms = run.ttft_ms + guard_first_ms
         text = engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
@@ -101,9 +109,12 @@ def evaluate_sample(
             "same_answer": float(same_answer(ref_ids, answer_ids)),
             "agree_prefix": agree_prefix(ref_ids, answer_ids),
             "f1_vs_full": f1(text, [ref_text]) if ref_text else float(text == ref_text),
+            "same_answer_streamed": float(same_answer(ref_ids, streamed_ids)),
+            "agree_prefix_streamed": agree_prefix(ref_ids, streamed_ids),
             "same_answer_unguarded": float(same_answer(ref_ids, fused_ids)),
             "agree_prefix_unguarded": agree_prefix(ref_ids, fused_ids),
             "exact_switch": float(switched),
+            "taken_back": float(left_at is not None),
             "exact_from": guard.switched_at if switched else None,
             "guard_ms": guard.switch_ms if switched else 0.0,
             "ttft_ms": ttft_ms,
@@ -136,9 +147,12 @@ def summarize(per_sample: Sequence[dict[str, dict]]) -> dict[str, dict]:
         "same_answer",
         "agree_prefix",
         "f1_vs_full",
+        "same_answer_streamed",
+        "agree_prefix_streamed",
         "same_answer_unguarded",
         "agree_prefix_unguarded",
         "exact_switch",
+        "taken_back",
         "guard_ms",
         "f1",
         "rouge_l",
@@ -153,7 +167,8 @@ def summarize(per_sample: Sequence[dict[str, dict]]) -> dict[str, dict]:
     summary = {}
     for label in labels:
         rows = [s[label] for s in per_sample]
-        summary[label] = {k: statistics.fmean(r[k] for r in rows) for k in mean_keys}
+        kept = [k for k in mean_keys if all(k in r for r in rows)]  # rows of an older run may lack newer keys
+        summary[label] = {k: statistics.fmean(r[k] for r in rows) for k in kept}
         summary[label].update(strategy=rows[0]["strategy"], ratio=rows[0]["ratio"])
         summary[label]["ttft_ms_median"] = statistics.median(r["ttft_ms"] for r in rows)
         summary[label]["speedup_vs_full"] = statistics.median(r["speedup_vs_full"] for r in rows)

@@ -45,6 +45,7 @@ class Job:
     max_new_tokens: int
     temperature: float
     namespace: str
+    stream: bool = False  # server-sent events: tokens go out as decoded (none can be taken back)
     retrieved: list[dict] = field(default_factory=list)
     upstream: dict = field(default_factory=dict)  # proxy mode: what the inference server did (server.upstream)
     warnings: list[str] = field(default_factory=list)  # reported as `ragkv.warnings`
@@ -90,6 +91,7 @@ class Job:
             max_new_tokens=self.max_new_tokens,
             namespace=self.namespace,
             temperature=self.temperature,
+            stream=self.stream,
         )
 
 
@@ -151,6 +153,7 @@ def make_job(req: ChatRequest | CompletionRequest, question: str, namespace: str
         max_new_tokens=max_tokens,
         temperature=req.temperature or 0.0,
         namespace=namespace,
+        stream=bool(req.stream),
         warnings=warnings,
     )
 

@@ -263,9 +263,9 @@ class Scheduler(ModelWorker):
             g.stream.fusion.release()  # the store's deferred upkeep, once the first token is out
         if token in self.engine.eos_ids:
             return
-        g.answer_tokens.append(token)
+        g.answer_tokens = list(g.stream.tokens)  # EOS only comes last; a request read whole may have taken some back
         full = self.engine.tokenizer.decode(g.answer_tokens, skip_special_tokens=True)
-        piece, g.text = full[len(g.text) :], full
+        piece, g.text = (full[len(g.text) :] if full.startswith(g.text) else ""), full
         if piece:
             g.deliver(piece)
 
