@@ -66,6 +66,14 @@ def agree_prefix(reference_ids: Sequence[int], ids: Sequence[int]) -> float:
     return same / len(reference_ids)
 
 
+def first_difference(reference_ids: Sequence[int], ids: Sequence[int]) -> int | None:
+    """The first answer step where `ids` is not the reference's (one ending early counts there); None
+    when they are the same answer."""
+    if list(reference_ids) == list(ids):
+        return None
+    return next((i for i, (a, b) in enumerate(zip(reference_ids, ids)) if a != b), min(len(reference_ids), len(ids)))
+
+
 def same_answer(reference_ids: Sequence[int], ids: Sequence[int]) -> bool:
     """Whether the greedy answer is token for token the reference's."""
     return list(reference_ids) == list(ids)

@@ -19,12 +19,22 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..blend.config import RATIO_FREE, split_name, strategy_label
+from ..engine.answer_guard import margin
 from ..engine.decode import read_whole
 from ..engine.engine import Engine
 from ..engine.stopwatch import Stopwatch
 from .context import record_sample_context
 from .datasets import Sample
-from .metrics import TEACHER_TOKENS, agree_prefix, f1, kl_per_position, rouge_l, same_answer, top1_agreement
+from .metrics import (
+    TEACHER_TOKENS,
+    agree_prefix,
+    f1,
+    first_difference,
+    kl_per_position,
+    rouge_l,
+    same_answer,
+    top1_agreement,
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,13 @@ def evaluate_sample(
         # a streamed answer keeps the fused tokens up to the switch: it is the fused one up to and with its
         # first token off the exact path (`left_at`), which decides both metrics
         streamed_ids = answer_ids if left_at is None else fused_ids[: left_at + 1]
+        # the fused path's margin at each step: what any other guard threshold would have done with it
+        # (experiments/guard_thresholds.py)
+        fused_margins = (
+            [margin(row) for row in engine.teacher_forced_logits(run.blend, torch.tensor(fused_ids))]
+            if guard is not None and fused_ids
+            else []
+        )
         guard_first_ms = guard.first_token_ms if guard is not None else 0.0  # its prefill before the first token
         ttft_ms = run.ttft_ms + guard_first_ms
         text = engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
@@ -115,6 +132,8 @@ def evaluate_sample(
             "agree_prefix_unguarded": agree_prefix(ref_ids, fused_ids),
             "exact_switch": float(switched),
             "taken_back": float(left_at is not None),
+            "fused_margins": fused_margins,
+            "fused_turn": first_difference(ref_ids, fused_ids),
             "exact_from": guard.switched_at if switched else None,
             "guard_ms": guard.switch_ms if switched else 0.0,
             "ttft_ms": ttft_ms,

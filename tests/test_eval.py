@@ -9,6 +9,7 @@ from ragkv.eval.datasets import load_samples
 from ragkv.eval.metrics import (
     agree_prefix,
     f1,
+    first_difference,
     kl_per_position,
     normalize_answer,
     rouge_l,
@@ -149,6 +150,8 @@ def test_answer_agreement_metrics():
     assert agree_prefix([5, 6], [5, 6, 7]) == 1.0 and agree_prefix([5, 6], []) == 0.0
     assert agree_prefix([], []) == 1.0 and agree_prefix([], [3]) == 0.0
     assert same_answer([5, 6], [5, 6]) and not same_answer([5, 6], [5, 6, 7])
+    assert first_difference([5, 6, 7], [5, 9, 7]) == 1 and first_difference([5, 6], [5, 6]) is None
+    assert first_difference([5, 6], [5, 6, 7]) == 2 and first_difference([5, 6], [5]) == 1
 
 
 def test_budget_curve_is_drawn_per_strategy_over_the_fraction_used(tmp_path):
