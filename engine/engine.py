@@ -156,7 +156,8 @@ class Engine:
 
     def request(self, question: str | FusionRequest, documents: Sequence[str] | None = None, **options):
         """A `FusionRequest` with every default resolved from the configuration (options: `chunks`,
-        `k`, `strategy`, `recompute_ratio`, `namespace`, `max_new_tokens`, `reserve`, `temperature`);
+        `k`, `strategy`, `recompute_ratio`, `namespace`, `max_new_tokens`, `reserve`, `temperature`,
+        `answer_guard`, `stream`);
         a request given as such is returned as it is."""
         if isinstance(question, FusionRequest):
             if documents is not None or options:
