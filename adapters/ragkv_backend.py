@@ -84,8 +84,9 @@ class LocalBackend(Backend):
             yield item if isinstance(item, str) else Reply(item.text, item.to_dict())
 
     def answer(self, question: str, passages: Sequence[Passage | str], **options) -> Reply:
-        *_, reply = self.stream(question, passages, **options)
-        return reply
+        """Read whole (not streamed): the answer guard may take back tokens decided off the exact path."""
+        answer = self.engine.generate(question, chunks=self._chunks(passages), namespace=self.namespace, **options)
+        return Reply(answer.text, answer.to_dict())
 
     def add_documents(self, documents: Sequence[dict]) -> dict:
         return self.documents.ingest(self.namespace, documents)
