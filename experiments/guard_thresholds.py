@@ -24,7 +24,7 @@ def at_threshold(samples: list[dict], label: str, t: float) -> dict:
     """Same answers (read whole, streamed), switches and the median TTFT speedup vs the model's own
     forward, had the guard been at `t`."""
     whole = streamed = switched = at_zero = 0
-    speedups = []
+    speedups, agree_whole, agree_streamed = [], [], []
     for sample in samples:
         row, full = sample[label], sample["full"]
         margins, turn = row["fused_margins"], row["fused_turn"]
@@ -34,6 +34,9 @@ def at_threshold(samples: list[dict], label: str, t: float) -> dict:
         speedups.append(row["hf_ttft_ms"] / ttft)
         whole += switch is not None or turn is None
         streamed += turn is None or (switch is not None and switch <= turn)
+        fused_agree = row["agree_prefix_unguarded"]  # the fused answer's own agreeing prefix
+        agree_whole.append(1.0 if switch is not None else fused_agree)
+        agree_streamed.append(1.0 if switch is not None and (turn is None or switch <= turn) else fused_agree)
         switched += switch is not None
         at_zero += switch == 0
     n = len(samples)
@@ -41,6 +44,8 @@ def at_threshold(samples: list[dict], label: str, t: float) -> dict:
         "threshold": t,
         "same_answer": whole / n,
         "same_answer_streamed": streamed / n,
+        "agree_prefix": statistics.fmean(agree_whole),
+        "agree_prefix_streamed": statistics.fmean(agree_streamed),
         "switched": switched / n,
         "switched_at_step_0": at_zero / n,
         "speedup_vs_hf_median": statistics.median(speedups),
@@ -60,11 +65,16 @@ def main() -> None:
     empty = sum(not s[label]["fused_margins"] for s in samples)  # an answer that was EOS at once: never switched
     rows = [at_threshold(samples, label, float(t)) for t in args.thresholds.split(",")]
     print(f"{label}, n={len(samples)} ({empty} empty fused answers, counted as never switched)")
-    print("| threshold | same answer (read whole) | same (streamed) | switched | at step 0 | speedup vs HF (median) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| threshold | same answer (read whole) | agree prefix | same (streamed) | agree (streamed) | switched "
+        "| at step 0 | speedup vs HF (median) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['threshold']:g} | {r['same_answer']:.2f} | {r['same_answer_streamed']:.2f} | {r['switched']:.2f} "
+            f"| {r['threshold']:g} | {r['same_answer']:.2f} | {r['agree_prefix']:.3f} "
+            f"| {r['same_answer_streamed']:.2f} "
+            f"| {r['agree_prefix_streamed']:.3f} | {r['switched']:.2f} "
             f"| {r['switched_at_step_0']:.2f} | {r['speedup_vs_hf_median']:.2f} |"
         )
     if args.out:
