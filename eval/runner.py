@@ -103,11 +103,12 @@ def evaluate_sample(
         # a streamed answer keeps the fused tokens up to the switch: it is the fused one up to and with its
         # first token off the exact path (`left_at`), which decides both metrics
         streamed_ids = answer_ids if left_at is None else fused_ids[: left_at + 1]
-        # the fused path's margin at each step: what any other guard threshold would have done with it
-        # (experiments/guard_thresholds.py)
+        # the fused path's margin at each step, the step that picked EOS included: what any other guard
+        # threshold would have done with it (experiments/guard_thresholds.py)
+        fused_steps = fused_ids + ([min(engine.eos_ids)] if len(fused_ids) < max_new_tokens else [])
         fused_margins = (
-            [margin(row) for row in engine.teacher_forced_logits(run.blend, torch.tensor(fused_ids))]
-            if guard is not None and fused_ids
+            [margin(row) for row in engine.teacher_forced_logits(run.blend, torch.tensor(fused_steps))]
+            if guard is not None and fused_steps
             else []
         )
         guard_first_ms = guard.first_token_ms if guard is not None else 0.0  # its prefill before the first token

@@ -129,3 +129,17 @@ def test_the_eval_reports_the_answer_read_whole_and_the_streamed_one(near_tie_at
     assert naive["same_answer"] == 1.0 and naive["taken_back"] == 1.0 and naive["exact_from"] == SWITCH
     assert naive["same_answer_streamed"] == 0.0 and naive["agree_prefix_streamed"] == pytest.approx(left / len(full))
     assert naive["same_answer_unguarded"] == 0.0
+    assert naive["fused_turn"] == left and len(naive["fused_margins"]) == NEW  # a margin per step it decoded
+
+
+def test_the_eval_records_the_margin_of_the_step_that_picked_eos():
+    """An answer that ended at EOS: the EOS step was checked by the guard too, so its margin is recorded."""
+    engine = _engine()
+    chunks = engine.tokenize_chunks(PASSAGES)
+    engine.ensure_cached(chunks)
+    fused = list(engine.answer_ids(engine.run(QUESTION, chunks=chunks, reserve=NEW + 1).blend, NEW))
+    eos = fused[2]  # the third token of the fused answer counts as EOS: the answer ends there
+    engine.tokenizer.eos_token_id = eos
+    sample = Sample("s1", QUESTION, tuple(PASSAGES), ("the stone bridge",))
+    naive = evaluate_sample(engine, sample, [Spec("full"), Spec("naive")], max_new_tokens=NEW)["naive"]
+    assert len(naive["fused_margins"]) == 3  # two tokens, then the step that picked EOS
