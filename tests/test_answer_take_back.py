@@ -97,12 +97,21 @@ def test_batched_streams_take_back_like_the_library(near_tie_at_switch):
     assert whole == full and streamed[:SWITCH] == fused[:SWITCH] and streamed != full
 
 
-def test_the_sidecar_takes_back_only_when_not_streaming(tmp_path, near_tie_at_switch):
+@pytest.mark.parametrize("scheduler", ["batch", "one"])
+def test_the_sidecar_takes_back_only_when_not_streaming(tmp_path, near_tie_at_switch, scheduler):
     engine = _engine()
     *_, full, _ = _fused_and_full(engine)
     full_text = engine.tokenizer.decode(full, skip_special_tokens=True).strip()
-    settings = dict(api_keys=KEYS, data_dir=str(tmp_path), max_new_tokens=NEW, max_tokens_limit=NEW, queue_size=8)
+    settings = dict(
+        api_keys=KEYS,
+        data_dir=str(tmp_path),
+        max_new_tokens=NEW,
+        max_tokens_limit=NEW,
+        queue_size=8,
+        scheduler=scheduler,
+    )
     app = create_app(load_settings(**settings), engine)
+    assert app.state.worker.batched == (scheduler == "batch")
     try:
         body = {
             "messages": [{"role": "user", "content": QUESTION}],
