@@ -58,18 +58,14 @@ def agree_prefix(reference_ids: Sequence[int], ids: Sequence[int]) -> float:
     both are empty)."""
     if not reference_ids:
         return float(not ids)
-    same = 0
-    for a, b in zip(reference_ids, ids):
-        if a != b:
-            break
-        same += 1
-    return same / len(reference_ids)
+    turn = first_difference(reference_ids, ids)
+    return min(len(reference_ids), len(reference_ids) if turn is None else turn) / len(reference_ids)
 
 
 def first_difference(reference_ids: Sequence[int], ids: Sequence[int]) -> int | None:
     """The first answer step where `ids` is not the reference's (one ending early counts there); None
     when they are the same answer."""
-    if list(reference_ids) == list(ids):
+    if same_answer(reference_ids, ids):
         return None
     return next((i for i, (a, b) in enumerate(zip(reference_ids, ids)) if a != b), min(len(reference_ids), len(ids)))
 
