@@ -100,6 +100,7 @@ class LeadIn:
     engine's chunk supply and its retrievers), so moving it (a new template) moves them all at once."""
 
     ids: tuple[int, ...] | None = None
+    separator: tuple[int, ...] = ()  # the template's ids after each chunk: what a neighbour variant places them with
 
     def key(self, model: Fingerprinted, token_ids: Sequence[int], namespace: str = "default") -> ChunkKey:
         """The store key of `token_ids` computed after this lead-in."""

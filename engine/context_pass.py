@@ -46,8 +46,12 @@ def in_context_kv(result: BlendResult, start: int, end: int) -> ChunkKV:
 
 def prefix_key(model: ModelAdapter, plan: BlendPlan, namespace: str) -> ChunkKey:
     """The key of a prompt's prefix (its token ids before the first chunk): what a variant was computed after."""
-    prefix = plan.input_ids[: plan.prefix_len].tolist()
-    return ChunkKey.of(model.fingerprint + ":prefix", model.tokenizer_fingerprint, prefix, namespace)
+    return prefix_ids_key(model, plan.input_ids[: plan.prefix_len].tolist(), namespace)
+
+
+def prefix_ids_key(model: ModelAdapter, prefix: Sequence[int], namespace: str) -> ChunkKey:
+    """`prefix_key` of a prefix given by its token ids (a lead-in: the prefix chunk KV is computed after)."""
+    return ChunkKey.of(model.fingerprint + ":prefix", model.tokenizer_fingerprint, list(prefix), namespace)
 
 
 def store_in_context(

@@ -23,10 +23,11 @@ from .answer import Answer
 from .answer_guard import AnswerGuard, guard_for
 from .chunk_supply import ChunkSupply
 from .config import CHUNK_CONTEXTS, EngineConfig
-from .context_pass import ContextPassReport, context_pass
+from .context_pass import ContextPassReport, context_pass, prefix_ids_key
 from .decode import TakeBack, decode
 from .fusion import STAGES, Fusion, begin
 from .ingest import IngestConfig, Ingester, IngestReport
+from .neighbour_variants import corpus_neighbours, store_neighbour_variants
 from .prompt import PromptTemplate
 from .request import FusionRequest
 from .retrieval import open_retriever
@@ -77,6 +78,8 @@ class Engine:
     def template(self, template: PromptTemplate) -> None:
         self._template = template
         self.supply.lead_in.ids = self.lead_in_for(template)  # the retrievers share this LeadIn
+        if self.tokenizer is not None:
+            self.supply.lead_in.separator = tuple(template.render(self.tokenizer, "")[2])
 
     def lead_in_for(self, template: PromptTemplate) -> tuple[int, ...] | None:
         """What chunk KV is computed after under `template`: its fixed prefix (chat template and
@@ -89,6 +92,11 @@ class Engine:
     def lead_in(self) -> tuple[int, ...] | None:
         """The lead-in of this engine's chunk KV now (None: the model's sink)."""
         return self.supply.lead_in.ids
+
+    @property
+    def lead_in_separator(self) -> tuple[int, ...]:
+        """The template's ids after each chunk (what neighbour variants place their neighbours with)."""
+        return self.supply.lead_in.separator
 
     # -- documents and retrieval (the catalog + faiss index of a namespace, opened on first use) ---
     def retriever(self, namespace: str | None = None) -> Retriever:
@@ -115,6 +123,29 @@ class Engine:
         """Chunk, embed and index files (`paths`) or `Document`s, and store their chunk KV durably."""
         ingester = Ingester(self.model, self.store, self.retriever(namespace), config)
         return ingester.ingest(paths) if paths else ingester.ingest_documents(documents)
+
+    def store_neighbour_variants(
+        self,
+        chunks: Sequence[Sequence[int]],
+        corpus: Sequence[Sequence[int]] = (),
+        k: int = IngestConfig.neighbour_variants,
+        namespace: str | None = None,
+    ) -> list[ChunkKey]:
+        """Ingestion's neighbour variants (engine/neighbour_variants.py) for chunks given directly: each of
+        `chunks` (token ids) computed after this engine's lead-in and its `k` nearest among `chunks` and
+        `corpus` by the retriever's embedder, and stored (a variant already held is kept). Returns the
+        variant keys stored now."""
+        ns = namespace or self.config.namespace
+        pool = list({tuple(c): list(c) for c in [*chunks, *corpus]}.values())
+        keys = [self.supply.key(c, ns) for c in pool]
+        vectors = self.retriever(ns).embedder.embed([self.tokenizer.decode(c, skip_special_tokens=True) for c in pool])
+        lead_in = self.lead_in
+        prefix = prefix_ids_key(self.model, lead_in, ns) if lead_in else None
+        wanted = {self.supply.key(c, ns): c for c in chunks}
+        find = corpus_neighbours(keys, pool, vectors)
+        limit = self.config.blend.craft_variants or IngestConfig.variant_limit
+        separator = self.lead_in_separator
+        return store_neighbour_variants(self.model, self.store, find, wanted, k, limit, lead_in, prefix, separator)
 
     def remove_documents(self, doc_ids: Sequence[str], namespace: str | None = None) -> tuple[ChunkKey, ...]:
         """Delete documents; their chunks leave the index and their KV leaves the store."""

@@ -22,7 +22,8 @@ from ..chunk_cache import ChunkKey, precompute_many
 from ..retriever import Document, DocumentUpdate, LoadError, Retriever, find_files, load_file
 from ..storage.metadata import metadata_store
 from ..storage.variants import forget_chunks
-from .neighbour_variants import store_neighbour_variants
+from .context_pass import prefix_ids_key
+from .neighbour_variants import index_neighbours, store_neighbour_variants
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class IngestConfig:
     documents_per_batch: int = 32  # documents chunked and embedded together (each still committed alone)
     save_every_documents: int = 200  # also save the faiss index this often (it is rebuilt if stale anyway)
     progress: bool = True
-    neighbour_variants: int = 0  # k > 0: each new chunk's KV also after its k nearest chunks (opt-in, FusionRAG)
+    # k > 0: each new chunk's KV also after its k nearest chunks of the corpus (FusionRAG, neighbour_variants.py):
+    # focus loads it. About (k + 1)x the KV compute of ingestion and a second entry per chunk; 0 = off
+    neighbour_variants: int = 2
     variant_limit: int = 2  # KV variants kept per chunk (as blend.craft_variants)
 
 
@@ -273,8 +276,18 @@ class _Run:
         """With `neighbour_variants = k`: each chunk computed in this run, also after its k nearest chunks."""
         cfg = self.ing.config
         ing = self.ing
+        lead_in = ing.retriever.lead_in.ids  # chunk KV's lead-in: the prompt template's prefix, or None (sink)
         stored = store_neighbour_variants(
-            ing.adapter, ing.store, ing.retriever, self.computed, cfg.neighbour_variants, cfg.variant_limit
+            ing.adapter,
+            ing.store,
+            index_neighbours(ing.retriever),
+            self.computed,
+            cfg.neighbour_variants,
+            cfg.variant_limit,
+            lead_in,
+            prefix_ids_key(ing.adapter, lead_in, ing.retriever.config.namespace) if lead_in else None,
+            ing.retriever.lead_in.separator,
+            cfg.max_tokens_per_pass,
         )
         self.neighbour_variants += len(stored)
         self.computed = {}

@@ -1,53 +1,120 @@
-"""Neighbour variants (after FusionRAG): at ingestion, each new chunk's KV is also computed after the
-chunks nearest to it by embedding, so a prompt that retrieves it with those neighbours before it finds
-KV that has already seen them.
+"""Neighbour variants (after FusionRAG): each chunk's KV also computed after the chunks nearest to it by
+embedding, so that in any prompt its KV has already seen related passages.
 
-Opt-in (`IngestConfig.neighbour_variants = k`): for each chunk whose KV the run computed, the `k`
-chunks of the namespace's index nearest to its text (itself excluded; the nearest last, next to it) are
-placed before it after the attention sink, as one sequence, and its rows are stored as a variant
-keyed by those neighbours (`storage/variants.py`, at most `IngestConfig.variant_limit` per chunk,
-evicted by utility). No prompt template is known at ingestion, so these variants saw no prompt prefix:
-cachecraft uses them by their overlap with the chunks before it (`blend/variant_choice.py`) but never
-as exact. Removing a document removes them with its chunks (`forget_chunks`).
+Chunk KV computed after the prompt prefix alone has seen no passage; in a prompt, every chunk follows
+others, and the related ones are what its tokens would have attended to. Computed after its `k` nearest
+chunks of the corpus (the nearest last, right before it; one sequence after the engine's lead-in, the
+prompt template's fixed prefix), a chunk's KV is much closer to its rows in a full prefill of a prompt
+that retrieves it, whether or not those neighbours are in that prompt: on 10-passage MuSiQue prompts the
+default focus fusion's kl_mean fell from 0.047 to 0.011 (docs/BENCHMARKS.md, "Chunk KV that saw its
+neighbours").
+
+Stored as a variant keyed by the prompt prefix's key and the neighbours (`storage/variants.py`, at most
+`variant_limit` per chunk, evicted by utility), beside the base entry: `focus` loads it
+(`blend/variant_choice.py: choose_context`), cachecraft by its overlap with the chunks before it.
+Removing a document removes its variants (`forget_chunks`). Computed at ingestion
+(`IngestConfig.neighbour_variants`, neighbours from the namespace's index) or for chunks given directly
+(`Engine.store_neighbour_variants`, neighbours from a corpus given with them: what `ragkv eval` does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..chunk_cache import ChunkKey, ChunkKV, precompute
+from ..chunk_cache import ChunkKey, ChunkKV, precompute_many
 from ..retriever import Retriever
 from ..storage.metadata import metadata_store
-from ..storage.variants import store_variant
+from ..storage.variants import store_variant, variant_key
 
 
-def neighbours(retriever: Retriever, key: ChunkKey, token_ids: Sequence[int], k: int) -> list:
-    """The `k` indexed chunks nearest to this chunk's text (itself and duplicates of it excluded), nearest first."""
-    text = retriever.model.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-    hits = [h for h in retriever.search(text, k + 1) if h.key != key]
-    unique = {h.key: h for h in hits}
-    return list(unique.values())[:k]
+@dataclass(frozen=True)
+class Neighbour:
+    """A chunk placed before another when its neighbour variant is computed."""
+
+    key: ChunkKey
+    token_ids: tuple[int, ...]
+
+
+# finder(key, token_ids, k) -> the k nearest chunks, nearest first (the chunk itself excluded)
+Finder = Callable[[ChunkKey, Sequence[int], int], list[Neighbour]]
+
+
+def index_neighbours(retriever: Retriever) -> Finder:
+    """Neighbours from a namespace's index: the chunks nearest to a chunk's text."""
+
+    def find(key: ChunkKey, token_ids: Sequence[int], k: int) -> list[Neighbour]:
+        text = retriever.model.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        hits = [h for h in retriever.search(text, k + 1) if h.key != key]
+        unique = {h.key: Neighbour(h.key, tuple(h.token_ids)) for h in hits}
+        return list(unique.values())[:k]
+
+    return find
+
+
+def corpus_neighbours(keys: Sequence[ChunkKey], chunks: Sequence[Sequence[int]], vectors: np.ndarray) -> Finder:
+    """Neighbours from a corpus held in memory: `chunks` (token ids) under `keys`, with unit `vectors`
+    [C, dim] from the retriever's embedder; a chunk is found by its key."""
+    row = {key: i for i, key in enumerate(keys)}
+
+    def find(key: ChunkKey, token_ids: Sequence[int], k: int) -> list[Neighbour]:
+        order = np.argsort(-(vectors @ vectors[row[key]]), kind="stable")
+        near = [Neighbour(keys[j], tuple(chunks[j])) for j in order if keys[j] != key]
+        return list({n.key: n for n in near}.values())[:k]
+
+    return find
 
 
 @torch.inference_mode()
 def store_neighbour_variants(
-    adapter, store, retriever: Retriever, chunks: dict[ChunkKey, Sequence[int]], k: int, limit: int
+    adapter,
+    store,
+    find: Finder,
+    chunks: dict[ChunkKey, Sequence[int]],
+    k: int,
+    limit: int,
+    lead_in: Sequence[int] | None = None,
+    prefix: ChunkKey | None = None,
+    separator: Sequence[int] = (),
+    max_tokens_per_pass: int = 4096,
 ) -> list[ChunkKey]:
-    """Compute and store each chunk of `chunks` (key -> token ids) after its `k` nearest neighbours;
-    returns the variant keys stored."""
+    """Compute and store each chunk of `chunks` (key -> token ids) after `lead_in` (None: the model's
+    sink) and its `k` nearest neighbours (`find`), each followed by `separator` as in a prompt, packed
+    several per pass; keyed by the `prefix` key (what `lead_in` is: the prompt prefix's key) and the
+    neighbours, so that a prompt whose prefix and chunks before it are those finds it exact. Returns
+    the variant keys stored (a variant already held is not computed again)."""
     if k < 1 or not chunks:
         return []
     meta = metadata_store(store)
-    stored = []
+    jobs = []  # (key, neighbours placed before it, nearest last)
     for key, ids in chunks.items():
-        near = neighbours(retriever, key, ids, k)[::-1]  # the nearest last: right before the chunk
-        if not near:
-            continue
-        context = [t for h in near for t in h.token_ids]
-        whole = precompute(adapter, context + list(ids))  # rows after the attention sink
-        kv = ChunkKV(whole.kv[:, :, len(context) :].contiguous(), pos0=whole.pos0 + len(context))
-        preceding = [h.key for h in near]
-        stored.append(store_variant(store, meta, key, preceding, kv, limit, compute_saved=len(context) + len(ids)))
+        near = find(key, ids, k)[::-1]
+        if near and store.lookup([variant_key(key, [n.key for n in near], prefix)])[0] is None:  # held: kept
+            jobs.append((key, near))
+    stored = []
+    for group in _groups(jobs, chunks, max_tokens_per_pass):  # computed and stored a pass at a time
+        contexts = [[t for n in near for t in (*n.token_ids, *separator)] for _, near in group]
+        sequences = [context + list(chunks[key]) for context, (key, _) in zip(contexts, group)]
+        computed = precompute_many(adapter, sequences, max_tokens_per_pass, lead_in)  # each after the lead-in
+        for (key, near), context, whole in zip(group, contexts, computed):
+            kv = ChunkKV(whole.kv[:, :, len(context) :].contiguous(), pos0=whole.pos0 + len(context))
+            cost = len(context) + len(chunks[key])
+            stored.append(store_variant(store, meta, key, [n.key for n in near], kv, limit, cost, prefix))
     return stored
+
+
+def _groups(jobs, chunks, budget: int):
+    """`jobs` in order, in groups of at most `budget` sequence tokens (at least one job each)."""
+    group, size = [], 0
+    for job in jobs:
+        n = sum(len(x.token_ids) for x in job[1]) + len(chunks[job[0]])
+        if group and size + n > budget:
+            yield group
+            group, size = [], 0
+        group.append(job)
+        size += n
+    if group:
+        yield group

@@ -77,7 +77,7 @@ class DictStore:
     def lookup(self, keys):
         return ["dict" if k in self.entries else None for k in keys]
 
-    def put(self, key, kv, cost=None, durable=False) -> None:
+    def put(self, key, kv, cost=None, durable=False, write_behind=False) -> None:
         if self.fail_after is not None and self.puts >= self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
         self.entries[key] = kv

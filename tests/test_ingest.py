@@ -13,7 +13,10 @@ from ragkv.engine.ingest import IngestConfig, Ingester
 from ragkv.retriever import Retriever, RetrieverConfig
 
 CFG = RetrieverConfig(chunk_min_tokens=60, chunk_max_tokens=120, max_document_bytes=4000)
-ICFG = IngestConfig(kv_batch_tokens=300, max_tokens_per_pass=256, documents_per_batch=2, progress=False)
+# neighbour variants off: these tests count the base entries ingestion stores (tests/test_neighbour_variants.py)
+ICFG = IngestConfig(
+    kv_batch_tokens=300, max_tokens_per_pass=256, documents_per_batch=2, progress=False, neighbour_variants=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +137,9 @@ def test_prepacked_ingest_equals_one_by_one(tmp_path, adapter):
     (docs / "a.txt").write_text(paragraphs(8, seed=50))
     packed, single = DictStore(), DictStore()
     _ingester(tmp_path / "p", adapter, packed).ingest([docs])
-    _ingester(tmp_path / "s", adapter, single, IngestConfig(max_tokens_per_pass=0, progress=False)).ingest([docs])
+    _ingester(
+        tmp_path / "s", adapter, single, IngestConfig(max_tokens_per_pass=0, progress=False, neighbour_variants=0)
+    ).ingest([docs])
     assert packed.entries.keys() == single.entries.keys()
     for k, kv in packed.entries.items():
         torch.testing.assert_close(kv.kv, single.entries[k].kv, rtol=1e-4, atol=1e-5)
