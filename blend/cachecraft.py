@@ -91,7 +91,7 @@ class CacheCraft(Strategy):
         if len(self.choices) != len(self.keys):
             raise ValueError(f"cachecraft bound to {len(self.keys)} keys and {len(self.choices)} sources")
 
-    def choose_sources(self, keys, store, prefix=None):
+    def choose_sources(self, keys, store, prefix=None, first_exact=False):
         """Binds the chunks' keys and the store's metadata; with `craft_variants > 0` each chunk loads
         the held variant (computed after this prompt's `prefix`, or a neighbour variant) whose preceding
         chunks overlap this prompt's most (else its base entry)."""

@@ -10,6 +10,11 @@ question-attention mass reaches `focus_mass`, between `focus_floor` and the requ
 The ratio used is reported as the blend's `recompute_fraction` (every chosen token is computed in every
 layer when there is no check layer). Rows of the plan's `exact_chunks` are never candidates: the budget
 (a share of all cached rows) goes to the chunks whose KV did not see this prompt.
+
+Each chunk loads the KV closest to this prompt that the store holds (`choose_context`): a variant
+computed after this prompt's prefix and other passages (its neighbours by embedding, stored at
+ingestion: engine/neighbour_variants.py; or chunks it followed in an earlier prompt) over its base
+entry, which saw no passage.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import math
 
 import torch
 
+from ..storage.metadata import metadata_store
 from .config import BlendConfig
 from .query_select import top_rows
 from .select import budget, keep_top
 from .strategies import Strategy
+from .variant_choice import ChunkDecision, base_choices, choose_context
 
 
 def mass_budget(score: torch.Tensor, candidates: torch.Tensor, mass: float, floor: int, cap: int) -> int:
@@ -67,6 +74,23 @@ class Focus(Strategy):
         self._chosen: torch.Tensor | None = None  # [N] rows recomputed from layer 0 (no check layer)
         self._attention: torch.Tensor | None = None  # [N] question attention share (dual stage)
         self._count = 0  # chunk tokens the budget allows (dual stage: kept at the check layer)
+        self.choices = []  # per chunk, the KV it loads (SourceChoice), set by choose_sources
+        self._keys: list = []
+        self._metadata = None
+        self._spans = None  # the plan's chunk spans, for `decisions`
+
+    def choose_sources(self, keys, store, prefix=None, first_exact=False):
+        """Per chunk, its held variant closest to this prompt (`choose_context`), else its base entry."""
+        self._keys, self._metadata = list(keys), metadata_store(store)
+        self.choices = choose_context(keys, self._metadata, store, prefix, first_exact)
+        return [c.key for c in self.choices]
+
+    def source_lost(self, index):
+        self.choices[index] = base_choices(self._keys)[index]
+
+    def finish(self):
+        if self._metadata is not None:
+            self._metadata.count_reuses([c.key for c in self.choices if c.is_variant])
 
     @property
     def dual(self) -> bool:
@@ -75,7 +99,21 @@ class Focus(Strategy):
     def wants_scout(self, plan, sources):
         return self.ratio > 0.0 and any(kv.num_tokens for _, kv in sources)
 
+    def decisions(self):
+        """Per chunk when `choose_sources` bound it: the KV it loaded (base or a variant, `ChunkDecision`);
+        `recomputed` counts the tokens chosen before layer 0 (dual stage: its last tokens only)."""
+        if not self.choices or self._spans is None or len(self._spans) != len(self.choices):
+            return []
+        chosen = self._chosen if self._chosen is not None else torch.zeros(0, dtype=torch.bool)
+        out = []
+        for c, (start, end) in zip(self.choices, self._spans):
+            n = int(chosen[start:end].sum()) if chosen.numel() else 0
+            source = str(c.key) if c.is_variant else "base"
+            out.append(ChunkDecision(source, c.overlap, "fix" if n else "reuse", n))
+        return out
+
     def prepare(self, model, plan, sources):
+        self._spans = plan.chunk_spans
         cached = plan.source_mask(sources)
         num_cached = int((cached & plan.chunk_mask()).sum())  # chunk rows loaded (a cached prefix is not)
         candidates = plan.candidates(cached)  # [N] rows whose cached KV may deviate

@@ -50,11 +50,12 @@ class Strategy(ABC):
             return self.scouted
         return question_attention(model, plan, sources, self.config.scout_layers)
 
-    def choose_sources(self, keys: list, store, prefix=None) -> list:
+    def choose_sources(self, keys: list, store, prefix=None, first_exact: bool = False) -> list:
         """The store entry each chunk loads (`keys`: the chunks' base keys in plan order; `prefix`: the
-        key of the prompt's prefix): the base entry by default; a strategy that keeps KV variants
-        (cachecraft) may pick an entry computed in a context closer to this prompt's. Called by the
-        Engine after lookup, before the entries are read."""
+        key of the prompt's prefix; `first_exact`: the first chunk's base entry is the full prefill's
+        rows): the base entry by default; a strategy that uses KV variants (cachecraft, focus) may pick
+        an entry computed in a context closer to this prompt's. Called by the Engine after lookup,
+        before the entries are read."""
         return list(keys)
 
     def source_lost(self, index: int) -> None:

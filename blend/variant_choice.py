@@ -87,6 +87,39 @@ def choose_variants(keys: Sequence[ChunkKey], metadata, store, prefix: ChunkKey 
     return choices
 
 
+def choose_context(
+    keys: Sequence[ChunkKey], metadata, store, prefix: ChunkKey | None, first_exact: bool = True
+) -> list[SourceChoice]:
+    """Per chunk (`keys` in prompt order), for strategies that recompute by their own selection (focus):
+    any held variant computed after the prompt prefix `prefix` is closer to this prompt than the base
+    entry (which saw no passage), whether or not the chunks it saw are in this prompt (a neighbour
+    variant, engine/neighbour_variants.py). The best is the one whose preceding chunks overlap the chunks
+    before it now most (`overlap`; 1: an exact variant), then the one with more of its preceding chunks
+    anywhere in this prompt, then more reuses. With `first_exact` the first chunk keeps its base entry
+    (computed after this very prefix: the full prefill's rows)."""
+    choices = base_choices(keys)
+    if prefix is None:
+        return choices
+    distinct = list(dict.fromkeys(keys))
+    by_base = dict(zip(distinct, metadata.variants_of(distinct)))
+    records = [r for rs in by_base.values() for r in rs if r.key == variant_key(r.base, r.preceding, prefix)]
+    held = dict(zip((r.key for r in records), store.lookup([r.key for r in records]))) if records else {}
+    present = set(keys)
+    for i, key in enumerate(keys):
+        if i == 0 and first_exact:
+            continue
+        before = tuple(keys[:i])
+        scored = [
+            (overlap(r.preceding, before), sum(k in present for k in r.preceding), r.reuses, r)
+            for r in by_base[key]
+            if held.get(r.key)
+        ]
+        if scored:
+            best, _, _, record = max(scored, key=lambda s: s[:3])
+            choices[i] = SourceChoice(record.key, record.preceding, best, variant=True, after_prefix=True)
+    return choices
+
+
 @dataclass(frozen=True)
 class ChunkDecision:
     """What cachecraft did with one chunk of the prompt."""

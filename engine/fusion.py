@@ -94,7 +94,7 @@ def choose_sources(engine, f: Fusion) -> None:
     if f.plan.chunk_spans:
         f.prefix = prefix_key(engine.model, f.plan, f.request.namespace)
     if f.lookup.keys:
-        f.loads = f.strategy.choose_sources(f.lookup.keys, engine.store, f.prefix)
+        f.loads = f.strategy.choose_sources(f.lookup.keys, engine.store, f.prefix, bool(f.plan.exact_chunks))
         if f.plan.exact_chunks and f.loads[0] != f.lookup.keys[0]:
             f.plan = f.plan.with_exact([])
 

@@ -83,7 +83,7 @@ def test_the_first_chunk_is_exact_only_when_its_entry_saw_this_prefix():
     choose_sources(engine, fusion)
     assert fusion.plan.exact_chunks == (0,)  # its base entry, computed after this prefix
     other = engine.supply.key([40, 41], "default")
-    fusion.strategy.choose_sources = lambda keys, store, prefix=None: [other] + list(keys[1:])
+    fusion.strategy.choose_sources = lambda keys, store, prefix=None, first_exact=False: [other] + list(keys[1:])
     choose_sources(engine, fusion)  # another entry (a variant) for the first chunk: not known to be exact
     assert fusion.plan.exact_chunks == ()
     engine_sink = tiny_engine(chunk_context="sink")

@@ -1,6 +1,7 @@
-"""Neighbour variants (engine/neighbour_variants.py): opt-in at ingestion, each chunk's KV after its
-nearest chunk by embedding; cachecraft loads it when that neighbour precedes the chunk (never as exact);
-removing the neighbour's document removes it."""
+"""Neighbour variants (engine/neighbour_variants.py): at ingestion (k = 2 by default) or for chunks given
+directly, each chunk's KV after the prompt prefix and its nearest chunks by embedding; focus loads it in
+any prompt, cachecraft when those neighbours precede the chunk (never as exact); removing the
+neighbour's document removes it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from tiny_engine import PASSAGES, tiny_engine_adapter
 
 from ragkv.blend import BlendConfig
 from ragkv.engine.config import EngineConfig
+from ragkv.engine.context_pass import prefix_ids_key
 from ragkv.engine.engine import Engine
 from ragkv.engine.ingest import IngestConfig
-from ragkv.engine.neighbour_variants import neighbours
+from ragkv.engine.neighbour_variants import index_neighbours
 from ragkv.retriever import Document
 from ragkv.storage import MemoryTier, TieredStore
 from ragkv.storage.metadata import metadata_store
@@ -33,34 +35,65 @@ def test_neighbour_variants_are_stored_at_ingest_used_by_cachecraft_and_removed_
     retriever = engine.retriever()
     hits = {h.doc_id: h for h in engine.retrieve(QUESTION, k=3)}
     chunk = hits["d0"]
-    near = neighbours(retriever, chunk.key, chunk.token_ids, 1)[0]
+    near = index_neighbours(retriever)(chunk.key, chunk.token_ids, 1)[0]
     meta = metadata_store(engine.store)
     (record,) = meta.variants_of([chunk.key])[0]
     assert record.preceding == (near.key,)
-    # the stored rows are the chunk's KV computed right after its neighbour (after the sink)
+    lead_in = list(engine.lead_in)  # the prompt template's prefix: what every chunk's KV is computed after
+    assert record.key == chunk.key.variant((prefix_ids_key(engine.model, lead_in, "default"), near.key))
+    # the stored rows are the chunk's KV computed right after the prompt prefix and its neighbour, placed
+    # with the template's separator as in a prompt
+    context = lead_in + list(near.token_ids) + list(engine.lead_in_separator)
     whole = engine.model.forward_kv(
-        torch.tensor(list(engine.model.sink_ids) + list(near.token_ids) + list(chunk.token_ids)),
-        torch.arange(len(engine.model.sink_ids) + len(near.token_ids) + len(chunk.token_ids)),
+        torch.tensor(context + list(chunk.token_ids)), torch.arange(len(context) + len(chunk.token_ids))
     )
     stored = engine.store.get(record.key)
-    assert stored.pos0 == len(engine.model.sink_ids) + len(near.token_ids)
+    assert stored.pos0 == len(context)
     torch.testing.assert_close(stored.kv.float(), whole[:, :, stored.pos0 :].float(), atol=2e-3, rtol=2e-3)
 
     run = engine.run(QUESTION, chunks=[near.token_ids, chunk.token_ids], strategy="cachecraft", recompute_ratio=0.2)
-    decision = run.blend.chunk_decisions[1]
-    assert decision.used_variant and decision.overlap == 1.0 and decision.reason != "exact variant"
+    decision = run.blend.chunk_decisions[1]  # this prompt is that context: the variant is the full prefill's rows
+    assert decision.used_variant and decision.overlap == 1.0 and decision.reason == "exact variant"
     other = engine.run(QUESTION, chunks=[chunk.token_ids, near.token_ids], strategy="cachecraft", recompute_ratio=0.2)
     assert not other.blend.chunk_decisions[0].used_variant  # nothing before it: its base entry
 
-    engine.remove_documents([near.doc_id])
+    doc_of = {h.key: h.doc_id for h in engine.retrieve(QUESTION, k=len(PASSAGES))}
+    engine.remove_documents([doc_of[near.key]])
     assert meta.variants_of([chunk.key]) == [[]] and engine.store.lookup([record.key]) == [None]
     engine.close()
 
 
-def test_neighbour_variants_are_off_by_default(tmp_path):
+def test_neighbour_variants_can_be_turned_off(tmp_path):
     engine = _engine(tmp_path)
-    report = engine.ingest(documents=[Document(id=f"d{i}", text=t) for i, t in enumerate(PASSAGES)])
+    docs = [Document(id=f"d{i}", text=t) for i, t in enumerate(PASSAGES)]
+    report = engine.ingest(documents=docs, config=IngestConfig(progress=False, neighbour_variants=0))
     assert report.neighbour_variants == 0
     keys = [h.key for h in engine.retrieve(QUESTION, k=3)]
     assert metadata_store(engine.store).variants_of(keys) == [[], [], []]
+    engine.close()
+
+
+def test_ingestion_stores_two_neighbour_variants_per_chunk_by_default(tmp_path):
+    engine = _engine(tmp_path)
+    report = engine.ingest(documents=[Document(id=f"d{i}", text=t) for i, t in enumerate(PASSAGES)])
+    assert report.neighbour_variants == len(PASSAGES)
+    keys = [h.key for h in engine.retrieve(QUESTION, k=3)]
+    assert [len(r.preceding) for rs in metadata_store(engine.store).variants_of(keys) for r in rs] == [2, 2, 2]
+    engine.close()
+
+
+def test_focus_loads_a_neighbour_variant_in_any_prompt_and_fuses_it_instead_of_the_base_entry(tmp_path):
+    """Chunks given directly: `store_neighbour_variants` computes each after its nearest passage of the
+    corpus. focus loads the variant even though that neighbour is not in the prompt; the exact first
+    chunk keeps its base entry; with no recompute its fusion differs from the base entries' (naive)."""
+    engine = _engine(tmp_path)
+    first, second, *corpus = engine.tokenize_chunks(PASSAGES)
+    stored = engine.store_neighbour_variants([second], corpus, k=1)  # its neighbour comes from `corpus`
+    assert len(stored) == 1 and engine.store_neighbour_variants([second], corpus, k=1) == []  # held: kept
+    run = engine.run(QUESTION, chunks=[first, second], strategy="focus", recompute_ratio=0.0)
+    a, b = run.blend.chunk_decisions
+    assert a.source == "base"  # computed after this very prefix: the full prefill's rows
+    assert b.source == str(stored[0]) and b.overlap == 0.0  # its neighbour is not in this prompt
+    base = engine.run(QUESTION, chunks=[first, second], strategy="naive")
+    assert not torch.allclose(run.blend.logits, base.blend.logits)
     engine.close()
