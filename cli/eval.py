@@ -81,6 +81,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="KV variants kept per chunk (blend.craft_variants, default 2): the context pass stores each chunk's "
         "in-context KV and cachecraft loads the closest; 0: no variants",
     )
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=None,
+        help="neighbour variants (ingestion's default, 2): before timing, each sample's chunks are also stored "
+        "after their K nearest passages of the evaluated samples by embedding, as ingestion does over a corpus "
+        "(FusionRAG); focus loads them. 0: base entries only",
+    )
     add_trace_args(p)
     p.add_argument("--out", default="results.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="write a quality-vs-TTFT plot (PNG)")
@@ -100,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..engine.engine import Engine
+    from ..engine.ingest import IngestConfig
     from ..engine.prompt import PromptTemplate, template_for
     from ..eval.datasets import load_samples
     from ..eval.report import markdown_table, plot, plot_curve
@@ -125,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         engine.config = replace(engine.config, blend=replace(engine.config.blend, craft_serve="off"))
     if args.retrieve:
         samples = retrieve_in_the_loop(engine, samples, args.retrieve)
+    neighbours = IngestConfig.neighbour_variants if args.neighbours is None else args.neighbours
+    if neighbours < 0:
+        raise ValueError(f"--neighbours must be >= 0 (0: none), got {args.neighbours}")
     summary, rows = run_eval(
         engine,
         samples,
@@ -132,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         progress=lambda xs: tqdm(xs, desc=f"eval {Path(args.data).name}", unit="q"),
         context=args.record_context,
+        neighbours=neighbours,
     )
     report = {
         "model": settings.model,
@@ -148,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         "retrieve_k": args.retrieve,
         "record_context": args.record_context,
         "craft_variants": settings.blend.craft_variants,
+        "neighbours": neighbours,
         "results": summary,
         "samples": rows,
     }
