@@ -10,6 +10,8 @@ from retriever_fakes import HashEmbedder
 from tiny_engine import PASSAGES, tiny_engine_adapter
 
 from ragkv.blend import BlendConfig
+from ragkv.blend.variant_choice import choose_context
+from ragkv.chunk_cache import ChunkKey, ChunkKV
 from ragkv.engine.config import EngineConfig
 from ragkv.engine.context_pass import prefix_ids_key
 from ragkv.engine.engine import Engine
@@ -18,6 +20,7 @@ from ragkv.engine.neighbour_variants import index_neighbours
 from ragkv.retriever import Document
 from ragkv.storage import MemoryTier, TieredStore
 from ragkv.storage.metadata import metadata_store
+from ragkv.storage.variants import store_variant
 
 QUESTION = "Where does the river bend?"
 
@@ -97,3 +100,31 @@ def test_focus_loads_a_neighbour_variant_in_any_prompt_and_fuses_it_instead_of_t
     base = engine.run(QUESTION, chunks=[first, second], strategy="naive")
     assert not torch.allclose(run.blend.logits, base.blend.logits)
     engine.close()
+
+
+def test_choose_context_prefers_exact_then_overlap_and_ignores_another_prefix():
+    """focus's rule: any variant after this prompt's prefix beats the base entry, the one overlapping the
+    chunks before it most wins (an exact one first), a variant after another prefix is never taken, and
+    an exact first chunk keeps its base entry."""
+    store = TieredStore([MemoryTier(1 << 24)])
+    meta = metadata_store(store)
+    first, second, third, far, other_far = (ChunkKey.of("m", "t", [i]) for i in range(5))
+    prefix, other_prefix = ChunkKey.of("m:prefix", "t", [9]), ChunkKey.of("m:prefix", "t", [8])
+
+    def kv():
+        return ChunkKV(torch.zeros(2, 2, 3, 2, 8), pos0=5)
+
+    store_variant(store, meta, first, [far], kv(), 4, 10, prefix)  # a neighbour variant of the first chunk
+    near = store_variant(store, meta, third, [far, other_far], kv(), 4, 10, prefix)  # neighbours not in the prompt
+    exact = store_variant(store, meta, third, [first, second], kv(), 4, 10, prefix)  # exactly its context
+    store_variant(store, meta, second, [first], kv(), 4, 10, other_prefix)  # after another template's prefix
+    keys = [first, second, third]
+
+    choices = choose_context(keys, meta, store, prefix, first_exact=True)
+    assert [c.key for c in choices[:2]] == [first, second]  # exact first chunk; other prefix: base
+    assert choices[2].key == exact and choices[2].exact
+    store.remove(exact)  # gone from the store: the neighbour variant, though none of its neighbours is here
+    choices = choose_context(keys, meta, store, prefix, first_exact=False)
+    assert choices[2].key == near and choices[2].overlap == 0.0 and not choices[2].exact
+    assert choices[0].is_variant  # not exact: the first chunk takes its neighbour variant too
+    assert [c.key for c in choose_context(keys, meta, store, None)] == keys  # no prefix known: base entries
