@@ -24,13 +24,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from answer_turns import add_sample_args, engine_and_samples, reference
+from shared_prefix import fidelity, print_table
 
-from ragkv.blend import BlendConfig, blend, make_strategy
+from ragkv.blend import BlendConfig, make_strategy
 from ragkv.chunk_cache import ChunkKV, precompute, precompute_many
 from ragkv.eval.datasets import load_samples
-from ragkv.eval.metrics import agree_prefix, kl_per_position, top1_agreement
 from ragkv.retriever.config import RetrieverConfig
 from ragkv.retriever.embedder import search_embedder
 
@@ -100,38 +99,17 @@ def main() -> None:
         plan = engine.plan(sample.question, chunks)
         key = hashlib.sha1(json.dumps([plan.input_ids.tolist(), args.new_tokens]).encode()).hexdigest()[:16]
         ref = reference(engine, plan, args.new_tokens, args.cache, key)
-        forced = torch.tensor(ref["answer"])
         row = {"id": sample.id, "prompt_tokens": plan.num_tokens}
         for kind, sources in kinds(engine, embedder, plan, chunks, texts, ks, foreign, pool, args.kinds):
             for label, name, ratio in STRATEGIES:
-                result = blend(
-                    engine.model, plan, make_strategy(name, ratio, BlendConfig()), sources, reserve=args.new_tokens + 1
-                )
-                answer = list(engine.answer_ids(result, args.new_tokens))
-                logits = engine.teacher_forced_logits(result, forced)
-                m = {
-                    "same_answer": float(answer == ref["answer"]),
-                    "agree_prefix": agree_prefix(ref["answer"], answer),
-                    "kl_mean": float(kl_per_position(ref["logits"], logits).mean()),
-                    "top1": top1_agreement(ref["logits"], logits),
-                    "recompute_fraction": result.recompute_fraction,
-                }
+                m = fidelity(engine, plan, make_strategy(name, ratio, BlendConfig()), sources, ref, args.new_tokens)
                 row[f"{kind} {label}"] = m
-                for name_, v in m.items():
-                    totals.setdefault(f"{kind} {label}", {}).setdefault(name_, []).append(v)
+                for metric, v in m.items():
+                    name_ = "prefix" if kind == "prefix" else f"prefix+{kind}"
+                    totals.setdefault(f"{name_} {label}", {}).setdefault(metric, []).append(v)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("| chunk KV computed after | strategy | same answer | agree prefix | kl_mean | top-1 | recompute |")
-    print("|---|---|---|---|---|---|---|")
-    for k, t in totals.items():
-        kind, label = k.split(" ", 1)
-        n = len(t["same_answer"])
-        mean = {m: sum(v) / n for m, v in t.items()}
-        print(
-            f"| prefix{'' if kind == 'prefix' else ' + ' + kind} | {label} | {int(sum(t['same_answer']))}/{n} | "
-            f"{mean['agree_prefix']:.3f} | {mean['kl_mean']:.4f} | {mean['top1']:.3f} | "
-            f"{mean['recompute_fraction']:.3f} |"
-        )
+    print_table(totals)
     Path(args.out).write_text(json.dumps({"data": "demo" if args.demo else args.data, "rows": rows}, indent=1))
 
 

@@ -24,7 +24,7 @@ from answer_turns import add_sample_args, engine_and_samples, reference
 from ragkv.blend import BlendConfig, blend, make_strategy
 from ragkv.chunk_cache import precompute_many
 from ragkv.engine.engine import Engine
-from ragkv.eval.metrics import agree_prefix, kl_per_position
+from ragkv.eval.metrics import agree_prefix, kl_per_position, top1_agreement
 
 VARIANTS = (
     ("naive", "naive", 0.0, BlendConfig()),
@@ -49,6 +49,35 @@ def kinds(engine: Engine, plan, chunks):
     )
 
 
+def fidelity(engine: Engine, plan, strategy, sources, ref: dict, new_tokens: int) -> dict:
+    """One fusion of `plan` against the full prefill's reference `ref` (experiments/answer_turns.py):
+    its greedy answer (same, agreeing prefix) and the teacher-forced kl_mean / top-1 along ref's answer."""
+    result = blend(engine.model, plan, strategy, sources, reserve=new_tokens + 1)
+    answer = list(engine.answer_ids(result, new_tokens))
+    logits = engine.teacher_forced_logits(result, torch.tensor(ref["answer"]))
+    return {
+        "same_answer": float(answer == ref["answer"]),
+        "agree_prefix": agree_prefix(ref["answer"], answer),
+        "kl_mean": float(kl_per_position(ref["logits"], logits).mean()),
+        "top1": top1_agreement(ref["logits"], logits),
+        "recompute_fraction": result.recompute_fraction,
+    }
+
+
+def print_table(totals: dict[str, dict[str, list[float]]]) -> None:
+    """The mean of each "kind label" row's `fidelity` metrics, as a markdown table."""
+    print("| chunk KV computed after | strategy | same answer | agree prefix | kl_mean | top-1 | recompute |")
+    print("|---|---|---|---|---|---|---|")
+    for k, t in totals.items():
+        kind, label = k.split(" ", 1)
+        n = len(t["same_answer"])
+        mean = {m: sum(v) / n for m, v in t.items()}
+        print(
+            f"| {kind} | {label} | {int(sum(t['same_answer']))}/{n} | {mean['agree_prefix']:.3f} | "
+            f"{mean['kl_mean']:.4f} | {mean['top1']:.3f} | {mean['recompute_fraction']:.3f} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_sample_args(ap, limit=3)
@@ -62,37 +91,18 @@ def main() -> None:
         plan = engine.plan(sample.question, chunks)
         key = hashlib.sha1(json.dumps([plan.input_ids.tolist(), args.new_tokens]).encode()).hexdigest()[:16]
         ref = reference(engine, plan, args.new_tokens, args.cache, key)
-        forced = torch.tensor(ref["answer"])
         row = {"id": sample.id}
         for kind, kind_plan, sources in kinds(engine, plan, chunks):
             for label, name, ratio, config in VARIANTS:
                 if args.only and f"{kind} {label}" not in args.only.split(","):
                     continue
-                strategy = make_strategy(name, ratio, config)
-                result = blend(engine.model, kind_plan, strategy, sources, reserve=args.new_tokens + 1)
-                answer = list(engine.answer_ids(result, args.new_tokens))
-                logits = engine.teacher_forced_logits(result, forced)
-                m = {
-                    "same_answer": float(answer == ref["answer"]),
-                    "agree_prefix": agree_prefix(ref["answer"], answer),
-                    "kl_mean": float(kl_per_position(ref["logits"], logits).mean()),
-                    "recompute_fraction": result.recompute_fraction,
-                }
+                m = fidelity(engine, kind_plan, make_strategy(name, ratio, config), sources, ref, args.new_tokens)
                 row[f"{kind} {label}"] = m
                 for k, v in m.items():
                     totals.setdefault(f"{kind} {label}", {}).setdefault(k, []).append(v)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("| chunk KV computed after | strategy | same answer | agree prefix | kl_mean | recompute |")
-    print("|---|---|---|---|---|---|")
-    for k, t in totals.items():
-        kind, label = k.split(" ", 1)
-        n = len(t["same_answer"])
-        mean = {m: sum(v) / n for m, v in t.items()}
-        print(
-            f"| {kind} | {label} | {int(sum(t['same_answer']))}/{n} | {mean['agree_prefix']:.3f} | "
-            f"{mean['kl_mean']:.4f} | {mean['recompute_fraction']:.3f} |"
-        )
+    print_table(totals)
     Path(args.out).write_text(json.dumps({"data": "demo" if args.demo else args.data, "rows": rows}, indent=1))
 
 
