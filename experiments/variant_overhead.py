@@ -1,8 +1,9 @@
-"""What loading neighbour variants costs focus at query time: its TTFT on the demo's prompts with each
-chunk loading its variant (the default) vs its base entry (`Focus.choose_sources` set back to the base
-rule), interleaved with `full` in one engine over a data dir the demo filled (`ragkv demo --data-dir D`).
+"""What neighbour variants cost focus at query time on the demo's prompts: two engines in one process,
+one ingesting the demo's passages with neighbour variants (the default) and one without, each request
+run on both in turn (interleaved, median of 5), with the TTFT parts and the recompute fraction the
+adaptive budget chose.
 
-    python experiments/variant_overhead.py D --repeats 5
+    python experiments/variant_overhead.py --repeats 5
 """
 
 from __future__ import annotations
@@ -10,48 +11,53 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 from importlib import resources
 
 import torch
 
-from ragkv.blend.focus import Focus
-from ragkv.blend.strategies import Strategy
 from ragkv.engine.engine import Engine
-
-MODES = ("variants", "base", "full")
+from ragkv.engine.ingest import IngestConfig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("data_dir")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engine = Engine.from_pretrained(data_dir=args.data_dir)
     demo = resources.files("ragkv.cli") / "demo"
+    paths = sorted(str(p) for p in demo.iterdir() if p.name.endswith(".txt"))
     questions = [json.loads(line) for line in (demo / "questions.jsonl").read_text().splitlines() if line.strip()]
-    with_variants = Focus.choose_sources
-
-    def base_only(self, keys, store, prefix=None, first_exact=False):
-        return Strategy.choose_sources(self, keys, store, prefix, first_exact)
-
-    medians = {m: [] for m in MODES}
+    engines = {}
+    for name, k in (("variants", 2), ("base", 0)):
+        engine = Engine.from_pretrained(data_dir=tempfile.mkdtemp(prefix="ragkv-overhead-"))
+        engine.ingest(paths, namespace="demo", config=IngestConfig(progress=False, neighbour_variants=k))
+        engines[name] = engine
+    parts = {n: {} for n in engines}
+    ttft = {n: [] for n in engines}
     for q in questions:
-        chunks = [h.token_ids for h in engine.retrieve(q["question"], 3, namespace="demo")]
-        ttft = {m: [] for m in MODES}
-        for _ in range(args.repeats):
-            for mode in MODES:
-                Focus.choose_sources = with_variants if mode == "variants" else base_only
-                strategy = "full" if mode == "full" else "focus"
-                ttft[mode].append(engine.run(q["question"], chunks=chunks, namespace="demo", strategy=strategy).ttft_ms)
-        for mode in MODES:
-            medians[mode].append(statistics.median(ttft[mode]))
-        print(q["id"], {m: round(medians[m][-1]) for m in MODES}, flush=True)
-    Focus.choose_sources = with_variants
-    print("median ms", {m: round(statistics.median(v)) for m, v in medians.items()})
-    ratios = {m: statistics.median([f / x for f, x in zip(medians["full"], medians[m])]) for m in ("variants", "base")}
-    print("speedup vs full (median of per-question ratios)", {m: round(r, 3) for m, r in ratios.items()})
+        chunks = {n: [h.token_ids for h in e.retrieve(q["question"], 3, namespace="demo")] for n, e in engines.items()}
+        times, recompute = {n: [] for n in engines}, {}
+        for rep in range(args.repeats):
+            for n, engine in engines.items():
+                run = engine.run(q["question"], chunks=chunks[n], namespace="demo")
+                times[n].append(run.ttft_ms)
+                recompute[n] = run.blend.recompute_fraction
+                if rep:  # the first run of a prompt warms its entries
+                    for part, ms in run.parts_ms.items():
+                        parts[n].setdefault(part, []).append(ms)
+        for n in engines:
+            ttft[n].append(statistics.median(times[n]))
+        print(q["id"], {n: round(ttft[n][-1]) for n in engines}, {n: round(r, 3) for n, r in recompute.items()})
+    print("median TTFT ms", {n: round(statistics.median(v)) for n, v in ttft.items()})
+    print(
+        "mean parts ms",
+        {
+            n: {k: round(statistics.mean(v), 1) for k, v in p.items() if statistics.mean(v) > 0.3}
+            for n, p in parts.items()
+        },
+    )
 
 
 if __name__ == "__main__":
