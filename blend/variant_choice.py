@@ -59,25 +59,37 @@ def base_choices(keys: Sequence[ChunkKey]) -> list[SourceChoice]:
     return [SourceChoice(key, (), overlap((), keys[:i])) for i, key in enumerate(keys)]
 
 
+def held_variants(keys: Sequence[ChunkKey], metadata, store, accept) -> dict[ChunkKey, list]:
+    """Per distinct chunk of `keys`: its variants recorded in `metadata` that `accept(record)` admits and
+    `store` holds (`lookup`, no I/O)."""
+    distinct = list(dict.fromkeys(keys))
+    by_base = dict(zip(distinct, metadata.variants_of(distinct)))
+    records = [r for rs in by_base.values() for r in rs if accept(r)]
+    tiers = store.lookup([r.key for r in records]) if records else []
+    held = {r.key for r, tier in zip(records, tiers) if tier}
+    return {base: [r for r in rs if r.key in held] for base, rs in by_base.items()}
+
+
 def choose_variants(keys: Sequence[ChunkKey], metadata, store, prefix: ChunkKey | None = None) -> list[SourceChoice]:
     """Per chunk (`keys` in prompt order): the variant recorded in `metadata` (a MetadataStore) and held
     by `store` (a TieredStore: `lookup`, no I/O) whose preceding chunks overlap the chunks before it now
     most (ties: one computed after the prompt prefix `prefix`, then more reuses), if it overlaps more
     than the base entry does (or as much, exactly: after the very prefix and chunks now before it);
     else the base entry. A variant computed after another prompt prefix is not considered; one computed
-    after the attention sink and its preceding chunks alone (a neighbour variant from ingestion) is, but
-    is never exact."""
+    after the attention sink and its preceding chunks alone (a neighbour variant of `chunk_context =
+    "sink"`) is, but is never exact."""
     choices = base_choices(keys)
-    distinct = list(dict.fromkeys(keys))
-    by_base = dict(zip(distinct, metadata.variants_of(distinct)))
-    records = [r for rs in by_base.values() for r in rs]
-    held = dict(zip((r.key for r in records), store.lookup([r.key for r in records]))) if records else {}
+    own = held_variants(
+        keys,
+        metadata,
+        store,
+        lambda r: r.key in (variant_key(r.base, r.preceding, prefix), r.base.variant(r.preceding)),
+    )
     for i, key in enumerate(keys):
         before = tuple(keys[:i])
         scored = [
             (overlap(r.preceding, before), r.key == variant_key(r.base, r.preceding, prefix), r.reuses, r)
-            for r in by_base[key]
-            if held.get(r.key) and r.key in (variant_key(r.base, r.preceding, prefix), r.base.variant(r.preceding))
+            for r in own[key]
         ]
         if not scored:
             continue
@@ -100,10 +112,7 @@ def choose_context(
     choices = base_choices(keys)
     if prefix is None:
         return choices
-    distinct = list(dict.fromkeys(keys))
-    by_base = dict(zip(distinct, metadata.variants_of(distinct)))
-    records = [r for rs in by_base.values() for r in rs if r.key == variant_key(r.base, r.preceding, prefix)]
-    held = dict(zip((r.key for r in records), store.lookup([r.key for r in records]))) if records else {}
+    after_prefix = held_variants(keys, metadata, store, lambda r: r.key == variant_key(r.base, r.preceding, prefix))
     present = set(keys)
     for i, key in enumerate(keys):
         if i == 0 and first_exact:
@@ -111,8 +120,7 @@ def choose_context(
         before = tuple(keys[:i])
         scored = [
             (overlap(r.preceding, before), sum(k in present for k in r.preceding), r.reuses, r)
-            for r in by_base[key]
-            if held.get(r.key)
+            for r in after_prefix[key]
         ]
         if scored:
             best, _, _, record = max(scored, key=lambda s: s[:3])
