@@ -136,13 +136,13 @@ class Engine:
         `corpus` by the retriever's embedder, and stored (a variant already held is kept). Returns the
         variant keys stored now."""
         ns = namespace or self.config.namespace
-        pool = list({tuple(c): list(c) for c in [*chunks, *corpus]}.values())
-        keys = [self.supply.key(c, ns) for c in pool]
+        key_of = {c: self.supply.key(c, ns) for c in dict.fromkeys(tuple(c) for c in [*chunks, *corpus])}
+        pool = [list(c) for c in key_of]
         vectors = self.retriever(ns).embedder.embed([self.tokenizer.decode(c, skip_special_tokens=True) for c in pool])
         lead_in = self.lead_in
         prefix = prefix_ids_key(self.model, lead_in, ns) if lead_in else None
-        wanted = {self.supply.key(c, ns): c for c in chunks}
-        find = corpus_neighbours(keys, pool, vectors)
+        wanted = {key_of[tuple(c)]: c for c in chunks}
+        find = corpus_neighbours(list(key_of.values()), pool, vectors)
         limit = self.config.blend.craft_variants or IngestConfig.variant_limit
         separator = self.lead_in_separator
         return store_neighbour_variants(self.model, self.store, find, wanted, k, limit, lead_in, prefix, separator)

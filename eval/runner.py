@@ -77,18 +77,13 @@ def evaluate_sample(
     specs: Sequence[Spec],
     max_new_tokens: int,
     context: str = "reversed",
-    neighbours: int = 0,
-    corpus: Sequence[Sequence[int]] = (),
 ) -> dict[str, dict]:
     """Per spec: ttft_ms, quality vs gold, fidelity vs the full prefill (the first spec must be full),
     and speedups against full and against the model's own forward on the same token ids (`hf`).
-    `context`: the chunk order of the context pass that records cachecraft's metadata (eval/context.py);
-    `neighbours` > 0: the chunks' neighbour variants from `corpus` (and the chunks), stored before timing."""
+    `context`: the chunk order of the context pass that records cachecraft's metadata (eval/context.py)."""
     assert specs and specs[0].strategy == "full", "the full prefill is the reference and runs first"
     chunks = sample_chunks(engine, sample)
     engine.ensure_cached(chunks)  # chunk KV in the store before timing: TTFT is the cache-hit path
-    if neighbours:  # ingestion's offline step, for chunks given directly (engine/neighbour_variants.py)
-        engine.store_neighbour_variants(chunks, corpus, neighbours)
     if any(s.strategy.startswith("cachecraft") for s in specs):  # its chunk metadata is recorded before timing
         record_sample_context(engine, sample.question, chunks, context)
     out: dict[str, dict] = {}
@@ -232,13 +227,14 @@ def run_eval(
     context: str = "reversed",
     neighbours: int = 0,
 ) -> tuple[dict[str, dict], list[dict[str, dict]]]:
-    """Evaluate every sample; returns (summary, per-sample rows). With `neighbours` = k > 0 each sample's
-    chunks also get neighbour variants (engine/neighbour_variants.py) before timing, their k nearest
-    drawn from every evaluated sample's passages: the corpus, as ingestion would find them."""
-    corpus = [c for s in samples for c in sample_chunks(engine, s)] if neighbours else []
+    """Evaluate every sample; returns (summary, per-sample rows). With `neighbours` = k > 0 every sample's
+    chunks first get neighbour variants (engine/neighbour_variants.py), their k nearest drawn from every
+    evaluated sample's passages: the corpus, as ingestion would find them (one embedding of it)."""
+    if neighbours:  # ingestion's offline step, for chunks given directly: once, before any timing
+        engine.store_neighbour_variants([c for s in samples for c in sample_chunks(engine, s)], k=neighbours)
     rows = []
     for sample in progress(samples) if progress else samples:
-        rows.append(evaluate_sample(engine, sample, specs, max_new_tokens, context, neighbours, corpus))
+        rows.append(evaluate_sample(engine, sample, specs, max_new_tokens, context))
     return summarize(rows), rows
 
 

@@ -17,6 +17,8 @@ from ragkv.engine.context_pass import prefix_ids_key
 from ragkv.engine.engine import Engine
 from ragkv.engine.ingest import IngestConfig
 from ragkv.engine.neighbour_variants import index_neighbours
+from ragkv.eval.datasets import Sample
+from ragkv.eval.runner import Spec, run_eval
 from ragkv.retriever import Document
 from ragkv.storage import MemoryTier, TieredStore
 from ragkv.storage.metadata import metadata_store
@@ -128,3 +130,14 @@ def test_choose_context_prefers_exact_then_overlap_and_ignores_another_prefix():
     assert choices[2].key == near and choices[2].overlap == 0.0 and not choices[2].exact
     assert choices[0].is_variant  # not exact: the first chunk takes its neighbour variant too
     assert [c.key for c in choose_context(keys, meta, store, None)] == keys  # no prefix known: base entries
+
+
+def test_the_eval_stores_neighbour_variants_once_before_timing_and_focus_loads_them(tmp_path):
+    engine = _engine(tmp_path)
+    samples = [Sample(f"s{i}", QUESTION, tuple(PASSAGES[i : i + 2]), ("the stone bridge",)) for i in (0, 1)]
+    specs = [Spec("full"), Spec("focus", 0.0), Spec("naive")]
+    _, rows = run_eval(engine, samples, specs, max_new_tokens=2, neighbours=1)
+    assert [row["focus@0"]["variants_used"] for row in rows] == [1, 1]  # every chunk but the exact first
+    assert [row["naive"]["variants_used"] for row in rows] == [0, 0]  # the papers' baseline: base entries
+    assert engine.store_neighbour_variants(engine.tokenize_chunks(PASSAGES), k=1) == []  # all held already
+    engine.close()
