@@ -102,14 +102,12 @@ class Focus(Strategy):
     def decisions(self):
         """Per chunk when `choose_sources` bound it: the KV it loaded (base or a variant, `ChunkDecision`);
         `recomputed` counts the tokens chosen before layer 0 (dual stage: its last tokens only)."""
-        if not self.choices or self._spans is None or len(self._spans) != len(self.choices):
+        if not self.choices or self._chosen is None or len(self._spans) != len(self.choices):
             return []
-        chosen = self._chosen if self._chosen is not None else torch.zeros(0, dtype=torch.bool)
         out = []
         for c, (start, end) in zip(self.choices, self._spans):
-            n = int(chosen[start:end].sum()) if chosen.numel() else 0
-            source = str(c.key) if c.is_variant else "base"
-            out.append(ChunkDecision(source, c.overlap, "fix" if n else "reuse", n))
+            n = int(self._chosen[start:end].sum())  # set by prepare, with the spans
+            out.append(ChunkDecision(str(c.key) if c.is_variant else "base", c.overlap, "fix" if n else "reuse", n))
         return out
 
     def prepare(self, model, plan, sources):

@@ -59,7 +59,7 @@ def agree_prefix(reference_ids: Sequence[int], ids: Sequence[int]) -> float:
     if not reference_ids:
         return float(not ids)
     turn = first_difference(reference_ids, ids)
-    return min(len(reference_ids), len(reference_ids) if turn is None else turn) / len(reference_ids)
+    return (len(reference_ids) if turn is None else turn) / len(reference_ids)  # turn <= len(reference_ids)
 
 
 def first_difference(reference_ids: Sequence[int], ids: Sequence[int]) -> int | None:
