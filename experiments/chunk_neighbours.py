@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 from answer_turns import add_sample_args, engine_and_samples, reference
-from shared_prefix import fidelity, print_table
+from shared_prefix import fidelity, report, tally
 
 from ragkv.blend import BlendConfig, make_strategy
 from ragkv.chunk_cache import ChunkKV, precompute, precompute_many
@@ -104,13 +103,10 @@ def main() -> None:
             for label, name, ratio in STRATEGIES:
                 m = fidelity(engine, plan, make_strategy(name, ratio, BlendConfig()), sources, ref, args.new_tokens)
                 row[f"{kind} {label}"] = m
-                for metric, v in m.items():
-                    name_ = "prefix" if kind == "prefix" else f"prefix+{kind}"
-                    totals.setdefault(f"{name_} {label}", {}).setdefault(metric, []).append(v)
+                tally(totals, f"{'prefix' if kind == 'prefix' else 'prefix+' + kind} {label}", m)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print_table(totals)
-    Path(args.out).write_text(json.dumps({"data": "demo" if args.demo else args.data, "rows": rows}, indent=1))
+    report(rows, totals, args)
 
 
 if __name__ == "__main__":

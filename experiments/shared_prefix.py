@@ -64,6 +64,18 @@ def fidelity(engine: Engine, plan, strategy, sources, ref: dict, new_tokens: int
     }
 
 
+def tally(totals: dict[str, dict[str, list[float]]], name: str, metrics: dict) -> None:
+    """Adds one sample's `fidelity` metrics to the row `name` ("kind label") of `totals`."""
+    for metric, value in metrics.items():
+        totals.setdefault(name, {}).setdefault(metric, []).append(value)
+
+
+def report(rows: list[dict], totals: dict[str, dict[str, list[float]]], args) -> None:
+    """The table of `totals` on stdout, and the per-sample `rows` as JSON in `args.out`."""
+    print_table(totals)
+    Path(args.out).write_text(json.dumps({"data": "demo" if args.demo else args.data, "rows": rows}, indent=1))
+
+
 def print_table(totals: dict[str, dict[str, list[float]]]) -> None:
     """The mean of each "kind label" row's `fidelity` metrics, as a markdown table."""
     print("| chunk KV computed after | strategy | same answer | agree prefix | kl_mean | top-1 | recompute |")
@@ -98,12 +110,10 @@ def main() -> None:
                     continue
                 m = fidelity(engine, kind_plan, make_strategy(name, ratio, config), sources, ref, args.new_tokens)
                 row[f"{kind} {label}"] = m
-                for k, v in m.items():
-                    totals.setdefault(f"{kind} {label}", {}).setdefault(k, []).append(v)
+                tally(totals, f"{kind} {label}", m)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print_table(totals)
-    Path(args.out).write_text(json.dumps({"data": "demo" if args.demo else args.data, "rows": rows}, indent=1))
+    report(rows, totals, args)
 
 
 if __name__ == "__main__":
