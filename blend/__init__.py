@@ -18,6 +18,7 @@ lazy_exports(
         "blend_many": "loop",
         "PromptState": "prompt_state",
         "LayerLoader": "loader",
+        "LayerBuffers": "layer_buffers",
         "Strategy": "strategies",
         "make_strategy": "registry",
         "extend": "extend",

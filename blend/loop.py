@@ -1,7 +1,8 @@
 """The one blend loop: fuse cached chunk KV into one prompt (`blend`) or several at once (`blend_many`),
 layer by layer.
 
-Per layer, for each prompt (its `PromptState`): load the cached rows (lazily, from `LayerLoader`) and
+Per layer, for each prompt (its `PromptState`): load the cached rows (its `LayerBuffers`: read lazily by a
+`LayerLoader`, or read back when the scout pass loaded them) and
 re-rotate their keys to the target positions; then for the active tokens of all prompts packed
 together: q/k/v; each prompt narrows its active set at its own check layers (CacheBlend) and writes
 its fresh K/V over its cached rows, and its active tokens attend over its keys with a causal mask by

@@ -1,9 +1,11 @@
 """PromptState: one prompt's side of the blend loop, so that one loop can fuse one prompt or several.
 
-Built once per request (`PromptState(model, plan, strategy, sources, ...)`): which rows come from cache,
-their target rows and re-rotation, the strategy's initial active set (query-aware strategies and
-cachecraft choose it here, before layer 0) and the attention mask of that set. Per layer the loop asks
-it to load its cached rows into its own K/V buffers (`load_layer`), to narrow its active set at its
+Built once per request (`PromptState(model, plan, strategy, sources, ...)`): its per-layer K/V buffers
+(`LayerBuffers`: which rows come from cache, loaded and re-rotated to their target rows), the question's
+attention for strategies that rank by it (a scout pass over those same buffers, unless a batch scouted
+it already), the strategy's initial active set (query-aware strategies and cachecraft choose it here,
+before layer 0) and the attention mask of that set. Per layer the loop asks it for that layer's
+buffers with the cached rows in (`load_layer`: loaded now, or read back from the scout), to narrow its active set at its
 own check layers (`narrow`), to write its fresh K/V (`write`) and to attend its queries over its own
 buffers (`attention`). Hidden states and projections are the loop's: it may pack several prompts' rows.
 """
@@ -17,10 +19,10 @@ import torch
 from ..chunk_cache import LayeredKV
 from ..models import ModelAdapter
 from ..models.attention import MASK_KINDS, QueryMask, query_mask
-from .loader import LayerLoader
+from .layer_buffers import LayerBuffers
 from .plan import BlendPlan
-from .recover import Recovering, recovering
-from .rerotate import rerotate, rotation
+from .query_select import question_attention_many
+from .recover import Recovering
 from .select import kv_deviation, query_attention
 from .strategies import Strategy
 
@@ -37,6 +39,7 @@ class PromptState:
         *,
         reserve: int = 0,
         attention: str = "auto",
+        layers: LayerBuffers | None = None,
     ) -> None:
         n, dev = plan.num_tokens, model.device
         if model.max_context is not None and n > model.max_context:
@@ -45,33 +48,21 @@ class PromptState:
             raise ValueError(f"unknown attention {attention!r}; accepted: {', '.join(MASK_KINDS)}")
         self.model, self.plan, self.strategy = model, plan, strategy
         self.reserve, self.attention_kind = reserve, attention
-        sources = recovering(model, plan, sources)  # a stored layer found damaged mid-blend: that chunk is recomputed
-        self.sources = sources
-        # 1. Which rows come from cache (host bookkeeping), their target rows and the rotation that
-        #    moves each cached key to its target row: all computed once per request, on the device.
-        self.cached = torch.zeros(n, dtype=torch.bool)  # [N] host
-        target_rows, deltas = [], []
-        for start, kv in sources:
-            if not (0 <= start and start + kv.num_tokens <= n):
-                raise ValueError(
-                    f"cached source at rows {start}..{start + kv.num_tokens - 1} lies outside the {n}-row plan"
-                )
-            self.cached[start : start + kv.num_tokens] = True
-            target_rows.append(torch.arange(start, start + kv.num_tokens))  # [T]
-            deltas.append(torch.full((kv.num_tokens,), start - kv.pos0))  # [T]
-        self.spans = [(start, kv.num_tokens) for start, kv in sources]  # target rows per source, loader order
-        if int(self.cached.sum()) != sum(kv.num_tokens for _, kv in sources):
-            raise ValueError("cached sources must not overlap")
+        # 1. Which rows come from cache, and each layer's buffers with those rows loaded and re-rotated
+        #    to their target rows: shared with a scout pass that ran first (then loaded once).
+        if layers is None:
+            layers = LayerBuffers(model, plan, sources, reserve=reserve)
+        elif layers.plan is not plan or layers.reserve != reserve or not layers.keep:
+            raise ValueError("a prompt's LayerBuffers must be built for its own plan and reserve, with keep=True")
+        self.layers = layers
+        self.sources = layers.sources  # wrapped: a stored layer found damaged mid-blend, that chunk is recomputed
+        self.cached = layers.cached  # [N] host
         self.cached_chunks = self.cached & plan.chunk_mask()  # [N] host: a cached prompt prefix is not counted
         self.num_cached = int(self.cached_chunks.sum())  # chunk rows loaded: what budgets and fractions count
-        self.loader = None
-        if sources:
-            self.rows_dev = torch.cat(target_rows).to(dev)  # [Nc] target row of each loaded row, loader order
-            rot_cos, rot_sin = rotation(torch.cat(deltas), model.inv_freq)  # [Nc, D] each
-            self.rot_cos, self.rot_sin = rot_cos.to(dev), rot_sin.to(dev)
-            self.loader = iter(LayerLoader([kv for _, kv in sources], model.num_layers, dev, model.dtype))
+        if strategy.scouted is None and strategy.wants_scout(plan, self.sources):  # over the same buffers
+            strategy.scouted = question_attention_many(model, [layers], strategy.config.scout_layers)[0]
         # 2. The active set: tokens whose hidden states flow through the layers (sorted rows).
-        strategy.prepare(model, plan, sources)
+        strategy.prepare(model, plan, self.sources)
         active_host = strategy.initial_tokens(plan, self.cached).nonzero().flatten()  # [S] host
         if active_host.numel() == 0 or int(active_host[-1]) != n - 1:
             raise ValueError(f"strategy {strategy.label} must compute the last prompt token")
@@ -81,7 +72,6 @@ class PromptState:
         self.cos_a, self.sin_a = cos[self.active], sin[self.active]  # [S, D]: the loop gathers them once
         self.check_layers = strategy.check_layers()
         self._set_active(active_host)
-        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer K, V [1, H_kv, N + reserve, D]
         self.recomputed = 0  # cached rows recomputed, summed over layers
 
     @property
@@ -107,29 +97,15 @@ class PromptState:
         self.mask = _mask(active_host, self.num_tokens, self.model.device, self.attention_kind)  # once per set
 
     def load_layer(self, layer: int, clock) -> None:
-        """This layer's K/V buffers, the cached rows written in with keys re-rotated to their target
-        rows (one scatter each); `clock.lap(part)` charges the allocation, load and re-rotation."""
-        model, n = self.model, self.num_tokens
-        k_all = torch.empty(
-            1, model.num_kv_heads, n + self.reserve, model.head_dim, dtype=model.dtype, device=model.device
-        )  # [1, H, N+R, D]
-        v_all = torch.empty_like(k_all)
-        self.buffers.append((k_all, v_all))
-        self.k_buf, self.v_buf = k_all[0, :, :n], v_all[0, :, :n]  # [H, N, D] views
-        clock.lap("recompute")  # the buffers' allocation
-        if self.loader is None:
-            return
-        rows = next(self.loader)  # [2, Nc, H, D]
-        clock.lap("load")  # on CUDA: how long the compute stream waited for the side stream's copy
-        if self.k_buf.is_cuda and _fused_rerotate(rows[0], self.k_buf):
-            from .rerotate_triton import rerotate_into
+        """This layer's K/V buffers, the cached rows in with keys re-rotated to their target rows (read
+        back when a scout pass filled them); `clock.lap(part)` charges the allocation, load and re-rotation."""
+        k_all, v_all = self.layers.layer(layer, clock.lap)
+        self.k_buf, self.v_buf = k_all[0, :, : self.num_tokens], v_all[0, :, : self.num_tokens]  # [H, N, D] views
 
-            rerotate_into(self.k_buf, rows[0], self.rot_cos, self.rot_sin, self.rows_dev)  # one kernel
-        else:
-            rotated = rerotate(rows[0], self.rot_cos, self.rot_sin).to(model.dtype)  # [Nc, H, D]
-            _scatter(self.k_buf, rotated, self.rows_dev, self.spans)
-        _scatter(self.v_buf, rows[1], self.rows_dev, self.spans)
-        clock.lap("rerotate")
+    @property
+    def buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer K, V [1, H_kv, N + reserve, D] (the layers loaded so far)."""
+        return self.layers.buffers
 
     def narrow(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """At one of this prompt's check layers, keep the active tokens whose fresh K/V (q [S, H_q, D],
@@ -163,26 +139,6 @@ class PromptState:
     def recompute_fraction(self) -> float:
         """Chunk rows recomputed / chunk rows, averaged over layers (1.0 with nothing cached)."""
         return self.recomputed / (self.num_cached * self.model.num_layers) if self.num_cached else 1.0
-
-
-def _scatter(buf: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, spans: list[tuple[int, int]]) -> None:
-    """Write loaded rows [Nc, H, D] into a layer buffer [H, N, D] at their target rows: one index_copy_
-    on CUDA (one kernel), one slice copy per source on CPU (measured 2x faster there than index_copy_)."""
-    if buf.is_cuda:
-        buf.index_copy_(1, targets, rows.transpose(0, 1))
-        return
-    offset = 0
-    for start, count in spans:
-        buf[:, start : start + count] = rows[offset : offset + count].transpose(0, 1)
-        offset += count
-
-
-def _fused_rerotate(keys: torch.Tensor, k_buf: torch.Tensor) -> bool:
-    """Whether the Triton re-rotation kernel runs (imported here, on CUDA only: under TRITON_INTERPRET
-    the kernel module must be first imported after that variable is set)."""
-    from .rerotate_triton import kernel_fits
-
-    return kernel_fits(keys, k_buf)
 
 
 def _mask(active_host: torch.Tensor, n: int, device: torch.device, kind: str) -> QueryMask | None:

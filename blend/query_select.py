@@ -18,6 +18,7 @@ import torch
 
 from ..chunk_cache import LayeredKV
 from ..models import ModelAdapter
+from .layer_buffers import LayerBuffers
 from .plan import BlendPlan
 from .scout import ScoutJob, attention_rows, scout_many
 from .select import budget
@@ -36,22 +37,22 @@ def question_attention(
 ) -> torch.Tensor:
     """[N] fp32 on CPU: the question's attention to each prompt row, averaged over `layers` after
     normalising each layer's mass over the chunk rows (0 outside chunks). Layers past the model's depth
-    are dropped (none left: its last layer)."""
-    return question_attention_many(model, [(plan, sources)], layers)[0]
+    are dropped (none left: its last layer). The scout's buffers are not kept (a blend that follows
+    passes its own `LayerBuffers` to `question_attention_many` and reads them back)."""
+    return question_attention_many(model, [LayerBuffers(model, plan, sources, keep=False)], layers)[0]
 
 
 def question_attention_many(
-    model: ModelAdapter,
-    prompts: Sequence[tuple[BlendPlan, Sequence[tuple[int, LayeredKV]]]],
-    layers: Sequence[int],
+    model: ModelAdapter, prompts: Sequence[LayerBuffers], layers: Sequence[int]
 ) -> list[torch.Tensor]:
-    """`question_attention` of each (plan, sources), their scout passes packed into one (`scout_many`)."""
+    """`question_attention` of each prompt (its plan and cached rows: a `LayerBuffers`, which the scout
+    fills for the layers it runs), their scout passes packed into one (`scout_many`)."""
     layers = [layer for layer in layers if layer < model.num_layers] or [model.num_layers - 1]
-    totals = [torch.zeros(plan.num_tokens) for plan, _ in prompts]
+    totals = [torch.zeros(p.plan.num_tokens) for p in prompts]
     jobs = []
-    for (plan, sources), total in zip(prompts, totals):
-        if bool(plan.chunk_mask().any()):
-            jobs.append(ScoutJob(plan, sources, ~plan.source_mask(sources), _observer(model, plan, total)))
+    for p, total in zip(prompts, totals):
+        if bool(p.plan.chunk_mask().any()):
+            jobs.append(ScoutJob(p, ~p.cached, _observer(model, p.plan, total)))
     if jobs:
         scout_many(model, jobs, layers)
     return [total / len(layers) for total in totals]

@@ -7,7 +7,8 @@ separators: ~1-2% of a RAG prompt) it costs a few hundredths of a naive blend; w
 it is the first layers of a full prefill (the "context pass" behind chunk metadata).
 `scout_many` runs several prompts' scouts in one pass per layer, as `blend_many` does the blend: their
 active rows packed for the projections and the MLP, each prompt attending over its own K/V buffers
-with its own mask; `scout` is the one-prompt case.
+with its own mask; `scout` is the one-prompt case. Each job's K/V buffers are its `LayerBuffers`: the
+cached rows the scout loads and re-rotates stay there for the blend that follows (loaded once).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ import torch
 from ..chunk_cache import LayeredKV
 from ..models import ModelAdapter
 from ..models.attention import query_mask
+from .layer_buffers import LayerBuffers
 from .plan import BlendPlan
-from .recover import recovering
-from .rerotate import rerotate, rotation
 
 # observe(layer, rows [S] sorted prompt rows, q [S, H_q, D], keys [H_kv, N, D]) at each observed layer
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -30,13 +30,16 @@ Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 @dataclass
 class ScoutJob:
-    """One prompt's scout: its plan, cached `sources` (target start row, KV), `active` [N] bool rows
-    and the callback that observes them."""
+    """One prompt's scout: its `buffers` (plan and cached rows, filled layer by layer here and kept
+    for a blend that follows), `active` [N] bool rows and the callback that observes them."""
 
-    plan: BlendPlan
-    sources: Sequence[tuple[int, LayeredKV]]
+    buffers: LayerBuffers
     active: torch.Tensor
     observe: Observer
+
+    @property
+    def plan(self) -> BlendPlan:
+        return self.buffers.plan
 
 
 @torch.inference_mode()
@@ -50,7 +53,7 @@ def scout(
 ) -> None:
     """Run layers 0..max(`layers`) for the `active` [N] bool rows over the cached `sources` (target
     start row, KV); call `observe` at each of `layers` before that layer's attention."""
-    scout_many(model, [ScoutJob(plan, sources, active, observe)], layers)
+    scout_many(model, [ScoutJob(LayerBuffers(model, plan, sources, keep=False), active, observe)], layers)
 
 
 @torch.inference_mode()
@@ -80,37 +83,30 @@ def scout_many(model: ModelAdapter, jobs: Sequence[ScoutJob], layers: Sequence[i
 
 
 class _Prompt:
-    """One job's side of `scout_many`: its rows, rotations, mask and K/V buffers (reused layer after layer)."""
+    """One job's side of `scout_many`: its rows, RoPE tables and mask; its K/V buffers are the job's."""
 
     def __init__(self, model: ModelAdapter, job: ScoutJob) -> None:
-        plan, n, dev, dtype = job.plan, job.plan.num_tokens, model.device, model.dtype
-        self.model, self.job = model, job
-        self.sources = recovering(model, plan, job.sources)  # a stored layer found damaged here: recomputed
-        self.cached = plan.source_mask(self.sources)  # [N]
-        if bool((~self.cached & ~job.active).any()):
+        plan, n, dev = job.plan, job.plan.num_tokens, model.device
+        self.model, self.job, self.n = model, job, n
+        if bool((~job.buffers.cached & ~job.active).any()):
             raise ValueError("every row not loaded from cache must be active in the scout pass")
         self.rows = job.active.nonzero().flatten().to(dev)  # [S]
         positions = plan.positions.to(dev)[self.rows]
         self.cos, self.sin = model.rope(positions)  # [S, D]
         kind = "dense" if dev.type == "cuda" else "blocks"
         self.mask = None if self.rows.numel() == n else query_mask(positions, n, dev, kind)  # built once
-        rot = [rotation(torch.full((kv.num_tokens,), start - kv.pos0), model.inv_freq) for start, kv in self.sources]
-        self.rot = [(c.to(dev), s.to(dev)) for c, s in rot]
-        self.k_buf = torch.empty(1, model.num_kv_heads, n, model.head_dim, dtype=dtype, device=dev)  # [1, H, N, D]
-        self.v_buf = torch.empty_like(self.k_buf)
+        self.k_buf: torch.Tensor | None = None  # this layer's keys [1, H, N, D]
+        self.v_buf: torch.Tensor | None = None
         self.q: torch.Tensor | None = None  # this layer's queries of all its rows [S, H_q, D]
 
     def embed(self) -> torch.Tensor:
         return self.model.embed(self.job.plan.input_ids.to(self.model.device)[self.rows])  # [S, hidden]
 
     def load_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """This layer's buffers: the cached rows re-rotated to their target rows, the active rows' fresh
-        q, k, v ([S, H, D])."""
-        dev, dtype = self.model.device, self.model.dtype
-        for (start, kv), (c, sin) in zip(self.sources, self.rot):
-            part = kv.layer(layer).to(device=dev, dtype=dtype)  # [2, T, H, D]
-            self.k_buf[0, :, start : start + kv.num_tokens] = rerotate(part[0], c, sin).transpose(0, 1)
-            self.v_buf[0, :, start : start + kv.num_tokens] = part[1].transpose(0, 1)
+        """This layer's buffers (the job's `LayerBuffers`: cached rows re-rotated to their target rows),
+        the active rows' fresh q, k, v ([S, H, D]) written in."""
+        k_all, v_all = self.job.buffers.layer(layer)
+        self.k_buf, self.v_buf = k_all[:, :, : self.n], v_all[:, :, : self.n]  # [1, H, N, D] views
         self.k_buf[0][:, self.rows] = k.transpose(0, 1)
         self.v_buf[0][:, self.rows] = v.transpose(0, 1)
         self.q = q

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..blend import BlendResult, PromptState, blend_many, extend_many
+from ..blend import BlendResult, LayerBuffers, PromptState, blend_many, extend_many
 from ..blend.query_select import question_attention_many
 from .answer_guard import AnswerGuard
 from .batch_budget import BatchBudget, size_of, split
@@ -86,7 +86,8 @@ def _fuse_group(engine, batch: _Batch, group: list[int]) -> None:
     alone = [i for i in batch.live(group) if batch.fusions[i].strategy.reuse == "none"]
     batch.each(alone, lambda f: fuse(engine, f))
     rest = [i for i in batch.live(group) if i not in alone]
-    scouting = [i for i in rest if _wants_scout(batch.fusions[i])]
+    batch.each(rest, lambda f: _buffers(engine, f))
+    scouting = [i for i in batch.live(rest) if _wants_scout(batch.fusions[i])]
     batch.together(scouting, lambda fs: scout_together(engine.model, fs))
     states = batch.each(rest, lambda f: _state(engine, f))
     packed = batch.live(states)
@@ -96,22 +97,28 @@ def _fuse_group(engine, batch: _Batch, group: list[int]) -> None:
 def scout_together(model, fusions: Sequence[Fusion]) -> None:
     """The question's attention for each request whose strategy ranks tokens by it (focus,
     cacheblend+query), their scout passes packed (`question_attention_many`, one pass per layer for
-    those with the same scout layers); each strategy reads its `scouted` in `prepare`."""
+    those with the same scout layers) over each request's `LayerBuffers`, which its blend then reads
+    back; each strategy reads its `scouted` in `prepare`."""
     by_layers: dict[tuple[int, ...], list[Fusion]] = {}
     for f in fusions:
         by_layers.setdefault(tuple(f.strategy.config.scout_layers), []).append(f)
     for layers, group in by_layers.items():
-        scores = question_attention_many(model, [(f.plan, f.sources) for f in group], layers)
+        scores = question_attention_many(model, [f.layers for f in group], layers)
         for f, score in zip(group, scores):
             f.strategy.scouted = score
 
 
+def _buffers(engine, f: Fusion) -> None:
+    """The request's per-layer K/V buffers (its cached rows), shared by its scout pass and its blend."""
+    f.layers = LayerBuffers(engine.model, f.plan, f.sources, reserve=f.request.reserve)
+
+
 def _wants_scout(f: Fusion) -> bool:
-    return f.strategy.wants_scout(f.plan, f.sources)
+    return f.strategy.wants_scout(f.plan, f.layers.sources)
 
 
 def _state(engine, f: Fusion) -> PromptState:
-    return PromptState(engine.model, f.plan, f.strategy, f.sources, reserve=f.request.reserve)
+    return PromptState(engine.model, f.plan, f.strategy, reserve=f.request.reserve, layers=f.layers)
 
 
 def _record_all(fusions: Sequence[Fusion], results) -> None:

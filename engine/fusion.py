@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from ..blend import BlendPlan, BlendResult, blend, make_strategy
+from ..blend import BlendPlan, BlendResult, LayerBuffers, blend, make_strategy
 from ..blend.strategies import Strategy
 from ..chunk_cache import ChunkKey, LayeredKV
 from .chunk_supply import Lookup
@@ -36,6 +36,7 @@ class Fusion:
     loads: list[ChunkKey] = field(default_factory=list)  # the entry each chunk loads: base key or a variant's
     prefix: ChunkKey | None = None  # the prompt prefix's key: its own KV entry, what KV variants are computed after
     sources: list[tuple[int, LayeredKV]] = field(default_factory=list)  # (target start row, cached KV)
+    layers: LayerBuffers | None = None  # per-layer K/V buffers a batch builds, shared by the scout and the blend
     run: RunResult | None = None
     upkeep_ms: float | None = None  # set by release()
     _pins: ExitStack = field(default_factory=ExitStack)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ragkv.blend import BlendConfig, blend, make_plan, make_strategy
+from ragkv.blend.layer_buffers import LayerBuffers
 from ragkv.blend.query_select import query_rows_start, question_attention, question_attention_many, top_rows
 from ragkv.blend.select import budget
 from ragkv.chunk_cache import ChunkKV, precompute
@@ -72,7 +73,8 @@ def test_packed_scouts_of_different_prompts_each_measure_their_own_attention(tin
     no_chunks = make_plan([1, 4, 6], [], [7, 8])  # nothing to rank: zeros, and no scout row of its own
     packed, qkv = [], tiny_adapter.qkv
     monkeypatch.setattr(tiny_adapter, "qkv", lambda layer, h, *a: packed.append(h.shape[0]) or qkv(layer, h, *a))
-    scores = question_attention_many(tiny_adapter, prompts + [(no_chunks, [])], layers)
+    buffers = [LayerBuffers(tiny_adapter, plan, sources) for plan, sources in prompts + [(no_chunks, [])]]
+    scores = question_attention_many(tiny_adapter, buffers, layers)
     fresh = sum(plan.num_tokens - int(plan.chunk_mask().sum()) for plan, _ in prompts)
     assert packed == [fresh] * 3  # every prompt's fresh rows in one pass per layer, up to the last observed one
     monkeypatch.setattr(tiny_adapter, "qkv", qkv)
