@@ -119,7 +119,7 @@ class ServerOptions(_Section):
     queue_size: int = Field(64, ge=1)  # requests waiting for the one model worker; more get 429
     max_inflight_per_tenant: int | None = Field(None, ge=1)  # one tenant's share of the queue (None: all)
     scheduler: Literal["batch", "one"] = "batch"  # batch: generations decode together; one: each on its own
-    join_tokens: int | None = Field(None, ge=1)  # prompt tokens joining in one turn (None: 2048 cpu, all cuda)
+    join_tokens: int | None = Field(None, ge=1)  # prompt tokens joining in one turn (None: the batch budget)
     retry_after_s: int = Field(1, ge=1)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 

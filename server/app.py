@@ -25,7 +25,7 @@ from .disconnect import cancel_on_disconnect
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .openapi import describe
-from .scheduler import Scheduler, default_join_tokens
+from .scheduler import Scheduler
 from .schemas import DocumentsRequest, RetrieveRequest, shown
 from .settings import ServerSettings
 from .tenant_stats import TenantCounters, tenant_store_stats
@@ -67,7 +67,7 @@ def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
         engine,
         settings.queue_size,
         batched=settings.scheduler == "batch",
-        join_tokens=settings.join_tokens or default_join_tokens(settings.device),
+        join_tokens=settings.join_tokens,
         init=init,
         per_tenant=settings.max_inflight_per_tenant,
     )

@@ -11,9 +11,10 @@ takes generations: `generate(prepare, tenant)` admits a request like any other w
    (`prepare`, on this thread) and fused together (`engine.batch.fuse_many`, within the same budget).
    A request larger than the budget joins only an empty batch and runs alone; a request that does
    not fit waits at the head (the ones behind it do not overtake it). At most `join_tokens` prompt
-   tokens join in one turn (setting `server.join_tokens`; default: 2048 on CPU, the budget's tokens
-   elsewhere), so a burst can be fused in several groups between decode steps instead of one long
-   pass before anyone's first token.
+   tokens join in one turn (setting `server.join_tokens`; default: the budget's tokens, so a burst is
+   fused in one packed pass). A smaller value fuses a burst in several groups between decode steps:
+   the first requests' first tokens come sooner (lower p50 TTFT), the last ones' later and the
+   throughput is lower (on the CPU, 8 clients: docs/BENCHMARKS.md).
 2. **decode**: one `step_many` over every running stream: each gets its next token, its text piece
    (detokenized incrementally, as `Engine.answer_events` does) goes to its client, its first token
    releases its fusion (the store's deferred upkeep); a finished stream gets its `Answer` and leaves.
@@ -45,15 +46,6 @@ from ..engine.batch_budget import BatchBudget, RequestSize, estimate, within
 from ..engine.request import FusionRequest
 from .engine_port import BatchingEngine, ServedEngine
 from .worker import BURST_S, END, ModelWorker, Task
-
-DEFAULT_JOIN_TOKENS = {"cpu": 2048}  # prompt tokens joining in one turn (CPU: 8 clients warm, p50 TTFT 2.2x lower)
-
-
-def default_join_tokens(device: str) -> int | None:
-    """How many prompt tokens join the batch in one turn on `device` when the settings give none: on the
-    CPU a burst fused in one packed pass makes each request wait for all of it (docs/BENCHMARKS.md);
-    None (the whole budget) elsewhere, not measured there."""
-    return DEFAULT_JOIN_TOKENS.get("cuda" if device.startswith("cuda") else "cpu")
 
 
 class _Generation(Task):
@@ -88,7 +80,7 @@ class Scheduler(ModelWorker):
         self.engine = engine
         self.batched = batched and isinstance(engine, BatchingEngine)
         self.budget = budget or (BatchBudget.of(engine) if self.batched else None)  # the engine's by default
-        self.join_tokens = join_tokens or (self.budget.tokens if self.budget else 0)  # a burst joins over turns
+        self.join_tokens = join_tokens or (self.budget.tokens if self.budget else 0)  # None: the whole budget
         self._waiting: dict[str, deque[_Generation]] = {}  # tenant -> generations not yet in the batch
         self._running: list[_Generation] = []  # the batch (only the model thread touches it)
         super().__init__(queue_size, init=init, per_tenant=per_tenant, burst_s=burst_s)
