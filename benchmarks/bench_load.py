@@ -46,7 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--passages", type=int, default=3, help="passages per request")
     p.add_argument("--max-tokens", type=int, default=16, help="completion tokens per request")
     p.add_argument("--batch-tokens", type=int, default=None, help="the batch token budget (default: by device)")
-    p.add_argument("--join-tokens", type=int, default=None, help="prompt tokens joining the batch per turn (default: the sidecar's, the whole batch budget)")
+    p.add_argument(
+        "--join-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens joining the batch per turn (default: the sidecar's, the whole batch budget)",
+    )
     p.add_argument("--torch-threads", type=int, default=1, help="the sidecar's torch threads")
     p.add_argument("--model", default=None, help="the sidecar's model (default: its settings, smollm2)")
     p.add_argument("--out", default="load.json")
