@@ -4,10 +4,11 @@ Built once per request (`PromptState(model, plan, strategy, sources, ...)`): its
 (`LayerBuffers`: which rows come from cache, loaded and re-rotated to their target rows), the question's
 attention for strategies that rank by it (a scout pass over those same buffers, unless a batch scouted
 it already), the strategy's initial active set (query-aware strategies and cachecraft choose it here,
-before layer 0) and the attention mask of that set. Per layer the loop asks it for that layer's
-buffers with the cached rows in (`load_layer`: loaded now, or read back from the scout), to narrow its active set at its
-own check layers (`narrow`), to write its fresh K/V (`write`) and to attend its queries over its own
-buffers (`attention`). Hidden states and projections are the loop's: it may pack several prompts' rows.
+before layer 0) and the attention mask of that set. Per layer the loop asks it for that layer's buffers
+with the cached rows in (`load_layer`: loaded now, or read back from the scout), to narrow its active
+set at its own check layers (`narrow`), to write its fresh K/V (`write`) and to attend its queries over
+its own buffers (`attention`). Hidden states and projections are the loop's: it may pack several
+prompts' rows.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class PromptState:
         #    to their target rows: shared with a scout pass that ran first (then loaded once).
         if layers is None:
             layers = LayerBuffers(model, plan, sources, reserve=reserve)
+        elif sources:
+            raise ValueError("give a PromptState its cached sources or its LayerBuffers (which hold them), not both")
         elif layers.plan is not plan or layers.reserve != reserve or not layers.keep:
             raise ValueError("a prompt's LayerBuffers must be built for its own plan and reserve, with keep=True")
         self.layers = layers

@@ -72,12 +72,16 @@ def test_layers_fill_in_order_and_a_reused_buffer_is_not_read_back(tiny_adapter)
         once.layer(0)
 
 
-def test_a_prompt_refuses_buffers_built_for_another_plan_or_reserve(tiny_adapter):
+def test_a_prompt_refuses_buffers_built_for_another_plan_or_reserve_or_given_beside_sources(tiny_adapter):
     plan, sources = _prompt(tiny_adapter)
     other, _ = _prompt(tiny_adapter, seed=2)
     for buffers in (LayerBuffers(tiny_adapter, other, []), LayerBuffers(tiny_adapter, plan, sources, reserve=3)):
         with pytest.raises(ValueError, match="its own plan and reserve"):
             PromptState(tiny_adapter, plan, make_strategy("naive"), reserve=0, layers=buffers)
+    with pytest.raises(ValueError, match="not both"):
+        PromptState(
+            tiny_adapter, plan, make_strategy("naive"), sources, layers=LayerBuffers(tiny_adapter, plan, sources)
+        )
 
 
 def test_overlapping_sources_are_refused(tiny_adapter):
