@@ -17,6 +17,8 @@ import json
 import torch
 from answer_turns import add_sample_args, engine_and_samples, reference
 
+from ragkv.eval.runner import sample_chunks
+
 THRESHOLDS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -35,7 +37,7 @@ def main() -> None:
     engine, samples = engine_and_samples(args)
     rows = []
     for n, sample in enumerate(samples):
-        chunks = [list(c) for c in sample.chunk_ids] if sample.chunk_ids else engine.tokenize_chunks(sample.chunks)
+        chunks = sample_chunks(engine, sample)
         plan = engine.plan(sample.question, chunks)
         key = f"margins-{args.format if not args.demo else 'demo'}-{n + args.offset}-{args.new_tokens}"
         ref = reference(engine, plan, args.new_tokens, args.cache, key)

@@ -39,6 +39,7 @@ from ragkv.engine.full_prefill import full_prefill
 from ragkv.engine.prompt import template_for
 from ragkv.eval.datasets import Sample, load_samples
 from ragkv.eval.metrics import agree_prefix, f1, kl_per_position, top1_agreement
+from ragkv.eval.runner import sample_chunks
 
 EDGE = 8  # tokens counted as a chunk's head / tail
 
@@ -101,7 +102,11 @@ def answer_attention(engine: Engine, plan: BlendPlan, full, answer: list[int]) -
     return out / len(layers)
 
 
-def reference(engine: Engine, plan: BlendPlan, new_tokens: int, cache: Path | None, key: str) -> dict:
+def reference(engine: Engine, plan: BlendPlan, new_tokens: int, cache: Path | None, key: str | None = None) -> dict:
+    """The full prefill's greedy answer, its teacher-forced logits and attention; kept in `cache` under
+    `key` (by default a hash of the prompt's ids and `new_tokens`)."""
+    if key is None:
+        key = hashlib.sha1(json.dumps([plan.input_ids.tolist(), new_tokens]).encode()).hexdigest()[:16]
     path = cache / f"{key}.pt" if cache else None
     if path and path.exists():
         return torch.load(path)
@@ -145,10 +150,9 @@ def turn_shares(att: torch.Tensor, plan: BlendPlan, rows: torch.Tensor, ratio: f
 
 
 def evaluate(engine: Engine, sample: Sample, variants, args) -> dict:
-    chunks = [list(c) for c in sample.chunk_ids] if sample.chunk_ids else engine.tokenize_chunks(sample.chunks)
+    chunks = sample_chunks(engine, sample)
     plan = engine.plan(sample.question, chunks)
-    key = hashlib.sha1(json.dumps([plan.input_ids.tolist(), args.new_tokens]).encode()).hexdigest()[:16]
-    ref = reference(engine, plan, args.new_tokens, args.cache, key)
+    ref = reference(engine, plan, args.new_tokens, args.cache)
     keys, _, _ = engine.ensure_cached(chunks)
     sources = [(s, kv) for (s, _), kv in zip(plan.chunk_spans, engine.store.get_layered_many(keys))]
     forced = torch.tensor(ref["answer"])

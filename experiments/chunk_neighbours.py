@@ -19,7 +19,6 @@ default focus; same answer / agree prefix / kl_mean / top-1 against the full pre
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 
 import numpy as np
@@ -29,6 +28,7 @@ from shared_prefix import fidelity, report, tally
 from ragkv.blend import BlendConfig, make_strategy
 from ragkv.chunk_cache import ChunkKV, precompute, precompute_many
 from ragkv.eval.datasets import load_samples
+from ragkv.eval.runner import sample_chunks
 from ragkv.retriever.config import RetrieverConfig
 from ragkv.retriever.embedder import search_embedder
 
@@ -92,12 +92,11 @@ def main() -> None:
     rows, totals = [], {}
     for n, sample in enumerate(samples):
         other = samples[(n + 1) % len(samples)]
-        foreign = [list(c) for c in other.chunk_ids] if other.chunk_ids else engine.tokenize_chunks(other.chunks)
-        chunks = [list(c) for c in sample.chunk_ids] if sample.chunk_ids else engine.tokenize_chunks(sample.chunks)
+        foreign = sample_chunks(engine, other)
+        chunks = sample_chunks(engine, sample)
         texts = [engine.tokenizer.decode(c) for c in chunks]
         plan = engine.plan(sample.question, chunks)
-        key = hashlib.sha1(json.dumps([plan.input_ids.tolist(), args.new_tokens]).encode()).hexdigest()[:16]
-        ref = reference(engine, plan, args.new_tokens, args.cache, key)
+        ref = reference(engine, plan, args.new_tokens, args.cache)
         row = {"id": sample.id, "prompt_tokens": plan.num_tokens}
         for kind, sources in kinds(engine, embedder, plan, chunks, texts, ks, foreign, pool, args.kinds):
             for label, name, ratio in STRATEGIES:

@@ -14,7 +14,6 @@ kl_mean teacher-forced along it. References are cached as experiments/answer_tur
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ragkv.blend import BlendConfig, blend, make_strategy
 from ragkv.chunk_cache import precompute_many
 from ragkv.engine.engine import Engine
 from ragkv.eval.metrics import agree_prefix, kl_per_position, top1_agreement
+from ragkv.eval.runner import sample_chunks
 
 VARIANTS = (
     ("naive", "naive", 0.0, BlendConfig()),
@@ -99,10 +99,9 @@ def main() -> None:
     engine, samples = engine_and_samples(args)
     rows, totals = [], {}
     for sample in samples:
-        chunks = [list(c) for c in sample.chunk_ids] if sample.chunk_ids else engine.tokenize_chunks(sample.chunks)
+        chunks = sample_chunks(engine, sample)
         plan = engine.plan(sample.question, chunks)
-        key = hashlib.sha1(json.dumps([plan.input_ids.tolist(), args.new_tokens]).encode()).hexdigest()[:16]
-        ref = reference(engine, plan, args.new_tokens, args.cache, key)
+        ref = reference(engine, plan, args.new_tokens, args.cache)
         row = {"id": sample.id}
         for kind, kind_plan, sources in kinds(engine, plan, chunks):
             for label, name, ratio, config in VARIANTS:
