@@ -19,5 +19,6 @@ lazy_exports(
         "KVModel": "precompute",
         "precompute": "precompute",
         "precompute_many": "precompute",
+        "packs": "precompute",
     },
 )

@@ -61,7 +61,7 @@ def precompute_many(
     p = len(lead)
     past = model.forward_kv(torch.tensor(lead, dtype=torch.long), torch.arange(p)) if p else None  # [2, L, P, H, D]
     out: list[ChunkKV | None] = [None] * len(chunks)
-    for batch in _packs([len(c) for c in chunks], max_tokens_per_pass):
+    for batch in packs([len(c) for c in chunks], max_tokens_per_pass):
         seqs = [[int(t) for t in chunks[i]] for i in batch]
         ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)  # [T]
         positions = torch.cat([torch.arange(p, p + len(s)) for s in seqs])  # [T], after the lead-in per chunk
@@ -75,17 +75,17 @@ def precompute_many(
     return out  # type: ignore[return-value]
 
 
-def _packs(lengths: Sequence[int], budget: int) -> list[list[int]]:
+def packs(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Greedy packing of sequence indices, in order, into groups of at most `budget` tokens."""
-    packs: list[list[int]] = []
+    out: list[list[int]] = []
     current: list[int] = []
     used = 0
     for i, n in enumerate(lengths):
         if current and used + n > budget:
-            packs.append(current)
+            out.append(current)
             current, used = [], 0
         current.append(i)
         used += n
     if current:
-        packs.append(current)
-    return packs
+        out.append(current)
+    return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..chunk_cache import ChunkKey, ChunkKV, precompute_many
+from ..chunk_cache import ChunkKey, ChunkKV, packs, precompute_many
 from ..retriever import Retriever
 from ..storage.metadata import metadata_store
 from ..storage.variants import store_variant, variant_key
@@ -95,7 +95,9 @@ def store_neighbour_variants(
         if near and store.lookup([variant_key(key, [n.key for n in near], prefix)])[0] is None:  # held: kept
             jobs.append((key, near))
     stored = []
-    for group in _groups(jobs, chunks, max_tokens_per_pass):  # computed and stored a pass at a time
+    lengths = [sum(len(n.token_ids) for n in near) + len(chunks[key]) for key, near in jobs]
+    for pack in packs(lengths, max_tokens_per_pass):  # computed and stored a pass at a time
+        group = [jobs[i] for i in pack]
         contexts = [[t for n in near for t in (*n.token_ids, *separator)] for _, near in group]
         sequences = [context + list(chunks[key]) for context, (key, _) in zip(contexts, group)]
         computed = precompute_many(adapter, sequences, max_tokens_per_pass, lead_in)  # each after the lead-in
@@ -104,17 +106,3 @@ def store_neighbour_variants(
             cost = len(context) + len(chunks[key])
             stored.append(store_variant(store, meta, key, [n.key for n in near], kv, limit, cost, prefix))
     return stored
-
-
-def _groups(jobs, chunks, budget: int):
-    """`jobs` in order, in groups of at most `budget` sequence tokens (at least one job each)."""
-    group, size = [], 0
-    for job in jobs:
-        n = sum(len(x.token_ids) for x in job[1]) + len(chunks[job[0]])
-        if group and size + n > budget:
-            yield group
-            group, size = [], 0
-        group.append(job)
-        size += n
-    if group:
-        yield group
