@@ -23,7 +23,7 @@ from .answer import Answer
 from .answer_guard import AnswerGuard, guard_for
 from .chunk_supply import ChunkSupply
 from .config import CHUNK_CONTEXTS, EngineConfig
-from .context_pass import ContextPassReport, context_pass, prefix_ids_key
+from .context_pass import ContextPassReport, context_pass
 from .decode import TakeBack, decode
 from .fusion import STAGES, Fusion, begin
 from .ingest import IngestConfig, Ingester, IngestReport
@@ -139,13 +139,12 @@ class Engine:
         key_of = {c: self.supply.key(c, ns) for c in dict.fromkeys(tuple(c) for c in [*chunks, *corpus])}
         pool = [list(c) for c in key_of]
         vectors = self.retriever(ns).embedder.embed([self.tokenizer.decode(c, skip_special_tokens=True) for c in pool])
-        lead_in = self.lead_in
-        prefix = prefix_ids_key(self.model, lead_in, ns) if lead_in else None
         wanted = {key_of[tuple(c)]: c for c in chunks}
         find = corpus_neighbours(list(key_of.values()), pool, vectors)
         limit = self.config.blend.craft_variants or IngestConfig.variant_limit
-        separator = self.lead_in_separator
-        return store_neighbour_variants(self.model, self.store, find, wanted, k, limit, lead_in, prefix, separator)
+        return store_neighbour_variants(
+            self.model, self.store, find, wanted, k, limit, ns, self.lead_in, self.lead_in_separator
+        )
 
     def remove_documents(self, doc_ids: Sequence[str], namespace: str | None = None) -> tuple[ChunkKey, ...]:
         """Delete documents; their chunks leave the index and their KV leaves the store."""

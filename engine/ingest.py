@@ -22,7 +22,6 @@ from ..chunk_cache import ChunkKey, precompute_many
 from ..retriever import Document, DocumentUpdate, LoadError, Retriever, find_files, load_file
 from ..storage.metadata import metadata_store
 from ..storage.variants import forget_chunks
-from .context_pass import prefix_ids_key
 from .neighbour_variants import index_neighbours, store_neighbour_variants
 
 
@@ -276,7 +275,6 @@ class _Run:
         """With `neighbour_variants = k`: each chunk computed in this run, also after its k nearest chunks."""
         cfg = self.ing.config
         ing = self.ing
-        lead_in = ing.retriever.lead_in.ids  # chunk KV's lead-in: the prompt template's prefix, or None (sink)
         stored = store_neighbour_variants(
             ing.adapter,
             ing.store,
@@ -284,8 +282,8 @@ class _Run:
             self.computed,
             cfg.neighbour_variants,
             cfg.variant_limit,
-            lead_in,
-            prefix_ids_key(ing.adapter, lead_in, ing.retriever.config.namespace) if lead_in else None,
+            ing.retriever.config.namespace,
+            ing.retriever.lead_in.ids,  # chunk KV's lead-in: the prompt template's prefix, or None (sink)
             ing.retriever.lead_in.separator,
             cfg.max_tokens_per_pass,
         )

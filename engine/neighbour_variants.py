@@ -29,6 +29,7 @@ from ..chunk_cache import ChunkKey, ChunkKV, packs, precompute_many
 from ..retriever import Retriever
 from ..storage.metadata import metadata_store
 from ..storage.variants import store_variant, variant_key
+from .context_pass import prefix_ids_key
 
 
 @dataclass(frozen=True)
@@ -76,18 +77,19 @@ def store_neighbour_variants(
     chunks: dict[ChunkKey, Sequence[int]],
     k: int,
     limit: int,
+    namespace: str,
     lead_in: Sequence[int] | None = None,
-    prefix: ChunkKey | None = None,
     separator: Sequence[int] = (),
     max_tokens_per_pass: int = 4096,
 ) -> list[ChunkKey]:
     """Compute and store each chunk of `chunks` (key -> token ids) after `lead_in` (None: the model's
     sink) and its `k` nearest neighbours (`find`), each followed by `separator` as in a prompt, packed
-    several per pass; keyed by the `prefix` key (what `lead_in` is: the prompt prefix's key) and the
-    neighbours, so that a prompt whose prefix and chunks before it are those finds it exact. Returns
-    the variant keys stored (a variant already held is not computed again)."""
+    several per pass; keyed by the prompt prefix's key of `lead_in` in `namespace` and the neighbours,
+    so that a prompt whose prefix and chunks before it are those finds it exact. Returns the variant
+    keys stored (a variant already held is not computed again)."""
     if k < 1 or not chunks:
         return []
+    prefix = prefix_ids_key(adapter, lead_in, namespace) if lead_in else None
     meta = metadata_store(store)
     jobs = []  # (key, neighbours placed before it, nearest last)
     for key, ids in chunks.items():
