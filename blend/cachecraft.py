@@ -33,7 +33,7 @@ from ..storage.metadata import ChunkMetadata, MetadataStore, metadata_store
 from .config import BlendConfig
 from .query_select import question_attention, top_rows
 from .strategies import Strategy
-from .variant_choice import ChunkDecision, SourceChoice, base_choices, choose_variants, overlap
+from .variant_choice import BoundSources, ChunkDecision, SourceChoice, base_choices, choose_variants, overlap
 
 __all__ = ["CacheCraft", "allocate", "overlap"]
 
@@ -67,16 +67,13 @@ def allocate(weights: Sequence[float], lengths: Sequence[int], total: int, min_s
     return counts
 
 
-class CacheCraft(Strategy):
+class CacheCraft(BoundSources, Strategy):
     """Per-chunk reuse-and-fix from recorded metadata and stored KV variants; tokens known before layer 0."""
 
     name = "cachecraft"
 
     def __init__(self, ratio: float = 0.0, config: BlendConfig = BlendConfig()) -> None:
         super().__init__(ratio, config)
-        self.keys: list[ChunkKey] | None = None
-        self.metadata: MetadataStore | None = None
-        self.choices: list[SourceChoice] | None = None
         self._chosen: torch.Tensor | None = None
         self.fractions: list[float] = []  # per chunk, set by prepare: recomputed share of its tokens
         self._decisions: list[ChunkDecision] = []
@@ -99,13 +96,6 @@ class CacheCraft(Strategy):
         choices = choose_variants(keys, meta, store, prefix) if self.config.craft_variants else None
         self.bind(keys, meta, choices)
         return [c.key for c in self.choices]
-
-    def source_lost(self, index):
-        self.choices[index] = base_choices(self.keys)[index]
-
-    def finish(self):
-        if self.metadata is not None and self.choices:
-            self.metadata.count_reuses([c.key for c in self.choices if c.is_variant])
 
     def decisions(self) -> list[ChunkDecision]:
         return list(self._decisions)

@@ -28,7 +28,7 @@ from .config import BlendConfig
 from .query_select import top_rows
 from .select import budget, keep_top
 from .strategies import Strategy
-from .variant_choice import ChunkDecision, base_choices, choose_context
+from .variant_choice import BoundSources, ChunkDecision, choose_context
 
 
 def mass_budget(score: torch.Tensor, candidates: torch.Tensor, mass: float, floor: int, cap: int) -> int:
@@ -64,7 +64,7 @@ def chunk_tails(spans, num_tokens: int, tail: int) -> torch.Tensor:
     return out
 
 
-class Focus(Strategy):
+class Focus(BoundSources, Strategy):
     """Query-driven selective recompute with an optional adaptive budget (module doc)."""
 
     name = "focus"
@@ -74,23 +74,13 @@ class Focus(Strategy):
         self._chosen: torch.Tensor | None = None  # [N] rows recomputed from layer 0 (no check layer)
         self._attention: torch.Tensor | None = None  # [N] question attention share (dual stage)
         self._count = 0  # chunk tokens the budget allows (dual stage: kept at the check layer)
-        self.choices = []  # per chunk, the KV it loads (SourceChoice), set by choose_sources
-        self._keys: list = []
-        self._metadata = None
         self._spans = None  # the plan's chunk spans, for `decisions`
 
     def choose_sources(self, keys, store, prefix=None, first_exact=False):
         """Per chunk, its held variant closest to this prompt (`choose_context`), else its base entry."""
-        self._keys, self._metadata = list(keys), metadata_store(store)
-        self.choices = choose_context(keys, self._metadata, store, prefix, first_exact)
+        self.keys, self.metadata = list(keys), metadata_store(store)
+        self.choices = choose_context(keys, self.metadata, store, prefix, first_exact)
         return [c.key for c in self.choices]
-
-    def source_lost(self, index):
-        self.choices[index] = base_choices(self._keys)[index]
-
-    def finish(self):
-        if self._metadata is not None:
-            self._metadata.count_reuses([c.key for c in self.choices if c.is_variant])
 
     @property
     def dual(self) -> bool:

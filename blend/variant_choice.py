@@ -59,6 +59,24 @@ def base_choices(keys: Sequence[ChunkKey]) -> list[SourceChoice]:
     return [SourceChoice(key, (), overlap((), keys[:i])) for i, key in enumerate(keys)]
 
 
+class BoundSources:
+    """What a strategy that loads KV variants (cachecraft, focus) binds in `choose_sources`: its chunks'
+    base `keys` (prompt order), the `metadata` store their variants are recorded in, and per chunk the
+    `choices` (`SourceChoice`) it loads. A chunk whose chosen variant vanished loads its base entry
+    (`source_lost`); after the first token, each variant loaded counts one more reuse (`finish`)."""
+
+    keys: list[ChunkKey] | None = None
+    metadata = None  # a MetadataStore
+    choices: list[SourceChoice] | None = None
+
+    def source_lost(self, index: int) -> None:
+        self.choices[index] = base_choices(self.keys)[index]
+
+    def finish(self) -> None:
+        if self.metadata is not None and self.choices:
+            self.metadata.count_reuses([c.key for c in self.choices if c.is_variant])
+
+
 def held_variants(keys: Sequence[ChunkKey], metadata, store, accept) -> dict[ChunkKey, list]:
     """Per distinct chunk of `keys`: its variants recorded in `metadata` that `accept(record)` admits and
     `store` holds (`lookup`, no I/O)."""
