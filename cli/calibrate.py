@@ -81,16 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def demo_samples():
     """The shipped demo questions, each over all the shipped documents."""
-    from importlib import resources
-
     from ..eval.datasets import Sample
+    from .demo import shipped_demo
 
-    demo = resources.files("ragkv.cli") / "demo"
-    docs = tuple(p.read_text() for p in sorted(demo.iterdir(), key=lambda p: p.name) if p.name.endswith(".txt"))
-    lines = (demo / "questions.jsonl").read_text().splitlines()
-    return [
-        Sample(q["id"], q["question"], docs, tuple(q["answers"])) for q in (json.loads(x) for x in lines if x.strip())
-    ]
+    paths, questions = shipped_demo()
+    docs = tuple(Path(p).read_text() for p in paths)
+    return [Sample(q["id"], q["question"], docs, tuple(q["answers"])) for q in questions]
 
 
 def parse_eval_data(spec: str) -> tuple[str, str]:

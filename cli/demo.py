@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def shipped_demo() -> tuple[list[str], list[dict]]:
+    """The shipped demo: its passages' file paths (sorted) and its questions (`id`, `question`, `answers`)."""
+    demo = resources.files("ragkv.cli") / "demo"
+    paths = sorted(str(p) for p in demo.iterdir() if p.name.endswith(".txt"))
+    lines = (demo / "questions.jsonl").read_text().splitlines()
+    return paths, [json.loads(line) for line in lines if line.strip()]
+
+
 class Progress:
     """One line on stderr, rewritten in place while the model works (only on a terminal)."""
 
@@ -78,10 +86,8 @@ def run(args: argparse.Namespace) -> int:
     strategy, ratio = settings.blend.strategy, settings.blend.recompute_ratio
     max_new = args.max_new_tokens or ANSWER_TOKENS
     label = f"{strategy}@{ratio:g}"
-    demo = resources.files("ragkv.cli") / "demo"
-    paths = sorted(str(p) for p in demo.iterdir() if p.name.endswith(".txt"))
-    lines = (demo / "questions.jsonl").read_text().splitlines()
-    questions = [json.loads(line) for line in lines if line.strip()][: args.questions]
+    paths, questions = shipped_demo()
+    questions = questions[: args.questions]
     t_start = time.perf_counter()
     engine = load_engine(settings)
     progress = Progress()

@@ -34,6 +34,7 @@ from ragkv.blend.scout import attention_rows, scout
 from ragkv.blend.select import budget
 from ragkv.blend.strategies import Strategy
 from ragkv.chunk_cache import ChunkKV
+from ragkv.cli.demo import shipped_demo
 from ragkv.engine.engine import Engine
 from ragkv.engine.full_prefill import full_prefill
 from ragkv.engine.prompt import template_for
@@ -193,22 +194,20 @@ def evaluate(engine: Engine, sample: Sample, variants, args) -> dict:
 
 def demo_samples(engine: Engine, k: int) -> list[Sample]:
     """The shipped demo questions over their `k` retrieved chunks (namespace `demo`, as `ragkv demo`)."""
-    demo = Path(__file__).resolve().parents[1] / "cli" / "demo"
-    engine.ingest(sorted(str(p) for p in demo.glob("*.txt")), namespace="demo")
+    paths, questions = shipped_demo()
+    engine.ingest(paths, namespace="demo")
     out = []
-    for line in (demo / "questions.jsonl").read_text().splitlines():
-        if line.strip():
-            q = json.loads(line)
-            hits = engine.retrieve(q["question"], k, namespace="demo")
-            out.append(
-                Sample(
-                    q["id"],
-                    q["question"],
-                    tuple(h.text for h in hits),
-                    tuple(q["answers"]),
-                    tuple(tuple(h.token_ids) for h in hits),
-                )
+    for q in questions:
+        hits = engine.retrieve(q["question"], k, namespace="demo")
+        out.append(
+            Sample(
+                q["id"],
+                q["question"],
+                tuple(h.text for h in hits),
+                tuple(q["answers"]),
+                tuple(tuple(h.token_ids) for h in hits),
             )
+        )
     return out
 
 

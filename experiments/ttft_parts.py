@@ -9,14 +9,13 @@ other (`PYTHONPATH=<folder holding ragkv>`) to compare code on one machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
-from importlib import resources
 
 import torch
 
+from ragkv.cli.demo import shipped_demo
 from ragkv.engine.engine import Engine
 
 
@@ -27,9 +26,7 @@ def main() -> None:
     ap.add_argument("--label", default="this code")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    demo = resources.files("ragkv.cli") / "demo"
-    paths = sorted(str(p) for p in demo.iterdir() if p.name.endswith(".txt"))
-    questions = [json.loads(line) for line in (demo / "questions.jsonl").read_text().splitlines() if line.strip()]
+    paths, questions = shipped_demo()
     engine = Engine.from_pretrained(data_dir=tempfile.mkdtemp(prefix="ragkv-ttft-parts-"))
     engine.ingest(paths, namespace="demo")
     chunks = {q["id"]: [h.token_ids for h in engine.retrieve(q["question"], 3, namespace="demo")] for q in questions}

@@ -9,13 +9,12 @@ adaptive budget chose.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-from importlib import resources
 
 import torch
 
+from ragkv.cli.demo import shipped_demo
 from ragkv.engine.engine import Engine
 from ragkv.engine.ingest import IngestConfig
 
@@ -26,9 +25,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    demo = resources.files("ragkv.cli") / "demo"
-    paths = sorted(str(p) for p in demo.iterdir() if p.name.endswith(".txt"))
-    questions = [json.loads(line) for line in (demo / "questions.jsonl").read_text().splitlines() if line.strip()]
+    paths, questions = shipped_demo()
     engines = {}
     for name, k in (("variants", 2), ("base", 0)):
         engine = Engine.from_pretrained(data_dir=tempfile.mkdtemp(prefix="ragkv-overhead-"))
