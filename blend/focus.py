@@ -87,7 +87,7 @@ class Focus(BoundSources, Strategy):
         return self.config.focus_deviation > 0.0
 
     def wants_scout(self, plan, sources):
-        return self.ratio > 0.0 and any(kv.num_tokens for _, kv in sources)
+        return self.ratio > 0.0 and plan.has_candidates(sources)  # else prepare ranks nothing
 
     def decisions(self):
         """Per chunk when `choose_sources` bound it: the KV it loaded (base or a variant, `ChunkDecision`);

@@ -68,6 +68,11 @@ class BlendPlan:
         prompt prefix is exact too, and never a candidate)."""
         return cached & self.chunk_mask() & ~self.exact_mask()
 
+    def has_candidates(self, sources) -> bool:
+        """Whether any row the cached `sources` fill may be recomputed: False when every cached chunk is
+        exact (one retrieved chunk computed after the prompt's prefix), so nothing is left to rank."""
+        return bool(self.candidates(self.source_mask(sources)).any())
+
     def chunk_mask(self) -> torch.Tensor:
         """[N] bool: True on rows that belong to a chunk."""
         mask = torch.zeros(self.num_tokens, dtype=torch.bool)

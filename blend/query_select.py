@@ -94,8 +94,9 @@ def query_aware_tokens(
     computed already)."""
     cached = plan.source_mask(sources)
     num_cached = int((cached & plan.chunk_mask()).sum())
-    if ratio <= 0.0 or num_cached == 0:
+    candidates = plan.candidates(cached)
+    if ratio <= 0.0 or not bool(candidates.any()):  # no scout pass: nothing to rank
         return torch.zeros(plan.num_tokens, dtype=torch.bool)
     if score is None:
         score = question_attention(model, plan, sources, layers)
-    return top_rows(score, plan.candidates(cached), budget(ratio, num_cached))
+    return top_rows(score, candidates, budget(ratio, num_cached))

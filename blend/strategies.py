@@ -130,7 +130,7 @@ class CacheBlend(Strategy):
         self._chosen: torch.Tensor | None = None  # [N] rows chosen before layer 0 (select="query")
 
     def wants_scout(self, plan, sources):
-        return self.config.select == "query" and self.ratio > 0.0 and any(kv.num_tokens for _, kv in sources)
+        return self.config.select == "query" and self.ratio > 0.0 and plan.has_candidates(sources)
 
     def prepare(self, model, plan, sources):
         if self.config.select == "query" and self.ratio > 0.0:

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from ragkv.blend import BlendConfig, LayerBuffers, PromptState, blend, blend_many, make_plan, make_strategy
+from ragkv.blend import prompt_state as ps
 from ragkv.blend.query_select import question_attention
+from ragkv.blend.query_select import question_attention_many as real
 from ragkv.chunk_cache import ChunkKV, precompute
 
 
@@ -89,3 +91,25 @@ def test_overlapping_sources_are_refused(tiny_adapter):
     start, kv = sources[0]
     with pytest.raises(ValueError, match="must not overlap"):
         LayerBuffers(tiny_adapter, plan, sources + [(start, ChunkKV(kv.kv.clone(), kv.pos0))])
+
+
+@pytest.mark.parametrize("strategy", ["focus", "cacheblend+query"])
+def test_a_prompt_whose_every_cached_chunk_is_exact_runs_no_scout(tiny_adapter, strategy, monkeypatch):
+    """One retrieved chunk computed after the prompt's prefix: no row is a candidate, so the scout pass
+    (the cost of a blend again, for nothing to rank) is skipped, and the fusion is the same bits."""
+    plan, sources = _prompt(tiny_adapter, seed=3)
+    exact = plan.with_exact(range(len(plan.chunk_spans)))
+    config = BlendConfig(scout_layers=(1,))
+    assert make_strategy(strategy, 0.3, config).wants_scout(plan, sources)  # candidates: it scouts
+    assert not make_strategy(strategy, 0.3, config).wants_scout(exact, sources)
+    scouts = []
+    monkeypatch.setattr(ps, "question_attention_many", lambda *a: scouts.append(a) or real(*a))
+    skipped = blend(tiny_adapter, exact, make_strategy(strategy, 0.3, config), sources)
+    assert scouts == []
+    forced = make_strategy(strategy, 0.3, config)
+    forced.scouted = question_attention(tiny_adapter, exact, sources, config.scout_layers)  # the old path
+    scouted = blend(tiny_adapter, exact, forced, sources)
+    assert skipped.recompute_fraction == scouted.recompute_fraction == 0.0
+    assert torch.equal(skipped.logits, scouted.logits)
+    for (k1, v1), (k2, v2) in zip(skipped.prompt_kv(), scouted.prompt_kv()):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
