@@ -88,12 +88,17 @@ class AnswerGuard:
     switch_ms: float = 0.0  # the exact prefill's wall time
     failure: str | None = None  # why the exact prefill failed (e.g. out of memory): the answer stays fused
 
+    def due(self, logits: torch.Tensor) -> bool:
+        """Whether `check` would switch at a step with these `logits` [vocab] (an exact prefill's cost):
+        a near-tie while the answer is still on fused KV, guarded."""
+        return self.switched_at is None and self.failure is None and margin(logits) < self.threshold
+
     def check(self, logits: torch.Tensor, tokens: Sequence[int]) -> Switch | None:
         """The exact KV to decode the step after `tokens` (or, taking back, after the kept ones) from when
         `logits` [vocab] are a near-tie and the answer is still on fused KV; None otherwise. A failed
         exact prefill (out of memory, say) leaves the answer on its fused KV, unguarded from then on,
         rather than failing it (`failure` says why)."""
-        if self.switched_at is not None or self.failure is not None or margin(logits) >= self.threshold:
+        if not self.due(logits):
             return None
         t0 = time.perf_counter()
         try:

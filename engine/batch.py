@@ -17,7 +17,10 @@ on its own is fused alone.
 unfinished stream one token forward: it picks each stream's next token from its logits (greedy or
 sampled, the stream's own temperature), then computes the next logits of the streams that go on in one
 pass per layer (`blend.extend_many`). A greedy stream with an answer guard (answer_guard.py) that meets
-a near-tie goes on from exact KV, computed for it alone before its token is picked.
+a near-tie goes on from exact KV, computed for it alone before its token is picked. A server hands each
+token to its client as soon as it is picked (`on_pick`), before that pass: the cheap picks come first,
+so a stream's first token waits neither for the batch's next-token pass nor for another stream's exact
+prefill.
 """
 
 from __future__ import annotations
@@ -183,6 +186,12 @@ class TokenStream:
         return self.exact if self.exact is not None else self.fusion.run.blend
 
     @property
+    def costly_pick(self) -> bool:
+        """Its next pick runs an exact prefill first (a guarded greedy near-tie)."""
+        guarded = self.guard is not None and self.request.temperature <= 0.0 and not self.done
+        return guarded and self.guard.due(self.logits)
+
+    @property
     def next_row(self) -> int:
         """The K/V row the last picked token is written to when the stream goes on."""
         return self.fusion.run.blend.num_tokens + len(self.tokens) - 1
@@ -213,19 +222,24 @@ def pick(stream: TokenStream) -> int:
 
 
 @torch.inference_mode()
-def step_many(engine, streams: Sequence[TokenStream]) -> list[int | None]:
+def step_many(
+    engine, streams: Sequence[TokenStream], on_pick: Callable[[int, int], None] | None = None
+) -> list[int | None]:
     """One token for every unfinished stream (None for finished ones); a stream is done after EOS or
-    its `max_new_tokens`. The next logits of the streams that go on are computed together."""
+    its `max_new_tokens`. `on_pick(i, token)` as soon as stream `i` has its token, the streams whose pick
+    needs no exact prefill first; then the next logits of the streams that go on, computed together."""
     eos = engine.eos_ids
-    picked: list[int | None] = []
-    for s in streams:
+    picked: list[int | None] = [None] * len(streams)
+    for i in sorted(range(len(streams)), key=lambda i: streams[i].costly_pick):  # stable: cheap picks first
+        s = streams[i]
         if s.done:
-            picked.append(None)
             continue
         token = pick(s)
         s.tokens.append(token)
         s.done = token in eos or len(s.tokens) >= s.request.max_new_tokens
-        picked.append(token)
+        picked[i] = token
+        if on_pick is not None:
+            on_pick(i, token)
     going = [s for s, token in zip(streams, picked) if token is not None and not s.done]
     if going:
         dev = engine.model.device

@@ -16,8 +16,9 @@ takes generations: `generate(prepare, tenant)` admits a request like any other w
    the first requests' first tokens come sooner (lower p50 TTFT), the last ones' later and the
    throughput is lower (on the CPU, 8 clients: docs/BENCHMARKS.md).
 2. **decode**: one `step_many` over every running stream: each gets its next token, its text piece
-   (detokenized incrementally, as `Engine.answer_events` does) goes to its client, its first token
-   releases its fusion (the store's deferred upkeep); a finished stream gets its `Answer` and leaves.
+   (detokenized incrementally, as `Engine.answer_events` does) goes to its client as soon as it is
+   picked (before the batch's next-token pass), its first token releases its fusion (the store's
+   deferred upkeep); a finished stream gets its `Answer` and leaves.
    A stream whose client is gone leaves before the step, alone.
 3. **other work**: one step of the fairest waiting generic task (document ingestion, retrieval, the
    proxy mode's fusions through `call`), so neither kind starves the other.
@@ -233,25 +234,21 @@ class Scheduler(ModelWorker):
         """One token for every stream of the batch; finished streams get their Answer and leave."""
         batch = list(self._running)
         t0 = time.perf_counter()
-        try:
-            picked = step_many(self.engine, [g.stream for g in batch])
+        try:  # each token goes out as soon as it is picked, before the batch's next-token pass
+            step_many(self.engine, [g.stream for g in batch], lambda i, token: self._emit(batch[i], token))
         except Exception as err:  # noqa: BLE001 - the step failed for the whole batch
             for g in batch:
                 self._fail(g, err)
-            self._running = []
             return
-        now = time.perf_counter()
-        self._charge_evenly(batch, now - t0)
-        for g, token in zip(batch, picked):
-            if token is not None:
-                self._emit(g, token, now)
+        self._charge_evenly(batch, time.perf_counter() - t0)
+        for g in batch:
             if g.stream.done:
                 self._finish(g)
 
-    def _emit(self, g: _Generation, token: int, now: float) -> None:
+    def _emit(self, g: _Generation, token: int) -> None:
         """Hand the new token's text piece to the client; after the first token, release the fusion."""
         if g.first is None:
-            g.first = now
+            g.first = time.perf_counter()
             g.stream.fusion.release()  # the store's deferred upkeep, once the first token is out
         if token in self.engine.eos_ids:
             return

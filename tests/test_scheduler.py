@@ -38,9 +38,9 @@ def batches(monkeypatch):
         seen["fused"].append([r.question for r in requests])
         return fuse_many(engine, requests, **options)
 
-    def step(engine, streams):
+    def step(engine, streams, *on_pick):
         seen["stepped"].append([s.request.question for s in streams])
-        return step_many(engine, streams)
+        return step_many(engine, streams, *on_pick)
 
     monkeypatch.setattr(scheduler_module, "fuse_many", fuse)
     monkeypatch.setattr(scheduler_module, "step_many", step)
@@ -120,8 +120,8 @@ def test_a_client_that_leaves_takes_only_its_own_request_out_of_the_batch(engine
     stepped, resume = threading.Event(), threading.Event()
     step_many = scheduler_module.step_many
 
-    def held_step(eng, streams):  # after the first step, wait until the test has cancelled one client
-        out = step_many(eng, streams)
+    def held_step(eng, streams, *on_pick):  # after the first step, wait until the test has cancelled one client
+        out = step_many(eng, streams, *on_pick)
         stepped.set()
         resume.wait(10)
         return out
@@ -251,3 +251,32 @@ def test_a_burst_joins_over_several_turns_within_join_tokens(engine, batches):
     assert batches["fused"] == [[r.question] for r in requests]  # one per turn, between decode steps
     assert [len(s) for s in batches["stepped"][:3]] == [1, 2, 3]  # each joined the batch already decoding
     assert [r[-1].token_ids for r in results] == [e.token_ids for e in expected]
+
+
+def test_a_first_token_reaches_its_client_before_the_batchs_next_token_pass(engine, monkeypatch):
+    import ragkv.engine.batch as batch_module
+
+    request = _request(engine, 1, max_new_tokens=3)
+    pieces = _pieces_alone(engine, request)
+    assert pieces
+    passes, gate = [], threading.Event()
+    extend_many = batch_module.extend_many
+
+    def held(*args):  # the next-token pass waits until the client has its first piece
+        passes.append(gate.wait(10))
+        return extend_many(*args)
+
+    monkeypatch.setattr(batch_module, "extend_many", held)
+
+    async def main():
+        w = Scheduler(engine, queue_size=4, budget=ROOMY)
+        events = w.generate(lambda: request, "t")
+        first = await asyncio.wait_for(events.__anext__(), 5)  # while the pass after it is held
+        gate.set()
+        rest = [item async for item in events]
+        w.close()
+        return [first, *rest]
+
+    items = asyncio.run(main())
+    assert items[:-1] == pieces and isinstance(items[-1], Answer)
+    assert passes and all(passes)  # every pass ran after the gate opened
