@@ -17,10 +17,9 @@ on its own is fused alone.
 unfinished stream one token forward: it picks each stream's next token from its logits (greedy or
 sampled, the stream's own temperature), then computes the next logits of the streams that go on in one
 pass per layer (`blend.extend_many`). A greedy stream with an answer guard (answer_guard.py) that meets
-a near-tie goes on from exact KV, computed for it alone before its token is picked. A server hands each
-token to its client as soon as it is picked (`on_pick`), before that pass: the cheap picks come first,
-so a stream's first token waits neither for the batch's next-token pass nor for another stream's exact
-prefill.
+a near-tie goes on from exact KV, computed for it alone before its token is picked (`go_exact`: a
+server runs it as a step of its own, so that the others' steps do not wait for that prefill). A server
+hands each token to its client as soon as it is picked (`on_pick`), before the next-token pass.
 """
 
 from __future__ import annotations
@@ -208,16 +207,25 @@ def start_stream(fusion: Fusion, guard: AnswerGuard | None = None) -> TokenStrea
     return TokenStream(fusion, fusion.run.logits, done=fusion.request.max_new_tokens == 0, guard=guard)
 
 
+def go_exact(stream: TokenStream) -> None:
+    """When the stream's next greedy step is a guarded near-tie (`costly_pick`), move it onto exact KV
+    now (the guard's exact prefill, engine/answer_guard.py; a request read whole may have tokens taken
+    back, `stream.tokens` shortened), so that its pick is cheap: a scheduler runs this as a step of its
+    own instead of inside a batch's step. A no-op otherwise."""
+    if stream.guard is None or stream.request.temperature > 0.0:
+        return
+    if (switch := stream.guard.check(stream.logits, stream.tokens)) is not None:
+        stream.exact, stream.logits = switch.result, switch.result.logits
+        del stream.tokens[switch.keep :]  # a request read whole: tokens off the exact path are taken back
+
+
 def pick(stream: TokenStream) -> int:
-    """The next token from the stream's logits: greedy (on exact KV from a guarded near-tie on; a
-    request read whole may have tokens taken back there, `stream.tokens` shortened), or sampled at its
-    temperature."""
+    """The next token from the stream's logits: greedy (on exact KV from a guarded near-tie on,
+    `go_exact`), or sampled at its temperature."""
     t = stream.request.temperature
     if t > 0.0:
         return int(torch.multinomial(torch.softmax(stream.logits.float() / t, dim=-1), 1))
-    if stream.guard is not None and (switch := stream.guard.check(stream.logits, stream.tokens)) is not None:
-        stream.exact, stream.logits = switch.result, switch.result.logits
-        del stream.tokens[switch.keep :]  # a request read whole: tokens off the exact path are taken back
+    go_exact(stream)
     return int(stream.logits.argmax())
 
 
@@ -226,12 +234,11 @@ def step_many(
     engine, streams: Sequence[TokenStream], on_pick: Callable[[int, int], None] | None = None
 ) -> list[int | None]:
     """One token for every unfinished stream (None for finished ones); a stream is done after EOS or
-    its `max_new_tokens`. `on_pick(i, token)` as soon as stream `i` has its token, the streams whose pick
-    needs no exact prefill first; then the next logits of the streams that go on, computed together."""
+    its `max_new_tokens`. `on_pick(i, token)` as soon as stream `i` has its token; then the next logits
+    of the streams that go on, computed together."""
     eos = engine.eos_ids
     picked: list[int | None] = [None] * len(streams)
-    for i in sorted(range(len(streams)), key=lambda i: streams[i].costly_pick):  # stable: cheap picks first
-        s = streams[i]
+    for i, s in enumerate(streams):
         if s.done:
             continue
         token = pick(s)

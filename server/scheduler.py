@@ -19,6 +19,10 @@ takes generations: `generate(prepare, tenant)` admits a request like any other w
    (detokenized incrementally, as `Engine.answer_events` does) goes to its client as soon as it is
    picked (before the batch's next-token pass), its first token releases its fusion (the store's
    deferred upkeep); a finished stream gets its `Answer` and leaves.
+   A stream whose next greedy step is a near-tie under its answer guard sits the step out: then one
+   such stream per turn gets its exact KV (the guard's full prefill, seconds on a CPU for a long
+   prompt) alone, so that the other streams and the joining requests never wait for several at once;
+   while requests wait to join, it waits for them (a few turns at most).
    A stream whose client is gone leaves before the step, alone.
 3. **other work**: one step of the fairest waiting generic task (document ingestion, retrieval, the
    proxy mode's fusions through `call`), so neither kind starves the other.
@@ -42,11 +46,13 @@ from dataclasses import replace
 from typing import Any
 
 from ..engine.answer import Answer
-from ..engine.batch import fuse_many, start_stream, step_many
+from ..engine.batch import fuse_many, go_exact, start_stream, step_many
 from ..engine.batch_budget import BatchBudget, RequestSize, estimate, within
 from ..engine.request import FusionRequest
 from .engine_port import BatchingEngine, ServedEngine
 from .worker import BURST_S, END, ModelWorker, Task
+
+SIT_OUT_TURNS = 4  # turns a stream's switch to exact KV may wait for requests joining the batch
 
 
 class _Generation(Task):
@@ -62,6 +68,7 @@ class _Generation(Task):
         self.first: float | None = None  # perf_counter when its first token went out
         self.answer_tokens: list[int] = []  # EOS excluded
         self.text = ""
+        self.sat_out = 0  # turns its switch to exact KV waited for joining requests (Scheduler._switch_one)
 
 
 class Scheduler(ModelWorker):
@@ -143,6 +150,7 @@ class Scheduler(ModelWorker):
             self._join(self._choose_joining())
             if self._running:
                 self._decode_step()
+                self._switch_one()
             with self._cv:
                 task = self._pop_fairest()
             if task is not None:
@@ -231,8 +239,11 @@ class Scheduler(ModelWorker):
         return fusions
 
     def _decode_step(self) -> None:
-        """One token for every stream of the batch; finished streams get their Answer and leave."""
-        batch = list(self._running)
+        """One token for every stream of the batch but those waiting on exact KV (`_switch_one`); finished
+        streams get their Answer and leave."""
+        batch = [g for g in self._running if not g.stream.costly_pick]
+        if not batch:
+            return
         t0 = time.perf_counter()
         try:  # each token goes out as soon as it is picked, before the batch's next-token pass
             step_many(self.engine, [g.stream for g in batch], lambda i, token: self._emit(batch[i], token))
@@ -244,6 +255,30 @@ class Scheduler(ModelWorker):
         for g in batch:
             if g.stream.done:
                 self._finish(g)
+
+    def _switch_one(self) -> None:
+        """One stream whose next step is a guarded near-tie moves onto exact KV (the answer guard's exact
+        prefill, a full prefill of its prompt): alone, after the turn's joins and decode step, so that
+        neither the batch's other streams nor the requests waiting to join wait for several; the tenant
+        that used the least model time first. While requests wait to join, it waits for their first
+        tokens (up to `SIT_OUT_TURNS` turns). The stream picks its token in the next decode step."""
+        waiting = [g for g in self._running if g.stream.costly_pick and not g.cancelled.is_set()]
+        if not waiting:
+            return
+        with self._cv:
+            joining = bool(self._waiting)
+            g = min(waiting, key=lambda g: self._used.get(g.tenant, 0.0))
+        if joining and max(w.sat_out for w in waiting) < SIT_OUT_TURNS:  # first tokens first
+            for w in waiting:
+                w.sat_out += 1
+            return
+        t0 = time.perf_counter()
+        try:
+            go_exact(g.stream)
+        except Exception as err:  # noqa: BLE001 - this stream fails alone
+            self._fail(g, err)
+        with self._cv:
+            self._charge(g.tenant, time.perf_counter() - t0)
 
     def _emit(self, g: _Generation, token: int) -> None:
         """Hand the new token's text piece to the client; after the first token, release the fusion."""

@@ -236,7 +236,7 @@ def test_batched_answers_equal_one_at_a_time_answers_through_the_http_api(tmp_pa
 
 
 def test_a_burst_joins_over_several_turns_within_join_tokens(engine, batches):
-    requests = [_request(engine, i, max_new_tokens=4) for i in range(3)]
+    requests = [_request(engine, i, max_new_tokens=4, answer_guard=0.0) for i in range(3)]  # no step sat out
     expected = [_alone(engine, r) for r in requests]
 
     async def main():
@@ -280,3 +280,100 @@ def test_a_first_token_reaches_its_client_before_the_batchs_next_token_pass(engi
     items = asyncio.run(main())
     assert items[:-1] == pieces and isinstance(items[-1], Answer)
     assert passes and all(passes)  # every pass ran after the gate opened
+
+
+def test_a_stream_waiting_on_exact_kv_sits_out_the_step_and_switches_alone():
+    """The answer guard's exact prefill (a near-tie) runs as a step of its own, one stream per turn, so
+    the batch's other streams keep decoding; each answer is still the one it gets alone."""
+    from ragkv.blend import BlendConfig
+
+    engine = tiny_engine(blend=BlendConfig(answer_guard=1e9), max_new_tokens=4)  # every step a near-tie
+    docs = [PASSAGES[:2], PASSAGES[1:], PASSAGES[::-1]]
+    guards = [None, 0.0, None]  # the second request turns its guard off
+    requests = [
+        engine.request(q, chunks=engine.tokenize_chunks(d), answer_guard=g) for q, d, g in zip(QUESTIONS, docs, guards)
+    ]
+    expected = [_alone(engine, r) for r in requests]
+    events = []
+    go_exact, step_many = scheduler_module.go_exact, scheduler_module.step_many
+
+    def switch(stream):
+        events.append(("switch", stream.request.question))
+        return go_exact(stream)
+
+    def step(eng, streams, *on_pick):
+        events.append(("step", [s.request.question for s in streams]))
+        return step_many(eng, streams, *on_pick)
+
+    async def main():
+        w = Scheduler(engine, queue_size=8, budget=ROOMY)
+        scheduler_module.go_exact, scheduler_module.step_many = switch, step
+        try:
+            tasks = await _gated(
+                w,
+                lambda: [
+                    asyncio.ensure_future(_collect(w.generate(lambda r=r: r, f"t{i}"))) for i, r in enumerate(requests)
+                ],
+            )
+            return await asyncio.gather(*tasks)
+        finally:
+            scheduler_module.go_exact, scheduler_module.step_many = go_exact, step_many
+            w.close()
+
+    results = asyncio.run(main())
+    for items, want in zip(results, expected):
+        assert items[-1].token_ids == want.token_ids and items[-1].exact_from == want.exact_from
+    q0, q1, q2 = QUESTIONS[:3]
+    assert expected[0].exact_from == 0 and expected[1].exact_from is None
+    first = events[1][1]  # q0 or q2: the tenant that used less model time so far
+    other = q2 if first == q0 else q0
+    assert events[:5] == [
+        ("step", [q1]),  # both guarded streams sit the first step out
+        ("switch", first),
+        ("step", [q for q in (q0, q1, q2) if q in (first, q1)]),
+        ("switch", other),
+        ("step", [q0, q1, q2]),
+    ]
+
+
+def test_a_switch_to_exact_kv_waits_for_the_requests_joining_the_batch():
+    """A request that arrives while a guarded stream waits on its exact prefill joins first: its first
+    token does not wait for that prefill."""
+    from ragkv.blend import BlendConfig
+
+    engine = tiny_engine(blend=BlendConfig(answer_guard=1e9), max_new_tokens=3)
+    first = engine.request(QUESTIONS[0], chunks=engine.tokenize_chunks(PASSAGES[:2]))
+    later = engine.request(QUESTIONS[1], chunks=engine.tokenize_chunks(PASSAGES[1:]), answer_guard=0.0)
+    expected = [_alone(engine, r) for r in (first, later)]
+    events, fused, resume = [], threading.Event(), threading.Event()
+    go_exact, fuse_many = scheduler_module.go_exact, scheduler_module.fuse_many
+
+    def switch(stream):
+        events.append(("switch", stream.request.question))
+        return go_exact(stream)
+
+    def fuse(eng, requests, **options):
+        events.append(("fuse", [r.question for r in requests]))
+        out = fuse_many(eng, requests, **options)
+        fused.set()
+        resume.wait(10)  # the later request arrives while the first one is being fused
+        return out
+
+    async def main():
+        w = Scheduler(engine, queue_size=8, budget=ROOMY)
+        scheduler_module.go_exact, scheduler_module.fuse_many = switch, fuse
+        try:
+            a = asyncio.ensure_future(_collect(w.generate(lambda: first, "a")))
+            await asyncio.to_thread(fused.wait, 10)
+            b = asyncio.ensure_future(_collect(w.generate(lambda: later, "b")))
+            while w.depth < 2:
+                await asyncio.sleep(0.01)
+            resume.set()
+            return await asyncio.gather(a, b)
+        finally:
+            scheduler_module.go_exact, scheduler_module.fuse_many = go_exact, fuse_many
+            w.close()
+
+    results = asyncio.run(main())
+    assert [r[-1].token_ids for r in results] == [e.token_ids for e in expected]
+    assert events[:3] == [("fuse", [QUESTIONS[0]]), ("fuse", [QUESTIONS[1]]), ("switch", QUESTIONS[0])]
