@@ -6,7 +6,9 @@ each strategy and each number of concurrent clients, a fresh slice of the data s
 their passages) is sent twice: `cold` (the passages are new to the cache) then `warm` (the same
 requests again, every chunk cached). Each pass reports requests/s, completion tokens/s and the TTFT
 the clients saw (p50/p95: queue + fusion + first token), with the server's engine TTFT and queue time.
-Writes JSON and a plot (throughput and p95 TTFT against clients), and prints a markdown table.
+Writes JSON and a plot (throughput and p95 TTFT against clients), and prints a markdown table; with
+`--timeline` the JSON also lists every request (when it was sent, its first piece, its end, its TTFT
+parts as the server reports them: where a loaded request's time goes).
 
     ragkv bench load --clients 1,4,8,16 --requests 3 --strategies cacheblend --out load.json
     ragkv bench load --clients 8 --schedulers one,batch --strategies cacheblend,full,prefix
@@ -54,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--torch-threads", type=int, default=1, help="the sidecar's torch threads")
     p.add_argument("--model", default=None, help="the sidecar's model (default: its settings, smollm2)")
+    p.add_argument(
+        "--timeline", action="store_true", help="list every request in the JSON: sent, first piece, end, TTFT parts"
+    )
     p.add_argument("--out", default="load.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     return p.parse_args(argv)
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
                 offset += n
                 for cache in ("cold", "warm"):
                     for scheduler, url in urls.items():
-                        r = asyncio.run(run_pass(url, batch, c, strategy, args.max_tokens))
+                        r = asyncio.run(run_pass(url, batch, c, strategy, args.max_tokens, args.timeline))
                         rows.append({"scheduler": scheduler, "strategy": strategy, "clients": c, "cache": cache, **r})
                         print(_row_line(rows[-1]), flush=True)
     return {

@@ -41,9 +41,11 @@ def dataset_samples(path: Path, passages: int = 3, limit: int | None = None) -> 
     return [Sample(s.question, s.chunks) for s in load_samples(path, "musique", limit=limit, max_chunks=passages)]
 
 
-async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
-    """One streamed chat completion, timed at the client; `ok` False with the status on an error."""
+async def one_request(http: httpx.AsyncClient, body: dict, clock: float | None = None) -> dict:
+    """One streamed chat completion, timed at the client; `ok` False with the status on an error.
+    `clock`: the pass's start (perf_counter), for the request's timeline (sent, first piece, end)."""
     t0 = time.perf_counter()
+    clock = t0 if clock is None else clock
     first, final = None, None
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -70,6 +72,10 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> dict:
         "queue_ms": final["ragkv"]["queue_ms"],
         "tokens": final["usage"]["completion_tokens"],
         "misses": final["ragkv"]["misses"],
+        "sent_s": round(t0 - clock, 3),
+        "first_s": round((first or end) - clock, 3),
+        "end_s": round(end - clock, 3),
+        "parts_ms": {k: round(v, 1) for k, v in final["ragkv"].get("parts_ms", {}).items() if v},
     }
 
 
@@ -84,23 +90,31 @@ def chat_body(sample: Sample, strategy: str, max_tokens: int) -> dict:
     }
 
 
-async def run_pass(url: str, samples: list[Sample], clients: int, strategy: str, max_tokens: int) -> dict:
-    """`clients` concurrent clients, client c sending samples c, c + clients, ... one after another."""
+async def run_pass(
+    url: str, samples: list[Sample], clients: int, strategy: str, max_tokens: int, timeline: bool = False
+) -> dict:
+    """`clients` concurrent clients, client c sending samples c, c + clients, ... one after another.
+    `timeline`: the summary also lists every request (client, sent, first piece, end, TTFT parts)."""
     results: list[dict] = []
+    t0 = time.perf_counter()
 
-    async def client(http: httpx.AsyncClient, mine: list[Sample]) -> None:
-        for s in mine:
+    async def client(http: httpx.AsyncClient, c: int, mine: list[Sample]) -> None:
+        for i, s in enumerate(mine):
             try:
-                results.append(await one_request(http, chat_body(s, strategy, max_tokens)))
+                result = await one_request(http, chat_body(s, strategy, max_tokens), t0)
             except httpx.HTTPError as err:
-                results.append({"ok": False, "status": type(err).__name__})
+                result = {"ok": False, "status": type(err).__name__}
+            results.append({"client": c, "request": i, **result})
 
     limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as http:
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(http, samples[c::clients]) for c in range(clients)))
+        await asyncio.gather(*(client(http, c, samples[c::clients]) for c in range(clients)))
         wall = time.perf_counter() - t0
-    return summarize(results, wall)
+    summary = summarize(results, wall)
+    if timeline:
+        summary["timeline"] = sorted(results, key=lambda r: (r.get("sent_s", 0.0), r["client"]))
+    return summary
 
 
 def summarize(results: list[dict], wall: float) -> dict:

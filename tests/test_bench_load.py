@@ -48,6 +48,7 @@ def test_headline_compares_batch_to_one_on_the_same_round():
 def test_bench_load_end_to_end_on_the_demo_set(tmp_path):
     out = tmp_path / "load.json"
     argv = ["--demo", "--clients", "2", "--requests", "1", "--max-tokens", "2", "--strategies", "cacheblend"]
+    argv += ["--timeline"]
     assert main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [(r["scheduler"], r["cache"]) for r in result["rows"]] == [
@@ -58,4 +59,8 @@ def test_bench_load_end_to_end_on_the_demo_set(tmp_path):
     ]
     assert all(r["errors"] == 0 and r["requests"] == 2 for r in result["rows"])
     assert result["rows"][0]["misses"] > 0 and result["rows"][2]["misses"] == 0  # cold computes, warm reuses
+    for row in result["rows"]:  # every request on the pass's clock, with the server's TTFT parts
+        assert sorted(r["client"] for r in row["timeline"]) == [0, 1]
+        for r in row["timeline"]:
+            assert 0.0 <= r["sent_s"] <= r["first_s"] <= r["end_s"] and r["parts_ms"]["recompute"] > 0
     assert out.with_suffix(".png").stat().st_size > 0 and "batch vs one" in table(result)
