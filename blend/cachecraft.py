@@ -28,12 +28,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..chunk_cache import ChunkKey
-from ..storage.metadata import ChunkMetadata, MetadataStore, metadata_store
+from ..storage.metadata import ChunkMetadata, metadata_store
 from .config import BlendConfig
 from .query_select import question_attention, top_rows
 from .strategies import Strategy
-from .variant_choice import BoundSources, ChunkDecision, SourceChoice, base_choices, choose_variants, overlap
+from .variant_choice import BoundSources, ChunkDecision, choose_variants, overlap
 
 __all__ = ["CacheCraft", "allocate", "overlap"]
 
@@ -77,16 +76,6 @@ class CacheCraft(BoundSources, Strategy):
         self._chosen: torch.Tensor | None = None
         self.fractions: list[float] = []  # per chunk, set by prepare: recomputed share of its tokens
         self._decisions: list[ChunkDecision] = []
-
-    def bind(
-        self, keys: Sequence[ChunkKey], metadata: MetadataStore, choices: Sequence[SourceChoice] | None = None
-    ) -> None:
-        """The keys of the plan's chunks (plan order), where their metadata lives, and the KV each chunk
-        loads (`choose_variants`; None: every chunk its base entry)."""
-        self.keys, self.metadata = list(keys), metadata
-        self.choices = list(choices) if choices is not None else base_choices(self.keys)
-        if len(self.choices) != len(self.keys):
-            raise ValueError(f"cachecraft bound to {len(self.keys)} keys and {len(self.choices)} sources")
 
     def choose_sources(self, keys, store, prefix=None, first_exact=False):
         """Binds the chunks' keys and the store's metadata; with `craft_variants > 0` each chunk loads

@@ -78,8 +78,8 @@ class Focus(BoundSources, Strategy):
 
     def choose_sources(self, keys, store, prefix=None, first_exact=False):
         """Per chunk, its held variant closest to this prompt (`choose_context`), else its base entry."""
-        self.keys, self.metadata = list(keys), metadata_store(store)
-        self.choices = choose_context(keys, self.metadata, store, prefix, first_exact)
+        meta = metadata_store(store)
+        self.bind(keys, meta, choose_context(keys, meta, store, prefix, first_exact))
         return [c.key for c in self.choices]
 
     @property

@@ -60,14 +60,23 @@ def base_choices(keys: Sequence[ChunkKey]) -> list[SourceChoice]:
 
 
 class BoundSources:
-    """What a strategy that loads KV variants (cachecraft, focus) binds in `choose_sources`: its chunks'
+    """What a strategy that loads KV variants (cachecraft, focus) binds in `choose_sources` (`bind`): its chunks'
     base `keys` (prompt order), the `metadata` store their variants are recorded in, and per chunk the
     `choices` (`SourceChoice`) it loads. A chunk whose chosen variant vanished loads its base entry
     (`source_lost`); after the first token, each variant loaded counts one more reuse (`finish`)."""
 
+    name: str
     keys: list[ChunkKey] | None = None
     metadata = None  # a MetadataStore
     choices: list[SourceChoice] | None = None
+
+    def bind(self, keys: Sequence[ChunkKey], metadata, choices: Sequence[SourceChoice] | None = None) -> None:
+        """The keys of the plan's chunks (plan order), where their metadata lives, and the KV each chunk
+        loads (None: every chunk its base entry)."""
+        self.keys, self.metadata = list(keys), metadata
+        self.choices = list(choices) if choices is not None else base_choices(self.keys)
+        if len(self.choices) != len(self.keys):
+            raise ValueError(f"{self.name} bound to {len(self.keys)} keys and {len(self.choices)} sources")
 
     def source_lost(self, index: int) -> None:
         self.choices[index] = base_choices(self.keys)[index]
