@@ -96,7 +96,6 @@ async def run_pass(
     """`clients` concurrent clients, client c sending samples c, c + clients, ... one after another.
     `timeline`: the summary also lists every request (client, sent, first piece, end, TTFT parts)."""
     results: list[dict] = []
-    t0 = time.perf_counter()
 
     async def client(http: httpx.AsyncClient, c: int, mine: list[Sample]) -> None:
         for i, s in enumerate(mine):
