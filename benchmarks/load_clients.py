@@ -14,10 +14,8 @@ from pathlib import Path
 import httpx
 from loadtest import percentile
 
+from ragkv.cli.demo import shipped_demo
 from ragkv.eval.datasets import load_samples
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "cli" / "demo"  # the built-in fallback set: the demo's questions over its passages
 
 
 @dataclass(frozen=True)
@@ -28,8 +26,9 @@ class Sample:
 
 def demo_samples(passages: int = 3) -> list[Sample]:
     """The demo's questions, each over its own passage and the next `passages - 1` demo passages."""
-    records = [json.loads(line) for line in (DEMO / "questions.jsonl").read_text().splitlines() if line.strip()]
-    texts = [(DEMO / f"{r['id']}.txt").read_text().strip() for r in records]
+    paths, records = shipped_demo()
+    by_id = {Path(p).stem: Path(p).read_text().strip() for p in paths}
+    texts = [by_id[r["id"]] for r in records]
     return [
         Sample(r["question"], tuple(texts[(i + j) % len(texts)] for j in range(passages)))
         for i, r in enumerate(records)
