@@ -23,6 +23,7 @@ from .completions import empty_retrieval_warning
 from .completions import router as completions_router
 from .disconnect import cancel_on_disconnect
 from .errors import ApiError, error_response
+from .json_body import ExactJsonRoute
 from .metrics import Metrics
 from .openapi import describe
 from .scheduler import Scheduler
@@ -86,7 +87,7 @@ def create_app(settings: ServerSettings, engine=None, upstream=None) -> FastAPI:
 def _router():
     from fastapi import APIRouter
 
-    r = APIRouter()
+    r = APIRouter(route_class=ExactJsonRoute)  # bodies read with exact integers
 
     @r.get("/healthz")
     async def healthz(request: Request):

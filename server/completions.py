@@ -25,9 +25,10 @@ from .auth import tenant
 from .disconnect import cancel_on_disconnect
 from .engine_port import ServedEngine
 from .errors import ApiError
+from .json_body import ExactJsonRoute
 from .schemas import ChatRequest, ChunkRef, CompletionRequest, TextDocument, chat_question
 
-router = APIRouter()
+router = APIRouter(route_class=ExactJsonRoute)  # bodies read with exact integers
 
 
 @dataclass

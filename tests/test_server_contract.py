@@ -5,9 +5,12 @@ configured, and an OpenAPI document that lists the answers the server really giv
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import pytest
 from asgi_helpers import A, get, post, request, tiny_app
+
+from ragkv.server.json_body import exact_number
 
 Q = '"messages": [{"role": "user", "content": "q"}]'
 ADMIN = {"Authorization": "Bearer admin-key"}
@@ -110,6 +113,10 @@ def test_openapi_schema_says_what_is_accepted(app):
         alt.get("minLength") == 1 or (alt.get("minItems") == 1 and alt.get("maxItems") == 1) for alt in prompt["anyOf"]
     ), prompt
     assert schemas["RetrieveRequest"]["properties"]["query"]["minLength"] == 1
+    # int64 ids: an exact integer bound (a float one reads 2**63 and admits ids past the maximum)
+    chunk_id = schemas["ChunkRef"]["properties"]["chunk_id"]
+    assert chunk_id["maximum"] == 2**63 - 1 and type(chunk_id["maximum"]) is int, chunk_id
+    assert chunk_id["minimum"] == 0 and type(chunk_id["minimum"]) is int, chunk_id
 
 
 def test_retrieve_k_is_lowered_to_the_room_left_by_documents_with_a_warning(app):
@@ -122,3 +129,29 @@ def test_retrieve_k_is_lowered_to_the_room_left_by_documents_with_a_warning(app)
 def test_an_unknown_chunk_id_is_not_found(app):
     r = post(app, "/v1/chat/completions", "{" + Q + ', "documents": [{"chunk_id": 987654}]}')
     assert r.status_code == 404 and "unknown chunk_id [987654]" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("literal", ["9223372036854775806.0", "9007199254740993.0", "9.007199254740993e15"])
+def test_an_integral_chunk_id_written_with_a_fraction_is_read_exactly(app, literal):
+    """JSON Schema calls 9223372036854775806.0 an integer within int64; a float parse would round it to
+    2**63 (a 400) and 9007199254740993.0 to another chunk's id."""
+    r = post(app, "/v1/chat/completions", "{" + Q + f', "documents": [{{"chunk_id": {literal}}}]}}')
+    exact = int(Decimal(literal))
+    assert r.status_code == 404 and f"unknown chunk_id [{exact}]" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize(
+    "literal,expected",
+    [
+        ("2.0", 2.0),  # a float the parse does not change stays a float
+        ("2.5", 2.5),
+        ("1e300", 1e300),  # beyond any integer field: not spelled out as a 301-digit int
+        ("9223372036854775806.5", float(2**63)),  # not integral: the float it always was
+        ("9223372036854775806.0", 2**63 - 2),
+        ("-9007199254740993.0", -(2**53) - 1),
+        ("1e400", float("inf")),  # refused later, as before, by the fields (finite numbers only)
+    ],
+)
+def test_exact_number_keeps_only_integers_a_float_would_change(literal, expected):
+    value = exact_number(literal)
+    assert value == expected and type(value) is type(expected), (literal, value)
