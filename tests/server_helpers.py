@@ -46,11 +46,8 @@ def running_server(tmp: Path, api_keys: dict[str, str] | None = None, startup_s:
     if not link.exists():
         link.symlink_to(ROOT)
     port = free_port()
-    data = tmp / "data"  # catalogs and indexes here; the converted model is linked from the usual data dir
+    data = tmp / "data"  # catalogs and indexes here; the converted model comes from the shared model cache
     data.mkdir(exist_ok=True)
-    models = Path(os.environ.get("RAGKV_DATA_DIR", Path.home() / ".cache" / "ragkv")).expanduser() / "models"
-    if models.is_dir() and not (data / "models").exists():
-        (data / "models").symlink_to(models)
     env = {
         **os.environ,
         "PYTHONPATH": str(tmp / "py"),

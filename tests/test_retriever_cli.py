@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +39,7 @@ def test_hf_embedder_batches_and_ranks():
 @pytest.mark.slow
 def test_cli_ingest_then_retrieve(tmp_path, capsys, smollm2):
     data_dir = tmp_path / "data"
-    model_dir = Path(os.environ.get("RAGKV_DATA_DIR", Path.home() / ".cache" / "ragkv")) / "models"
-    data_dir.mkdir()
-    (data_dir / "models").symlink_to(model_dir)  # reuse the converted SmolLM2
+    data_dir.mkdir()  # the converted SmolLM2 comes from the shared model cache
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "paris.txt").write_text("Paris is the capital of France. The Eiffel Tower was finished in 1889.")
