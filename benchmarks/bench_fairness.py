@@ -74,7 +74,8 @@ def serve(args):
     from ragkv.server.app import create_app
     from ragkv.server.settings import load_settings
 
-    settings = load_settings(api_keys=KEYS, queue_size=64, data_dir=tempfile.mkdtemp(prefix="ragkv-fairness-"))
+    scratch = tempfile.TemporaryDirectory(prefix="ragkv-fairness-")  # removed when the process exits
+    settings = load_settings(api_keys=KEYS, queue_size=64, data_dir=scratch.name)
     app = create_app(settings, SleepEngine(args.chat_ms))
     app.state.documents = SleepDocuments(args.doc_steps, args.step_ms, args.atomic)
     port = _free_port()

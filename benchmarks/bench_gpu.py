@@ -71,7 +71,8 @@ def bench_prompts(args, model, device: torch.device, rows: list, errors: list, s
     sources = [parse_source(spec) for spec in args.sources.split(",")]
     source_strategies = set(args.source_strategies.split(","))
     attentions = args.attention.split(",")
-    root = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    scratch = tempfile.TemporaryDirectory(prefix="bench-gpu-")  # the disk stores; removed when the process exits
+    root = Path(scratch.name)
     print(HEADER, flush=True)
     for num_chunks in map(int, args.chunks.split(",")):
         chunks = [torch.randint(3, vocab, (args.chunk_tokens,), generator=g).tolist() for _ in range(num_chunks)]

@@ -126,7 +126,8 @@ def main() -> None:
     model = load_adapter("smollm2", data_dir=config.data_dir)  # the weights `vllm serve` runs too
     engine = Engine(model, TieredStore([MemoryTier(8 << 30)]), config)  # RAM only: nothing of this run is kept
     store = fused_store_of(args.fused_dir, args.handoff)
-    settings = load_settings(data_dir=tempfile.mkdtemp(prefix="ragkv-vllm-e2e-"))  # nothing of this run is kept
+    scratch = tempfile.TemporaryDirectory(prefix="ragkv-vllm-e2e-")  # nothing of this run is kept
+    settings = load_settings(data_dir=scratch.name)
     app = create_app(settings, engine, upstream=Upstream(args.vllm, store, model=args.model))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()

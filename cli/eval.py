@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,14 +106,11 @@ def run(args: argparse.Namespace) -> int:
     if args.trace is not None:
         return run_trace(args)
     import torch
-    from tqdm import tqdm
 
-    from ..engine.engine import Engine
     from ..engine.ingest import IngestConfig
-    from ..engine.prompt import PromptTemplate, template_for
     from ..eval.datasets import load_samples
     from ..eval.report import markdown_table, plot, plot_curve
-    from ..eval.runner import parse_specs, retrieve_in_the_loop, run_eval
+    from ..eval.runner import parse_specs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,27 +123,11 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(args.data, args.format, args.offset + args.limit, args.max_chunks)[args.offset :]
     if not samples:
         raise ValueError(f"no usable samples in {args.data} (format {args.format})")
-    engine = Engine.from_pretrained(
-        config=engine_config(settings_of(args, overrides=_store_overrides(args, settings.device)))
-    )
-    engine.template = template_for(args.format) if isinstance(engine.template, PromptTemplate) else engine.template
-    if args.record_context != "served":  # every spec reruns the prompt: its later cachecraft rows must not read
-        # exact variants the serving path stored after the earlier ones (only `served` measures that)
-        engine.config = replace(engine.config, blend=replace(engine.config.blend, craft_serve="off"))
-    if args.retrieve:
-        samples = retrieve_in_the_loop(engine, samples, args.retrieve)
     neighbours = IngestConfig.neighbour_variants if args.neighbours is None else args.neighbours
     if neighbours < 0:
         raise ValueError(f"--neighbours must be >= 0 (0: none), got {args.neighbours}")
-    summary, rows = run_eval(
-        engine,
-        samples,
-        specs,
-        args.max_new_tokens,
-        progress=lambda xs: tqdm(xs, desc=f"eval {Path(args.data).name}", unit="q"),
-        context=args.record_context,
-        neighbours=neighbours,
-    )
+    with tempfile.TemporaryDirectory(prefix="ragkv-eval-") as scratch:  # `--tier disk`'s store, not kept
+        summary, rows = _evaluate(args, settings, samples, specs, neighbours, Path(scratch))
     report = {
         "model": settings.model,
         "dataset": str(args.data),
@@ -174,10 +156,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_overrides(args: argparse.Namespace, device: str) -> dict:
-    """`--tier memory|disk --codec NAME`: every chunk is read from that one tier, through that codec."""
-    import tempfile
+def _evaluate(args, settings, samples, specs, neighbours: int, scratch: Path):
+    """The eval's (summary, rows) over an engine of its own (its `--tier disk` store under `scratch`)."""
+    from tqdm import tqdm
 
+    from ..engine.engine import Engine
+    from ..engine.prompt import PromptTemplate, template_for
+    from ..eval.runner import retrieve_in_the_loop, run_eval
+
+    engine = Engine.from_pretrained(
+        config=engine_config(settings_of(args, overrides=_store_overrides(args, settings.device, scratch)))
+    )
+    engine.template = template_for(args.format) if isinstance(engine.template, PromptTemplate) else engine.template
+    if args.record_context != "served":  # every spec reruns the prompt: its later cachecraft rows must not read
+        # exact variants the serving path stored after the earlier ones (only `served` measures that)
+        engine.config = replace(engine.config, blend=replace(engine.config.blend, craft_serve="off"))
+    if args.retrieve:
+        samples = retrieve_in_the_loop(engine, samples, args.retrieve)
+    try:
+        return run_eval(
+            engine,
+            samples,
+            specs,
+            args.max_new_tokens,
+            progress=lambda xs: tqdm(xs, desc=f"eval {Path(args.data).name}", unit="q"),
+            context=args.record_context,
+            neighbours=neighbours,
+        )
+    finally:
+        engine.close()
+
+
+def _store_overrides(args: argparse.Namespace, device: str, scratch: Path) -> dict:
+    """`--tier memory|disk --codec NAME`: every chunk is read from that one tier, through that codec (a
+    disk tier under `scratch`)."""
     if args.tier not in ("memory", "disk"):
         raise ValueError(f"unknown --tier {args.tier!r}; accepted: memory, disk")
     kind = "disk" if args.tier == "disk" else ("gpu" if device.startswith("cuda") else "cpu")
@@ -186,5 +198,5 @@ def _store_overrides(args: argparse.Namespace, device: str) -> dict:
         "storage.decode_workers": args.decode_workers,
     }
     if kind == "disk":
-        out["storage.disk_dir"] = tempfile.mkdtemp(prefix="ragkv-eval-")
+        out["storage.disk_dir"] = str(scratch)
     return out

@@ -27,7 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     paths, questions = shipped_demo()
-    engine = Engine.from_pretrained(data_dir=tempfile.mkdtemp(prefix="ragkv-ttft-parts-"))
+    scratch = tempfile.TemporaryDirectory(prefix="ragkv-ttft-parts-")  # removed when the process exits
+    engine = Engine.from_pretrained(data_dir=scratch.name)
     engine.ingest(paths, namespace="demo")
     chunks = {q["id"]: [h.token_ids for h in engine.retrieve(q["question"], 3, namespace="demo")] for q in questions}
     for q in questions:  # warm-up: the first forward passes of a process are slow

@@ -26,9 +26,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     paths, questions = shipped_demo()
-    engines = {}
+    engines, scratches = {}, []
     for name, k in (("variants", 2), ("base", 0)):
-        engine = Engine.from_pretrained(data_dir=tempfile.mkdtemp(prefix="ragkv-overhead-"))
+        scratch = tempfile.TemporaryDirectory(prefix="ragkv-overhead-")  # removed when the process exits
+        engine = Engine.from_pretrained(data_dir=scratch.name)
+        scratches.append(scratch)
         engine.ingest(paths, namespace="demo", config=IngestConfig(progress=False, neighbour_variants=k))
         engines[name] = engine
     parts = {n: {} for n in engines}
