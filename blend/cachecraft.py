@@ -30,7 +30,7 @@ import torch
 
 from ..storage.metadata import ChunkMetadata, metadata_store
 from .config import BlendConfig
-from .query_select import question_attention, top_rows
+from .query_select import top_rows
 from .strategies import Strategy
 from .variant_choice import BoundSources, ChunkDecision, choose_variants, overlap
 
@@ -76,6 +76,7 @@ class CacheCraft(BoundSources, Strategy):
         self._chosen: torch.Tensor | None = None
         self.fractions: list[float] = []  # per chunk, set by prepare: recomputed share of its tokens
         self._decisions: list[ChunkDecision] = []
+        self._surveyed: tuple | None = None  # (plan, metas, reasons) from wants_scout, for prepare
 
     def choose_sources(self, keys, store, prefix=None, first_exact=False):
         """Binds the chunks' keys and the store's metadata; with `craft_variants > 0` each chunk loads
@@ -89,7 +90,9 @@ class CacheCraft(BoundSources, Strategy):
     def decisions(self) -> list[ChunkDecision]:
         return list(self._decisions)
 
-    def prepare(self, model, plan, sources):
+    def _survey(self, plan) -> tuple[list[ChunkMetadata | None], list[str]]:
+        """Per chunk: its recorded metadata (None: never seen at this length) and why it recomputes
+        nothing whatever its weight ("exact", "exact variant"; "" for the chunks the budget splits over)."""
         spans = plan.chunk_spans
         metas: list[ChunkMetadata | None] = [None] * len(spans)
         choices = self.choices or [None] * len(spans)
@@ -97,18 +100,35 @@ class CacheCraft(BoundSources, Strategy):
             if len(self.keys) != len(spans):
                 raise ValueError(f"cachecraft bound to {len(self.keys)} keys for {len(spans)} chunks")
             metas = self.metadata.get_many(self.keys)
-        lengths = [end - start for start, end in spans]
-        metas = [m if m is not None and m.num_tokens == n else None for m, n in zip(metas, lengths)]
-        ov = [c.overlap if c is not None else (1.0 if i == 0 else 0.0) for i, c in enumerate(choices)]
-        scale = [1.0 - o if c is not None and c.is_variant else 1.0 for c, o in zip(choices, ov)]
+        metas = [m if m is not None and m.num_tokens == end - start else None for m, (start, end) in zip(metas, spans)]
         reasons = [
             "exact variant" if c is not None and c.exact else "exact" if i in plan.exact_chunks else ""
             for i, c in enumerate(choices)
         ]
-        attention = None
+        return metas, reasons
+
+    def _needs_attention(self, metas, reasons) -> bool:
+        """Whether the question's attention decides anything: the early stop, `select="query"`, or a
+        chunk with no metadata, among the chunks the budget splits over."""
+        live = [i for i, reason in enumerate(reasons) if not reason]
+        query_led = self.config.craft_focus > 0.0 or self.config.select == "query"
+        return self.ratio > 0 and bool(live) and (query_led or any(metas[i] is None for i in live))
+
+    def wants_scout(self, plan, sources):
+        self._surveyed = (plan, *self._survey(plan))  # prepare reads it back (one metadata read)
+        return self._needs_attention(*self._surveyed[1:])
+
+    def prepare(self, model, plan, sources):
+        spans = plan.chunk_spans
+        choices = self.choices or [None] * len(spans)
+        surveyed, self._surveyed = self._surveyed, None
+        metas, reasons = surveyed[1:] if surveyed is not None and surveyed[0] is plan else self._survey(plan)
+        lengths = [end - start for start, end in spans]
+        ov = [c.overlap if c is not None else (1.0 if i == 0 else 0.0) for i, c in enumerate(choices)]
+        scale = [1.0 - o if c is not None and c.is_variant else 1.0 for c, o in zip(choices, ov)]
         focus = self.config.craft_focus > 0.0
-        if self.ratio > 0 and (focus or self.config.select == "query" or any(m is None for m in metas)):
-            attention = question_attention(model, plan, sources, self.config.scout_layers)
+        # over the blend's own buffers when the prompt scouted first (or with a batch), else a pass here
+        attention = self.question_attention(model, plan, sources) if self._needs_attention(metas, reasons) else None
         if focus and attention is not None:  # early stop: chunks the question barely looks at are reused
             for i, (start, end) in enumerate(spans):
                 if not reasons[i] and float(attention[start:end].sum()) < self.config.craft_focus:

@@ -32,12 +32,13 @@ class _Counting:
         return next(self.inner)
 
 
-def test_the_blend_reads_back_the_layers_its_scout_loaded(tiny_adapter):
+@pytest.mark.parametrize("strategy", ["focus", "cachecraft"])
+def test_the_blend_reads_back_the_layers_its_scout_loaded(tiny_adapter, strategy):
     plan, sources = _prompt(tiny_adapter)
     config = BlendConfig(scout_layers=(1,))  # the scout runs layers 0..1; the blend loads the others itself
     buffers = LayerBuffers(tiny_adapter, plan, sources, reserve=4)
     loads = _Counting(buffers)
-    state = PromptState(tiny_adapter, plan, make_strategy("focus", 0.3, config), reserve=4, layers=buffers)
+    state = PromptState(tiny_adapter, plan, make_strategy(strategy, 0.3, config), reserve=4, layers=buffers)
     assert state.strategy.scouted is not None and buffers.filled == 2 and loads.count == 2
     result = blend_many(tiny_adapter, [state])[0]
     assert loads.count == tiny_adapter.num_layers  # each layer loaded once, by the scout or the blend
@@ -45,7 +46,7 @@ def test_the_blend_reads_back_the_layers_its_scout_loaded(tiny_adapter):
     assert result.buffers[0][0].shape[2] == plan.num_tokens + 4
 
 
-@pytest.mark.parametrize("strategy", ["focus", "cacheblend+query"])
+@pytest.mark.parametrize("strategy", ["focus", "cacheblend+query", "cachecraft", "cachecraft+query"])
 def test_sharing_the_scouts_buffers_changes_no_bit(tiny_adapter, strategy):
     plan, sources = _prompt(tiny_adapter, seed=1)
     config = BlendConfig(scout_layers=(1,))
@@ -93,7 +94,7 @@ def test_overlapping_sources_are_refused(tiny_adapter):
         LayerBuffers(tiny_adapter, plan, sources + [(start, ChunkKV(kv.kv.clone(), kv.pos0))])
 
 
-@pytest.mark.parametrize("strategy", ["focus", "cacheblend+query"])
+@pytest.mark.parametrize("strategy", ["focus", "cacheblend+query", "cachecraft", "cachecraft+query"])
 def test_a_prompt_whose_every_cached_chunk_is_exact_runs_no_scout(tiny_adapter, strategy, monkeypatch):
     """One retrieved chunk computed after the prompt's prefix: no row is a candidate, so the scout pass
     (the cost of a blend again, for nothing to rank) is skipped, and the fusion is the same bits."""
