@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import cache_kwarg, returned_cache
 from transformers import DynamicCache
 
 from ragkv.blend import BlendConfig, blend, kv_tensor, make_plan, make_strategy, rerotate, rotation, to_dynamic_cache
@@ -30,7 +31,7 @@ def _reference(adapter, plan):
     ref_kv = torch.stack(
         [
             torch.stack([lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1)])
-            for lay in out.past_key_values.layers
+            for lay in returned_cache(out).layers
         ],
         dim=1,
     )  # [2, L, N, H, D]
@@ -88,10 +89,13 @@ def test_ratio_zero_keeps_rerotated_chunk_rows(tiny_adapter, name):
     )
     with torch.inference_mode():
         out = tiny_adapter.model(
-            plan.input_ids[None, q0:], past_key_values=cache, position_ids=plan.positions[None, q0:], use_cache=True
+            plan.input_ids[None, q0:],
+            position_ids=plan.positions[None, q0:],
+            use_cache=True,
+            **cache_kwarg(tiny_adapter.model, cache),
         )
     for layer in range(tiny_adapter.num_layers):
-        fresh = out.past_key_values.layers[layer]
+        fresh = returned_cache(out).layers[layer]
         torch.testing.assert_close(merged[0, layer, q0:], fresh.keys[0, :, q0:].transpose(0, 1), **TOL)
         torch.testing.assert_close(merged[1, layer, q0:], fresh.values[0, :, q0:].transpose(0, 1), **TOL)
     torch.testing.assert_close(result.logits, out.logits[0, -1].float(), **TOL)
@@ -126,13 +130,6 @@ def test_prepacked_precompute_equals_one_by_one(tiny_adapter):
         torch.testing.assert_close(p.kv, single.kv, **TOL)
 
 
-def cache_keyword(cache) -> dict:
-    """`cache=` where transformers wants it (5.x deprecates `past_key_values` for generate), else the old name."""
-    import transformers
-
-    return {"cache": cache} if int(transformers.__version__.split(".")[0]) >= 5 else {"past_key_values": cache}
-
-
 def test_no_future_warning_from_generate_with_a_cache(tiny_adapter):
     import warnings
 
@@ -144,7 +141,11 @@ def test_no_future_warning_from_generate_with_a_cache(tiny_adapter):
         dynamic = to_dynamic_cache(result, plan.num_tokens - 1)
         assert dynamic.get_seq_length() == plan.num_tokens - 1  # every prompt row but the last, from the blend
         out = tiny_adapter.model.generate(
-            plan.input_ids[None], **cache_keyword(dynamic), max_new_tokens=1, do_sample=False, pad_token_id=0
+            plan.input_ids[None],
+            **cache_kwarg(tiny_adapter.model, dynamic),
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=0,
         )
     # generate computed the last prompt token over the reused (naive) rows: the blend's own first token
     assert int(out[0, plan.num_tokens]) == int(result.logits.argmax())
@@ -159,7 +160,7 @@ def test_dynamic_cache_feeds_generate(tiny_adapter):
         ref = tiny_adapter.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
         out = tiny_adapter.model.generate(
             ids,
-            **cache_keyword(to_dynamic_cache(result, plan.num_tokens - 1)),
+            **cache_kwarg(tiny_adapter.model, to_dynamic_cache(result, plan.num_tokens - 1)),
             max_new_tokens=5,
             do_sample=False,
             pad_token_id=0,

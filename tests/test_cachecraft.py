@@ -4,6 +4,7 @@ tokens follow the metadata, ratio 1 is the full prefill, and metadata round-trip
 import numpy as np
 import pytest
 import torch
+from tiny_models import returned_cache
 
 from ragkv.blend import BlendConfig, blend, make_plan, make_strategy
 from ragkv.blend.cachecraft import allocate, overlap
@@ -178,7 +179,7 @@ def test_in_context_kv_is_reused_unchanged_at_ratio_zero(tiny_adapter):
     kv = torch.stack(
         [
             torch.stack([lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1)])
-            for lay in out.past_key_values.layers
+            for lay in returned_cache(out).layers
         ],
         dim=1,
     )

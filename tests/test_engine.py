@@ -8,6 +8,7 @@ import pytest
 import torch
 from storage_helpers import payloads_of
 from tiny_engine import PASSAGES, tiny_engine
+from tiny_models import returned_cache
 
 from ragkv.engine.decode import decode
 from ragkv.engine.run_result import PARTS
@@ -55,8 +56,8 @@ def test_full_is_the_models_own_forward(engine):
     torch.testing.assert_close(run.logits, out.logits[0, -1].float(), **TOL)
     for layer, (k_all, v_all) in enumerate(run.blend.buffers):
         assert k_all.shape[2] == n + 4
-        torch.testing.assert_close(k_all[:, :, :n], out.past_key_values.layers[layer].keys, **TOL)
-        torch.testing.assert_close(v_all[:, :, :n], out.past_key_values.layers[layer].values, **TOL)
+        torch.testing.assert_close(k_all[:, :, :n], returned_cache(out).layers[layer].keys, **TOL)
+        torch.testing.assert_close(v_all[:, :, :n], returned_cache(out).layers[layer].values, **TOL)
 
 
 @pytest.mark.parametrize("strategy", ["full", "cacheblend"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TINY_FAMILIES, tiny_model
+from tiny_models import TINY_FAMILIES, cache_kwarg, tiny_model
 
 from ragkv.blend import blend, kv_tensor, make_plan, make_strategy, to_dynamic_cache
 from ragkv.blend.loader import LayerLoader
@@ -119,10 +119,10 @@ def test_dynamic_cache_feeds_generate_on_cuda():
         ref = gpu.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         out = gpu.model.generate(
             ids,
-            past_key_values=to_dynamic_cache(result, plan.num_tokens - 1),
             max_new_tokens=6,
             do_sample=False,
             pad_token_id=0,
+            **cache_kwarg(gpu.model, to_dynamic_cache(result, plan.num_tokens - 1)),
         )
     assert torch.equal(out, ref)
     assert int(out[0, plan.num_tokens]) == int(result.logits.argmax())

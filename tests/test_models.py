@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import returned_cache, tiny_model
 
 from ragkv.models import adapter_for
 
@@ -11,7 +11,7 @@ def test_forward_kv_equals_transformers(tiny_adapter):
     torch.manual_seed(1)
     ids = torch.randint(3, 256, (37,))
     with torch.inference_mode():
-        ref = tiny_adapter.model(ids[None], use_cache=True).past_key_values
+        ref = returned_cache(tiny_adapter.model(ids[None], use_cache=True))
         kv = tiny_adapter.forward_kv(ids, torch.arange(37))  # [2, L, T, H, D]
     for layer in range(tiny_adapter.num_layers):
         torch.testing.assert_close(kv[0, layer], ref.layers[layer].keys[0].transpose(0, 1), atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ ratio 1 is the full prefill."""
 
 import pytest
 import torch
+from tiny_models import returned_cache
 
 from ragkv.blend import BlendConfig, blend, make_plan, make_strategy
 from ragkv.blend.layer_buffers import LayerBuffers
@@ -29,7 +30,7 @@ def _full_prefill(adapter, plan):
     kv = torch.stack(
         [
             torch.stack([lay.keys[0].transpose(0, 1), lay.values[0].transpose(0, 1)])
-            for lay in out.past_key_values.layers
+            for lay in returned_cache(out).layers
         ],
         dim=1,
     )

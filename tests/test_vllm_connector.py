@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import cache_kwarg
 
 from ragkv.adapters import vllm_connector as vc
 from ragkv.server.fused_store import FusedKVStore, KVShape
@@ -216,7 +217,7 @@ def test_loaded_rows_plus_the_last_token_reproduce_ragkvs_first_token_logits(tmp
         out = hf(
             input_ids=torch.tensor([[ids[-1]]]),
             position_ids=torch.tensor([[n - 1]]),
-            past_key_values=DynamicCache(ddp_cache_data=layers),
+            **cache_kwarg(hf, DynamicCache(ddp_cache_data=layers)),
         )
     torch.testing.assert_close(out.logits[0, -1].float(), result.logits.float(), atol=1e-4, rtol=1e-4)
 

@@ -57,3 +57,18 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 256):
         raise ValueError(family)
     model.config._attn_implementation = "eager"  # the reference path: plain transformers math
     return model.float().eval()
+
+
+def cache_kwarg(model, cache) -> dict:
+    """`cache` as the keyword a transformers forward (or `generate`) takes it by: `cache` in transformers
+    >= 5.2x, `past_key_values` before (deprecated since, and to be removed)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def returned_cache(out):
+    """The KV cache a transformers forward returned (`out.cache`, or `out.past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
