@@ -62,6 +62,7 @@ def _convert(home: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=home))
     try:
         _write_conversion(gguf, tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache (RAGKV_MODEL_CACHE) from other users
         try:
             os.rename(tmp, target)
         except OSError:  # another process converted it meanwhile

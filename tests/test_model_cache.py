@@ -47,3 +47,8 @@ def test_an_unwritable_cache_converts_into_the_data_dir(tmp_path, conversions, m
     monkeypatch.setenv("RAGKV_MODEL_CACHE", str(tmp_path / "a-file" / "models"))  # cannot be made
     path = smollm2.ensure_converted(tmp_path / "data")
     assert path == tmp_path / "data" / "models" / "smollm2-135m-instruct" and len(conversions) == 1
+
+
+def test_the_conversion_is_readable_by_other_users_of_a_shared_cache(tmp_path, conversions):
+    path = smollm2.ensure_converted(tmp_path / "data")
+    assert path.stat().st_mode & 0o777 == 0o755
