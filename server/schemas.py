@@ -84,10 +84,7 @@ def json_int(value):
 
 Text = Annotated[str, AfterValidator(valid_unicode)]
 Integer = Annotated[int, BeforeValidator(json_int)]
-# Constraints before the validator, else the schema's bounds come out as floats: a maximum of 2**63 - 1
-# published as 9.223372036854776e18 (2**63) admits ids past int64 to a client that compares as JSON does
-TokenCount = Annotated[int, Field(ge=1, le=MAX_INT64), BeforeValidator(json_int)]
-ChunkId = Annotated[int, Field(ge=0, le=MAX_INT64), BeforeValidator(json_int)]
+TokenCount = Annotated[int, Field(ge=1, le=MAX_INT64), BeforeValidator(json_int)]  # constraints first: see the schema
 StoredText = Annotated[str, AfterValidator(storable), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
 # What the schema promises for a question (the validators below check it with a clearer message)
 NON_BLANK = {"minLength": 1, "pattern": r"\S"}
@@ -152,7 +149,7 @@ class TextDocument(_Strict):
 class ChunkRef(_Strict):
     """An ingested chunk by its catalog id (as `/v1/retrieve` returns it)."""
 
-    chunk_id: ChunkId
+    chunk_id: Integer = Field(ge=0, le=MAX_INT64)
 
 
 DocumentItem = Annotated[Text, Field(json_schema_extra=NON_BLANK)] | TextDocument | ChunkRef
