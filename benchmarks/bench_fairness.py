@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 
 from ragkv.engine.answer import Answer
+from ragkv.engine.config import EngineConfig
+from ragkv.engine.request import FusionRequest
 
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
 
@@ -37,7 +39,10 @@ class SleepEngine:
     def tokenize_chunks(self, docs):
         return [[1, 2, 3] for _ in docs]
 
-    def generate(self, question, chunks=None, **kw):
+    def request(self, question, documents=None, **options):
+        return FusionRequest.build(EngineConfig(), question, documents, **options)
+
+    def answer_events(self, request):
         time.sleep(self.chat_s)  # prefill
         for piece in ("o", "k"):
             time.sleep(self.chat_s)
@@ -74,9 +79,10 @@ def serve(args):
     from ragkv.server.app import create_app
     from ragkv.server.settings import load_settings
 
-    scratch = tempfile.TemporaryDirectory(prefix="ragkv-fairness-")  # removed when the process exits
+    scratch = tempfile.TemporaryDirectory(prefix="ragkv-fairness-")
     settings = load_settings(api_keys=KEYS, queue_size=64, data_dir=scratch.name)
     app = create_app(settings, SleepEngine(args.chat_ms))
+    app.state.scratch = scratch  # lives as long as the app; removed when the process exits
     app.state.documents = SleepDocuments(args.doc_steps, args.step_ms, args.atomic)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
