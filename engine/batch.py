@@ -185,10 +185,14 @@ class TokenStream:
         return self.exact if self.exact is not None else self.fusion.run.blend
 
     @property
+    def guarded(self) -> bool:
+        """Greedy under an answer guard: near-ties may move it onto exact KV (`go_exact`)."""
+        return self.guard is not None and self.request.temperature <= 0.0
+
+    @property
     def costly_pick(self) -> bool:
         """Its next pick runs an exact prefill first (a guarded greedy near-tie)."""
-        guarded = self.guard is not None and self.request.temperature <= 0.0 and not self.done
-        return guarded and self.guard.due(self.logits)
+        return self.guarded and not self.done and self.guard.due(self.logits)
 
     @property
     def next_row(self) -> int:
@@ -212,7 +216,7 @@ def go_exact(stream: TokenStream) -> None:
     now (the guard's exact prefill, engine/answer_guard.py; a request read whole may have tokens taken
     back, `stream.tokens` shortened), so that its pick is cheap: a scheduler runs this as a step of its
     own instead of inside a batch's step. A no-op otherwise."""
-    if stream.guard is None or stream.request.temperature > 0.0:
+    if not stream.guarded:
         return
     if (switch := stream.guard.check(stream.logits, stream.tokens)) is not None:
         stream.exact, stream.logits = switch.result, switch.result.logits
